@@ -1,0 +1,33 @@
+"""Errors that map to the documented exit codes (README: Exit codes).
+
+A PgolfError's message is printed as one line, `error: <message>`, and the process exits with its code.
+Messages name the file and the problem: `path/to/file: what is wrong`.
+"""
+
+
+class PgolfError(Exception):
+    exit_code = 1
+
+
+class UsageError(PgolfError):
+    """Wrong flags or an impossible combination of options (exit 2)."""
+
+    exit_code = 2
+
+
+class InvalidInput(PgolfError):
+    """A corrupt, missing or mismatched input file or artifact (exit 3)."""
+
+    exit_code = 3
+
+
+class OverBudget(PgolfError):
+    """The counted artifact is larger than the byte cap (exit 4)."""
+
+    exit_code = 4
+
+
+class ComplianceError(PgolfError):
+    """A legality check (C1-C4) failed (exit 5)."""
+
+    exit_code = 5
