@@ -14,7 +14,11 @@ STAGES = ["data", "verify"]
 
 app = typer.Typer(
     name="pgolf",
-    help="Parameter Golf pipeline: tokenize -> train -> quantize -> compress -> verify-size -> eval (+ bundle, report).",
+    help=(
+        "Parameter Golf pipeline: tokenize -> train -> quantize -> compress -> verify-size -> eval (+ bundle, report)."
+        "\n\nExit codes: 0 ok, 1 unexpected error, 2 usage, 3 invalid input or artifact, 4 over the size budget,"
+        " 5 a legality/compliance check failed."
+    ),
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -32,8 +36,7 @@ def _version(value: bool):
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ):
-    """Parameter Golf pipeline. Exit codes: 0 ok, 1 unexpected error, 2 usage, 3 invalid input,
-    4 over the size budget, 5 legality check failed."""
+    """Global options."""
 
 
 for _name in STAGES:
