@@ -1,0 +1,301 @@
+"""The counted model blob: a quantized state (integer levels, fp16 scales, passthrough tensors) + its plan.
+
+Layout (every byte counted, every byte decoded deterministically):
+    16-byte header, uncompressed: magic b"PGLF" | format version u8 | codec id u8 | level u8 | flags u8
+        | compressed stream length u32 LE | CRC32 of the decompressed payload u32 LE
+    compressed stream of the payload:
+        JSON length u32 LE | JSON {"plan": plan, "tensors": [entry, ...]} | tensor bytes
+Each tensor entry is [name, dtype, shape, encoding]; encoding is "raw", "shuffle" (byte planes of a multi-byte
+dtype, e.g. fp16 scales: all low bytes, then all high bytes) or ["pack", bits, minimum] (an int8 tensor whose
+values span fewer than 8 bits, stored as (value - minimum) in `bits` bits each, little-endian bit order).
+The JSON header is compressed with the payload because it is counted too.
+Flags bit 0 = shuffle, bit 1 = bitpack, as chosen per blob.
+"""
+import json
+import lzma
+import struct
+import time
+import zlib
+from pathlib import Path
+
+import brotli
+import numpy as np
+import torch
+import zstandard
+
+from pgolf.errors import InvalidInput
+
+CODECS = ("zlib", "zstd", "lzma", "brotli")  # the index of a name is its codec id in the blob header
+DEFAULT_LEVELS = {"zlib": 9, "zstd": 22, "lzma": 9, "brotli": 11}
+LEVEL_RANGES = {"zlib": (0, 9), "zstd": (1, 22), "lzma": (0, 9), "brotli": (0, 11)}
+BLOB_MAGIC = b"PGLF"
+BLOB_VERSION = 1
+BLOB_HEADER = struct.Struct("<4sBBBBII")
+FLAG_SHUFFLE, FLAG_BITPACK = 1, 2
+
+# Raw LZMA2 (no .xz container) saves the container's ~60 bytes; the filter chain is fixed by the format.
+LZMA_FILTERS_BY_LEVEL = {level: [{"id": lzma.FILTER_LZMA2, "preset": level | lzma.PRESET_EXTREME}]
+                         for level in range(10)}
+
+BLOB_DTYPES = {
+    "bool": torch.bool, "uint8": torch.uint8, "int8": torch.int8, "int16": torch.int16, "int32": torch.int32,
+    "int64": torch.int64, "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
+    "float64": torch.float64,
+}
+BLOB_DTYPE_NAMES = {dtype: name for name, dtype in BLOB_DTYPES.items()}
+
+
+def check_codec(codec: str, level: int | None = None) -> int:
+    """The level to use for `codec`; ValueError naming the valid codecs or the level range."""
+    if codec not in CODECS:
+        raise ValueError(f"unknown codec '{codec}' (valid: {', '.join(CODECS)})")
+    if level is None:
+        return DEFAULT_LEVELS[codec]
+    low, high = LEVEL_RANGES[codec]
+    if not low <= level <= high:
+        raise ValueError(f"level {level} out of range for {codec} ({low}..{high})")
+    return level
+
+
+def compress_bytes(data: bytes, codec: str, level: int) -> bytes:
+    if codec == "zlib":
+        return zlib.compress(data, level)
+    if codec == "zstd":
+        return zstandard.ZstdCompressor(level=level, write_checksum=False).compress(data)
+    if codec == "lzma":
+        return lzma.compress(data, format=lzma.FORMAT_RAW, filters=LZMA_FILTERS_BY_LEVEL[level])
+    return brotli.compress(data, quality=level, lgwin=24)
+
+
+def decompress_bytes(data: bytes, codec: str, level: int) -> bytes:
+    """Decompress one whole stream; InvalidInput if it is corrupt, truncated or followed by stray bytes."""
+    try:
+        if codec == "zlib":
+            stream = zlib.decompressobj()
+            out = stream.decompress(data)
+            complete = stream.eof and not stream.unused_data
+        elif codec == "zstd":
+            stream = zstandard.ZstdDecompressor().decompressobj()
+            out = stream.decompress(data)
+            complete = stream.eof and not stream.unused_data
+        elif codec == "lzma":
+            stream = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=LZMA_FILTERS_BY_LEVEL[level])
+            out = stream.decompress(data)
+            complete = stream.eof and not stream.unused_data
+        else:
+            out, complete = brotli.decompress(data), True
+    except (zlib.error, zstandard.ZstdError, lzma.LZMAError, brotli.error) as e:
+        raise InvalidInput(f"{codec} stream is corrupt ({e})") from None
+    if not complete:
+        raise InvalidInput(f"{codec} stream is truncated or has trailing bytes")
+    return out
+
+
+def tensor_bytes(tensor: torch.Tensor) -> np.ndarray:
+    """A tensor's little-endian bytes as a flat uint8 array (works for bfloat16, which numpy lacks)."""
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    return flat.view(torch.uint8).numpy() if flat.numel() else np.zeros(0, dtype=np.uint8)
+
+
+def shuffle_bytes(raw: np.ndarray, itemsize: int) -> np.ndarray:
+    """Byte planes: byte 0 of every element, then byte 1, ... (runs of similar high bytes compress better)."""
+    return raw.reshape(-1, itemsize).T.reshape(-1)
+
+
+def unshuffle_bytes(planes: np.ndarray, itemsize: int) -> np.ndarray:
+    return planes.reshape(itemsize, -1).T.reshape(-1)
+
+
+def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
+    """Keep the low `bits` bits of each uint8 value, concatenated little-endian."""
+    planes = np.unpackbits(values.reshape(-1, 1), axis=1, bitorder="little")[:, :bits]
+    return np.packbits(planes.reshape(-1), bitorder="little")
+
+
+def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    planes = np.unpackbits(packed, bitorder="little")[: count * bits].reshape(count, bits)
+    return np.packbits(planes, axis=1, bitorder="little").reshape(-1)
+
+
+def pack_width(tensor: torch.Tensor) -> tuple[int, int] | None:
+    """(bits, minimum) when an int8 tensor's values span fewer than 8 bits (int5-int7 levels), else None."""
+    if tensor.dtype != torch.int8 or tensor.numel() == 0:
+        return None
+    low, high = int(tensor.min()), int(tensor.max())
+    bits = (high - low).bit_length()
+    return (bits, low) if bits < 8 else None
+
+
+def encode_tensor(tensor: torch.Tensor, shuffle: bool, bitpack: bool) -> tuple[object, np.ndarray]:
+    """(encoding, bytes) of one tensor under the blob-wide shuffle/bitpack choice."""
+    width = pack_width(tensor) if bitpack else None
+    if width is not None:
+        bits, minimum = width
+        values = (tensor.detach().cpu().reshape(-1).to(torch.int16) - minimum).to(torch.uint8).numpy()
+        return ["pack", bits, minimum], pack_bits(values, bits)
+    raw = tensor_bytes(tensor)
+    if shuffle and tensor.element_size() > 1:
+        return "shuffle", shuffle_bytes(raw, tensor.element_size())
+    return "raw", raw
+
+
+def encoded_size(dtype: torch.dtype, numel: int, encoding) -> int:
+    if isinstance(encoding, list):
+        return (numel * encoding[1] + 7) // 8
+    return numel * torch.empty(0, dtype=dtype).element_size()
+
+
+def decode_tensor(data: np.ndarray, dtype: torch.dtype, shape: list[int], encoding) -> torch.Tensor:
+    numel = int(np.prod(shape, dtype=np.int64))
+    if isinstance(encoding, list):
+        _, bits, minimum = encoding
+        values = unpack_bits(data, bits, numel).astype(np.int16) + minimum
+        return torch.from_numpy(values.astype(np.int8)).reshape(shape)
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    raw = unshuffle_bytes(data, itemsize) if encoding == "shuffle" else data
+    if numel == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(bytearray(raw.tobytes()), dtype=dtype).reshape(shape)
+
+
+def build_payload(tensors: dict[str, torch.Tensor], plan: dict, shuffle: bool, bitpack: bool) -> bytes:
+    entries, chunks = [], []
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        if tensor.dtype not in BLOB_DTYPE_NAMES:
+            raise ValueError(f"tensor '{name}' has dtype {tensor.dtype}, not storable in a blob")
+        encoding, data = encode_tensor(tensor, shuffle, bitpack)
+        entries.append([name, BLOB_DTYPE_NAMES[tensor.dtype], list(tensor.shape), encoding])
+        chunks.append(data.tobytes())
+    header = json.dumps({"plan": plan, "tensors": entries}, separators=(",", ":"), sort_keys=True).encode()
+    return struct.pack("<I", len(header)) + header + b"".join(chunks)
+
+
+def parse_payload(payload: bytes) -> tuple[dict[str, torch.Tensor], dict]:
+    try:
+        (header_len,) = struct.unpack_from("<I", payload)
+        header = json.loads(payload[4 : 4 + header_len])
+        plan, entries = header["plan"], header["tensors"]
+    except (struct.error, ValueError, KeyError, TypeError) as e:
+        raise InvalidInput(f"blob header is unreadable ({e})") from None
+    buffer = np.frombuffer(payload, dtype=np.uint8)
+    offset = 4 + header_len
+    tensors = {}
+    for entry in entries:
+        try:
+            name, dtype_name, shape, encoding = entry
+            dtype = BLOB_DTYPES[dtype_name]
+            size = encoded_size(dtype, int(np.prod(shape, dtype=np.int64)), encoding)
+        except (ValueError, KeyError, TypeError, IndexError) as e:
+            raise InvalidInput(f"blob tensor entry {entry!r} is malformed ({e})") from None
+        if offset + size > len(buffer):
+            raise InvalidInput(f"blob payload ends inside tensor '{name}'")
+        tensors[name] = decode_tensor(buffer[offset : offset + size], dtype, shape, encoding)
+        offset += size
+    if offset != len(buffer):
+        raise InvalidInput(f"blob payload has {len(buffer) - offset} unexplained trailing bytes")
+    return tensors, plan
+
+
+def encode_blob(payload: bytes, codec: str, level: int, shuffle: bool, bitpack: bool) -> bytes:
+    stream = compress_bytes(payload, codec, level)
+    flags = (FLAG_SHUFFLE if shuffle else 0) | (FLAG_BITPACK if bitpack else 0)
+    header = BLOB_HEADER.pack(BLOB_MAGIC, BLOB_VERSION, CODECS.index(codec), level, flags, len(stream),
+                              zlib.crc32(payload))
+    return header + stream
+
+
+def read_blob_header(data: bytes) -> dict:
+    """The uncompressed header's fields; InvalidInput on a foreign, truncated or unknown-version blob."""
+    if len(data) < BLOB_HEADER.size:
+        raise InvalidInput(f"truncated blob ({len(data)} bytes, under the {BLOB_HEADER.size}-byte header)")
+    magic, version, codec_id, level, flags, stream_len, crc = BLOB_HEADER.unpack_from(data)
+    if magic != BLOB_MAGIC:
+        raise InvalidInput(f"not a pgolf blob (magic {magic!r}, expected {BLOB_MAGIC!r})")
+    if version != BLOB_VERSION:
+        raise InvalidInput(f"blob format version {version} is not supported (this reader: {BLOB_VERSION})")
+    if codec_id >= len(CODECS):
+        valid = ", ".join(f"{i}={name}" for i, name in enumerate(CODECS))
+        raise InvalidInput(f"blob names codec id {codec_id} (valid: {valid})")
+    codec = CODECS[codec_id]
+    low, high = LEVEL_RANGES[codec]
+    if not low <= level <= high:
+        raise InvalidInput(f"blob names {codec} level {level}, outside {low}..{high}")
+    actual = len(data) - BLOB_HEADER.size
+    if actual != stream_len:
+        problem = "truncated" if actual < stream_len else "has trailing bytes"
+        raise InvalidInput(f"blob {problem}: header says {stream_len} compressed bytes, found {actual}")
+    return {"codec": codec, "level": level, "shuffle": bool(flags & FLAG_SHUFFLE),
+            "bitpack": bool(flags & FLAG_BITPACK), "stream_bytes": stream_len, "crc32": crc}
+
+
+def unpack_blob(data: bytes) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, plan) restored bit-exactly from a blob; InvalidInput on anything wrong."""
+    info = read_blob_header(data)
+    payload = decompress_bytes(data[BLOB_HEADER.size :], info["codec"], info["level"])
+    if zlib.crc32(payload) != info["crc32"]:
+        raise InvalidInput("blob payload CRC32 does not match its header (corrupt)")
+    return parse_payload(payload)
+
+
+def read_blob(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """unpack_blob of a file; errors name the file."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise InvalidInput(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        return unpack_blob(data)
+    except InvalidInput as e:
+        raise InvalidInput(f"{path}: {e}") from None
+
+
+def blob_candidates(
+    tensors: dict[str, torch.Tensor],
+    plan: dict,
+    codecs: tuple[str, ...],
+    *,
+    shuffle: bool | None = None,
+    bitpack: bool | None = None,
+    level: int | None = None,
+) -> list[dict]:
+    """Every codec x shuffle x bitpack combination asked for (None = try both), smallest first.
+
+    Each row: codec, level, shuffle, bitpack, bytes, seconds (encode), blob. Only the smallest row keeps its
+    `blob` (the others hold None) so trying many combinations of a 16 MB model does not hold them all.
+    """
+    levels = {codec: check_codec(codec, level) for codec in codecs}
+    shuffles = (False, True) if shuffle is None else (shuffle,)
+    bitpacks = (False, True) if bitpack is None else (bitpack,)
+    if bitpack is None and not any(pack_width(t) for t in tensors.values()):
+        bitpacks = (False,)  # nothing narrower than 8 bits: packing would change no byte
+    rows, best = [], None
+    for do_bitpack in bitpacks:
+        for do_shuffle in shuffles:
+            payload = build_payload(tensors, plan, do_shuffle, do_bitpack)
+            for codec in codecs:
+                started = time.perf_counter()
+                blob = encode_blob(payload, codec, levels[codec], do_shuffle, do_bitpack)
+                row = {"codec": codec, "level": levels[codec], "shuffle": do_shuffle, "bitpack": do_bitpack,
+                       "bytes": len(blob), "seconds": round(time.perf_counter() - started, 3), "blob": None}
+                if best is None or len(blob) < best["bytes"]:
+                    if best is not None:
+                        best["blob"] = None
+                    row["blob"], best = blob, row
+                rows.append(row)
+    return sorted(rows, key=lambda r: r["bytes"])
+
+
+def pack_blob(
+    tensors: dict[str, torch.Tensor],
+    plan: dict,
+    codec: str,
+    *,
+    shuffle: bool | None = None,
+    bitpack: bool | None = None,
+    level: int | None = None,
+) -> bytes:
+    """The smallest blob for `codec` ("auto" = every codec); shuffle/bitpack None = try both, keep smaller."""
+    codecs = CODECS if codec == "auto" else (codec,)
+    return blob_candidates(tensors, plan, codecs, shuffle=shuffle, bitpack=bitpack, level=level)[0]["blob"]
