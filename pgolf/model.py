@@ -1,0 +1,443 @@
+"""The GPT that `pgolf train` trains: the challenge's naive baseline, plus each seed-submission technique as a
+`ModelConfig` field (all off by default, so `ModelConfig()` is the baseline: 9 layers x 512, 8 heads / 4 KV
+heads, MLP 2x relu^2, tied embeddings, U-Net skips, RoPE, q-gain 1.5, softcap 30; 17,059,912 parameters).
+
+Module and parameter names are stable; eval's LoRA TTT, QAT plans and the quantizer address them by name:
+    tok_emb                                  token embedding (also the output head when tied)
+    bigram.embed / bigram.proj / bigram.scale   BigramHash (bigram_buckets > 0)
+    smear.gate                               SmearGate (smear_gate)
+    blocks.{i}.attn.c_q / c_k / c_v / proj   attention projections (CastedLinear)
+    blocks.{i}.attn.q_gain                   per-head query gain
+    blocks.{i}.attn.head_gate                gated attention, per-head sigmoid gate (gated_attention)
+    blocks.{i}.attn.out_gate                 attention output gate from the first input channels
+    blocks.{i}.attn.v_mix                    value residual mix with layer 0's values (value_residual, i >= 1)
+    blocks.{i}.mlp.fc / mlp.gate / mlp.proj  MLP up / SwiGLU gate (swiglu only) / down projections
+    blocks.{i}.attn_scale / mlp_scale / resid_mix   per-channel branch scales and the mix with the embedding
+    skip_weights                             U-Net skip weights (unet_skips)
+    lm_head                                  output head (untied only)
+
+Every output position depends only on inputs at or before it: attention is causal, SmearGate and BigramHash
+look one token back, and both are masked where the current token is BOS so a document never sees the previous
+one.
+"""
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pgolf.quant import fake_quantize, quant_range
+
+BOS_ID = 1  # the exporter writes [BOS] + tokens for every document (REFERENCE.md)
+ACTIVATIONS = ("relu2", "leaky_relu2", "swiglu")
+# SDPA learned enable_gqa in torch 2.5; older torch gets the KV heads repeated explicitly.
+SDPA_HAS_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 1024  # tokenizer vocabulary (BOS must be id 1)
+    num_layers: int = 9  # transformer blocks
+    model_dim: int = 512  # residual stream width
+    num_heads: int = 8  # query heads; must divide model_dim
+    num_kv_heads: int = 4  # key/value heads (GQA); must divide num_heads
+    mlp_mult: float = 2.0  # MLP hidden width = round(mlp_mult * model_dim)
+    activation: str = "relu2"  # MLP nonlinearity: relu2 | leaky_relu2 | swiglu
+    leaky_slope: float = 0.5  # negative slope of leaky_relu2
+    tie_embeddings: bool = True  # output head shares the token embedding
+    tied_embed_init_std: float = 0.005  # init std of the tied embedding
+    rope_base: float = 10000.0  # RoPE frequency base
+    rope_dims: int = 0  # rotated dims per head (partial RoPE); 0 = the full head dim
+    qk_gain_init: float = 1.5  # initial per-head query gain applied after q/k RMS norm
+    logit_softcap: float = 30.0  # logits = softcap * tanh(logits / softcap)
+    unet_skips: bool = True  # decoder half adds the encoder half's outputs in reverse order
+    xsa_last_n: int = 0  # XSA (remove each head's own-value component) on the last N layers; 0 off, -1 all
+    smear_gate: bool = False  # blend each position's embedding with the previous one (masked at BOS)
+    bigram_buckets: int = 0  # BigramHash table rows (hash of previous and current token); 0 off
+    bigram_dim: int = 128  # BigramHash embedding width, projected to model_dim
+    orthogonal_init: bool = False  # orthogonal init for large matrices instead of nn.Linear's default
+    ln_scale: bool = False  # scale each block's normed inputs by 1/sqrt(layer + 1)
+    value_residual: bool = False  # layers >= 1 add a learned share of layer 0's attention values
+    gated_attention: bool = False  # per-head sigmoid gate on attention output, from the block input
+    attn_out_gate_width: int = 0  # per-head 2*sigmoid output gate from the first N input channels; 0 off
+    max_seq_len: int = 1024  # longest sequence the RoPE tables cover; longer inputs are refused
+
+    def __post_init__(self):
+        def need(ok: bool, field: str, allowed: str):
+            if not ok:
+                raise ValueError(f"{field} = {getattr(self, field)!r}: must be {allowed}")
+
+        need(2 <= self.vocab_size <= 65536, "vocab_size", "in [2, 65536] (uint16 tokens, BOS = 1)")
+        need(self.num_layers >= 1, "num_layers", ">= 1")
+        need(self.model_dim >= 2, "model_dim", ">= 2")
+        need(self.num_heads >= 1 and self.model_dim % self.num_heads == 0, "num_heads",
+             f"a positive divisor of model_dim ({self.model_dim})")
+        need(self.num_kv_heads >= 1 and self.num_heads % self.num_kv_heads == 0, "num_kv_heads",
+             f"a positive divisor of num_heads ({self.num_heads})")
+        need(self.head_dim % 2 == 0, "num_heads", f"such that head_dim = model_dim / num_heads is even, "
+             f"got head_dim {self.head_dim}")
+        need(self.mlp_mult > 0 and self.mlp_hidden >= 1, "mlp_mult",
+             "> 0 with round(mlp_mult * model_dim) >= 1")
+        need(self.activation in ACTIVATIONS, "activation", f"one of {', '.join(ACTIVATIONS)}")
+        need(0.0 <= self.leaky_slope <= 1.0, "leaky_slope", "in [0, 1]")
+        need(self.tied_embed_init_std > 0, "tied_embed_init_std", "> 0")
+        need(self.rope_base > 1.0, "rope_base", "> 1")
+        need(self.rope_dims == 0 or (2 <= self.rope_dims <= self.head_dim and self.rope_dims % 2 == 0),
+             "rope_dims", f"0 (full) or even in [2, head_dim = {self.head_dim}]")
+        need(self.logit_softcap > 0, "logit_softcap", "> 0")
+        need(-1 <= self.xsa_last_n <= self.num_layers, "xsa_last_n", f"-1 (all), 0 (off) or up to num_layers "
+             f"({self.num_layers})")
+        need(self.bigram_buckets == 0 or self.bigram_buckets >= 2, "bigram_buckets", "0 (off) or >= 2")
+        need(self.bigram_dim >= 1, "bigram_dim", ">= 1")
+        need(0 <= self.attn_out_gate_width <= self.model_dim, "attn_out_gate_width",
+             f"in [0, model_dim = {self.model_dim}]")
+        need(self.max_seq_len >= 1, "max_seq_len", ">= 1")
+
+    @property
+    def head_dim(self) -> int:
+        return self.model_dim // self.num_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(round(self.mlp_mult * self.model_dim))
+
+    def xsa_layers(self) -> range:
+        first = 0 if self.xsa_last_n == -1 else self.num_layers - self.xsa_last_n
+        return range(first, self.num_layers)
+
+
+class CastedLinear(nn.Linear):
+    """A linear layer whose fp32 weight is cast to the input's dtype at matmul time (bf16 compute, fp32
+    master weights).
+
+    With `qat_bits` set (see set_qat_plan) and the `qat_on` buffer true, the weight is fake-quantized per row
+    with a straight-through estimator. `qat_on` is a tensor, not a Python bool, so torch.compile reads it at
+    run time instead of constant-folding the value it had when the graph was traced.
+    """
+
+    control = False  # True for small gate matrices that belong with the scalars (Adam, kept in float)
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__(in_features, out_features, bias=bias)
+        self.qat_bits = 0  # 0 = never fake-quantized
+        self.register_buffer("qat_on", torch.zeros((), dtype=torch.bool), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        if self.qat_bits:
+            # Forward value is exactly fake_quantize(w); the gradient reaches w unchanged (STE).
+            quantized = weight - weight.detach() + fake_quantize(weight.detach(), self.qat_bits)
+            weight = torch.where(self.qat_on, quantized, weight)
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        return F.linear(x, weight.to(x.dtype), bias)
+
+
+def rms_norm(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def rotary_tables(config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin, [max_seq_len, rotated_dims / 2] in float32."""
+    dims = config.rope_dims or config.head_dim
+    inv_freq = 1.0 / (config.rope_base ** (torch.arange(0, dims, 2, dtype=torch.float32) / dims))
+    freqs = torch.outer(torch.arange(config.max_seq_len, dtype=torch.float32), inv_freq)
+    return freqs.cos(), freqs.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first 2 * cos.size(-1) dims of each head (half-split pairing); the rest pass through."""
+    half = cos.size(-1)
+    x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
+    rotated = (x1 * cos + x2 * sin, x1 * (-sin) + x2 * cos)
+    return torch.cat(rotated + (rest,) if rest.size(-1) else rotated, dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        dim, kv_dim = config.model_dim, config.num_kv_heads * config.head_dim
+        self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.c_q = CastedLinear(dim, dim)
+        self.c_k = CastedLinear(dim, kv_dim)
+        self.c_v = CastedLinear(dim, kv_dim)
+        self.proj = CastedLinear(dim, dim)
+        self.proj.zero_init = True
+        self.q_gain = nn.Parameter(torch.full((config.num_heads,), config.qk_gain_init, dtype=torch.float32))
+        self.xsa = layer in config.xsa_layers()
+        self.v_mix = nn.Parameter(torch.zeros(1)) if config.value_residual and layer > 0 else None
+        self.head_gate = None
+        if config.gated_attention:
+            self.head_gate = CastedLinear(dim, config.num_heads, bias=True)
+            self.head_gate.control = True
+        self.out_gate = None
+        self.out_gate_width = config.attn_out_gate_width
+        if self.out_gate_width:
+            self.out_gate = CastedLinear(self.out_gate_width, config.num_heads)
+            self.out_gate.control = True
+
+    def reset_gates(self) -> None:
+        # Gated attention starts nearly open (sigmoid(4) = 0.98); the output gate starts at exactly 1.
+        if self.head_gate is not None:
+            nn.init.zeros_(self.head_gate.weight)
+            nn.init.constant_(self.head_gate.bias, 4.0)
+        if self.out_gate is not None:
+            nn.init.zeros_(self.out_gate.weight)
+
+    def forward(self, x, cos, sin, v0):
+        """x: [B, T, D] normed block input; v0: layer 0's values (value residual) or None.
+        Returns the projected output and this layer's values."""
+        batch, seq_len, dim = x.shape
+        q = self.c_q(x).view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.c_k(x).view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.c_v(x).view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.v_mix is not None:
+            v = v + torch.sigmoid(self.v_mix.to(v.dtype)) * v0
+        q, k = rms_norm(q), rms_norm(k)
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q = q * self.q_gain.to(q.dtype)[None, :, None, None]
+        y = attend(q, k, v)
+        if self.xsa:
+            y = remove_self_value(y, v)
+        if self.head_gate is not None:
+            y = y * torch.sigmoid(self.head_gate(x)).transpose(1, 2)[..., None]
+        if self.out_gate is not None:
+            gate = 2.0 * torch.sigmoid(self.out_gate(x[..., : self.out_gate_width]))
+            y = y * gate.transpose(1, 2)[..., None]
+        y = y.transpose(1, 2).reshape(batch, seq_len, dim)
+        return self.proj(y), v
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal SDPA on [B, H, T, D] queries and [B, H_kv, T, D] keys/values."""
+    group = q.size(1) // k.size(1)
+    if group == 1:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if SDPA_HAS_GQA:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def remove_self_value(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """XSA: subtract from each head's output its component along its own normalized value at that position."""
+    batch, heads, seq_len, head_dim = y.shape
+    grouped = y.view(batch, v.size(1), heads // v.size(1), seq_len, head_dim)
+    unit_v = F.normalize(v, dim=-1).unsqueeze(2)
+    grouped = grouped - (grouped * unit_v).sum(dim=-1, keepdim=True) * unit_v
+    return grouped.view(batch, heads, seq_len, head_dim)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.activation, self.leaky_slope = config.activation, config.leaky_slope
+        self.fc = CastedLinear(config.model_dim, config.mlp_hidden)
+        swiglu = config.activation == "swiglu"
+        self.gate = CastedLinear(config.model_dim, config.mlp_hidden) if swiglu else None
+        self.proj = CastedLinear(config.mlp_hidden, config.model_dim)
+        self.proj.zero_init = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activation == "swiglu":
+            return self.proj(F.silu(self.gate(x)) * self.fc(x))
+        if self.activation == "leaky_relu2":
+            return self.proj(F.leaky_relu(self.fc(x), self.leaky_slope).square())
+        return self.proj(torch.relu(self.fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        dim = config.model_dim
+        self.attn = CausalSelfAttention(config, layer)
+        self.mlp = MLP(config)
+        self.attn_scale = nn.Parameter(torch.ones(dim))
+        self.mlp_scale = nn.Parameter(torch.ones(dim))
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
+        self.norm_scale = 1.0 / math.sqrt(layer + 1) if config.ln_scale else 1.0
+
+    def forward(self, x, x0, cos, sin, v0):
+        mix = self.resid_mix.to(x.dtype)
+        x = mix[0][None, None, :] * x + mix[1][None, None, :] * x0
+        attn_out, v = self.attn(rms_norm(x) * self.norm_scale, cos, sin, v0)
+        x = x + self.attn_scale.to(x.dtype)[None, None, :] * attn_out
+        x = x + self.mlp_scale.to(x.dtype)[None, None, :] * self.mlp(rms_norm(x) * self.norm_scale)
+        return x, v
+
+
+class SmearGate(nn.Module):
+    """x[t] <- lerp(x[t], x[t-1], sigmoid(gate)) per channel, off where token t is BOS."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gate = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        previous = F.pad(x[:, :-1], (0, 0, 1, 0))
+        not_bos = (input_ids != BOS_ID)[..., None].to(x.dtype)
+        weight = torch.sigmoid(self.gate.to(x.dtype))[None, None, :] * not_bos
+        return x + weight * (previous - x)
+
+
+class BigramHash(nn.Module):
+    """Embedding of hash(previous token, current token) in `buckets - 1` rows, projected to the model width.
+
+    The last row stands for "no previous token": the first position, and every BOS (documents stay apart).
+    """
+
+    def __init__(self, buckets: int, dim: int, model_dim: int):
+        super().__init__()
+        self.buckets = buckets
+        self.embed = nn.Embedding(buckets, dim)
+        self.proj = CastedLinear(dim, model_dim)
+        self.scale = nn.Parameter(torch.tensor(0.05))
+
+    def bucket_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        previous = F.pad(input_ids[:, :-1], (1, 0))
+        hashed = torch.bitwise_xor(36313 * input_ids, 27191 * previous) % (self.buckets - 1)
+        first = torch.arange(input_ids.size(1), device=input_ids.device) == 0
+        return torch.where((input_ids == BOS_ID) | first, self.buckets - 1, hashed)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        projected = self.proj(self.embed(self.bucket_ids(input_ids)))
+        return projected * self.scale.to(projected.dtype)
+
+
+class GPT(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.model_dim)
+        self.bigram = BigramHash(config.bigram_buckets, config.bigram_dim, config.model_dim) \
+            if config.bigram_buckets else None
+        self.smear = SmearGate(config.model_dim) if config.smear_gate else None
+        self.num_encoder_layers = config.num_layers // 2 if config.unet_skips else 0
+        num_skips = min(self.num_encoder_layers, config.num_layers - self.num_encoder_layers)
+        self.skip_weights = nn.Parameter(torch.ones(num_skips, config.model_dim)) if num_skips else None
+        self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.num_layers))
+        self.lm_head = None
+        if not config.tie_embeddings:
+            self.lm_head = CastedLinear(config.model_dim, config.vocab_size)
+            self.lm_head.zero_init = True
+        cos, sin = rotary_tables(config)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        config = self.config
+        if config.tie_embeddings:
+            nn.init.normal_(self.tok_emb.weight, mean=0.0, std=config.tied_embed_init_std)
+        if self.bigram is not None:
+            nn.init.zeros_(self.bigram.embed.weight)
+        for name, module in self.named_modules():
+            if not isinstance(module, CastedLinear) or module.control:
+                continue
+            if getattr(module, "zero_init", False):
+                nn.init.zeros_(module.weight)
+            elif config.orthogonal_init and min(module.weight.shape) >= 64:
+                nn.init.orthogonal_(module.weight)
+                if name == "bigram.proj":  # an extra input branch: keep its start small, as the seed did
+                    module.weight.data.mul_(1.0 / math.sqrt(2 * config.num_layers))
+        for block in self.blocks:
+            block.attn.reset_gates()
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """x0: the normed token (+ bigram) embedding, smeared with the previous position when enabled."""
+        x = self.tok_emb(input_ids)
+        if self.bigram is not None:
+            x = x + self.bigram(input_ids)
+        x = rms_norm(x)
+        if self.smear is not None:
+            x = self.smear(x, input_ids)
+        return x
+
+    def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden states [B, T, model_dim]."""
+        seq_len = input_ids.size(1)
+        if seq_len > self.config.max_seq_len:
+            raise ValueError(f"sequence length {seq_len} exceeds max_seq_len {self.config.max_seq_len}")
+        cos, sin = self.rope_cos[None, None, :seq_len], self.rope_sin[None, None, :seq_len]
+        x0 = self.embed(input_ids)
+        x, v0, skips = x0, None, []
+        for layer, block in enumerate(self.blocks):
+            if layer >= self.num_encoder_layers and skips:
+                skip_weight = self.skip_weights[layer - self.num_encoder_layers]
+                x = x + skip_weight.to(x.dtype)[None, None, :] * skips.pop()
+            x, v = block(x, x0, cos, sin, v0)
+            if layer == 0 and self.config.value_residual:
+                v0 = v
+            if layer < self.num_encoder_layers:
+                skips.append(x)
+        return rms_norm(x)
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Softcapped logits [B, T, vocab_size] in float32."""
+        x = self.hidden(input_ids)
+        raw = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.tok_emb.weight.to(x.dtype))
+        softcap = self.config.logit_softcap
+        return (softcap * torch.tanh(raw / softcap)).float()
+
+    def forward(self, input_ids: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy (nats, float32) of target_ids given input_ids; both int64 [B, T]."""
+        logits = self.logits(input_ids)
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), target_ids.reshape(-1), reduction="mean")
+
+
+def param_groups(model: GPT) -> dict[str, list[nn.Parameter]]:
+    """Optimizer groups: "matrix" (block and bigram projection matrices: Muon), "embed" (token and bigram
+    tables), "scalar" (vectors, gains, mixes, skip weights and small gate matrices), "head" (untied only)."""
+    matrices = {
+        id(module.weight)
+        for name, module in model.named_modules()
+        if isinstance(module, CastedLinear) and not module.control and name != "lm_head"
+    }
+    embeds = {id(model.tok_emb.weight)}
+    if model.bigram is not None:
+        embeds.add(id(model.bigram.embed.weight))
+    groups: dict[str, list[nn.Parameter]] = {"matrix": [], "embed": [], "scalar": []}
+    if model.lm_head is not None:
+        groups["head"] = [model.lm_head.weight]
+    for param in model.parameters():
+        if id(param) in matrices:
+            groups["matrix"].append(param)
+        elif id(param) in embeds:
+            groups["embed"].append(param)
+        elif model.lm_head is None or param is not model.lm_head.weight:
+            groups["scalar"].append(param)
+    return groups
+
+
+def casted_linear_names(model: nn.Module) -> list[str]:
+    """Names of every CastedLinear module (the layers QAT plans and LoRA TTT can target)."""
+    return [name for name, module in model.named_modules() if isinstance(module, CastedLinear)]
+
+
+def set_qat_plan(model: nn.Module, plan: dict[str, int]) -> None:
+    """Fake-quantize these layers (module name, or its `.weight`) at these bit widths; all others stop.
+
+    The plan takes effect while set_qat_enabled(model, True); changing it after torch.compile recompiles.
+    """
+    modules = dict(model.named_modules())
+    bits_by_module = {}
+    for name, bits in plan.items():
+        module_name = name.removesuffix(".weight")
+        if not isinstance(modules.get(module_name), CastedLinear):
+            raise ValueError(f"QAT plan names '{name}', which is not a CastedLinear layer of the model")
+        quant_range(bits)
+        bits_by_module[module_name] = int(bits)
+    for name, module in modules.items():
+        if isinstance(module, CastedLinear):
+            module.qat_bits = bits_by_module.get(name, 0)
+
+
+@torch.no_grad()
+def set_qat_enabled(model: nn.Module, on: bool) -> None:
+    """Switch fake quantization on or off in place (a buffer write, so compiled graphs see it)."""
+    for module in model.modules():
+        if isinstance(module, CastedLinear):
+            module.qat_on.fill_(bool(on))
