@@ -1,0 +1,97 @@
+"""`pgolf compress QDIR`: pack a quantize output into the counted model blob, trying the layouts asked for."""
+
+import json
+from pathlib import Path
+
+import torch
+import typer
+from safetensors.torch import load_file
+
+from pgolf import log
+from pgolf.artifacts import StageOutput, atomic_write_bytes, open_stage, output_path
+from pgolf.codecs import CODECS, SWITCHES, CompressConfig, blob_candidates, unpack_blob
+from pgolf.config import resolve, to_dict
+from pgolf.errors import InvalidInput
+from pgolf.stages.common import FORCE_OPTION, JSON_OPTION, out_option, report
+
+
+def load_quantize_output(directory: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """(tensors, plan, manifest) of a digest-checked quantize output."""
+    manifest = open_stage(directory, "quantize")
+    tensors_path = output_path(manifest, directory, "quantized")
+    plan_path = output_path(manifest, directory, "plan")
+    try:
+        tensors = load_file(tensors_path)
+    except Exception as e:  # safetensors raises its own SafetensorError and OSError subclasses
+        raise InvalidInput(f"{tensors_path}: not a readable safetensors file ({e})") from None
+    try:
+        plan = json.loads(plan_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InvalidInput(f"{plan_path}: not valid JSON ({e})") from None
+    return tensors, plan, manifest
+
+
+def same_tensors(restored: dict[str, torch.Tensor], original: dict[str, torch.Tensor]) -> bool:
+    """Bit-exact equality of two states (compares raw bytes, so NaNs and -0.0 count too)."""
+    if restored.keys() != original.keys():
+        return False
+    return all(
+        restored[name].dtype == tensor.dtype and restored[name].shape == tensor.shape
+        and torch.equal(restored[name].reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8))
+        for name, tensor in original.items()
+    )
+
+
+def on_off(flag: bool) -> str:
+    return "on" if flag else "off"
+
+
+def compress(
+    quantized_dir: Path = typer.Argument(..., help="A `pgolf quantize` output directory."),
+    out: Path = out_option(),
+    codec: str = typer.Option(None, "--codec", help=f"{', '.join(CODECS)} or auto (default: auto)."),
+    level: int = typer.Option(
+        None, "--level", help="Codec level (default: zlib 9, zstd 22, lzma 9, brotli 11)."),
+    shuffle: str = typer.Option(None, "--shuffle", help="Byte-shuffle fp16 scales: on, off, auto (default)."),
+    bitpack: str = typer.Option(None, "--bitpack", help="Bit-pack int5-7 levels: on, off, auto (default)."),
+    config_file: Path = typer.Option(None, "--config", help="TOML file of compress settings."),
+    force: bool = FORCE_OPTION,
+    as_json: bool = JSON_OPTION,
+):
+    """Compress a quantized state into model.blob; auto settings try each choice and keep the smallest blob.
+
+    Example: pgolf compress artifacts/run1/q --codec auto --out artifacts/run1/blob
+    """
+    config, _ = resolve(CompressConfig, kind="compress", config_file=config_file,
+                        overrides={"codec": codec, "level": level, "shuffle": shuffle, "bitpack": bitpack})
+    tensors, plan, manifest = load_quantize_output(quantized_dir)
+    codecs = CODECS if config.codec == "auto" else (config.codec,)
+    log.info(f"compressing {len(tensors)} tensors with {', '.join(codecs)} "
+             f"(shuffle {config.shuffle}, bitpack {config.bitpack})")
+    rows = blob_candidates(tensors, plan, codecs, shuffle=SWITCHES[config.shuffle],
+                           bitpack=SWITCHES[config.bitpack], level=config.level)
+    best = rows[0]
+    restored, restored_plan = unpack_blob(best["blob"])
+    if not same_tensors(restored, tensors) or restored_plan != plan:
+        raise RuntimeError("blob round trip is not bit-exact (a codecs bug); nothing written")
+    raw_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    with StageOutput(out, "compress", config=to_dict(config), force=force) as stage:
+        for role in ("quantized", "plan"):
+            stage.add_input(output_path(manifest, quantized_dir, role), role)
+        atomic_write_bytes(stage.add_output("model.blob", "blob"), best["blob"])
+        stage.check("roundtrip_bit_exact", True, "unpack_blob(model.blob) == quantized state + plan")
+        stage.metrics = {
+            "bytes": best["bytes"], "codec": best["codec"], "level": best["level"],
+            "shuffle": best["shuffle"], "bitpack": best["bitpack"],
+            "tensor_bytes": raw_bytes, "ratio": round(raw_bytes / best["bytes"], 4),
+            "tried": [{k: v for k, v in row.items() if k != "blob"} for row in rows],
+        }
+        stage.finalize()
+    lines = [f"{'*' if row is best else ' '} {row['codec']}-{row['level']} shuffle={on_off(row['shuffle'])} "
+             f"bitpack={on_off(row['bitpack'])}: {row['bytes']:,} B ({row['seconds']:.2f} s)" for row in rows]
+    lines.append(f"{out}/model.blob: {best['bytes']:,} B ({best['codec']}, {raw_bytes / best['bytes']:.2f}x)")
+    report({"out": str(out), **stage.metrics}, as_json, lines)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("compress")(compress)
