@@ -92,8 +92,12 @@ def resolve(
     env: Mapping[str, str] | None = None,
     aliases: Mapping[str, str] | None = None,
     overrides: Mapping[str, object] | None = None,
+    table: str | None = None,
 ):
-    """Build `cls` from its layers; returns (config, sources) where sources maps each set field to its layer."""
+    """Build `cls` from its layers; returns (config, sources) where sources maps each set field to its layer.
+
+    With `table`, the preset and config file hold several configs as TOML tables and `cls` reads `[table]`.
+    """
     env = os.environ if env is None else env
     types_ = _field_types(cls)
     values: dict[str, object] = {}
@@ -109,10 +113,16 @@ def resolve(
             values[name] = _coerce(value, types_[name], name, source)
             sources[name] = source
 
+    def from_table(layer: dict, source: str) -> dict:
+        section = layer.get(table, {}) if table else layer
+        if not isinstance(section, dict):
+            raise UsageError(f"{source}: '{table}' must be a table")
+        return section
+
     if preset:
-        apply(load_preset(kind, preset), f"preset {preset}")
+        apply(from_table(load_preset(kind, preset), f"preset {preset}"), f"preset {preset}")
     if config_file:
-        apply(read_toml(config_file), str(config_file))
+        apply(from_table(read_toml(config_file), str(config_file)), str(config_file))
     for alias, name in (aliases or {}).items():
         if alias in env:
             apply({name: env[alias]}, f"env {alias}")
