@@ -1,0 +1,180 @@
+"""Legal n-gram eval cache: a full normalized distribution over the vocabulary, from already-scored tokens.
+
+For each order k in 2..K the previous k-1 tokens are hashed into one of `buckets` rows of a count table
+[buckets, V]; row r, column v counts how often v followed a context that hashed to r. A context's distribution
+is its whole row, so it is normalized by construction (unlike the seeds' target-keyed lookup, whose implied
+distribution sums to >> 1 and was ruled illegal). Orders are interpolated with Witten-Bell smoothing, from the
+uniform distribution up through the unigram counts to order K:
+
+    p_k(v) = (c_k(v) + T_k * p_{k-1}(v)) / (n_k + T_k)    n_k: row total, T_k: distinct followers in the row
+
+and p_k = p_{k-1} where the row is empty, so an unseen context backs off to the next lower order. Hash
+collisions only merge rows (more distinct followers, hence more weight on the lower order); every p_k still
+sums to 1. The mixture with the model, log((1 - a) * p_model + a * p_ngram), is a distribution over the
+vocabulary too.
+
+alpha_mode "entropy" follows the seed records (PR #702 / #727 lineage):
+    a = 0.05 + (alpha - 0.05) * sigmoid(2 * (H - 4)),   H = the model distribution's entropy in nats
+(their `-(softmax * log_softmax).sum(-1)`). `alpha` is the ceiling: alpha = 0.6 gives the records'
+0.05 + 0.55 * sigmoid(2 * (H - 4)), alpha = 0.4 the earlier 0.35 range.
+
+Legality (C3): `mix` reads only what `update` counted and refuses a target whose position is already counted.
+The eval scores a batch of targets with `mix`, then calls `update(tokens, last_target_position + 1)`.
+
+Memory: (order - 1) * buckets * V int32 counts; order 7 with 65,536 buckets is 1.6 GB at V = 1024 and 12.9 GB
+at V = 8192.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from pgolf.errors import ComplianceError
+
+NGRAM_ALPHA_MODES = ("fixed", "entropy")
+NGRAM_MAX_ORDER = 16
+NGRAM_MAX_BUCKETS = 1 << 24
+# Entropy-adaptive alpha of the seed records: floor + (alpha - floor) * sigmoid(slope * (H - center)).
+NGRAM_ENTROPY_FLOOR = 0.05
+NGRAM_ENTROPY_CENTER = 4.0  # nats
+NGRAM_ENTROPY_SLOPE = 2.0
+# Polynomial context hash modulo a Mersenne prime: products stay below 2^62, so int64 never overflows and
+# CPU and CUDA give the same rows.
+NGRAM_HASH_PRIME = (1 << 31) - 1
+NGRAM_HASH_MULTIPLIER = 1_000_003
+# Elements of one [rows, V] working block (64 MB of float32), bounding the memory of mix and update.
+NGRAM_BLOCK_ELEMENTS = 1 << 24
+
+
+@dataclass(frozen=True)
+class NgramConfig:
+    order: int = 7  # highest n-gram order K: orders 2..K (contexts of 1..K-1 tokens) over unigram counts
+    alpha: float = 0.4  # weight of the n-gram distribution (fixed mode), or its ceiling (entropy mode)
+    alpha_mode: str = "fixed"  # fixed | entropy (weight rises with the model's entropy in nats)
+    buckets: int = 65536  # hashed context rows per order; memory (order - 1) * buckets * V * 4 bytes
+
+    def __post_init__(self):
+        if not 2 <= self.order <= NGRAM_MAX_ORDER:
+            raise ValueError(f"order = {self.order}: must be in [2, {NGRAM_MAX_ORDER}]")
+        if self.alpha_mode not in NGRAM_ALPHA_MODES:
+            modes = ", ".join(NGRAM_ALPHA_MODES)
+            raise ValueError(f"alpha_mode = {self.alpha_mode!r}: must be one of {modes}")
+        if self.alpha_mode == "fixed" and not 0.0 < self.alpha <= 1.0:
+            raise ValueError(f"alpha = {self.alpha}: must be in (0, 1]")
+        if self.alpha_mode == "entropy" and not NGRAM_ENTROPY_FLOOR <= self.alpha <= 1.0:
+            raise ValueError(f"alpha = {self.alpha}: must be in [{NGRAM_ENTROPY_FLOOR}, 1] with alpha_mode "
+                             f"entropy (it is the ceiling; the floor is {NGRAM_ENTROPY_FLOOR})")
+        if not 1 <= self.buckets <= NGRAM_MAX_BUCKETS:
+            raise ValueError(f"buckets = {self.buckets}: must be in [1, {NGRAM_MAX_BUCKETS}]")
+
+    def table_bytes(self, vocab_size: int) -> int:
+        """Memory of the count tables for this vocabulary."""
+        return (self.order - 1) * self.buckets * vocab_size * 4
+
+
+class NgramMixer:
+    """Count tables of orders 1..K on `device`, and the mixture of their distribution with the model's."""
+
+    def __init__(self, config: NgramConfig, vocab_size: int, device):
+        self.config = config
+        self.vocab_size = vocab_size
+        self.device = torch.device(device)
+        self.unigram = torch.zeros(vocab_size, dtype=torch.int64, device=self.device)
+        # tables[j] holds order j + 2: contexts of the j + 1 previous tokens.
+        self.tables = [
+            torch.zeros(config.buckets, vocab_size, dtype=torch.int32, device=self.device)
+            for _ in range(config.order - 1)
+        ]
+        self.counted_upto = 0  # the tokens at positions < counted_upto are in the counts
+
+    def context_rows(self, tokens: torch.Tensor, positions: torch.Tensor):
+        """Rows [n, K-1] of the contexts before each position (column j: the j + 1 previous tokens), and
+        whether that context lies inside the stream."""
+        depth = self.config.order - 1
+        indices = positions[:, None] - torch.arange(1, depth + 1, device=self.device)[None, :]
+        valid = indices >= 0
+        previous = tokens[indices.clamp_min(0).to(tokens.device)].to(self.device, torch.int64)
+        rows = torch.empty_like(previous)
+        hashed = torch.zeros_like(positions)
+        for j in range(depth):
+            hashed = (hashed * NGRAM_HASH_MULTIPLIER + previous[:, j] + 1) % NGRAM_HASH_PRIME
+            rows[:, j] = hashed % self.config.buckets
+        return rows, valid
+
+    @torch.no_grad()
+    def update(self, tokens: torch.Tensor, upto_position: int) -> None:
+        """Count each token at positions [counted_upto, upto_position) as the follower of its contexts."""
+        start, end = self.counted_upto, int(upto_position)
+        if end <= start:
+            return
+        if end > len(tokens):
+            raise ValueError(f"upto_position {end} is past the end of the {len(tokens)}-token stream")
+        step = max(1, NGRAM_BLOCK_ELEMENTS // self.config.order)
+        for block_start in range(start, end, step):
+            positions = torch.arange(block_start, min(block_start + step, end), device=self.device)
+            followers = tokens[positions.to(tokens.device)].to(self.device, torch.int64)
+            self.unigram += torch.bincount(followers, minlength=self.vocab_size)
+            rows, valid = self.context_rows(tokens, positions)
+            for j, table in enumerate(self.tables):
+                keep = valid[:, j]
+                flat = rows[keep, j] * self.vocab_size + followers[keep]
+                table.view(-1).index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+        self.counted_upto = end
+
+    @torch.no_grad()
+    def distribution(self, tokens: torch.Tensor, positions: torch.Tensor, dtype=torch.float32):
+        """p_ngram [n, V] for the targets at `positions`, from the counts alone; each row sums to 1."""
+        positions = positions.to(self.device, torch.int64)
+        rows, valid = self.context_rows(tokens, positions)
+        uniform = torch.full((1, self.vocab_size), 1.0 / self.vocab_size, dtype=dtype, device=self.device)
+        p = ngram_witten_bell(self.unigram.to(dtype)[None, :], uniform).expand(len(positions), -1)
+        for j, table in enumerate(self.tables):
+            counts = table[rows[:, j]].to(dtype) * valid[:, j, None]
+            p = ngram_witten_bell(counts, p)
+        return p
+
+    def alpha(self, model_logprobs: torch.Tensor) -> torch.Tensor:
+        """Mixture weight of each target, [n, 1]."""
+        config = self.config
+        if config.alpha_mode == "fixed":
+            return model_logprobs.new_full((len(model_logprobs), 1), config.alpha)
+        probs = model_logprobs.exp()
+        entropy = -torch.where(probs > 0, probs * model_logprobs, 0.0).sum(-1, keepdim=True)
+        gate = torch.sigmoid(NGRAM_ENTROPY_SLOPE * (entropy - NGRAM_ENTROPY_CENTER))
+        return NGRAM_ENTROPY_FLOOR + (config.alpha - NGRAM_ENTROPY_FLOOR) * gate
+
+    @torch.no_grad()
+    def mix(self, context_tokens: torch.Tensor, target_positions: torch.Tensor,
+            model_logprobs: torch.Tensor) -> torch.Tensor:
+        """log((1 - a) p_model + a p_ngram) [n, V] for the targets at `target_positions` of `context_tokens`.
+
+        model_logprobs [n, V] are the model's log-distributions for those targets (float32 or float64; the
+        result keeps that dtype). Raises ComplianceError if a target's own token is already counted (C3)."""
+        positions = target_positions.to(self.device, torch.int64).reshape(-1)
+        if model_logprobs.shape != (len(positions), self.vocab_size):
+            raise ValueError(f"model_logprobs shape {tuple(model_logprobs.shape)} != "
+                             f"({len(positions)}, {self.vocab_size})")
+        if len(positions) and int(positions.min()) < self.counted_upto:
+            raise ComplianceError(
+                f"n-gram cache: target position {int(positions.min())} is already counted (the counts cover "
+                f"positions < {self.counted_upto}); score a target before update() adds it (C3)")
+        dtype = torch.float64 if model_logprobs.dtype == torch.float64 else torch.float32
+        model_logprobs = model_logprobs.to(self.device, dtype)
+        mixed = torch.empty_like(model_logprobs)
+        block = max(1, NGRAM_BLOCK_ELEMENTS // self.vocab_size)
+        for start in range(0, len(positions), block):
+            end = min(start + block, len(positions))
+            model_block = model_logprobs[start:end]
+            alpha = self.alpha(model_block)
+            p_ngram = self.distribution(context_tokens, positions[start:end], dtype)
+            mixed[start:end] = torch.logaddexp(model_block + torch.log1p(-alpha), alpha.log() + p_ngram.log())
+        return mixed
+
+
+def ngram_witten_bell(counts: torch.Tensor, lower: torch.Tensor) -> torch.Tensor:
+    """(c + T * lower) / (n + T) per row, n the row's total and T its number of distinct followers; a row
+    without counts returns `lower`. Each row sums to 1 wherever `lower`'s does."""
+    total = counts.sum(-1, keepdim=True)
+    types = (counts > 0).sum(-1, keepdim=True).to(counts.dtype)
+    smoothed = (counts + types * lower) / (total + types).clamp_min(1)
+    return torch.where(total > 0, smoothed, lower)
