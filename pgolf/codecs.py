@@ -134,6 +134,8 @@ def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
 
 
 def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    if bits == 0:  # a constant tensor: every value is the stored minimum
+        return np.zeros(count, dtype=np.uint8)
     planes = np.unpackbits(packed, bitorder="little")[: count * bits].reshape(count, bits)
     return np.packbits(planes, axis=1, bitorder="little").reshape(-1)
 

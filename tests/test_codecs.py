@@ -1,0 +1,248 @@
+"""The counted blob: bit-exact round trips for every codec x shuffle x bitpack, auto = smallest, bad blobs
+refused, and `pgolf compress` end to end on a quantize output directory."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from pgolf.artifacts import StageOutput, atomic_write_json, read_manifest
+from pgolf.cli import main
+from pgolf.codecs import (
+    BLOB_HEADER,
+    CODECS,
+    build_payload,
+    pack_bits,
+    pack_blob,
+    read_blob,
+    read_blob_header,
+    shuffle_bytes,
+    unpack_bits,
+    unpack_blob,
+    unshuffle_bytes,
+)
+from pgolf.errors import InvalidInput
+from pgolf.model import GPT, ModelConfig
+from pgolf.quant import quantize_rows, row_scales
+
+TINY = ModelConfig(vocab_size=1024, num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2)
+
+
+def pgolf(*args):
+    """The real entry point in a subprocess."""
+    return subprocess.run([sys.executable, "-m", "pgolf", *map(str, args)], capture_output=True, text=True)
+
+
+def run_cli(capsys, *args) -> subprocess.CompletedProcess:
+    """pgolf.cli.main in-process (no torch re-import per call): exit code, stdout, stderr."""
+    capsys.readouterr()
+    argv = sys.argv
+    sys.argv = ["pgolf", *map(str, args)]
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    finally:
+        sys.argv = argv
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+
+
+def tiny_quantized_state(seed: int = 0) -> tuple[dict[str, torch.Tensor], dict]:
+    """A tiny GPT's weights quantized as the records do: int6 attention, int5 MLP, int8 embedding, fp16
+    scales, fp16 passthrough vectors."""
+    torch.manual_seed(seed)
+    model = GPT(TINY)
+    tensors, plan_tensors = {}, {}
+    for name, weight in model.state_dict().items():
+        weight = weight + 0.02 * torch.randn_like(weight)  # trained weights are dense, not init's zeros/ones
+        if weight.ndim == 2 and weight.shape[0] >= 32:
+            bits = 8 if name == "tok_emb.weight" else 5 if ".mlp." in name else 6
+            scales = row_scales(weight, bits)
+            tensors[name] = quantize_rows(weight, bits, scales)
+            tensors[f"{name}.scale"] = scales.to(torch.float16)
+            plan_tensors[name] = {"scheme": "per_row", "bits": bits, "shape": list(weight.shape)}
+        else:
+            tensors[name] = weight.to(torch.float16)
+            plan_tensors[name] = {"scheme": "passthrough", "bits": 16, "shape": list(weight.shape)}
+    return tensors, {"model_config": vars(TINY).copy(), "tensors": plan_tensors}
+
+
+def write_quantize_dir(out: Path, tensors: dict[str, torch.Tensor], plan: dict) -> Path:
+    """A quantize stage output as `pgolf quantize` writes it: quantized.safetensors, plan.json, manifest."""
+    with StageOutput(out, "quantize", argv=["test"]) as stage:
+        save_file(tensors, stage.add_output("quantized.safetensors", "quantized"))
+        atomic_write_json(stage.add_output("plan.json", "plan"), plan)
+        stage.finalize()
+    return out
+
+
+def assert_bit_exact(restored: dict[str, torch.Tensor], original: dict[str, torch.Tensor]) -> None:
+    assert restored.keys() == original.keys()
+    for name, tensor in original.items():
+        assert restored[name].dtype == tensor.dtype and restored[name].shape == tensor.shape, name
+        assert torch.equal(restored[name].view(torch.uint8), tensor.view(torch.uint8)), name
+
+
+@pytest.fixture(scope="module")
+def state():
+    return tiny_quantized_state()
+
+
+@pytest.mark.parametrize("codec", CODECS)
+@pytest.mark.parametrize("shuffle", [False, True])
+@pytest.mark.parametrize("bitpack", [False, True])
+def test_round_trip_is_bit_exact(state, codec, shuffle, bitpack):
+    tensors, plan = state
+    blob = pack_blob(tensors, plan, codec, shuffle=shuffle, bitpack=bitpack)
+    header = read_blob_header(blob)
+    assert (header["codec"], header["shuffle"], header["bitpack"]) == (codec, shuffle, bitpack)
+    restored, restored_plan = unpack_blob(blob)
+    assert_bit_exact(restored, tensors)
+    assert restored_plan == plan
+
+
+def test_bitpack_stores_int5_and_int6_in_their_width(state):
+    tensors, plan = state
+
+    def data_bytes(payload: bytes) -> int:
+        return len(payload) - 4 - int.from_bytes(payload[:4], "little")
+
+    raw = sum(t.numel() * t.element_size() for t in tensors.values())
+    assert data_bytes(build_payload(tensors, plan, shuffle=False, bitpack=False)) == raw
+    # int8 embeddings span 8 bits and stay in their container; int6 attention and int5 MLP levels shrink.
+    packed = sum((t.numel() * (5 if ".mlp." in n else 6) + 7) // 8
+                 if t.dtype == torch.int8 and n != "tok_emb.weight" else t.numel() * t.element_size()
+                 for n, t in tensors.items())
+    assert data_bytes(build_payload(tensors, plan, shuffle=False, bitpack=True)) == packed < raw
+
+
+def test_auto_keeps_the_smallest_blob(state):
+    tensors, plan = state
+    sizes = [len(pack_blob(tensors, plan, codec, shuffle=s, bitpack=b))
+             for codec in CODECS for s in (False, True) for b in (False, True)]
+    assert len(pack_blob(tensors, plan, "auto")) == min(sizes)
+    assert len(pack_blob(tensors, plan, "zstd")) == min(sizes[4:8])
+
+
+def test_levels_and_unknown_codec(state):
+    tensors, plan = state
+    assert read_blob_header(pack_blob(tensors, plan, "zstd", level=3))["level"] == 3
+    with pytest.raises(ValueError, match="valid: zlib, zstd, lzma, brotli"):
+        pack_blob(tensors, plan, "gzip")
+    with pytest.raises(ValueError, match="out of range"):
+        pack_blob(tensors, plan, "zlib", level=12)
+
+
+@pytest.mark.parametrize("bits", range(0, 8))
+def test_pack_bits_inverts(bits):
+    values = np.random.default_rng(bits).integers(0, 1 << bits, size=1001, dtype=np.uint8)
+    packed = pack_bits(values, bits)
+    assert len(packed) == (1001 * bits + 7) // 8
+    assert np.array_equal(unpack_bits(packed, bits, 1001), values)
+
+
+def test_shuffle_makes_byte_planes():
+    halves = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float16)
+    raw = halves.view(torch.uint8).numpy()
+    planes = shuffle_bytes(raw, 2)
+    assert list(planes[:3]) == list(raw[0::2]) and list(planes[3:]) == list(raw[1::2])
+    assert np.array_equal(unshuffle_bytes(planes, 2), raw)
+
+
+def test_empty_and_constant_tensors_round_trip():
+    tensors = {"empty": torch.zeros(0, 4, dtype=torch.int8),
+               "constant": torch.full((3, 5), -7, dtype=torch.int8),
+               "bf16": torch.randn(7).to(torch.bfloat16), "flag": torch.tensor([True, False])}
+    for bitpack in (False, True):
+        restored, plan = unpack_blob(pack_blob(tensors, {}, "zlib", shuffle=True, bitpack=bitpack))
+        assert_bit_exact(restored, tensors)
+
+
+@pytest.fixture(scope="module")
+def zstd_blob(state):
+    return pack_blob(state[0], state[1], "zstd", shuffle=True, bitpack=False)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda b: b[: len(b) // 2], "truncated"),
+    (lambda b: b[:10], "truncated blob"),
+    (lambda b: b + b"\0", "trailing bytes"),
+    (lambda b: b"PK\x03\x04" + b[4:], "not a pgolf blob"),
+    (lambda b: b[:4] + bytes([9]) + b[5:], "format version 9"),
+    (lambda b: b[:5] + bytes([7]) + b[6:], "codec id 7"),
+    (lambda b: b[:5] + bytes([3, 11]) + b[7:], "brotli stream is corrupt"),  # a zstd stream labelled brotli
+    (lambda b: b[:-40] + bytes(x ^ 0x55 for x in b[-40:]), "corrupt"),
+])
+def test_bad_blobs_are_refused(zstd_blob, damage, message):
+    with pytest.raises(InvalidInput, match=message):
+        unpack_blob(damage(zstd_blob))
+
+
+def test_foreign_zlib_file_is_refused_naming_it(tmp_path):
+    path = tmp_path / "final_model.int8.ptz"
+    path.write_bytes(b"\x78\xda" + bytes(100))  # what the records' int8+zlib export looks like to us
+    with pytest.raises(InvalidInput, match=f"{path}: not a pgolf blob"):
+        read_blob(path)
+
+
+def test_header_is_small_and_counted(state):
+    tensors, plan = state
+    blob = pack_blob(tensors, plan, "lzma", shuffle=False, bitpack=False)
+    assert BLOB_HEADER.size == 16 and read_blob_header(blob)["stream_bytes"] == len(blob) - 16
+
+
+@pytest.fixture(scope="module")
+def quantize_dir(state, tmp_path_factory):
+    return write_quantize_dir(tmp_path_factory.mktemp("run") / "q", *state)
+
+
+def test_compress_cli_auto_writes_the_smallest_blob(state, quantize_dir, tmp_path):
+    out = tmp_path / "blob"
+    result = pgolf("compress", quantize_dir, "--codec", "auto", "--out", out, "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    manifest = read_manifest(out)
+    assert manifest["stage"] == "compress" and manifest["outputs"][0]["role"] == "blob"
+    assert len(manifest["metrics"]["tried"]) == len(CODECS) * 4
+    assert summary["bytes"] == min(row["bytes"] for row in manifest["metrics"]["tried"])
+    assert summary["bytes"] == (out / "model.blob").stat().st_size
+    restored, plan = read_blob(out / "model.blob")
+    assert_bit_exact(restored, state[0])
+    assert plan == state[1]
+    assert {i["role"] for i in manifest["inputs"]} == {"quantized", "plan"}
+
+
+def test_compress_cli_named_codec_and_refusals(quantize_dir, tmp_path, capsys):
+    out = tmp_path / "blob"
+    result = run_cli(capsys, "compress", quantize_dir, "--codec", "zstd", "--level", "19", "--shuffle", "on",
+                   "--bitpack", "off", "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert read_blob_header((out / "model.blob").read_bytes())["level"] == 19
+    assert [row["codec"] for row in read_manifest(out)["metrics"]["tried"]] == ["zstd"]
+    exists = run_cli(capsys, "compress", quantize_dir, "--codec", "zstd", "--out", out)
+    assert exists.returncode == 3 and "--force" in exists.stderr
+
+    unknown = run_cli(capsys, "compress", quantize_dir, "--codec", "gzip", "--out", tmp_path / "x")
+    assert unknown.returncode == 2 and "zlib, zstd, lzma, brotli, auto" in unknown.stderr
+    level_without_codec = run_cli(capsys, "compress", quantize_dir, "--level", "5", "--out", tmp_path / "x")
+    assert level_without_codec.returncode == 2 and "level" in level_without_codec.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_compress_refuses_a_tampered_quantize_dir(quantize_dir, tmp_path, capsys):
+    bad = tmp_path / "q"
+    bad.mkdir()
+    for path in quantize_dir.iterdir():
+        (bad / path.name).write_bytes(path.read_bytes())
+    text = (bad / "plan.json").read_text()
+    (bad / "plan.json").write_text(text.replace('"bits": 8', '"bits": 6'))  # same size, different digest
+    result = run_cli(capsys, "compress", bad, "--codec", "zlib", "--out", tmp_path / "blob")
+    assert result.returncode == 3 and "plan.json" in result.stderr and "sha256" in result.stderr
+    assert not (tmp_path / "blob").exists()
