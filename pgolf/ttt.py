@@ -1,0 +1,394 @@
+"""Score-first test-time training (TTT) at evaluation, on a copy of the dequantized artifact.
+
+One rule for every mode (C3, C4): the stream's targets (positions 1..N-1) are scored once, in order, chunk
+by chunk, by the eval's `score_chunk` with the current weights; only then may weights train on that chunk's
+targets. The stream's last chunk is never trained (nothing is left to score after it). Each score and each
+update is logged in TTTResult.events, so the compliance check can verify the order. run_ttt deep-copies the
+caller's model, so other evaluations in the process keep the artifact's weights, and writes no file.
+
+Modes
+- sgd / adamw: chunked full-model TTT (seed PR #461 / #549 lineage). After scoring a chunk of `chunk_tokens`
+  targets, `epochs` passes over it in rows of train_seq_len, `batch_seqs` rows a step, gradient clipping, the
+  learning rate cosine-decayed across chunks; the first `freeze_blocks` blocks stay fixed.
+- lora: low-rank adapters on the CastedLinear layers named in `lora_targets` (PR #1767 lineage):
+  y = W x + (lora_alpha / lora_rank) * B A x, with A ~ U(+-1/sqrt(fan_in)) and B = 0. Documents (split at BOS)
+  are taken in order, in chunks of `chunk_tokens`; each chunk except a segment's last trains the adapters for
+  `epochs` AdamW steps (weight decay `lora_weight_decay`). A segment is one document (lora_reset document) or
+  `lora_batch_docs` documents (batch); at each segment B and the optimizer restart while A is kept (warm
+  start, unless lora_warm_start is off). The seeds skip a document's last chunk too: B is reset right after.
+- phased: lora plus phased global SGD (PR #1610 / #1626 lineage). When the first prefix_docs * i / phases
+  documents have been scored (i = 1..phases), scoring pauses, SGD trains all base weights over every document
+  scored so far (the seeds' cumulative prefix; lr cosine-decayed over `phase_chunk_tokens` chunks, adapters
+  off), and scoring resumes with fresh adapters. No pause comes after the last document.
+"""
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pgolf.errors import ComplianceError, UsageError
+from pgolf.model import BOS_ID, CastedLinear
+
+TTT_MODES = ("sgd", "adamw", "lora", "phased")
+TTT_LORA_RESETS = ("document", "batch")
+# Seed values for the fields left as None, per mode.
+TTT_MODE_DEFAULTS = {
+    "sgd": {"lr": 0.002, "momentum": 0.9, "epochs": 3, "chunk_tokens": 32768},
+    "adamw": {"lr": 1e-4, "momentum": 0.9, "epochs": 3, "chunk_tokens": 32768},
+    "lora": {"lr": 1e-4, "momentum": 0.0, "epochs": 1, "chunk_tokens": 256},
+    "phased": {"lr": 1e-4, "momentum": 0.0, "epochs": 1, "chunk_tokens": 256},
+}
+TTT_ADAM_BETA2 = 0.999
+TTT_ADAM_EPS = 1e-10
+TTT_LORA_SEED = 0  # adapters start the same on every run
+TTT_PROGRESS_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class TTTConfig:
+    mode: str = "sgd"  # sgd | adamw (full model, chunked) | lora (adapters) | phased (lora + global SGD)
+    lr: float | None = None  # learning rate (adapters in lora/phased); None: sgd 0.002, others 1e-4
+    epochs: int | None = None  # passes over each scored chunk; None: 3 (sgd, adamw), 1 (lora, phased)
+    momentum: float | None = None  # SGD momentum / AdamW beta1; None: 0.9 (sgd, adamw), 0.0 (lora, phased)
+    chunk_tokens: int | None = None  # targets scored before each update; None: 32768 (sgd, adamw), 256 (lora)
+    freeze_blocks: int = 0  # sgd/adamw: the first K transformer blocks stay fixed
+    batch_seqs: int = 32  # training rows (of train_seq_len) per optimizer step
+    grad_clip: float = 1.0  # max gradient norm per step; 0 = no clipping
+    lora_rank: int = 128  # adapter rank r
+    lora_alpha: float = 144.0  # adapter output scale alpha / r
+    lora_targets: tuple[str, ...] = ("attn.c_q", "attn.c_k", "attn.c_v", "attn.proj", "mlp.fc", "mlp.proj")
+    lora_weight_decay: float = 1.0  # AdamW weight decay of the adapters
+    lora_reset: str = "document"  # document | batch: how often B and the optimizer restart
+    lora_batch_docs: int = 64  # documents per segment with lora_reset batch
+    lora_warm_start: bool = True  # keep A across segments (only B restarts at zero)
+    phases: int = 3  # phased: global SGD pauses over the prefix documents
+    prefix_docs: int = 2000  # phased: documents the pauses cover (prefix_docs * i / phases at pause i)
+    phase_lr: float = 0.001  # phased: global SGD learning rate
+    phase_momentum: float = 0.9  # phased: global SGD momentum
+    phase_epochs: int = 1  # phased: global SGD passes over the scored prefix at each pause
+    phase_chunk_tokens: int = 32768  # phased: the global SGD lr is cosine-decayed over chunks of this size
+
+    def __post_init__(self):
+        if self.mode not in TTT_MODES:
+            raise ValueError(f"mode = {self.mode!r}: must be one of {', '.join(TTT_MODES)}")
+        for name, value in TTT_MODE_DEFAULTS[self.mode].items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+
+        def need(ok: bool, name: str, allowed: str):
+            if not ok:
+                raise ValueError(f"{name} = {getattr(self, name)!r}: must be {allowed}")
+
+        need(0 < self.lr <= 1, "lr", "in (0, 1]")
+        need(0 <= self.epochs <= 100, "epochs", "in [0, 100]")
+        need(0 <= self.momentum < 1, "momentum", "in [0, 1)")
+        need(self.chunk_tokens >= 1, "chunk_tokens", ">= 1")
+        need(self.freeze_blocks >= 0, "freeze_blocks", ">= 0")
+        need(self.batch_seqs >= 1, "batch_seqs", ">= 1")
+        need(self.grad_clip >= 0, "grad_clip", ">= 0 (0 = off)")
+        need(self.lora_rank >= 1, "lora_rank", ">= 1")
+        need(self.lora_alpha > 0, "lora_alpha", "> 0")
+        need(len(self.lora_targets) >= 1, "lora_targets", "one or more layer names such as attn.c_q, mlp.fc")
+        need(self.lora_weight_decay >= 0, "lora_weight_decay", ">= 0")
+        need(self.lora_reset in TTT_LORA_RESETS, "lora_reset", f"one of {', '.join(TTT_LORA_RESETS)}")
+        need(self.lora_batch_docs >= 1, "lora_batch_docs", ">= 1")
+        need(self.phases >= 1, "phases", ">= 1")
+        need(self.prefix_docs >= 0, "prefix_docs", ">= 0")
+        need(0 < self.phase_lr <= 1, "phase_lr", "in (0, 1]")
+        need(0 <= self.phase_momentum < 1, "phase_momentum", "in [0, 1)")
+        need(self.phase_epochs >= 1, "phase_epochs", ">= 1")
+        need(self.phase_chunk_tokens >= 1, "phase_chunk_tokens", ">= 1")
+
+
+@dataclass
+class TTTResult:
+    nll: torch.Tensor  # float64 [N - 1] on CPU: NLL of the targets at positions 1..N-1, in order
+    events: list[tuple[str, int, int]] = field(default_factory=list)  # ("score" | "update", start, end)
+    train_seconds: float = 0.0  # wall time of the training steps
+    score_seconds: float = 0.0  # wall time inside score_chunk
+    steps: int = 0  # optimizer steps taken
+
+
+TTTScoreChunk = Callable[[nn.Module, torch.Tensor, int, int], torch.Tensor]
+
+
+class TTTLoRALinear(nn.Module):
+    """A frozen CastedLinear plus a low-rank update: base(x) + (alpha / rank) * x A^T B^T."""
+
+    def __init__(self, base: CastedLinear, rank: int, alpha: float, generator: torch.Generator):
+        super().__init__()
+        self.base = base
+        self.scale = alpha / rank
+        self.generator = generator
+        device = base.weight.device
+        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, device=device))
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, device=device))
+        self.reset_a()
+
+    @torch.no_grad()
+    def reset_a(self) -> None:
+        bound = 1.0 / math.sqrt(self.base.in_features)
+        fresh = torch.empty(self.lora_a.shape).uniform_(-bound, bound, generator=self.generator)
+        self.lora_a.copy_(fresh)
+
+    @torch.no_grad()
+    def reset_b(self) -> None:
+        self.lora_b.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        update = F.linear(F.linear(x, self.lora_a.to(x.dtype)), self.lora_b.to(x.dtype))
+        return self.base(x) + self.scale * update
+
+
+def ttt_install_lora(model: nn.Module, config: TTTConfig) -> list[TTTLoRALinear]:
+    """Wrap each CastedLinear whose name is, or ends with, a lora_targets entry; returns the adapters."""
+    generator = torch.Generator().manual_seed(TTT_LORA_SEED)
+    adapters, matched = [], set()
+    for name, module in list(model.named_modules()):
+        targets = [t for t in config.lora_targets if name == t or name.endswith("." + t)]
+        if not targets or not isinstance(module, CastedLinear):
+            continue
+        matched.update(targets)
+        parent_name, _, child = name.rpartition(".")
+        adapter = TTTLoRALinear(module, config.lora_rank, config.lora_alpha, generator)
+        setattr(model.get_submodule(parent_name), child, adapter)
+        adapters.append(adapter)
+    missing = [t for t in config.lora_targets if t not in matched]
+    if missing:
+        raise UsageError(f"lora_targets {', '.join(missing)} name no CastedLinear layer of the model")
+    return adapters
+
+
+def ttt_document_spans(tokens: torch.Tensor) -> list[tuple[int, int]]:
+    """Target ranges [start, end) of the documents: from after a document's BOS through the next BOS (the
+    seeds count the next document's BOS as the last target of this one)."""
+    end = len(tokens)
+    bos = (tokens == BOS_ID).nonzero().flatten().tolist()
+    cuts = sorted({1, end} | {b + 1 for b in bos if 1 < b + 1 < end})
+    return list(zip(cuts[:-1], cuts[1:], strict=True))
+
+
+def ttt_split(start: int, end: int, size: int) -> list[tuple[int, int]]:
+    return [(s, min(s + size, end)) for s in range(start, end, size)]
+
+
+def ttt_cosine_lr(peak: float, index: int, count: int) -> float:
+    return peak * 0.5 * (1.0 + math.cos(math.pi * index / max(count - 1, 1)))
+
+
+class TTTSession:
+    """The model copy, the scoring and training steps, and the record of what ran in which order."""
+
+    def __init__(self, model, tokens, config, score_chunk, train_seq_len, device, progress):
+        self.model = copy.deepcopy(model).to(device)
+        self.model.requires_grad_(False)
+        self.tokens = tokens
+        self.config = config
+        self.score_chunk = score_chunk
+        self.train_seq_len = train_seq_len
+        self.device = torch.device(device)
+        self.progress = progress
+        self.nll_parts: list[torch.Tensor] = []
+        self.result = TTTResult(nll=torch.zeros(0, dtype=torch.float64))
+        self.scored_upto = 1
+        self.last_report = time.perf_counter()
+
+    def score(self, start: int, end: int) -> None:
+        if start != self.scored_upto:
+            raise ComplianceError(f"TTT scored targets [{start}, {end}) after [1, {self.scored_upto}): every "
+                                  f"target is scored exactly once, in order (C4)")
+        self.model.eval()
+        began = time.perf_counter()
+        with torch.no_grad():
+            nll = self.score_chunk(self.model, self.tokens, start, end)
+        self.result.score_seconds += time.perf_counter() - began
+        if nll.shape != (end - start,):
+            raise ValueError(f"score_chunk returned shape {tuple(nll.shape)} for the {end - start} targets "
+                             f"[{start}, {end})")
+        self.nll_parts.append(nll.detach().to("cpu", torch.float64))
+        self.result.events.append(("score", start, end))
+        self.scored_upto = end
+        self.report()
+
+    def train(self, start: int, end: int, params, optimizer, epochs: int, lr: float) -> None:
+        """`epochs` passes of optimizer steps on the targets [start, end), all of which must be scored."""
+        if end > self.scored_upto:
+            raise ComplianceError(f"TTT would train on targets [{start}, {end}) but only [1, "
+                                  f"{self.scored_upto}) are scored (C3: score before update)")
+        self.result.events.append(("update", start, end))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        began = time.perf_counter()
+        batches = ttt_row_batches(ttt_rows(start, end, self.train_seq_len), self.config.batch_seqs)
+        for _ in range(epochs):
+            for batch in batches:
+                optimizer.zero_grad(set_to_none=True)
+                self.batch_loss(batch).backward()
+                if self.config.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
+                optimizer.step()
+                self.result.steps += 1
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.result.train_seconds += time.perf_counter() - began
+
+    def batch_loss(self, batch: list[tuple[int, int, int]]) -> torch.Tensor:
+        """Mean NLL of the trained targets of rows (context_start, first_target, end) of equal length."""
+        length = batch[0][2] - batch[0][0]
+        offsets = torch.arange(length + 1)
+        index = torch.stack([offsets + context_start - 1 for context_start, _, _ in batch])
+        rows = self.tokens[index.to(self.tokens.device)].to(self.device, torch.int64)
+        inputs, targets = rows[:, :-1], rows[:, 1:]
+        first = torch.tensor([first_target - context_start for context_start, first_target, _ in batch])
+        trained = (offsets[None, :length] >= first[:, None]).to(self.device)
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            logits = self.model.logits(inputs)
+        nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
+        return (nll.view_as(trained) * trained).sum() / trained.sum()
+
+    def report(self) -> None:
+        now = time.perf_counter()
+        if self.progress is None or now - self.last_report < TTT_PROGRESS_SECONDS:
+            return
+        self.last_report = now
+        scored = self.scored_upto - 1
+        mean_nll = float(sum(part.sum() for part in self.nll_parts)) / max(scored, 1)
+        self.progress(f"ttt {self.config.mode}: {scored}/{len(self.tokens) - 1} targets scored, mean NLL "
+                      f"{mean_nll:.4f}, {self.result.steps} steps, {self.result.train_seconds:.0f} s train")
+
+    def finish(self) -> TTTResult:
+        self.result.nll = torch.cat(self.nll_parts) if self.nll_parts else torch.zeros(0, dtype=torch.float64)
+        return self.result
+
+
+def ttt_rows(start: int, end: int, seq_len: int) -> list[tuple[int, int, int]]:
+    """Training rows (context_start, first_target, end) covering the targets [start, end) in pieces of at most
+    seq_len; a short last piece reaches back over earlier (already scored) tokens for context, up to seq_len
+    targets in all, and trains only on its own."""
+    rows = []
+    for first_target in range(start, end, seq_len):
+        row_end = min(first_target + seq_len, end)
+        rows.append((max(1, row_end - seq_len), first_target, row_end))
+    return rows
+
+
+def ttt_row_batches(rows: list[tuple[int, int, int]], batch_seqs: int) -> list[list[tuple[int, int, int]]]:
+    """Consecutive rows of equal length, at most batch_seqs at a time."""
+    batches: list[list[tuple[int, int, int]]] = []
+    for row in rows:
+        last = batches[-1] if batches else None
+        if last and len(last) < batch_seqs and last[0][2] - last[0][0] == row[2] - row[0]:
+            last.append(row)
+        else:
+            batches.append([row])
+    return batches
+
+
+def ttt_full_model(session: TTTSession) -> None:
+    config, model = session.config, session.model
+    frozen = tuple(f"blocks.{i}." for i in range(config.freeze_blocks))
+    params = [p for name, p in model.named_parameters() if not name.startswith(frozen)]
+    for p in params:
+        p.requires_grad_(True)
+    if config.mode == "sgd":
+        optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(config.momentum, TTT_ADAM_BETA2),
+                                      eps=TTT_ADAM_EPS, weight_decay=0.0)
+    chunks = ttt_split(1, len(session.tokens), config.chunk_tokens)
+    for index, (start, end) in enumerate(chunks):
+        session.score(start, end)
+        if index < len(chunks) - 1 and config.epochs:
+            lr = ttt_cosine_lr(config.lr, index, len(chunks))
+            session.train(start, end, params, optimizer, config.epochs, lr)
+
+
+def ttt_phase_ends(config: TTTConfig, documents: int) -> set[int]:
+    """Document counts after which phased TTT pauses; none once every document is scored."""
+    if config.mode != "phased":
+        return set()
+    prefix = min(config.prefix_docs, documents)
+    return {prefix * (i + 1) // config.phases for i in range(config.phases)} - {0, documents}
+
+
+def ttt_segments(config: TTTConfig, documents: int, phase_ends: set[int]) -> list[tuple[int, int]]:
+    """Document index ranges [first, last) between adapter resets; phase pauses always end a segment."""
+    size = 1 if config.lora_reset == "document" else config.lora_batch_docs
+    cuts = sorted(set(range(0, documents, size)) | phase_ends | {documents})
+    return list(zip(cuts[:-1], cuts[1:], strict=True))
+
+
+def ttt_lora(session: TTTSession) -> None:
+    config, model = session.config, session.model
+    base_params = list(model.parameters())
+    adapters = ttt_install_lora(model, config)
+    lora_params = [p for adapter in adapters for p in (adapter.lora_a, adapter.lora_b)]
+    documents = ttt_document_spans(session.tokens)
+    phase_ends = ttt_phase_ends(config, len(documents))
+    segments = ttt_segments(config, len(documents), phase_ends)
+    for first_doc, last_doc in segments:
+        for adapter in adapters:
+            adapter.reset_b()
+            if not config.lora_warm_start:
+                adapter.reset_a()
+        for p in lora_params:
+            p.requires_grad_(True)
+        optimizer = torch.optim.AdamW(lora_params, lr=config.lr, betas=(config.momentum, TTT_ADAM_BETA2),
+                                      eps=TTT_ADAM_EPS, weight_decay=config.lora_weight_decay)
+        chunks = ttt_split(documents[first_doc][0], documents[last_doc - 1][1], config.chunk_tokens)
+        for index, (start, end) in enumerate(chunks):
+            session.score(start, end)
+            if index < len(chunks) - 1 and config.epochs:
+                session.train(start, end, lora_params, optimizer, config.epochs, config.lr)
+        if last_doc in phase_ends:
+            ttt_global_sgd(session, base_params, adapters, documents[last_doc - 1][1])
+
+
+def ttt_global_sgd(session: TTTSession, base_params, adapters: list[TTTLoRALinear], end: int) -> None:
+    """Phased TTT's pause: SGD on the base weights over every scored target [1, end), adapters off; then
+    fresh adapters for the documents that follow."""
+    config = session.config
+    for adapter in adapters:
+        adapter.reset_b()  # B = 0: the adapters add nothing while the base trains
+        adapter.lora_a.requires_grad_(False)
+        adapter.lora_b.requires_grad_(False)
+    for p in base_params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.SGD(base_params, lr=config.phase_lr, momentum=config.phase_momentum)
+    chunks = ttt_split(1, end, config.phase_chunk_tokens)
+    for index, (start, chunk_end) in enumerate(chunks):
+        lr = ttt_cosine_lr(config.phase_lr, index, len(chunks))
+        session.train(start, chunk_end, base_params, optimizer, config.phase_epochs, lr)
+    for p in base_params:
+        p.requires_grad_(False)
+    for adapter in adapters:
+        adapter.reset_a()
+
+
+def run_ttt(model: nn.Module, tokens: torch.Tensor, config: TTTConfig, score_chunk: TTTScoreChunk,
+            train_seq_len: int, device, progress: Callable[[str], None] | None = None) -> TTTResult:
+    """Score every target of `tokens` (positions 1..N-1) score-first with TTT per `config`.
+
+    score_chunk(model, tokens, start, end) returns the float64 NLL [end - start] of the targets start..end-1
+    under the model's current weights (the eval's windows, modes and n-gram mixing live there). `progress`
+    receives a status line now and then."""
+    if len(tokens) < 2:
+        raise UsageError(f"TTT needs at least 2 tokens, got {len(tokens)}")
+    max_seq_len = model.config.max_seq_len
+    if not 1 <= train_seq_len <= max_seq_len:
+        raise UsageError(f"train_seq_len {train_seq_len}: must be in [1, max_seq_len {max_seq_len}]")
+    if config.freeze_blocks > len(model.blocks):
+        raise UsageError(f"freeze_blocks {config.freeze_blocks} > the model's {len(model.blocks)} blocks")
+    session = TTTSession(model, tokens, config, score_chunk, train_seq_len, device, progress)
+    if config.mode in ("sgd", "adamw"):
+        ttt_full_model(session)
+    else:
+        ttt_lora(session)
+    return session.finish()
