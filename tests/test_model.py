@@ -1,0 +1,336 @@
+"""pgolf.model: baseline size and init, config validation, causality, document separation, every option taking
+effect, QAT switching under torch.compile, and a tiny model learning real text."""
+
+import dataclasses
+import itertools
+
+import pytest
+import torch
+
+from pgolf.model import (
+    BOS_ID,
+    GPT,
+    CastedLinear,
+    ModelConfig,
+    casted_linear_names,
+    param_groups,
+    set_qat_enabled,
+    set_qat_plan,
+)
+from pgolf.quant import fake_quantize
+from tests.shared_data import SP1024, fineweb_docs, need
+
+TINY = ModelConfig(vocab_size=64, num_layers=3, model_dim=32, num_heads=4, num_kv_heads=2, max_seq_len=64)
+ALL_ON = dict(
+    activation="swiglu", xsa_last_n=-1, smear_gate=True, bigram_buckets=97, bigram_dim=8,
+    orthogonal_init=True, rope_dims=4, ln_scale=True, value_residual=True, gated_attention=True,
+    attn_out_gate_width=8, tie_embeddings=False,
+)
+# Options that make a position look at other positions (beyond causal attention) or change what flows where.
+CROSS_POSITION = dict(smear_gate=True, bigram_buckets=97, xsa_last_n=-1, value_residual=True,
+                      gated_attention=True, attn_out_gate_width=8)
+
+
+def tiny(**changes) -> ModelConfig:
+    return dataclasses.replace(TINY, **changes)
+
+
+def randomized(config: ModelConfig, seed: int = 0, dtype=torch.float64) -> GPT:
+    """A model with every parameter random, so zero-initialized paths carry signal too."""
+    torch.manual_seed(seed)
+    model = GPT(config).to(dtype)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, 0.3)
+    return model.eval()
+
+
+def random_tokens(batch: int, seq_len: int, vocab: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(2, vocab, (batch, seq_len), generator=generator)
+    return tokens
+
+
+# --- baseline -----------------------------------------------------------------------------------------------
+
+
+def test_default_config_is_the_challenge_baseline_with_its_exact_parameter_count():
+    # tok_emb 1024*512 + 9 blocks * (q 512*512 + k,v 2*512*256 + proj 512*512 + fc,proj 2*512*1024
+    # + q_gain 8 + attn/mlp scales 2*512 + resid_mix 2*512) + skip_weights 4*512
+    expected = 1024 * 512 + 9 * (512 * 512 * 2 + 2 * 512 * 256 + 2 * 512 * 1024 + 8 + 4 * 512) + 4 * 512
+    assert expected == 17_059_912
+    model = GPT(ModelConfig())
+    assert sum(p.numel() for p in model.parameters()) == expected
+    config = ModelConfig()
+    assert (config.num_layers, config.model_dim, config.num_heads, config.num_kv_heads) == (9, 512, 8, 4)
+    assert (config.mlp_mult, config.activation, config.tie_embeddings) == (2.0, "relu2", True)
+    assert (config.rope_base, config.qk_gain_init, config.logit_softcap) == (10000.0, 1.5, 30.0)
+
+
+def test_zero_init_projections_and_small_tied_embedding():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig())
+    for block in model.blocks:
+        assert torch.count_nonzero(block.attn.proj.weight) == 0
+        assert torch.count_nonzero(block.mlp.proj.weight) == 0
+        assert torch.count_nonzero(block.attn.c_q.weight) > 0
+        assert torch.equal(block.attn.q_gain, torch.full((8,), 1.5))
+        assert torch.equal(block.resid_mix[0], torch.ones(512))
+        assert torch.count_nonzero(block.resid_mix[1]) == 0
+    assert abs(model.tok_emb.weight.std().item() - 0.005) < 0.0002
+    untied = GPT(tiny(tie_embeddings=False))
+    assert torch.count_nonzero(untied.lm_head.weight) == 0
+
+
+def test_state_dict_names_are_stable_for_ttt_and_quantization():
+    names = set(GPT(tiny(**ALL_ON)).state_dict())
+    for expected in ("tok_emb.weight", "bigram.embed.weight", "bigram.proj.weight", "bigram.scale",
+                     "smear.gate", "blocks.0.attn.c_q.weight", "blocks.0.attn.c_k.weight",
+                     "blocks.0.attn.c_v.weight",
+                     "blocks.0.attn.proj.weight", "blocks.0.attn.q_gain", "blocks.0.attn.head_gate.weight",
+                     "blocks.0.attn.out_gate.weight", "blocks.1.attn.v_mix", "blocks.0.mlp.fc.weight",
+                     "blocks.0.mlp.gate.weight", "blocks.0.mlp.proj.weight", "blocks.0.resid_mix",
+                     "skip_weights", "lm_head.weight"):
+        assert expected in names
+    assert "blocks.0.attn.v_mix" not in names  # layer 0 is the source of the value residual
+    assert not any("rope" in name or "qat" in name for name in names)  # tables and switches are not weights
+    assert "blocks.2.mlp.fc" in casted_linear_names(GPT(TINY))
+
+
+def test_param_groups_partition_parameters_like_the_challenge():
+    model = GPT(tiny(**ALL_ON))
+    groups = param_groups(model)
+    assert set(groups) == {"matrix", "embed", "scalar", "head"}
+    grouped = [id(p) for group in groups.values() for p in group]
+    assert sorted(grouped) == sorted(id(p) for p in model.parameters())  # each exactly once
+    names = {id(p): n for n, p in model.named_parameters()}
+    matrix = {names[id(p)] for p in groups["matrix"]}
+    assert "blocks.0.attn.c_q.weight" in matrix and "blocks.0.mlp.gate.weight" in matrix
+    assert "bigram.proj.weight" in matrix and all(names[id(p)].endswith(".weight") for p in groups["matrix"])
+    assert {names[id(p)] for p in groups["embed"]} == {"tok_emb.weight", "bigram.embed.weight"}
+    assert [names[id(p)] for p in groups["head"]] == ["lm_head.weight"]
+    scalar = {names[id(p)] for p in groups["scalar"]}
+    assert {"skip_weights", "blocks.0.resid_mix", "blocks.0.attn.head_gate.weight",
+            "blocks.0.attn.out_gate.weight", "smear.gate", "bigram.scale"} <= scalar
+    assert "head" not in param_groups(GPT(TINY))
+
+
+# --- validation ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("changes, field", [
+    (dict(num_heads=5), "num_heads"),
+    (dict(num_kv_heads=3), "num_kv_heads"),
+    (dict(model_dim=24, num_heads=8), "num_heads"),  # head_dim 3 is odd: no RoPE pairs
+    (dict(rope_dims=3), "rope_dims"),
+    (dict(rope_dims=10), "rope_dims"),
+    (dict(activation="gelu"), "activation"),
+    (dict(xsa_last_n=4), "xsa_last_n"),
+    (dict(xsa_last_n=-2), "xsa_last_n"),
+    (dict(bigram_buckets=1), "bigram_buckets"),
+    (dict(attn_out_gate_width=33), "attn_out_gate_width"),
+    (dict(mlp_mult=0.0), "mlp_mult"),
+    (dict(logit_softcap=0.0), "logit_softcap"),
+    (dict(vocab_size=1), "vocab_size"),
+    (dict(max_seq_len=0), "max_seq_len"),
+    (dict(num_layers=0), "num_layers"),
+])
+def test_invalid_configs_name_the_field_and_range(changes, field):
+    with pytest.raises(ValueError, match=rf"^{field} = .*must be"):
+        tiny(**changes)
+
+
+def test_sequences_longer_than_max_seq_len_are_refused():
+    model = GPT(tiny(max_seq_len=16))
+    model.logits(torch.ones(1, 16, dtype=torch.long))
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model.logits(torch.ones(1, 17, dtype=torch.long))
+
+
+# --- causality and document separation ----------------------------------------------------------------------
+
+
+def assert_causal(config: ModelConfig, seed: int) -> None:
+    model = randomized(config, seed)
+    tokens = random_tokens(2, 24, config.vocab_size, seed)
+    tokens[:, 9] = BOS_ID  # a document boundary inside the window
+    cut = 12
+    changed = tokens.clone()
+    changed[:, cut + 1 :] = random_tokens(2, 24 - cut - 1, config.vocab_size, seed + 1)
+    with torch.no_grad():
+        before, after = model.logits(tokens), model.logits(changed)
+    assert torch.equal(before[:, : cut + 1], after[:, : cut + 1]), config
+    assert not torch.allclose(before[:, cut + 1 :], after[:, cut + 1 :])  # the later tokens do matter
+
+
+@pytest.mark.parametrize("flags", list(itertools.product([False, True], repeat=len(CROSS_POSITION))))
+def test_every_combination_of_cross_position_features_is_causal(flags):
+    changes = {name: value for (name, value), on in zip(CROSS_POSITION.items(), flags, strict=True) if on}
+    assert_causal(tiny(**changes), seed=sum(flags))
+
+
+@pytest.mark.parametrize("changes", [
+    dict(activation="leaky_relu2"), dict(activation="swiglu"), dict(rope_dims=4), dict(ln_scale=True),
+    dict(unet_skips=False), dict(tie_embeddings=False), dict(orthogonal_init=True), dict(xsa_last_n=1),
+    dict(num_layers=4, **ALL_ON), dict(num_kv_heads=4), dict(num_kv_heads=1),
+], ids=str)
+def test_each_option_and_all_together_are_causal(changes):
+    assert_causal(tiny(**changes), seed=7)
+
+
+def test_documents_after_bos_do_not_see_the_previous_document_through_smear_or_bigram():
+    for config in (tiny(smear_gate=True), tiny(bigram_buckets=97), tiny(smear_gate=True, bigram_buckets=97)):
+        model = randomized(config, seed=3)
+        tokens = random_tokens(1, 20, config.vocab_size, seed=3)
+        tokens[0, 0] = tokens[0, 10] = BOS_ID  # document 1 = [0, 10), document 2 = [10, 20)
+        changed = tokens.clone()
+        changed[0, 9] = (tokens[0, 9] + 1) % config.vocab_size or 2  # last token of document 1
+        with torch.no_grad():
+            before, after = model.embed(tokens), model.embed(changed)
+        assert torch.equal(before[:, 10:], after[:, 10:]), config
+        assert not torch.allclose(before[:, 9], after[:, 9])
+        # The same change does reach the next position when no BOS separates them: the path exists.
+        joined, joined_changed = tokens.clone(), changed.clone()
+        joined[0, 10] = joined_changed[0, 10] = 5
+        with torch.no_grad():
+            assert not torch.allclose(model.embed(joined)[:, 10], model.embed(joined_changed)[:, 10])
+
+
+# --- every option changes the forward -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("changes", [
+    dict(activation="leaky_relu2"), dict(activation="swiglu"),
+    dict(leaky_slope=0.75, activation="leaky_relu2"), dict(xsa_last_n=1), dict(xsa_last_n=-1),
+    dict(smear_gate=True), dict(bigram_buckets=97),
+    dict(rope_dims=4), dict(ln_scale=True), dict(value_residual=True), dict(gated_attention=True),
+    dict(attn_out_gate_width=8), dict(unet_skips=False), dict(tie_embeddings=False), dict(logit_softcap=5.0),
+    dict(rope_base=500.0),
+], ids=str)
+def test_each_option_changes_the_forward(changes):
+    base = randomized(TINY, seed=1)
+    variant = randomized(tiny(**changes), seed=2)
+    shared = {k: v for k, v in base.state_dict().items() if k in variant.state_dict()}
+    variant.load_state_dict(shared, strict=False)  # same shared weights; new ones stay random
+    tokens = random_tokens(2, 16, TINY.vocab_size, seed=5)
+    with torch.no_grad():
+        assert not torch.allclose(base.logits(tokens), variant.logits(tokens), atol=1e-6)
+
+
+def test_init_options_change_the_initial_weights():
+    torch.manual_seed(0)
+    orthogonal = GPT(tiny(model_dim=64, orthogonal_init=True))
+    weight = orthogonal.blocks[0].attn.c_q.weight
+    assert torch.allclose(weight @ weight.T, torch.eye(64), atol=1e-5)
+    torch.manual_seed(0)
+    default = GPT(tiny(model_dim=64))
+    assert not torch.allclose(default.blocks[0].attn.c_q.weight @ default.blocks[0].attn.c_q.weight.T,
+                              torch.eye(64), atol=1e-2)
+    gain = GPT(tiny(qk_gain_init=4.0)).blocks[0].attn.q_gain
+    assert torch.equal(gain, torch.full((4,), 4.0))
+    assert GPT(tiny(tied_embed_init_std=0.05)).tok_emb.weight.std() > 0.03
+    shapes = GPT(tiny(mlp_mult=3.0)).blocks[0].mlp.fc.weight.shape
+    assert tuple(shapes) == (96, 32)
+
+
+def test_gates_start_open_so_new_options_begin_near_the_baseline():
+    torch.manual_seed(0)
+    model = GPT(tiny(gated_attention=True, attn_out_gate_width=8, smear_gate=True, bigram_buckets=97))
+    attn = model.blocks[0].attn
+    assert torch.count_nonzero(attn.head_gate.weight) == 0 and torch.all(attn.head_gate.bias == 4.0)
+    assert torch.count_nonzero(attn.out_gate.weight) == 0  # 2 * sigmoid(0) = 1: transparent
+    assert torch.count_nonzero(model.bigram.embed.weight) == 0  # the bigram branch starts silent
+    assert torch.count_nonzero(model.smear.gate) == 0
+
+
+# --- compile and QAT ----------------------------------------------------------------------------------------
+
+
+def test_forward_has_no_graph_breaks_with_every_feature_on():
+    model = GPT(tiny(num_layers=2, **ALL_ON))
+    tokens = random_tokens(2, 16, TINY.vocab_size, seed=0)
+    explanation = torch._dynamo.explain(model)(tokens, tokens)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+def test_qat_plan_rejects_unknown_layers_and_bit_widths():
+    model = GPT(TINY)
+    with pytest.raises(ValueError, match="not a CastedLinear"):
+        set_qat_plan(model, {"blocks.0.attn.nope": 6})
+    with pytest.raises(ValueError, match="not a CastedLinear"):
+        set_qat_plan(model, {"tok_emb.weight": 8})
+    with pytest.raises(ValueError, match="bits"):
+        set_qat_plan(model, {"blocks.0.mlp.fc": 4})
+    set_qat_plan(model, {"blocks.0.mlp.fc.weight": 5, "blocks.1.attn.c_q": 6})
+    assert model.blocks[0].mlp.fc.qat_bits == 5 and model.blocks[1].attn.c_q.qat_bits == 6
+    set_qat_plan(model, {})
+    assert all(m.qat_bits == 0 for m in model.modules() if isinstance(m, CastedLinear))
+
+
+def test_late_qat_switch_takes_effect_inside_a_compiled_model():
+    torch._dynamo.reset()
+    config = tiny(num_layers=2, **ALL_ON)
+    model = randomized(config, seed=4, dtype=torch.float32)
+    plan = {name: (5 if ".mlp." in name else 6) for name in casted_linear_names(model)}
+    set_qat_plan(model, plan)
+    tokens = random_tokens(2, 16, config.vocab_size, seed=4)
+    targets = random_tokens(2, 16, config.vocab_size, seed=5)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+
+    # The fake-quantized reference: an eager copy whose weights are replaced by their quantized values.
+    quantized = randomized(config, seed=4, dtype=torch.float32)
+    with torch.no_grad():
+        for name in plan:
+            layer = quantized.get_submodule(name)
+            layer.weight.copy_(fake_quantize(layer.weight, plan[name]))
+
+    with torch.no_grad():
+        plain = model(tokens, targets)
+        assert torch.equal(compiled(tokens, targets), plain)
+        set_qat_enabled(model, True)
+        switched = compiled(tokens, targets)
+        assert not torch.allclose(switched, plain)
+        assert torch.equal(switched, model(tokens, targets))  # eager, switch on
+        assert torch.allclose(switched, quantized(tokens, targets), rtol=0, atol=1e-6)
+        set_qat_enabled(model, False)
+        assert torch.equal(compiled(tokens, targets), plain)
+
+
+def test_qat_gradient_is_straight_through():
+    model = randomized(TINY, seed=6, dtype=torch.float32)
+    set_qat_plan(model, {"blocks.0.mlp.fc": 6})
+    set_qat_enabled(model, True)
+    tokens = random_tokens(2, 16, TINY.vocab_size, seed=6)
+    model(tokens, tokens).backward()
+    grad = model.blocks[0].mlp.fc.weight.grad
+    assert grad is not None and torch.count_nonzero(grad) > 0
+
+
+# --- learning real text -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("changes", [{}, ALL_ON], ids=["baseline", "all-features"])
+def test_tiny_model_overfits_a_real_batch(changes):
+    sentencepiece = pytest.importorskip("sentencepiece")
+    processor = sentencepiece.SentencePieceProcessor(model_file=str(need(SP1024)))
+    ids = [BOS_ID]
+    for text in fineweb_docs()[:3]:
+        ids += processor.encode(text)
+        if len(ids) > 65:
+            break
+    batch = torch.tensor(ids[:65]).view(1, -1)
+    config = ModelConfig(vocab_size=1024, num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2,
+                         max_seq_len=64, **{**changes, "bigram_dim": 16} if changes else {})
+    torch.manual_seed(0)
+    model = GPT(config)
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-2)
+    losses = []
+    for _ in range(30):
+        loss = model(batch[:, :-1], batch[:, 1:])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[0] > 6.0  # about ln(1024) at init
+    assert losses[-1] < 1.0, losses[::10]
