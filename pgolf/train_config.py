@@ -1,0 +1,189 @@
+"""TrainConfig, and resolving a (ModelConfig, TrainConfig) pair from a preset, a config file, env and flags.
+
+Presets (pgolf/presets/train/<name>.toml) and `--config` files hold a [model] table (ModelConfig fields) and
+a [train] table (TrainConfig fields). The challenge's upper-case env names (NUM_LAYERS, ITERATIONS, ...) are
+accepted through MODEL_ALIASES and TRAIN_ALIASES, so its shell scripts keep working.
+
+Schedules come in two kinds. The challenge's: momentum warm-up over `muon_momentum_warmup_steps` steps, and a
+warm-down of `warmdown_iters` steps which, under a wallclock cap, starts when the remaining time falls below
+warmdown_iters x the measured ms/step. Or fractions of the budget (`*_frac` > 0): progress is the larger of
+step / iterations and train time / wallclock, so a preset tuned for one budget keeps its shape on another.
+"""
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from pgolf.config import PRESETS, load_preset, preset_names, read_toml, resolve
+from pgolf.errors import UsageError
+from pgolf.model import ModelConfig
+
+TRAIN_PRESET_KIND = "train"
+TRAIN_CONFIG_TABLES = ("model", "train")
+COMPILE_MODES = ("inductor", "aot_eager", "off")
+
+# The challenge train_gpt.py's env names -> config fields.
+MODEL_ALIASES = {
+    "VOCAB_SIZE": "vocab_size",
+    "NUM_LAYERS": "num_layers",
+    "MODEL_DIM": "model_dim",
+    "NUM_HEADS": "num_heads",
+    "NUM_KV_HEADS": "num_kv_heads",
+    "MLP_MULT": "mlp_mult",
+    "TIE_EMBEDDINGS": "tie_embeddings",
+    "TIED_EMBED_INIT_STD": "tied_embed_init_std",
+    "ROPE_BASE": "rope_base",
+    "QK_GAIN_INIT": "qk_gain_init",
+    "LOGIT_SOFTCAP": "logit_softcap",
+    "XSA_LAST_N": "xsa_last_n",
+    "BIGRAM_VOCAB_SIZE": "bigram_buckets",
+    "BIGRAM_DIM": "bigram_dim",
+}
+TRAIN_ALIASES = {
+    "ITERATIONS": "iterations",
+    "MAX_WALLCLOCK_SECONDS": "wallclock_seconds",
+    "TRAIN_BATCH_TOKENS": "batch_tokens",
+    "TRAIN_SEQ_LEN": "seq_len",
+    "WARMUP_STEPS": "warmup_steps",
+    "WARMDOWN_ITERS": "warmdown_iters",
+    "MATRIX_LR": "matrix_lr",
+    "SCALAR_LR": "scalar_lr",
+    "TIED_EMBED_LR": "tied_embed_lr",
+    "EMBED_LR": "embed_lr",
+    "HEAD_LR": "head_lr",
+    "MUON_MOMENTUM": "muon_momentum",
+    "MUON_MOMENTUM_WARMUP_START": "muon_momentum_warmup_start",
+    "MUON_MOMENTUM_WARMUP_STEPS": "muon_momentum_warmup_steps",
+    "MUON_BACKEND_STEPS": "muon_backend_steps",
+    "WEIGHT_DECAY": "muon_weight_decay",
+    "BETA1": "adam_beta1",
+    "BETA2": "adam_beta2",
+    "ADAM_EPS": "adam_eps",
+    "GRAD_CLIP_NORM": "grad_clip_norm",
+    "EMA_DECAY": "ema_decay",
+    "SEED": "seed",
+    "VAL_LOSS_EVERY": "val_every",
+    "TRAIN_LOG_EVERY": "log_every",
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    iterations: int = 20000  # optimizer steps at most
+    wallclock_seconds: float = 600.0  # training-time cap (warm-up, val, checkpoints not counted); 0 = none
+    batch_tokens: int = 524288  # tokens per optimizer step, all ranks together (same at any world size)
+    seq_len: int = 1024  # tokens per training sequence
+    micro_batch_tokens: int = 0  # tokens per rank per forward/backward; 0 = batch_tokens / 8
+    warmup_steps: int = 20  # compile warm-up steps, then model, optimizer and data are restored (not timed)
+    warmdown_iters: int = 1200  # challenge warm-down length in steps (wallclock-aware under a cap); 0 = none
+    warmdown_frac: float = 0.0  # if > 0: lr falls linearly to 0 over this last fraction of the budget instead
+    matrix_lr: float = 0.04  # Muon learning rate of block matrices
+    scalar_lr: float = 0.04  # Adam learning rate of vectors, gains and small gate matrices
+    tied_embed_lr: float = 0.05  # Adam learning rate of the token embedding when tied to the head
+    embed_lr: float = 0.6  # Adam learning rate of the token embedding when untied
+    head_lr: float = 0.008  # Adam learning rate of the untied output head
+    muon_momentum: float = 0.95  # Muon momentum after warm-up
+    muon_momentum_warmup_start: float = 0.85  # Muon momentum at step 0
+    muon_momentum_warmup_steps: int = 500  # steps of linear momentum warm-up (challenge mode)
+    muon_momentum_warmup_frac: float = 0.0  # if > 0: momentum warm-up over this fraction of the budget
+    muon_backend_steps: int = 5  # Newton-Schulz iterations
+    muon_weight_decay: float = 0.0  # decoupled weight decay of Muon matrices (p *= 1 - lr * wd)
+    adam_beta1: float = 0.9  # Adam beta1
+    adam_beta2: float = 0.95  # Adam beta2
+    adam_eps: float = 1e-8  # Adam epsilon
+    grad_clip_norm: float = 0.0  # clip the global gradient norm to this; 0 = off
+    ema_decay: float = 0.0  # EMA of the weights (exported as model.safetensors); 0 = off
+    ema_start_frac: float = 0.0  # the EMA starts from the current weights at this fraction of the budget
+    qat_bits: int = 0  # STE fake-quant bits of block matrices (5-8); 0 = no QAT
+    qat_mlp_bits: int = 0  # bits of MLP matrices (e.g. 5 with qat_bits 6); 0 = qat_bits
+    qat_start_frac: float = 0.0  # QAT switches on at this fraction of the budget
+    seed: int = 1337  # seed of the model init (the data order is fixed)
+    val_every: int = 1000  # validate every N steps (and at the end); 0 = only at the end
+    log_every: int = 200  # log the train loss every N steps (and the first 10); 0 = first 10 and the last
+    checkpoint_every: int = 500  # write the resumable checkpoint every N steps; 0 = only on SIGTERM/SIGINT
+    compile: str = "inductor"  # torch.compile backend: inductor | aot_eager | off
+
+    def __post_init__(self):
+        def need(ok: bool, field: str, allowed: str):
+            if not ok:
+                raise ValueError(f"{field} = {getattr(self, field)!r}: must be {allowed}")
+
+        need(self.iterations >= 1, "iterations", ">= 1")
+        need(self.wallclock_seconds >= 0, "wallclock_seconds", ">= 0 (0 = no cap)")
+        need(self.seq_len >= 1, "seq_len", ">= 1")
+        need(self.batch_tokens >= self.seq_len and self.batch_tokens % self.seq_len == 0, "batch_tokens",
+             f"a positive multiple of seq_len ({self.seq_len})")
+        need(self.micro_batch_tokens == 0 or (self.micro_batch_tokens % self.seq_len == 0
+             and 0 < self.micro_batch_tokens <= self.batch_tokens), "micro_batch_tokens",
+             f"0 (batch_tokens / 8) or a multiple of seq_len ({self.seq_len}) up to batch_tokens")
+        need(self.micro_batch_tokens != 0 or self.batch_tokens % (8 * self.seq_len) == 0, "batch_tokens",
+             f"a multiple of 8 * seq_len ({8 * self.seq_len}) when micro_batch_tokens is 0")
+        need(self.warmup_steps >= 0, "warmup_steps", ">= 0")
+        need(self.warmdown_iters >= 0, "warmdown_iters", ">= 0")
+        for name in ("warmdown_frac", "muon_momentum_warmup_frac", "ema_start_frac", "qat_start_frac"):
+            need(0.0 <= getattr(self, name) <= 1.0, name, "in [0, 1]")
+        for name in ("matrix_lr", "scalar_lr", "tied_embed_lr", "embed_lr", "head_lr"):
+            need(getattr(self, name) >= 0, name, ">= 0")
+        for name in ("muon_momentum", "muon_momentum_warmup_start", "adam_beta1", "adam_beta2"):
+            need(0.0 <= getattr(self, name) < 1.0, name, "in [0, 1)")
+        need(self.muon_momentum_warmup_steps >= 0, "muon_momentum_warmup_steps", ">= 0")
+        need(self.muon_backend_steps >= 1, "muon_backend_steps", ">= 1")
+        need(self.muon_weight_decay >= 0, "muon_weight_decay", ">= 0")
+        need(self.adam_eps > 0, "adam_eps", "> 0")
+        need(self.grad_clip_norm >= 0, "grad_clip_norm", ">= 0 (0 = off)")
+        need(0.0 <= self.ema_decay < 1.0, "ema_decay", "in [0, 1) (0 = off)")
+        need(self.qat_bits == 0 or 5 <= self.qat_bits <= 8, "qat_bits", "0 (off) or 5-8")
+        need(self.qat_mlp_bits == 0 or 5 <= self.qat_mlp_bits <= 8, "qat_mlp_bits", "0 (= qat_bits) or 5-8")
+        need(self.qat_mlp_bits == 0 or self.qat_bits > 0, "qat_mlp_bits", "0 unless qat_bits is set")
+        need(self.seed >= 0, "seed", ">= 0")
+        for name in ("val_every", "log_every", "checkpoint_every"):
+            need(getattr(self, name) >= 0, name, ">= 0")
+        need(self.compile in COMPILE_MODES, "compile", f"one of {', '.join(COMPILE_MODES)}")
+
+    def micro_tokens(self) -> int:
+        return self.micro_batch_tokens or self.batch_tokens // 8
+
+    def accumulation_steps(self, world_size: int) -> int:
+        """Micro-batches per rank per step; the global batch stays batch_tokens at any world size."""
+        per_step = world_size * self.micro_tokens()
+        if self.batch_tokens % per_step:
+            raise UsageError(f"batch_tokens {self.batch_tokens} is not a multiple of world size {world_size}"
+                             f" x micro_batch_tokens {self.micro_tokens()}; set --micro-batch-tokens")
+        return self.batch_tokens // per_step
+
+
+def _check_preset_tables(layer: dict, source: str) -> None:
+    unknown = sorted(set(layer) - set(TRAIN_CONFIG_TABLES))
+    if unknown:
+        raise UsageError(f"{source}: unknown table(s) {', '.join(unknown)} (valid: [model], [train])")
+
+
+def resolve_configs(preset: str | None, config_file: Path | None = None, env=None,
+                    model_overrides: dict | None = None, train_overrides: dict | None = None):
+    """(ModelConfig, TrainConfig, sources): flags > PGOLF_* / challenge env > --config > preset > defaults.
+
+    The model's max_seq_len is raised to the training seq_len when shorter (it only sizes the RoPE tables).
+    """
+    if preset:
+        _check_preset_tables(load_preset(TRAIN_PRESET_KIND, preset), f"preset {preset}")
+    if config_file:
+        _check_preset_tables(read_toml(config_file), str(config_file))
+    common = dict(kind=TRAIN_PRESET_KIND, preset=preset, config_file=config_file, env=env)
+    model_config, model_sources = resolve(ModelConfig, table="model", aliases=MODEL_ALIASES,
+                                          overrides=model_overrides, **common)
+    train_config, train_sources = resolve(TrainConfig, table="train", aliases=TRAIN_ALIASES,
+                                          overrides=train_overrides, **common)
+    if model_config.max_seq_len < train_config.seq_len:
+        model_config = dataclasses.replace(model_config, max_seq_len=train_config.seq_len)
+    sources = {f"model.{k}": v for k, v in model_sources.items()}
+    sources |= {f"train.{k}": v for k, v in train_sources.items()}
+    return model_config, train_config, sources
+
+
+def preset_summaries() -> dict[str, str]:
+    """Each train preset's name -> the first comment line of its TOML (what it is for)."""
+    summaries = {}
+    for name in preset_names(TRAIN_PRESET_KIND):
+        first = (PRESETS / TRAIN_PRESET_KIND / f"{name}.toml").read_text().splitlines()[:1]
+        summaries[name] = first[0].lstrip("# ").strip() if first and first[0].startswith("#") else ""
+    return summaries

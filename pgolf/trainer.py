@@ -1,0 +1,568 @@
+"""The training loop of `pgolf train`: the challenge's train_gpt.py loop, plus budget-aware schedules, EMA,
+QAT, DDP with gradient accumulation, periodic/signal checkpoints and exact resume.
+
+Timing follows the challenge: compile warm-up steps run first and are undone (model, optimizer and data are
+restored), and the wallclock cap counts only training steps (validation and checkpoint writes pause the
+clock). Under torchrun, ranks agree on the clock once per step (the max of their elapsed times), so every rank
+takes the same schedule values and stops at the same step.
+"""
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_bytes
+from torch.nn.parallel import DistributedDataParallel
+
+from pgolf.artifacts import atomic_write_bytes
+from pgolf.errors import PgolfError, UsageError
+from pgolf.loader import TrainLoader
+from pgolf.model import GPT, CastedLinear, ModelConfig, set_qat_enabled, set_qat_plan
+from pgolf.optim import Muon, build_optimizers, zeropower_via_newtonschulz5
+from pgolf.train_config import TrainConfig
+
+RESUME_FILE = "resume.safetensors"
+RESUME_FORMAT = "pgolf-train-resume"
+
+
+class TrainingInterrupted(PgolfError):
+    """SIGTERM/SIGINT stopped training after a resumable checkpoint was written (exit 128 + signal)."""
+
+    def __init__(self, signum: int, step: int):
+        super().__init__(f"interrupted by {signal.Signals(signum).name} at step {step}; "
+                         f"resumable checkpoint saved (continue with --resume)")
+        self.exit_code = 128 + signum
+        self.step = step
+
+
+@dataclass(frozen=True)
+class Distributed:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Distributed:
+    """One process, or torchrun's RANK/WORLD_SIZE/LOCAL_RANK: NCCL on CUDA, gloo on CPU."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            dist.init_process_group(backend="nccl", device_id=device)
+        else:
+            dist.init_process_group(backend="gloo")
+    return Distributed(rank, world_size, local_rank, device)
+
+
+class Schedule:
+    """Learning-rate scale, Muon momentum, EMA and QAT switches as functions of (step, train ms).
+
+    Fraction-of-budget settings use progress = max(step / iterations, train_ms / wallclock_ms); the
+    challenge's settings (warmdown_iters, muon_momentum_warmup_steps) are used when the fractions are 0.
+    """
+
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        self.wallclock_ms = 1000.0 * config.wallclock_seconds
+
+    def progress(self, step: int, elapsed_ms: float) -> float:
+        progress = step / self.config.iterations
+        if self.wallclock_ms > 0:
+            progress = max(progress, elapsed_ms / self.wallclock_ms)
+        return min(progress, 1.0)
+
+    def lr_scale(self, step: int, elapsed_ms: float) -> float:
+        config = self.config
+        if config.warmdown_frac > 0:
+            return min(1.0, max(0.0, (1.0 - self.progress(step, elapsed_ms)) / config.warmdown_frac))
+        if config.warmdown_iters <= 0:
+            return 1.0
+        if self.wallclock_ms <= 0:
+            remaining_steps = config.iterations - step
+            return min(1.0, max(0.0, remaining_steps / config.warmdown_iters))
+        # The challenge's wallclock-aware warm-down: the last warmdown_iters steps at the measured ms/step.
+        warmdown_ms = config.warmdown_iters * elapsed_ms / max(step, 1)
+        remaining_ms = max(self.wallclock_ms - elapsed_ms, 0.0)
+        return remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
+
+    def muon_momentum(self, step: int, elapsed_ms: float) -> float:
+        config = self.config
+        if config.muon_momentum_warmup_frac > 0:
+            done = min(self.progress(step, elapsed_ms) / config.muon_momentum_warmup_frac, 1.0)
+        elif config.muon_momentum_warmup_steps > 0:
+            done = min(step / config.muon_momentum_warmup_steps, 1.0)
+        else:
+            done = 1.0
+        return (1.0 - done) * config.muon_momentum_warmup_start + done * config.muon_momentum
+
+    def ema_on(self, step: int, elapsed_ms: float) -> bool:
+        return self.config.ema_decay > 0 and self.progress(step, elapsed_ms) >= self.config.ema_start_frac
+
+    def qat_on(self, step: int, elapsed_ms: float) -> bool:
+        return self.config.qat_bits > 0 and self.progress(step, elapsed_ms) >= self.config.qat_start_frac
+
+
+class WeightEMA:
+    """fp32 exponential moving average of a model's floating-point state; starts as a copy of the weights."""
+
+    def __init__(self, decay: float):
+        self.decay = decay
+        self.tensors: dict[str, torch.Tensor] | None = None
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        state = {name: t for name, t in model.state_dict().items() if t.is_floating_point()}
+        if self.tensors is None:
+            self.tensors = {name: t.detach().float().clone() for name, t in state.items()}
+        else:
+            current = [t.float() for t in state.values()]
+            torch._foreach_lerp_(list(self.tensors.values()), current, 1.0 - self.decay)
+        self.updates += 1
+
+
+def qat_plan(model: GPT, config: TrainConfig) -> dict[str, int]:
+    """Fake-quant bits per block (Muon) matrix: qat_mlp_bits for MLP layers if set, else qat_bits."""
+    plan = {}
+    for name, module in model.named_modules():
+        if isinstance(module, CastedLinear) and not module.control and name != "lm_head":
+            is_mlp = ".mlp." in name
+            plan[name] = config.qat_mlp_bits if is_mlp and config.qat_mlp_bits else config.qat_bits
+    return plan
+
+
+def place_model(model: GPT, device: torch.device) -> GPT:
+    """On CUDA, as the challenge: bf16 embeddings and activations, fp32 CastedLinear weights (cast at matmul
+    time) and fp32 vectors/scalars, which the optimizers need in full precision. On CPU all stays fp32."""
+    model = model.to(device)
+    if device.type != "cuda":
+        return model
+    model.bfloat16()
+    for module in model.modules():
+        if isinstance(module, CastedLinear):
+            module.float()
+    for param in model.parameters():
+        if param.ndim < 2:
+            param.data = param.data.float()
+    return model
+
+
+def compile_model(model: torch.nn.Module, mode: str) -> torch.nn.Module:
+    if mode == "off":
+        return model
+    return torch.compile(model, backend=mode, dynamic=False, fullgraph=True)
+
+
+@torch.no_grad()
+def evaluate(model, val_tokens: torch.Tensor, seq_len: int, batch_seqs: int, byte_tables,
+             dist_info: Distributed, autocast) -> dict:
+    """Exact val loss and bpb over the val split's non-overlapping seq_len windows (the challenge's protocol:
+    the tail shorter than one window is not scored). bpb = sum NLL / (ln 2 * sum bytes), bytes from the
+    pgolf.bpb tables.
+
+    `val_tokens` is the whole split (CPU int tensor); each rank scores its share and the sums are all-reduced.
+    """
+    device = dist_info.device
+    base_bytes, has_space, is_boundary = byte_tables
+    total_seqs = (len(val_tokens) - 1) // seq_len
+    first = total_seqs * dist_info.rank // dist_info.world_size
+    last = total_seqs * (dist_info.rank + 1) // dist_info.world_size
+    sums = torch.zeros(3, device=device, dtype=torch.float64)  # nll, tokens, bytes
+    for start in range(first, last, batch_seqs):
+        end = min(start + batch_seqs, last)
+        window = val_tokens[start * seq_len : end * seq_len + 1].to(device, non_blocking=True).long()
+        x, y = window[:-1].view(-1, seq_len), window[1:].view(-1, seq_len)
+        with autocast():
+            loss = model(x, y)
+        sums[0] += loss.double() * y.numel()
+        sums[1] += y.numel()
+        sums[2] += (base_bytes[y] + (has_space[y] & ~is_boundary[x])).sum().double()
+    if dist_info.world_size > 1:
+        dist.all_reduce(sums)
+    nll, tokens, byte_count = sums.tolist()
+    return {"val_loss": nll / tokens, "val_bpb": nll / (math.log(2) * byte_count),
+            "val_tokens": int(tokens), "val_bytes": int(byte_count)}
+
+
+class TrainLog:
+    """train.log (human lines) and train_log.jsonl (one JSON record per line), appended by rank 0 only.
+
+    On resume the JSONL keeps only records up to the resumed step, so steps after the last checkpoint of the
+    crashed run are not listed twice.
+    """
+
+    def __init__(self, directory: Path, enabled: bool, on_line=None, on_record=None):
+        self.human = Path(directory) / "train.log"
+        self.jsonl = Path(directory) / "train_log.jsonl"
+        self.enabled, self.on_line, self.on_record = enabled, on_line, on_record
+
+    def truncate_after(self, step: int) -> None:
+        if not self.enabled or not self.jsonl.is_file():
+            return
+        kept = [line for line in self.jsonl.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        atomic_write_bytes(self.jsonl, "".join(line + "\n" for line in kept).encode())
+
+    def line(self, text: str) -> None:
+        if not self.enabled:
+            return
+        with open(self.human, "a") as f:
+            f.write(text + "\n")
+        if self.on_line:
+            self.on_line(text)
+
+    def record(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+        if self.on_record:
+            self.on_record(record)
+
+
+class StopSignal:
+    """Records SIGTERM/SIGINT so the loop stops at the next step boundary; a second signal interrupts now."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.previous = {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self):
+        for signum in self.SIGNALS:
+            self.previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        return False
+
+
+class Trainer:
+    """A model, its optimizers and train stream on one rank, with the state that a resume restores."""
+
+    def __init__(self, model_config: ModelConfig, config: TrainConfig, train_paths: list,
+                 dist_info: Distributed):
+        self.model_config, self.config, self.dist = model_config, config, dist_info
+        self.device = dist_info.device
+        self.accumulation = config.accumulation_steps(dist_info.world_size)
+        self.train_paths = list(train_paths)
+        torch.manual_seed(config.seed)
+        model = GPT(model_config)
+        if config.qat_bits:
+            set_qat_plan(model, qat_plan(model, config))
+        self.model = place_model(model, self.device)
+        self.compiled = compile_model(self.model, config.compile)
+        self.ddp = None
+        if dist_info.world_size > 1:
+            device_ids = [dist_info.local_rank] if self.device.type == "cuda" else None
+            self.ddp = DistributedDataParallel(self.compiled, device_ids=device_ids, broadcast_buffers=False)
+        orthogonalize = zeropower_via_newtonschulz5
+        if self.device.type == "cuda" and config.compile != "off":
+            orthogonalize = torch.compile(zeropower_via_newtonschulz5, backend=config.compile)
+        self.optimizers = build_optimizers(self.model, config, fused=self.device.type == "cuda",
+                                           orthogonalize=orthogonalize)
+        self.muon = [opt for opt in self.optimizers if isinstance(opt, Muon)]
+        self.schedule = Schedule(config)
+        self.ema = WeightEMA(config.ema_decay) if config.ema_decay > 0 else None
+        self.step, self.train_ms, self.qat_active = 0, 0.0, False
+        self.loader = self._loader((0, 0))
+
+    @property
+    def param_count(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def _loader(self, position: tuple[int, int]) -> TrainLoader:
+        return TrainLoader(self.train_paths, self.model_config.vocab_size, self.config.seq_len,
+                           self.config.micro_tokens(), self.dist.rank, self.dist.world_size, self.device,
+                           position)
+
+    def autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def train_step(self, lr_scale: float, momentum: float) -> torch.Tensor:
+        """One optimizer step over batch_tokens (accumulated micro-batches); returns this rank's mean loss."""
+        model = self.ddp or self.compiled
+        total = torch.zeros((), device=self.device)
+        for micro in range(self.accumulation):
+            x, y = self.loader.next_batch()
+            last_micro = micro == self.accumulation - 1
+            with nullcontext() if self.ddp is None or last_micro else self.ddp.no_sync():
+                with self.autocast():
+                    loss = model(x, y)
+                (loss / self.accumulation).backward()
+            total += loss.detach()
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * lr_scale
+        for opt in self.muon:
+            for group in opt.param_groups:
+                group["momentum"] = momentum
+        if self.config.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip_norm)
+        for opt in self.optimizers:
+            opt.step()
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        return total / self.accumulation
+
+    def warmup(self) -> None:
+        """Compile and warm up on real steps, then restore the model, optimizers and data position."""
+        if self.config.warmup_steps <= 0:
+            return
+        model_state = {name: t.detach().clone() for name, t in self.model.state_dict().items()}
+        optimizer_states = [copy.deepcopy(opt.state_dict()) for opt in self.optimizers]
+        position = self.loader.position
+        for _ in range(self.config.warmup_steps):
+            self.train_step(1.0, self.schedule.muon_momentum(0, 0.0))
+        self.model.load_state_dict(model_state)
+        for opt, state in zip(self.optimizers, optimizer_states, strict=True):
+            opt.load_state_dict(state)
+        self.loader = self._loader(position)
+        self.synchronize()
+
+    def set_qat(self, on: bool) -> None:
+        if on != self.qat_active:
+            set_qat_enabled(self.model, on)
+            self.qat_active = on
+
+    def _agree(self, elapsed_ms: float, signaled: bool) -> tuple[float, bool]:
+        """Every rank takes the largest elapsed time and any rank's stop signal (one small all-reduce)."""
+        if self.dist.world_size == 1:
+            return elapsed_ms, signaled
+        flags = torch.tensor([elapsed_ms, float(signaled)], device=self.device, dtype=torch.float64)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return flags[0].item(), flags[1].item() > 0
+
+    def _mean_over_ranks(self, value: torch.Tensor) -> float:
+        if self.dist.world_size > 1:
+            value = value.clone()
+            dist.all_reduce(value)
+            value /= self.dist.world_size
+        return value.item()
+
+    def evaluate(self, val_tokens, byte_tables) -> dict:
+        batch_seqs = max(self.config.micro_tokens() // self.config.seq_len, 1)
+        return evaluate(self.compiled, val_tokens, self.config.seq_len, batch_seqs, byte_tables, self.dist,
+                        self.autocast)
+
+    # ---- resume state -------------------------------------------------------------------------------------
+    def configs_json(self) -> dict:
+        return {"model": dataclasses.asdict(self.model_config), "train": dataclasses.asdict(self.config)}
+
+    def save_resume(self, path: Path) -> None:
+        """Model, EMA, optimizer states, RNG and loop position in one safetensors file, written atomically."""
+        tensors = {f"model.{name}": t for name, t in self.model.state_dict().items()}
+        if self.ema is not None and self.ema.tensors is not None:
+            tensors |= {f"ema.{name}": t for name, t in self.ema.tensors.items()}
+        groups = []
+        for index, opt in enumerate(self.optimizers):
+            state = opt.state_dict()
+            for param_id, param_state in state["state"].items():
+                for key, value in param_state.items():
+                    tensors[f"optim.{index}.{param_id}.{key}"] = value
+            groups.append(state["param_groups"])
+        tensors["rng.cpu"] = torch.get_rng_state()
+        loop = {"step": self.step, "train_ms": self.train_ms, "loader_position": list(self.loader.position),
+                "ema_updates": self.ema.updates if self.ema else 0, "optimizer_groups": groups,
+                "world_size": self.dist.world_size, "configs": self.configs_json()}
+        tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+        metadata = {"format": RESUME_FORMAT, "loop": json.dumps(loop)}
+        atomic_write_bytes(Path(path), safetensors_bytes(tensors, metadata=metadata))
+
+    def load_resume(self, path: Path) -> None:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        if metadata.get("format") != RESUME_FORMAT:
+            raise UsageError(f"{path}: not a pgolf train resume checkpoint")
+        loop = json.loads(metadata["loop"])
+        self._check_same_configs(path, loop["configs"])
+        self.model.load_state_dict({k.removeprefix("model."): t for k, t in tensors.items()
+                                    if k.startswith("model.")})
+        ema = {k.removeprefix("ema."): v for k, v in tensors.items() if k.startswith("ema.")}
+        if self.ema is not None and ema:
+            self.ema.tensors = {name: t.to(self.device) for name, t in ema.items()}
+            self.ema.updates = loop["ema_updates"]
+        for index, (opt, groups) in enumerate(zip(self.optimizers, loop["optimizer_groups"], strict=True)):
+            prefix = f"optim.{index}."
+            state: dict[int, dict] = {}
+            for name, t in tensors.items():
+                if name.startswith(prefix):
+                    param_id, key = name.removeprefix(prefix).split(".", 1)
+                    state.setdefault(int(param_id), {})[key] = t
+            for group in groups:
+                if "betas" in group:
+                    group["betas"] = tuple(group["betas"])
+            opt.load_state_dict({"state": state, "param_groups": groups})
+        torch.set_rng_state(tensors["rng.cpu"])
+        self.step, self.train_ms = loop["step"], loop["train_ms"]
+        self.loader = self._loader(tuple(loop["loader_position"]))
+
+    def _check_same_configs(self, path: Path, saved: dict) -> None:
+        current = self.configs_json()
+        for table in ("model", "train"):
+            for name, value in current[table].items():
+                if saved[table].get(name) != value:
+                    raise UsageError(f"{path}: was written with {table} {name} = {saved[table].get(name)!r}, "
+                                     f"this run has {value!r} (resume with the same settings)")
+
+    # ---- the loop ---------------------------------------------------------------------------------------
+    def run(self, val_tokens: torch.Tensor, byte_tables, log: TrainLog, resume_path: Path, stop: StopSignal,
+            on_step=None) -> dict:
+        """Train until iterations, the wallclock cap or a stop signal; validate periodically and at the end.
+
+        `resume_path` receives the periodic checkpoint (rank 0). Raises TrainingInterrupted after a signal.
+        Returns the run's metrics; the weights are in self.model (master) and self.ema.
+        """
+        config, schedule = self.config, self.schedule
+        wallclock_ms = schedule.wallclock_ms
+        tokens_per_step = config.batch_tokens
+        start_step, last_val_step, final_val = self.step, None, None
+        window_step, window_ms = self.step, self.train_ms
+        elapsed_ms, stop_reason = self.train_ms, None
+        self.synchronize()
+        clock = time.perf_counter()
+
+        def pause() -> None:
+            nonlocal clock
+            self.synchronize()
+            self.train_ms += 1000.0 * (time.perf_counter() - clock)
+
+        def unpause() -> None:
+            nonlocal clock
+            self.synchronize()
+            clock = time.perf_counter()
+
+        while True:
+            if self.step >= config.iterations:
+                stop_reason = stop_reason or "iterations"
+            elif wallclock_ms > 0 and elapsed_ms >= wallclock_ms:
+                stop_reason = stop_reason or "wallclock"
+            validate = stop_reason is not None or (
+                config.val_every > 0 and self.step % config.val_every == 0 and self.step > 0)
+            if validate and last_val_step != self.step:
+                pause()
+                final_val = self.evaluate(val_tokens, byte_tables)
+                last_val_step = self.step
+                log.record({"event": "val", "step": self.step, "train_ms": round(self.train_ms, 1),
+                            **final_val})
+                log.line(f"step {self.step}: val_loss {final_val['val_loss']:.4f} "
+                         f"val_bpb {final_val['val_bpb']:.4f} train_time {self.train_ms / 1000:.1f}s")
+                unpause()
+            if stop_reason is not None:
+                break
+
+            lr_scale = schedule.lr_scale(self.step, elapsed_ms)
+            momentum = schedule.muon_momentum(self.step, elapsed_ms)
+            self.set_qat(schedule.qat_on(self.step, elapsed_ms))
+            loss = self.train_step(lr_scale, momentum)
+            self.step += 1
+            if self.ema is not None and schedule.ema_on(self.step, elapsed_ms):
+                self.ema.update(self.model)
+
+            local_ms = self.train_ms + 1000.0 * (time.perf_counter() - clock)
+            elapsed_ms, signaled = self._agree(local_ms, stop.signum is not None)
+            self.train_ms, clock = elapsed_ms, time.perf_counter()
+            if on_step:
+                on_step(self.step, elapsed_ms)
+
+            last_step = self.step >= config.iterations or (wallclock_ms > 0 and elapsed_ms >= wallclock_ms)
+            if (self.step <= start_step + 10 or last_step or signaled
+                    or (config.log_every and self.step % config.log_every == 0)):
+                train_loss = self._mean_over_ranks(loss)
+                steps = self.step - window_step
+                window_s = max(elapsed_ms - window_ms, 1e-9) / 1000.0
+                record = {"event": "train", "step": self.step, "loss": train_loss, "lr_scale": lr_scale,
+                          "matrix_lr": config.matrix_lr * lr_scale, "momentum": momentum,
+                          "ms_per_step": 1000.0 * window_s / max(steps, 1),
+                          "tokens_per_s": steps * tokens_per_step / window_s,
+                          "train_ms": round(elapsed_ms, 1),
+                          "qat": self.qat_active, "ema": bool(self.ema and self.ema.tensors is not None)}
+                log.record(record)
+                log.line(f"step {self.step}/{config.iterations}: loss {train_loss:.4f} lr x{lr_scale:.3f} "
+                         f"{record['ms_per_step']:.1f} ms/step {record['tokens_per_s']:,.0f} tok/s "
+                         f"train_time {elapsed_ms / 1000:.1f}s")
+                window_step, window_ms = self.step, elapsed_ms
+
+            if signaled:
+                pause()
+                self._write_resume(resume_path)
+                raise TrainingInterrupted(stop.signum or signal.SIGTERM, self.step)
+            if config.checkpoint_every and self.step % config.checkpoint_every == 0 and not last_step:
+                pause()
+                self._write_resume(resume_path)
+                unpause()
+
+        trained_steps = self.step
+        result = {"steps": trained_steps, "stop_reason": stop_reason,
+                  "tokens_seen": trained_steps * tokens_per_step,
+                  "train_seconds": self.train_ms / 1000.0,
+                  "ms_per_step": self.train_ms / max(trained_steps, 1), "param_count": self.param_count,
+                  "world_size": self.dist.world_size, "accumulation_steps": self.accumulation,
+                  "master": final_val, "qat_active": self.qat_active}
+        if self.ema is not None and self.ema.tensors is not None:
+            result["ema_updates"] = self.ema.updates
+            result["ema"] = self._evaluate_ema(val_tokens, byte_tables)
+        return result
+
+    def _write_resume(self, path: Path) -> None:
+        if self.dist.is_main:
+            self.save_resume(path)
+        if self.dist.world_size > 1:
+            dist.barrier()
+
+    def _evaluate_ema(self, val_tokens, byte_tables) -> dict:
+        """Val metrics of the EMA weights; the model holds master weights again afterwards."""
+        master = {name: t.detach().clone() for name, t in self.model.state_dict().items()}
+        self.model.load_state_dict(self.ema_state())
+        metrics = self.evaluate(val_tokens, byte_tables)
+        self.model.load_state_dict(master)
+        return metrics
+
+    def master_state(self) -> dict[str, torch.Tensor]:
+        """fp32 CPU copy of the master weights."""
+        return {name: t.detach().float().cpu() for name, t in self.model.state_dict().items()}
+
+    def ema_state(self) -> dict[str, torch.Tensor]:
+        """fp32 CPU copy of the EMA weights (non-float state from the model)."""
+        state = self.master_state()
+        return state | {name: t.detach().cpu() for name, t in self.ema.tensors.items()}
+
+    def train_tokens_read(self) -> int:
+        """Tokens taken from the train stream so far (each micro-batch span has one extra target token)."""
+        span = self.config.micro_tokens() + 1
+        return self.step * self.accumulation * self.dist.world_size * span
