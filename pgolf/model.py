@@ -375,12 +375,19 @@ class GPT(nn.Module):
                 skips.append(x)
         return rms_norm(x)
 
-    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Softcapped logits [B, T, vocab_size] in float32."""
-        x = self.hidden(input_ids)
-        raw = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.tok_emb.weight.to(x.dtype))
+    def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Softcapped logits of final hidden states [..., D]; float32 (float64 for a float64 model)."""
+        if self.lm_head is not None:
+            raw = self.lm_head(hidden)
+        else:
+            raw = F.linear(hidden, self.tok_emb.weight.to(hidden.dtype))
         softcap = self.config.logit_softcap
-        return (softcap * torch.tanh(raw / softcap)).float()
+        logits = softcap * torch.tanh(raw / softcap)
+        return logits if logits.dtype == torch.float64 else logits.float()
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Softcapped logits [B, T, vocab_size], float32 (float64 for a float64 model)."""
+        return self.logits_from_hidden(self.hidden(input_ids))
 
     def forward(self, input_ids: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy (nats, float32) of target_ids given input_ids; both int64 [B, T]."""

@@ -140,6 +140,16 @@ def test_invalid_configs_name_the_field_and_range(changes, field):
         tiny(**changes)
 
 
+def test_logits_and_loss_are_float32_under_bf16_autocast():
+    model = GPT(TINY)
+    tokens = random_tokens(2, 16, TINY.vocab_size, seed=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, loss = model.logits(tokens), model(tokens, tokens)
+    assert logits.shape == (2, 16, TINY.vocab_size) and logits.dtype == torch.float32
+    assert loss.dtype == torch.float32 and loss.ndim == 0
+    assert model.to(torch.float64).logits(tokens).dtype == torch.float64
+
+
 def test_sequences_longer_than_max_seq_len_are_refused():
     model = GPT(tiny(max_seq_len=16))
     model.logits(torch.ones(1, 16, dtype=torch.long))
