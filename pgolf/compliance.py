@@ -1,0 +1,158 @@
+"""The challenge's legality conditions (REFERENCE.md, "Legal evaluation"), checked on a real run of an eval.
+
+The eval runs on a short token prefix in float64 on the CPU (a copy of the model; the scored pass is
+untouched) with the same plan, n-gram grid and TTT settings, recording every score, every full distribution
+and every score/update event (pgolf.evaluate.Trace). Then:
+- C1 causality: for several cut points t the tokens after t are replaced by random ones (BOS among them) and
+  the run repeated; every score and distribution of the targets at positions <= t must be bit-identical.
+- C2 normalization: every distribution used for a score (model and each n-gram mixture) covers the whole
+  vocabulary and sums to 1 within 1e-6.
+- C3 score before update: every position an update uses (n-gram counts, TTT weights) was scored before it;
+  position 0, the stream's opening BOS, is never a target and is given.
+- C4 single pass: each target 1..N-1 is scored exactly once.
+"""
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pgolf.bpb import ByteTables
+from pgolf.errors import ComplianceError
+from pgolf.evaluate import EvalModel, EvalPlan, Trace, run_eval
+from pgolf.ngram import NgramConfig
+from pgolf.shards import BOS_ID
+from pgolf.ttt import TTTConfig
+
+COMPLIANCE_SUM_TOLERANCE = 1e-6
+COMPLIANCE_CUTS = 3  # cut points t for C1, spread over the prefix
+COMPLIANCE_BOS_EVERY = 50  # the perturbation puts a BOS about this often, so document boundaries move too
+
+
+@dataclass
+class CheckResult:
+    name: str  # "C1 causality", ...
+    ok: bool
+    detail: str
+
+
+def trace_eval(model, tokens: np.ndarray, plan: EvalPlan, tables: ByteTables,
+               ngram: list[NgramConfig] = (), ttt_config: TTTConfig | None = None) -> Trace:
+    """One traced run of the eval on `tokens`, on the CPU in the model's dtype (the caller's float64 copy)."""
+    trace = Trace()
+    run_eval(EvalModel(model), tokens, plan, tables, torch.device("cpu"), ngram=ngram, ttt_config=ttt_config,
+             trace=trace)
+    return trace
+
+
+def check_normalized(trace: Trace, vocab_size: int) -> CheckResult:
+    """C2 over every scorer's distributions."""
+    for name in trace.logprobs:
+        positions, _, logprobs = trace.scores(name)
+        if logprobs.shape[-1] != vocab_size:
+            return CheckResult("C2 normalization", False, f"{name}: distributions cover {logprobs.shape[-1]} "
+                               f"of the {vocab_size} tokens")
+        error = (logprobs.double().exp().sum(-1) - 1).abs()
+        error = torch.where(torch.isnan(error), torch.inf, error)
+        if len(error) and float(error.max()) > COMPLIANCE_SUM_TOLERANCE:
+            worst = int(error.argmax())
+            total = float(logprobs[worst].double().exp().sum())
+            return CheckResult("C2 normalization", False, f"{name}: the distribution for target "
+                               f"{int(positions[worst])} sums to {total:.9g}, not 1 (tolerance "
+                               f"{COMPLIANCE_SUM_TOLERANCE:g})")
+    names = ", ".join(trace.logprobs)
+    return CheckResult("C2 normalization", True, f"{names}: every distribution sums to 1 within "
+                       f"{COMPLIANCE_SUM_TOLERANCE:g}")
+
+
+def check_events(trace: Trace, n_tokens: int) -> list[CheckResult]:
+    """C3 (updates use only scored positions) and C4 (each target scored exactly once) from the event log."""
+    times_scored = np.zeros(n_tokens, dtype=np.int64)
+    c3 = CheckResult("C3 score before update", True, "every update used only already-scored targets")
+    updates = 0
+    for kind, positions in trace.events:
+        if kind == "score":
+            np.add.at(times_scored, positions, 1)
+            continue
+        updates += 1
+        unscored = positions[(positions != 0) & (times_scored[positions] == 0)]
+        if c3.ok and unscored.size:
+            c3 = CheckResult("C3 score before update", False, f"an update used target {int(unscored[0])} "
+                             f"before it was scored")
+    if c3.ok:
+        c3.detail += f" ({updates} updates)"
+    twice = np.flatnonzero(times_scored[1:] > 1) + 1
+    never = np.flatnonzero(times_scored[1:] == 0) + 1
+    if twice.size:
+        c4 = CheckResult("C4 single pass", False, f"target {int(twice[0])} was scored "
+                         f"{int(times_scored[twice[0]])} times ({twice.size} targets scored more than once)")
+    elif never.size:
+        c4 = CheckResult("C4 single pass", False, f"target {int(never[0])} was never scored "
+                         f"({never.size} targets missing)")
+    elif times_scored[0]:
+        c4 = CheckResult("C4 single pass", False, "position 0 (the opening BOS) was scored as a target")
+    else:
+        c4 = CheckResult("C4 single pass", True, f"each of the {n_tokens - 1} targets scored exactly once")
+    return [c3, c4]
+
+
+def perturb_after(tokens: np.ndarray, cut: int, vocab_size: int, generator: np.random.Generator):
+    """Tokens after position `cut` replaced by random ones that differ from the originals, some BOS."""
+    perturbed = tokens.copy()
+    count = len(tokens) - cut - 1
+    fresh = (tokens[cut + 1 :] + generator.integers(1, vocab_size, count)) % vocab_size
+    fresh[generator.random(count) < 1 / COMPLIANCE_BOS_EVERY] = BOS_ID
+    perturbed[cut + 1 :] = fresh
+    return perturbed
+
+
+def scores_up_to(trace: Trace, name: str, cut: int) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+    positions, nll, logprobs = trace.scores(name)
+    keep = positions <= cut
+    return positions[keep], nll[torch.from_numpy(keep)], logprobs[torch.from_numpy(keep)]
+
+
+def check_causal(run, tokens: np.ndarray, base: Trace, vocab_size: int, cuts: list[int], seed: int = 0):
+    """C1: the scores and distributions at positions <= t survive any change after t, bit for bit."""
+    generator = np.random.default_rng(seed)
+    for cut in cuts:
+        perturbed = run(perturb_after(tokens, cut, vocab_size, generator))
+        for name in base.nll:
+            positions, nll, logprobs = scores_up_to(base, name, cut)
+            new_positions, new_nll, new_logprobs = scores_up_to(perturbed, name, cut)
+            if not np.array_equal(positions, new_positions):
+                return CheckResult("C1 causality", False, f"{name}: which targets <= {cut} are scored "
+                                   f"changed when tokens after {cut} were perturbed")
+            changed = np.flatnonzero(((nll != new_nll) | (logprobs != new_logprobs).any(-1)).numpy())
+            if changed.size:
+                target = int(positions[changed[0]])
+                return CheckResult("C1 causality", False, f"{name}: the score of target {target} changed "
+                                   f"when tokens after {cut} were perturbed ({changed.size} targets <= {cut} "
+                                   f"changed)")
+    return CheckResult("C1 causality", True, f"scores at <= t bit-identical under perturbation after t for "
+                       f"t in {cuts}")
+
+
+def check_compliance(run, tokens: np.ndarray, vocab_size: int, seed: int = 0) -> list[CheckResult]:
+    """C1-C4 for `run(tokens) -> Trace`, an eval traced on a token prefix."""
+    tokens = np.asarray(tokens, dtype=np.int64)
+    base = run(tokens)
+    cuts = [len(tokens) * (i + 1) // (COMPLIANCE_CUTS + 1) for i in range(COMPLIANCE_CUTS)]
+    return [check_causal(run, tokens, base, vocab_size, cuts, seed), check_normalized(base, vocab_size),
+            *check_events(base, len(tokens))]
+
+
+def check_eval(model, tokens: np.ndarray, plan: EvalPlan, tables: ByteTables, ngram: list[NgramConfig] = (),
+               ttt_config: TTTConfig | None = None, seed: int = 0) -> list[CheckResult]:
+    """C1-C4 for this eval (plan, n-gram grid, TTT) on a float64 CPU copy of the model."""
+    model64 = copy.deepcopy(model).to("cpu", torch.float64).eval()
+    run = lambda prefix: trace_eval(model64, prefix, plan, tables, ngram, ttt_config)
+    return check_compliance(run, tokens, model.config.vocab_size, seed)
+
+
+def require(results: list[CheckResult]) -> None:
+    """Raise ComplianceError (exit 5) naming the first failed condition."""
+    for result in results:
+        if not result.ok:
+            raise ComplianceError(f"{result.name} failed: {result.detail}")

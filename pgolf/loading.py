@@ -1,0 +1,77 @@
+"""Load a model from any stage output that holds one: train (checkpoint), quantize (quantized state + plan)
+or compress (the counted blob). Digests are checked against the stage's manifest first (exit 3 on a mismatch).
+"""
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from pgolf.artifacts import open_stage, output_path, sha256_file
+from pgolf.bpb import load_tokenizer
+from pgolf.checkpoint import check_tensors, load_checkpoint, model_config_from_json
+from pgolf.codecs import read_blob
+from pgolf.errors import InvalidInput
+from pgolf.model import GPT, ModelConfig
+from pgolf.quant import dequantize_state, load_quantized
+
+ARTIFACT_STAGES = ("train", "quantize", "compress")
+
+
+def plan_model_config(plan: dict, where: Path) -> ModelConfig:
+    try:
+        return model_config_from_json(json.dumps(plan["model_config"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise InvalidInput(f"{where}: plan has no valid model_config ({e})") from None
+
+
+def load_artifact(directory: Path, tokenizer: Path | None = None) -> tuple[dict, ModelConfig, dict]:
+    """(float32 state dict, ModelConfig, info) of a train, quantize or compress output directory.
+
+    info: kind (the stage), path, load_seconds (read + decompress + dequantize), tokenizer_sha256 (when the
+    artifact records it). With `tokenizer`, refuses (exit 3) a tokenizer whose vocabulary size differs from
+    the model's or whose sha256 differs from the recorded one."""
+    directory = Path(directory)
+    started = time.perf_counter()
+    manifest = open_stage(directory, ARTIFACT_STAGES)
+    kind = manifest["stage"]
+    if kind == "train":
+        path = output_path(manifest, directory, "checkpoint")
+        state, config, metadata = load_checkpoint(path)
+        state = {name: t.float() if t.is_floating_point() else t for name, t in state.items()}
+        recorded = metadata.get("tokenizer_sha256")
+    else:
+        if kind == "quantize":
+            path = output_path(manifest, directory, "quantized")
+            tensors, plan = load_quantized(path)
+        else:
+            path = output_path(manifest, directory, "blob")
+            tensors, plan = read_blob(path)
+        state = dequantize_state(tensors, plan)
+        config = plan_model_config(plan, path)
+        check_tensors(path, state, config)
+        recorded = plan.get("tokenizer_sha256") or manifest.get("metrics", {}).get("tokenizer_sha256")
+    info = {"kind": kind, "path": str(directory), "load_seconds": time.perf_counter() - started,
+            "tokenizer_sha256": recorded}
+    if tokenizer is not None:
+        check_tokenizer_match(config, recorded, Path(tokenizer))
+    return state, config, info
+
+
+def check_tokenizer_match(config: ModelConfig, recorded_sha256: str | None, tokenizer: Path) -> None:
+    """The tokenizer must have the model's vocabulary size, and be the recorded file when one is recorded."""
+    vocab_size = load_tokenizer(tokenizer).GetPieceSize()
+    if vocab_size != config.vocab_size:
+        raise InvalidInput(f"{tokenizer}: tokenizer vocabulary is {vocab_size} but the model's vocab_size is "
+                           f"{config.vocab_size} (wrong --data or --tokenizer for this artifact?)")
+    if recorded_sha256 and sha256_file(tokenizer) != recorded_sha256:
+        raise InvalidInput(f"{tokenizer}: sha256 {sha256_file(tokenizer)[:12]}... differs from the tokenizer "
+                           f"the model was trained with ({recorded_sha256[:12]}...)")
+
+
+def build_model(state: dict, config: ModelConfig, device, dtype=torch.float32) -> GPT:
+    """GPT(config) with exactly these weights (shapes were checked on load), on `device`, in eval mode."""
+    model = GPT(config)
+    model.load_state_dict(state, strict=True)
+    return model.to(device=device, dtype=dtype).eval()

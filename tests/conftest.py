@@ -1,0 +1,96 @@
+"""Shared session fixtures built from real data (skipped when ../shared/data is absent).
+
+- `tiny_data_dir`: a `tokenize`-shaped output (manifest included) of docs-200 with the real sp1024
+  tokenizer: documents 1-10 are the val split (about 23k tokens, two shards), the others train.
+- `tiny_checkpoint_dir`: a `train`-shaped output holding a small GPT (2 layers x 64, max_seq_len 128)
+  trained for 120 AdamW steps on that train split (seed 0, deterministic, one thread), with the tokenizer's
+  sha256 in the checkpoint metadata.
+"""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from pgolf.artifacts import StageOutput, sha256_file
+from pgolf.bpb import build_byte_tables, load_tokenizer
+from pgolf.shards import BOS_ID, ShardWriter, list_shards, load_split
+from tests.shared_data import SP1024, fineweb_docs, need
+
+VAL_DOCS = slice(1, 11)  # document 0 alone is 21k tokens; these ten are 1k-4k each
+TINY_MODEL = dict(vocab_size=1024, num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, mlp_mult=2.0,
+                  max_seq_len=128)
+TRAIN_STEPS = 120
+TRAIN_BATCH, TRAIN_SEQ = 8, 128
+
+
+def _write_split(directory, split, token_docs, shard_tokens):
+    writer = ShardWriter(directory, split, shard_tokens=shard_tokens)
+    for ids in token_docs:
+        writer.write(np.array([BOS_ID, *ids]))
+    return writer.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory):
+    sp = load_tokenizer(need(SP1024))
+    tables = build_byte_tables(sp)
+    docs = fineweb_docs()
+    out = tmp_path_factory.mktemp("data") / "sp1024"
+    metrics = {"tokenizer_sha256": sha256_file(SP1024), "vocab_size": sp.GetPieceSize()}
+    with StageOutput(out, "tokenize", argv=["conftest"]) as stage:
+        val_texts = docs[VAL_DOCS]
+        train_texts = [text for text in docs if text not in val_texts]
+        for split, texts, shard_tokens in (("val", val_texts, 15_000), ("train", train_texts, 200_000)):
+            paths = _write_split(stage.dir, split, [sp.encode(text) for text in texts], shard_tokens)
+            for path in paths:
+                stage.outputs.append((path.name, f"{split}_shard"))
+            tokens = load_split(paths)
+            text_bytes = sum(len(text.encode()) for text in texts)
+            metrics[split] = {"documents": len(texts), "tokens": len(tokens),
+                              "bytes": tables.count_bytes(tokens), "text_bytes": text_bytes}
+        shutil.copy(SP1024, stage.add_output(SP1024.name, "tokenizer"))
+        metrics["tokens_per_byte"] = metrics["val"]["tokens"] / metrics["val"]["bytes"]
+        stage.metrics = metrics
+        stage.finalize()
+    return out
+
+
+def train_tiny_model(data_dir, steps: int = TRAIN_STEPS):
+    """A small GPT trained with AdamW on random crops of the train split; deterministic (seed 0, 1 thread)."""
+    from pgolf.model import GPT, ModelConfig
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        config = ModelConfig(**TINY_MODEL)
+        model = GPT(config)
+        tokens = torch.from_numpy(load_split(list_shards(data_dir, "train")).astype(np.int64))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+        generator = torch.Generator().manual_seed(0)
+        for _ in range(steps):
+            starts = torch.randint(0, len(tokens) - TRAIN_SEQ - 1, (TRAIN_BATCH,), generator=generator)
+            batch = torch.stack([tokens[s : s + TRAIN_SEQ + 1] for s in starts.tolist()])
+            loss = model(batch[:, :-1], batch[:, 1:])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
+    return model.eval(), config
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_dir(tiny_data_dir, tmp_path_factory):
+    from pgolf.checkpoint import save_checkpoint
+
+    model, config = train_tiny_model(tiny_data_dir)
+    out = tmp_path_factory.mktemp("run") / "train"
+    metadata = {"vocab_size": str(config.vocab_size), "tokenizer_sha256": sha256_file(SP1024)}
+    with StageOutput(out, "train", argv=["conftest"]) as stage:
+        checkpoint = stage.add_output("model.safetensors", "checkpoint")
+        save_checkpoint(checkpoint, model.state_dict(), config, metadata)
+        stage.finalize()
+    return out
