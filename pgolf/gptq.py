@@ -1,0 +1,149 @@
+"""GPTQ (Frantar et al., 2023): round a weight column by column, spreading each column's rounding error onto
+the columns not yet rounded through the inverse Hessian of the layer's output error, H = E[x x^T] over
+calibration inputs x. Rows are independent given H and the per-row scales, so several scale candidates can be
+solved at once by stacking them as extra rows.
+
+Calibration tokens always come from the TRAIN shards (never validation: the challenge forbids looking at it
+before it is scored).
+"""
+
+import numpy as np
+import torch
+from torch import nn
+
+from pgolf.shards import load_shard
+
+GPTQ_DAMP = 0.01  # dampening added to H's diagonal, as a fraction of its mean
+GPTQ_BLOCK = 128  # columns per lazy-update block
+GPTQ_BATCH_TOKENS = 65_536  # calibration tokens per forward pass
+
+
+def calibration_windows(train_paths: list, tokens: int, seq_len: int) -> torch.Tensor:
+    """[n, seq_len + 1] int64 windows spread evenly over the train shards (deterministic, no RNG)."""
+    shards = [load_shard(path) for path in train_paths]
+    lengths = np.array([len(shard) for shard in shards], dtype=np.int64)
+    usable = np.maximum(lengths - seq_len, 0)  # window starts a shard can hold
+    if usable.sum() == 0:
+        raise ValueError(f"no train shard holds a window of {seq_len + 1} tokens")
+    count = max(1, tokens // seq_len)
+    # Evenly spaced positions over the concatenated start ranges, each mapped into its shard.
+    positions = np.linspace(0, usable.sum() - 1, count).astype(np.int64)
+    bounds = np.cumsum(usable)
+    windows = []
+    for position in positions:
+        shard = int(np.searchsorted(bounds, position, side="right"))
+        start = int(position - (bounds[shard] - usable[shard]))
+        windows.append(np.asarray(shards[shard][start : start + seq_len + 1], dtype=np.int64))
+    return torch.from_numpy(np.stack(windows))
+
+
+def calibration_batches(windows: torch.Tensor, device, batch_tokens: int = GPTQ_BATCH_TOKENS) -> list:
+    """(input_ids, target_ids) pairs on `device`, at most `batch_tokens` tokens each."""
+    seq_len = windows.size(1) - 1
+    per_batch = max(1, batch_tokens // seq_len)
+    return [(chunk[:, :-1].to(device), chunk[:, 1:].to(device)) for chunk in windows.split(per_batch)]
+
+
+class HessianAccumulator:
+    """Running H = sum x x^T / n over the rows x of every input it sees (float32, on the input's device)."""
+
+    def __init__(self):
+        self.sum = None
+        self.rows = 0
+
+    def add(self, inputs: torch.Tensor) -> None:
+        rows = inputs.detach().reshape(-1, inputs.size(-1)).float()
+        if self.sum is None:
+            self.sum = torch.zeros(rows.size(1), rows.size(1), device=rows.device)
+        self.sum.addmm_(rows.T, rows)
+        self.rows += rows.size(0)
+
+    def hessian(self) -> torch.Tensor:
+        return self.sum / max(self.rows, 1)
+
+
+@torch.no_grad()
+def collect_hessians(
+    model: nn.Module, linear_weights: list[str], batches: list, head_weight: str | None = None
+):
+    """H for each listed `<module>.weight` of a linear layer, from its inputs over `batches`; and for
+    `head_weight` (a tied embedding used as the output head) from the final hidden states. Runs
+    model.hidden(input_ids) once per batch."""
+    modules = dict(model.named_modules())
+    accumulators = {name: HessianAccumulator() for name in linear_weights}
+    hooks = [
+        modules[name.removesuffix(".weight")].register_forward_pre_hook(
+            lambda module, args, acc=accumulators[name]: acc.add(args[0])
+        )
+        for name in linear_weights
+    ]
+    head = HessianAccumulator() if head_weight else None
+    try:
+        for input_ids, _ in batches:
+            hidden = model.hidden(input_ids)
+            if head is not None:
+                head.add(hidden)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    hessians = {name: acc.hessian() for name, acc in accumulators.items()}
+    if head is not None:
+        hessians[head_weight] = head.hessian()
+    return hessians
+
+
+def hessian_error(diff: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+    """Per-row output error d H d^T of weight errors `diff` [rows, cols]."""
+    return ((diff @ hessian) * diff).sum(dim=1)
+
+
+def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1; more damping if H is not positive
+    definite."""
+    eye = torch.eye(hessian.size(0), device=hessian.device)
+    mean_diag = hessian.diagonal().mean().clamp_min(1e-12)
+    for extra in (1.0, 10.0, 100.0, 1000.0):
+        try:
+            factor = torch.linalg.cholesky(hessian + damp * extra * mean_diag * eye)
+            return torch.linalg.cholesky(torch.cholesky_inverse(factor), upper=True)
+        except torch.linalg.LinAlgError:
+            continue
+    raise ValueError("calibration Hessian is not positive definite even with heavy dampening")
+
+
+def gptq_levels(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    scales: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    damp: float = GPTQ_DAMP,
+    block_size: int = GPTQ_BLOCK,
+) -> torch.Tensor:
+    """Integer levels [rows, cols] (int8) of `weight` for fixed per-row `scales`, by GPTQ with columns taken
+    in order of decreasing H diagonal (act-order) and lazy block updates."""
+    work = weight.detach().float().clone()
+    hessian = hessian.float().clone()
+    dead = hessian.diagonal() == 0  # inputs that were always zero: any value works, 0 compresses best
+    hessian[dead, dead] = 1.0
+    work[:, dead] = 0.0
+    order = torch.argsort(hessian.diagonal(), descending=True)
+    work, hessian = work[:, order], hessian[order][:, order]
+    inverse = inverse_hessian_factor(hessian, damp)
+    scales = scales.float()[:, None]
+    levels = torch.zeros_like(work)
+    cols = work.size(1)
+    for first in range(0, cols, block_size):
+        last = min(first + block_size, cols)
+        block = work[:, first:last].clone()
+        errors = torch.zeros_like(block)
+        block_inverse = inverse[first:last, first:last]
+        for col in range(last - first):
+            column = block[:, col : col + 1]
+            rounded = torch.clamp(torch.round(column / scales), qmin, qmax)
+            levels[:, first + col : first + col + 1] = rounded
+            error = (column - rounded * scales) / block_inverse[col, col]
+            block[:, col:] -= error @ block_inverse[col : col + 1, col:]
+            errors[:, col : col + 1] = error
+        work[:, last:] -= errors @ inverse[first:last, last:]
+    return levels[:, torch.argsort(order)].to(torch.int8)

@@ -1,0 +1,402 @@
+"""Quantization plans: which scheme each tensor of a checkpoint gets, and fitting a plan under a byte target.
+
+A plan is a named preset (pgolf/presets/plans/<name>.toml) or a TOML/JSON plan file with the same keys:
+    default = "int6"            scheme of every large >= 2-D float tensor no pattern matches
+    embedding = "int8"          same, for tok_emb / lm_head / bigram.embed (unset: `default`)
+    clip = "gptq-lite"          percentile | gptq-lite | gptq (the command line's --clip overrides it)
+    scale_floor = "none"        none | challenge (scales >= 1/qmax, as the baseline's export)
+    demote = "center-out"       optional: center-out | sensitivity, demoting blocks until --target-bytes fits
+    demote_to = "int5"          the scheme demoted blocks get
+    [tensors]                   fnmatch pattern -> scheme (int5..int8, fp16, fp32); first match wins;
+    "blocks.*.mlp.*" = "int5"   a pattern that matches no tensor is an error
+Tensors no pattern matches follow the challenge's export: non-float tensors unchanged; tensors of at most
+65,536 elements (or under 2-D) kept in float, fp32 for control tensors (gains, scales, mixes, gates, skip
+weights) and fp16 for the rest; larger ones get `embedding` or `default`.
+"""
+
+import dataclasses
+import fnmatch
+import json
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pgolf.codecs import pack_blob
+from pgolf.config import PRESETS, preset_names, read_toml
+from pgolf.errors import OverBudget, UsageError
+from pgolf.gptq import GPTQ_BLOCK, GPTQ_DAMP, collect_hessians
+from pgolf.model import GPT
+from pgolf.quant import (
+    CLIP_METHODS,
+    FLOAT_SCHEMES,
+    INT_SCHEMES,
+    RAW_SCHEME,
+    SCALE_FLOORS,
+    SCALE_SUFFIX,
+    dequantize_rows,
+    quantize_entry,
+)
+
+PLAN_KIND = "plans"
+PLAN_SCHEMES = (*INT_SCHEMES, *FLOAT_SCHEMES)
+DEMOTE_MODES = ("center-out", "sensitivity")
+KEEP_FLOAT_MAX_NUMEL = 65_536  # the challenge's INT8_KEEP_FLOAT_MAX_NUMEL
+# Substrings of control-tensor names (the challenge's list plus pgolf.model's gates and mixes): kept fp32.
+QUANT_CONTROL_PATTERNS = (
+    "attn_scale",
+    "mlp_scale",
+    "resid_mix",
+    "q_gain",
+    "skip_weight",
+    "smear.gate",
+    "head_gate",
+    "out_gate",
+    "v_mix",
+    "bigram.scale",
+)
+EMBEDDING_PREFIXES = ("tok_emb.", "lm_head.", "bigram.embed.")
+BLOCK_NAME = re.compile(r"^blocks\.(\d+)\.")
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanSpec:
+    name: str  # preset name or plan file path
+    default: str = "int8"  # scheme of large >= 2-D float tensors that no pattern matches
+    embedding: str | None = (
+        None  # scheme of tok_emb / lm_head / bigram.embed that no pattern matches (None: default)
+    )
+    tensors: tuple[tuple[str, str], ...] = ()  # (fnmatch pattern, scheme) rules, first match wins
+    clip: str = "percentile"  # clip method unless the command line picks one
+    scale_floor: str = "none"  # none | challenge (scales >= 1/qmax, the baseline export's floor)
+    demote: str | None = None  # center-out | sensitivity: demote blocks until the target size fits
+    demote_to: str = "int5"  # scheme a demoted block's integer tensors get
+    description: str = ""  # one line for listings
+
+    def __post_init__(self):
+        for field in ("default", "demote_to"):
+            if getattr(self, field) not in PLAN_SCHEMES:
+                raise ValueError(
+                    f"{field} = {getattr(self, field)!r}: must be one of {', '.join(PLAN_SCHEMES)}"
+                )
+        if self.embedding is not None and self.embedding not in PLAN_SCHEMES:
+            raise ValueError(f"embedding = {self.embedding!r}: must be one of {', '.join(PLAN_SCHEMES)}")
+        for pattern, scheme in self.tensors:
+            if scheme not in PLAN_SCHEMES:
+                raise ValueError(
+                    f"tensors.{pattern!r} = {scheme!r}: must be one of {', '.join(PLAN_SCHEMES)}"
+                )
+        if self.clip not in CLIP_METHODS:
+            raise ValueError(f"clip = {self.clip!r}: must be one of {', '.join(CLIP_METHODS)}")
+        if self.scale_floor not in SCALE_FLOORS:
+            raise ValueError(f"scale_floor = {self.scale_floor!r}: must be one of {', '.join(SCALE_FLOORS)}")
+        if self.demote is not None and self.demote not in DEMOTE_MODES:
+            raise ValueError(f"demote = {self.demote!r}: must be one of {', '.join(DEMOTE_MODES)}")
+        if self.demote is not None and self.demote_to not in INT_SCHEMES:
+            raise ValueError(f"demote_to = {self.demote_to!r}: must be one of {', '.join(INT_SCHEMES)}")
+
+    def to_dict(self) -> dict:
+        spec = dataclasses.asdict(self)
+        spec["tensors"] = [list(rule) for rule in self.tensors]
+        return spec
+
+
+def plan_names() -> list[str]:
+    return preset_names(PLAN_KIND)
+
+
+def read_plan_file(path: Path) -> dict:
+    if path.suffix == ".json":
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UsageError(f"{path}: not a readable JSON plan ({e})") from None
+    return read_toml(path)
+
+
+def load_plan(plan: str) -> PlanSpec:
+    """A preset by name, or a .toml/.json plan file; otherwise UsageError (exit 2) naming the presets."""
+    path = Path(plan)
+    if plan in plan_names():
+        raw, source = read_toml(PRESETS / PLAN_KIND / f"{plan}.toml"), plan
+    elif path.suffix in (".toml", ".json") and path.is_file():
+        raw, source = read_plan_file(path), str(path)
+    elif path.suffix in (".toml", ".json"):
+        raise UsageError(f"{path}: plan file not found")
+    else:
+        raise UsageError(
+            f"unknown plan '{plan}' (valid: {', '.join(plan_names())}; or a .toml/.json plan file)"
+        )
+    if not isinstance(raw, dict):
+        raise UsageError(f"{source}: a plan must be a table of settings")
+    fields = {f.name for f in dataclasses.fields(PlanSpec)} - {"name"}
+    unknown = sorted(set(raw) - fields)
+    if unknown:
+        raise UsageError(
+            f"{source}: unknown plan setting '{unknown[0]}' (valid: {', '.join(sorted(fields))})"
+        )
+    rules = raw.get("tensors", {})
+    if not isinstance(rules, dict):
+        raise UsageError(f"{source}: 'tensors' must map name patterns to schemes")
+    try:
+        return PlanSpec(name=source, **{**raw, "tensors": tuple(rules.items())})
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"{source}: {e}") from None
+
+
+def is_control_tensor(name: str) -> bool:
+    return any(pattern in name for pattern in QUANT_CONTROL_PATTERNS)
+
+
+def is_embedding_tensor(name: str) -> bool:
+    return name.startswith(EMBEDDING_PREFIXES)
+
+
+def tensor_block_index(name: str) -> int | None:
+    match = BLOCK_NAME.match(name)
+    return int(match.group(1)) if match else None
+
+
+def is_quantizable(tensor: torch.Tensor, keep_float_numel: int) -> bool:
+    """Whether the challenge's export would quantize it: a >= 2-D float tensor above the keep-float size."""
+    return tensor.is_floating_point() and tensor.dim() >= 2 and tensor.numel() > keep_float_numel
+
+
+def export_default_scheme(name: str, tensor: torch.Tensor, spec: PlanSpec, keep_float_numel: int) -> str:
+    """The challenge export's rule for a tensor no plan pattern names."""
+    if not tensor.is_floating_point():
+        return RAW_SCHEME
+    if not is_quantizable(tensor, keep_float_numel):
+        return "fp32" if is_control_tensor(name) else "fp16"
+    if is_embedding_tensor(name):
+        return spec.embedding or spec.default
+    return spec.default
+
+
+def rule_applies(scheme: str, tensor: torch.Tensor, keep_float_numel: int) -> bool:
+    """Integer rules reach only quantizable tensors, float rules any float tensor; so "blocks.0.*" = "int8"
+    leaves block 0's gains and mixes in float."""
+    if scheme in INT_SCHEMES:
+        return is_quantizable(tensor, keep_float_numel)
+    return tensor.is_floating_point()
+
+
+def assign_schemes(spec: PlanSpec, state_dict: dict, keep_float_numel: int = KEEP_FLOAT_MAX_NUMEL) -> dict:
+    """{tensor name: scheme}: the first pattern that matches and applies, else the export's default rule.
+    UsageError for a pattern that matches no tensor, or none it can apply to."""
+    examples = ", ".join(list(state_dict)[:4])
+    for pattern, scheme in spec.tensors:
+        matched = fnmatch.filter(state_dict, pattern)
+        if not matched:
+            raise UsageError(
+                f"{spec.name}: pattern '{pattern}' matches no tensor of the checkpoint "
+                f"(names look like {examples})"
+            )
+        if not any(rule_applies(scheme, state_dict[name], keep_float_numel) for name in matched):
+            raise UsageError(
+                f"{spec.name}: pattern '{pattern}' = {scheme} matches only tensors that must stay float "
+                f"(non-float, under 2-D, or at most {keep_float_numel:,} elements), e.g. '{matched[0]}'"
+            )
+    schemes = {}
+    for name, tensor in state_dict.items():
+        schemes[name] = next(
+            (
+                scheme
+                for pattern, scheme in spec.tensors
+                if fnmatch.fnmatchcase(name, pattern) and rule_applies(scheme, tensor, keep_float_numel)
+            ),
+            None,
+        ) or export_default_scheme(name, tensor, spec, keep_float_numel)
+    return schemes
+
+
+def demotable_blocks(schemes: dict) -> dict[int, list[str]]:
+    """{block index: its integer-quantized tensor names}: the units demotion works on."""
+    blocks: dict[int, list[str]] = {}
+    for name, scheme in schemes.items():
+        index = tensor_block_index(name)
+        if index is not None and scheme in INT_SCHEMES:
+            blocks.setdefault(index, []).append(name)
+    return dict(sorted(blocks.items()))
+
+
+def demote_blocks(schemes: dict, blocks: list[int], scheme: str) -> dict:
+    """A copy of `schemes` with the integer tensors of `blocks` at `scheme` (never promoted)."""
+    out = dict(schemes)
+    for name, current in schemes.items():
+        if (
+            tensor_block_index(name) in blocks
+            and current in INT_SCHEMES
+            and INT_SCHEMES[current] > INT_SCHEMES[scheme]
+        ):
+            out[name] = scheme
+    return out
+
+
+def center_out_order(num_layers: int) -> list[int]:
+    """L//2 first, then alternately one below and one above, expanding outward: 9 -> 4 3 5 2 6 1 7 0 8."""
+    center = num_layers // 2
+    order = [center]
+    for distance in range(1, num_layers):
+        order += [layer for layer in (center - distance, center + distance) if 0 <= layer < num_layers]
+    return order
+
+
+class PlanQuantizer:
+    """Quantizes the tensors of one state dict under changing scheme assignments, caching every
+    (tensor, scheme) result so that demotion steps only quantize what they change."""
+
+    def __init__(
+        self,
+        state_dict: dict,
+        *,
+        clip: str,
+        scale_floor: str,
+        gptq_damp: float = GPTQ_DAMP,
+        gptq_block: int = GPTQ_BLOCK,
+        device: str | torch.device = "cpu",
+    ):
+        self.state_dict = state_dict
+        self.options = {
+            "clip": clip,
+            "scale_floor": scale_floor,
+            "gptq_damp": gptq_damp,
+            "gptq_block": gptq_block,
+        }
+        self.device = torch.device(device)
+        self.hessians: dict[str, torch.Tensor] = {}
+        self.cache: dict[tuple[str, str], tuple[dict, dict]] = {}
+
+    def entry(self, name: str, scheme: str) -> tuple[dict, dict]:
+        key = (name, scheme)
+        if key not in self.cache:
+            tensor = self.state_dict[name].to(self.device)
+            self.cache[key] = quantize_entry(
+                name, tensor, scheme, hessian=self.hessians.get(name), **self.options
+            )
+        return self.cache[key]
+
+    def quantize(self, schemes: dict) -> tuple[dict, dict]:
+        """(stored tensors, per-tensor plan records)."""
+        tensors, records = {}, {}
+        for name, scheme in schemes.items():
+            stored, records[name] = self.entry(name, scheme)
+            tensors.update(stored)
+        return tensors, records
+
+    def restored(self, name: str, scheme: str) -> torch.Tensor:
+        stored, _ = self.entry(name, scheme)
+        if scheme in INT_SCHEMES:
+            return dequantize_rows(stored[name], stored[name + SCALE_SUFFIX])
+        return stored[name].float() if stored[name].is_floating_point() else stored[name]
+
+    def dequantized(self, schemes: dict) -> dict:
+        """The float state dict the quantized tensors restore to."""
+        return {name: self.restored(name, scheme) for name, scheme in schemes.items()}
+
+
+def load_plan_model(model_config, state: dict, device) -> GPT:
+    model = GPT(model_config).to(device)
+    model.load_state_dict(state)
+    model.eval()
+    return model
+
+
+def gptq_group(name: str, num_layers: int) -> int:
+    """Calibration order: inputs before the blocks, each block, then the output head."""
+    block = tensor_block_index(name)
+    if block is not None:
+        return block + 1
+    return num_layers + 1 if name.startswith(("tok_emb.", "lm_head.")) else 0
+
+
+@torch.no_grad()
+def gptq_hessians(model: GPT, quantizer: PlanQuantizer, schemes: dict, batches: list, progress=None) -> dict:
+    """Sequential GPTQ calibration: for each group of layers in forward order, collect the Hessians of its
+    inputs with every earlier group already quantized, then quantize the group (standard GPTQ). Fills
+    quantizer.hessians (reused when demotion re-quantizes a block at fewer bits) and returns them."""
+    modules = dict(model.named_modules())
+    params = dict(model.named_parameters())
+    tied_head = "tok_emb.weight" if model.lm_head is None else None
+    targets = [name for name, scheme in schemes.items() if scheme in INT_SCHEMES]
+    num_layers = len(model.blocks)
+    for group in sorted({gptq_group(name, num_layers) for name in targets}):
+        names = [name for name in targets if gptq_group(name, num_layers) == group]
+        linear = [name for name in names if isinstance(modules.get(name.removesuffix(".weight")), nn.Linear)]
+        head = tied_head if tied_head in names else None
+        if linear or head:
+            quantizer.hessians.update(collect_hessians(model, linear, batches, head))
+        for name in names:
+            params[name].copy_(quantizer.restored(name, schemes[name]).to(params[name].device))
+        if progress:
+            progress(f"gptq: group {group}/{num_layers + 1}: {len(names)} tensors quantized")
+    return quantizer.hessians
+
+
+@torch.no_grad()
+def calibration_loss(model: GPT, batches: list) -> float:
+    losses = [model(inputs, targets).item() for inputs, targets in batches]
+    return sum(losses) / len(losses)
+
+
+def block_sensitivity(
+    model_config, quantizer: PlanQuantizer, schemes: dict, scheme: str, batches: list, progress=None
+) -> dict[int, float]:
+    """{block: calibration-loss increase when that block alone is demoted to `scheme`}; the rest as
+    planned."""
+    device = quantizer.device
+    model = load_plan_model(model_config, quantizer.dequantized(schemes), device)
+    base = calibration_loss(model, batches)
+    sensitivity = {}
+    for block in demotable_blocks(schemes):
+        model.load_state_dict(quantizer.dequantized(demote_blocks(schemes, [block], scheme)))
+        sensitivity[block] = calibration_loss(model, batches) - base
+        if progress:
+            progress(f"sensitivity: block {block} at {scheme}: loss {sensitivity[block]:+.5f}")
+    return sensitivity
+
+
+def plan_artifact_bytes(tensors: dict, plan: dict, codec: str, code_bytes: int) -> int:
+    """Counted bytes: the blob (pgolf.codecs, as `pgolf compress` writes it) + the code allowance."""
+    return len(pack_blob(tensors, plan, codec)) + code_bytes
+
+
+def fit_plan_to_target(schemes: dict, order: list[int], scheme: str, size_of, target: int, progress=None):
+    """Demote blocks in `order` to `scheme` one at a time until size_of(schemes) <= target.
+
+    Returns (schemes, steps); steps[0] is the undemoted size, each later step names the block it demoted.
+    OverBudget (exit 4) with the smallest achievable size when even every block demoted does not fit.
+    """
+    size = size_of(schemes)
+    steps = [{"demoted": None, "bytes": size}]
+    if progress:
+        progress(f"fit: as planned {size:,} bytes (target {target:,})")
+    if size <= target:
+        return schemes, steps
+    smallest = size_of(demote_blocks(schemes, order, scheme))
+    if smallest > target:
+        raise OverBudget(
+            f"target {target:,} bytes is out of reach: with every block at {scheme} the artifact is "
+            f"{smallest:,} bytes, the smallest this plan can make"
+        )
+    current = schemes
+    for count, block in enumerate(order, start=1):
+        current = demote_blocks(current, [block], scheme)
+        size = smallest if count == len(order) else size_of(current)
+        steps.append({"demoted": block, "bytes": size})
+        if progress:
+            progress(f"fit: block {block} -> {scheme}: {size:,} bytes")
+        if size <= target:
+            break
+    return current, steps
+
+
+def quantized_plan(model_config: dict, source: dict, spec: PlanSpec, clip: str, records: dict) -> dict:
+    """plan.json: {"model_config", "source", "plan", "tensors"} (docs/INTERNALS.md)."""
+    return {
+        "model_config": model_config,
+        "source": source,
+        "plan": {**spec.to_dict(), "clip": clip},
+        "tensors": records,
+    }
