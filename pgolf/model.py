@@ -258,15 +258,18 @@ class Block(nn.Module):
         self.attn_scale = nn.Parameter(torch.ones(dim))
         self.mlp_scale = nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
-        self.norm_scale = 1.0 / math.sqrt(layer + 1) if config.ln_scale else 1.0
+        self.norm_scale = 1.0 / math.sqrt(layer + 1) if config.ln_scale else None
 
     def forward(self, x, x0, cos, sin, v0):
         mix = self.resid_mix.to(x.dtype)
         x = mix[0][None, None, :] * x + mix[1][None, None, :] * x0
-        attn_out, v = self.attn(rms_norm(x) * self.norm_scale, cos, sin, v0)
+        attn_out, v = self.attn(self.norm(x), cos, sin, v0)
         x = x + self.attn_scale.to(x.dtype)[None, None, :] * attn_out
-        x = x + self.mlp_scale.to(x.dtype)[None, None, :] * self.mlp(rms_norm(x) * self.norm_scale)
+        x = x + self.mlp_scale.to(x.dtype)[None, None, :] * self.mlp(self.norm(x))
         return x, v
+
+    def norm(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x) if self.norm_scale is None else rms_norm(x) * self.norm_scale
 
 
 class SmearGate(nn.Module):
