@@ -59,8 +59,8 @@ class NgramConfig:
         if self.alpha_mode not in NGRAM_ALPHA_MODES:
             modes = ", ".join(NGRAM_ALPHA_MODES)
             raise ValueError(f"alpha_mode = {self.alpha_mode!r}: must be one of {modes}")
-        if self.alpha_mode == "fixed" and not 0.0 < self.alpha <= 1.0:
-            raise ValueError(f"alpha = {self.alpha}: must be in (0, 1]")
+        if self.alpha_mode == "fixed" and not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha = {self.alpha}: must be in [0, 1] (0 = the model alone)")
         if self.alpha_mode == "entropy" and not NGRAM_ENTROPY_FLOOR <= self.alpha <= 1.0:
             raise ValueError(f"alpha = {self.alpha}: must be in [{NGRAM_ENTROPY_FLOOR}, 1] with alpha_mode "
                              f"entropy (it is the ceiling; the floor is {NGRAM_ENTROPY_FLOOR})")
@@ -122,26 +122,28 @@ class NgramMixer:
         self.counted_upto = end
 
     @torch.no_grad()
-    def distribution(self, tokens: torch.Tensor, positions: torch.Tensor, dtype=torch.float32):
-        """p_ngram [n, V] for the targets at `positions`, from the counts alone; each row sums to 1."""
+    def distributions(self, tokens: torch.Tensor, positions: torch.Tensor, orders, dtype=torch.float32):
+        """{k: p_k [n, V]} for each order k in `orders` (2..K) at the targets at `positions`: one pass up the
+        interpolation chain, kept at each wanted order (an order sweep shares the tables of its largest)."""
         positions = positions.to(self.device, torch.int64)
         rows, valid = self.context_rows(tokens, positions)
         uniform = torch.full((1, self.vocab_size), 1.0 / self.vocab_size, dtype=dtype, device=self.device)
         p = ngram_witten_bell(self.unigram.to(dtype)[None, :], uniform).expand(len(positions), -1)
-        for j, table in enumerate(self.tables):
+        by_order = {}
+        for j, table in enumerate(self.tables[: max(orders) - 1]):
             counts = table[rows[:, j]].to(dtype) * valid[:, j, None]
             p = ngram_witten_bell(counts, p)
-        return p
+            if j + 2 in orders:
+                by_order[j + 2] = p
+        return by_order
+
+    def distribution(self, tokens: torch.Tensor, positions: torch.Tensor, dtype=torch.float32):
+        """p_ngram [n, V] of the highest order for the targets at `positions`; each row sums to 1."""
+        return self.distributions(tokens, positions, {self.config.order}, dtype)[self.config.order]
 
     def alpha(self, model_logprobs: torch.Tensor) -> torch.Tensor:
         """Mixture weight of each target, [n, 1]."""
-        config = self.config
-        if config.alpha_mode == "fixed":
-            return model_logprobs.new_full((len(model_logprobs), 1), config.alpha)
-        probs = model_logprobs.exp()
-        entropy = -torch.where(probs > 0, probs * model_logprobs, 0.0).sum(-1, keepdim=True)
-        gate = torch.sigmoid(NGRAM_ENTROPY_SLOPE * (entropy - NGRAM_ENTROPY_CENTER))
-        return NGRAM_ENTROPY_FLOOR + (config.alpha - NGRAM_ENTROPY_FLOOR) * gate
+        return ngram_mixture_weight(self.config, model_logprobs)
 
     @torch.no_grad()
     def mix(self, context_tokens: torch.Tensor, target_positions: torch.Tensor,
@@ -169,6 +171,17 @@ class NgramMixer:
             p_ngram = self.distribution(context_tokens, positions[start:end], dtype)
             mixed[start:end] = torch.logaddexp(model_block + torch.log1p(-alpha), alpha.log() + p_ngram.log())
         return mixed
+
+
+def ngram_mixture_weight(config: NgramConfig, model_logprobs: torch.Tensor) -> torch.Tensor:
+    """Mixture weight [n, 1] for `config` given the model's log-distributions [n, V]: alpha (fixed mode), or
+    the seeds' entropy-adaptive weight with alpha as its ceiling."""
+    if config.alpha_mode == "fixed":
+        return model_logprobs.new_full((len(model_logprobs), 1), config.alpha)
+    probs = model_logprobs.exp()
+    entropy = -torch.where(probs > 0, probs * model_logprobs, 0.0).sum(-1, keepdim=True)
+    gate = torch.sigmoid(NGRAM_ENTROPY_SLOPE * (entropy - NGRAM_ENTROPY_CENTER))
+    return NGRAM_ENTROPY_FLOOR + (config.alpha - NGRAM_ENTROPY_FLOOR) * gate
 
 
 def ngram_witten_bell(counts: torch.Tensor, lower: torch.Tensor) -> torch.Tensor:
