@@ -23,7 +23,6 @@ import lzma
 import os
 import sys
 import zlib
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -32,15 +31,18 @@ import torch.distributed as dist
 
 from pgolf.artifacts import atomic_write_bytes
 from pgolf.bpb import build_byte_tables, load_tokenizer
+from pgolf.checkpoint import model_config_from_json
 from pgolf.codecs import pack_blob, read_blob
 from pgolf.errors import InvalidInput
+from pgolf.evaluate import EvalConfig, EvalModel, EvalPlan, ngram_name, run_eval, warm_up
 from pgolf.gptq import calibration_batches, calibration_windows
 from pgolf.model import GPT, ModelConfig
 from pgolf.plans import PlanQuantizer, gptq_hessians, load_plan_model
 from pgolf.quant import dequantize_state
 from pgolf.shards import load_split, open_dataset
 from pgolf.train_config import TrainConfig
-from pgolf.trainer import StopSignal, Trainer, TrainLog, evaluate, init_distributed
+from pgolf.trainer import StopSignal, Trainer, TrainLog, init_distributed
+from pgolf.ttt import TTTConfig
 
 SUBMISSION_BLOB = "final_model.blob"
 SUBMISSION_ENTRY = "submission_main"
@@ -78,8 +80,13 @@ def submission_arguments(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def submission_config(cls, values: dict):
+    """A config dataclass from JSON-read values (JSON turns tuple fields into lists)."""
+    return cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in values.items()})
+
+
 def submission_data(data: str, tokenizer: str | None, vocab_size: int):
-    """(dataset, val tokens as an int32 tensor, bpb byte tables) of a shard directory."""
+    """(dataset, val tokens, bpb byte tables) of a shard directory."""
     dataset = open_dataset(Path(data), tokenizer)
     if dataset.tokenizer is None:
         raise InvalidInput(f"{data}: no tokenizer next to the shards (pass --tokenizer or $TOKENIZER_PATH)")
@@ -88,8 +95,7 @@ def submission_data(data: str, tokenizer: str | None, vocab_size: int):
         raise InvalidInput(f"{dataset.tokenizer}: {sp.GetPieceSize()} pieces, the model needs {vocab_size}")
     if not dataset.val:
         raise InvalidInput(f"{data}: no validation shards (fineweb_val_*.bin)")
-    val_tokens = torch.from_numpy(load_split(dataset.val).astype(np.int32))
-    return dataset, val_tokens, build_byte_tables(sp, vocab_size)
+    return dataset, load_split(dataset.val), build_byte_tables(sp, vocab_size)
 
 
 def submission_quantize(settings: dict, state: dict, model_config: ModelConfig, train_paths: list, device):
@@ -108,27 +114,37 @@ def submission_quantize(settings: dict, state: dict, model_config: ModelConfig, 
     return tensors, json.loads(json.dumps(plan))  # exactly what a blob's plan reads back as
 
 
-def submission_evaluate(blob_path: Path, val_tokens: torch.Tensor, tables, seq_len: int, dist_info) -> dict:
-    """Load the blob into a fresh GPT and score the validation split (non-overlapping seq_len windows)."""
+def submission_evaluate(blob_path: Path, val_tokens: np.ndarray, tables, settings: dict, dist_info):
+    """Totals (val_loss, val_bpb, ...) of the blob's model on the validation stream, scored as `pgolf eval`
+    scores it with the run's eval settings (windows, n-gram cache, TTT)."""
     tensors, plan = read_blob(blob_path)
-    model = GPT(ModelConfig(**plan["model_config"]))
-    model.load_state_dict(dequantize_state(tensors, plan))
-    model = model.to(dist_info.device).eval()
-    cuda = dist_info.device.type == "cuda"
+    model_config = model_config_from_json(json.dumps(plan["model_config"]))
+    device = dist_info.device
+    model = GPT(model_config)
+    model.load_state_dict(dequantize_state(tensors, plan), strict=True)
+    model = model.to(device).eval()
+    config = submission_config(EvalConfig, settings["eval"])
+    ttt = submission_config(TTTConfig, settings["ttt"]) if settings["ttt"] else None
+    seq_len = config.seq_len or model_config.max_seq_len
+    eval_plan = EvalPlan(seq_len, config.stride(seq_len), config.doc_isolated, config.batch_seqs)
+    grid = config.ngram_grid()
+    eval_model = EvalModel(model, compile=config.compile and device.type == "cuda")
+    warm_up(eval_model, model_config.vocab_size, seq_len, config.batch_seqs, device)
+    passed = run_eval(eval_model, val_tokens, eval_plan, tables, device, ngram=grid, ttt_config=ttt,
+                      rank=dist_info.rank, world_size=dist_info.world_size)
+    return passed.totals[ngram_name(grid[0])] if grid else passed.totals["model"]
 
-    def autocast():
-        return torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
 
-    batch_seqs = max(1, 65_536 // seq_len)
-    byte_tables = tables.torch(dist_info.device)
-    return evaluate(model, val_tokens, seq_len, batch_seqs, byte_tables, dist_info, autocast)
+def submission_result_line(totals) -> str:
+    return (f"final_roundtrip_exact val_loss:{totals.val_loss:.8f} val_bpb:{totals.val_bpb:.8f} "
+            f"val_tokens:{totals.targets} val_bytes:{totals.bytes}")
 
 
 def submission_train(baked: dict, args: argparse.Namespace) -> None:
     dist_info = init_distributed()
-    model_config = ModelConfig(**baked["model"])
+    model_config = submission_config(ModelConfig, baked["model"])
     overrides = {"iterations": args.iterations, "wallclock_seconds": args.wallclock, "checkpoint_every": 0}
-    train_config = dataclasses.replace(TrainConfig(**baked["train"]),
+    train_config = dataclasses.replace(submission_config(TrainConfig, baked["train"]),
                                        **{k: v for k, v in overrides.items() if v is not None})
     dataset, val_tokens, tables = submission_data(args.data, args.tokenizer, model_config.vocab_size)
     out = Path(args.out)
@@ -139,7 +155,8 @@ def submission_train(baked: dict, args: argparse.Namespace) -> None:
              f"{train_config.iterations} steps at most, wallclock cap {train_config.wallclock_seconds}s")
     trainer.warmup()
     with StopSignal() as stop:
-        metrics = trainer.run(val_tokens, tables.torch(trainer.device), log, out / "resume.safetensors", stop)
+        val_tensor = torch.from_numpy(val_tokens.astype(np.int32))
+        metrics = trainer.run(val_tensor, tables.torch(trainer.device), log, out / "resume.safetensors", stop)
     blob_path = out / SUBMISSION_BLOB
     if dist_info.is_main:
         state = trainer.ema_state() if "ema" in metrics else trainer.master_state()
@@ -153,17 +170,16 @@ def submission_train(baked: dict, args: argparse.Namespace) -> None:
         log.line(f"Total submission size: {len(blob) + code_bytes} bytes")
     if dist_info.world_size > 1:
         dist.barrier()
-    result = submission_evaluate(blob_path, val_tokens, tables, train_config.seq_len, dist_info)
-    log.line(f"final_roundtrip_exact val_loss:{result['val_loss']:.8f} val_bpb:{result['val_bpb']:.8f}")
+    log.line(submission_result_line(submission_evaluate(blob_path, val_tokens, tables, baked["eval"],
+                                                        dist_info)))
 
 
 def submission_eval(baked: dict, args: argparse.Namespace) -> None:
     dist_info = init_distributed()
     _, val_tokens, tables = submission_data(args.data, args.tokenizer, baked["model"]["vocab_size"])
-    result = submission_evaluate(Path(args.blob), val_tokens, tables, baked["train"]["seq_len"], dist_info)
+    totals = submission_evaluate(Path(args.blob), val_tokens, tables, baked["eval"], dist_info)
     if dist_info.is_main:
-        print(f"final_roundtrip_exact val_loss:{result['val_loss']:.8f} val_bpb:{result['val_bpb']:.8f} "
-              f"val_tokens:{result['val_tokens']} val_bytes:{result['val_bytes']}")
+        print(submission_result_line(totals))
 
 
 def submission_main(baked: dict, argv: list[str] | None = None) -> None:

@@ -6,6 +6,7 @@ the train logs.
 train_gpt.py is the counted code file: `pgolf verify-size BUNDLE_DIR` counts exactly it plus the blob.
 """
 
+import dataclasses
 import json
 import shutil
 import time
@@ -15,9 +16,10 @@ import typer
 
 from pgolf import log
 from pgolf.artifacts import StageOutput, atomic_write_bytes, atomic_write_json, open_stage, output_path
-from pgolf.bundle import SUBMISSION_BLOB, bundle_source, extracted_source, self_extracting
+from pgolf.bundle import SUBMISSION_BLOB, bundle_source, extracted_source, self_extracting, submission_config
 from pgolf.codecs import read_blob
-from pgolf.errors import InvalidInput, OverBudget
+from pgolf.errors import InvalidInput, OverBudget, UsageError
+from pgolf.evaluate import EvalConfig
 from pgolf.stages.common import FORCE_OPTION, JSON_OPTION, out_option, report
 from pgolf.stages.report import upstream
 from pgolf.stages.verify_size import CAP_BYTES
@@ -46,7 +48,17 @@ def lineage(train_dir: Path, blob_dir: Path) -> tuple[dict, dict, dict, Path]:
     return train, quantize, compress, quantize_dir
 
 
-def baked_settings(train: dict, quantize: dict, compress: dict, plan: dict) -> dict:
+def eval_settings(evaluation: dict | None) -> dict:
+    """The eval settings the submission scores with: the given eval run's, else `pgolf eval`'s defaults."""
+    if evaluation is None:
+        return {"eval": dataclasses.asdict(EvalConfig()), "ttt": None}
+    settings = evaluation["config"]
+    if len(submission_config(EvalConfig, settings["eval"]).ngram_grid()) > 1:
+        raise UsageError("--eval: that run swept an n-gram grid; bundle the eval of a single setting")
+    return {"eval": settings["eval"], "ttt": settings.get("ttt")}
+
+
+def baked_settings(train: dict, quantize: dict, compress: dict, plan: dict, evaluation: dict | None) -> dict:
     """What `python train_gpt.py train` needs to reproduce this run's training, quantization and codec."""
     quantize_config, quantize_metrics = quantize["config"], quantize["metrics"]
     return {
@@ -61,18 +73,26 @@ def baked_settings(train: dict, quantize: dict, compress: dict, plan: dict) -> d
             "plan": {"plan": plan.get("plan")},
         },
         "compress": {key: compress["metrics"][key] for key in ("codec", "level", "shuffle", "bitpack")},
+        "eval": eval_settings(evaluation),
     }
 
 
-def scores(train: dict, eval_dir: Path | None, report_dir: Path | None, blob_sha: str) -> dict:
+def open_eval(eval_dir: Path | None, compress: dict) -> dict | None:
+    """The eval manifest, checked to be an evaluation of this very blob."""
+    if eval_dir is None:
+        return None
+    evaluation = open_stage(eval_dir, "eval")
+    evaluated = upstream(evaluation, "compress")
+    if evaluated is None or input_sha(evaluated, "blob") != input_sha(compress, "blob"):
+        raise InvalidInput(f"{eval_dir}: is not an evaluation of this blob")
+    return evaluation
+
+
+def scores(train: dict, evaluation: dict | None, report_dir: Path | None) -> dict:
     """Score fields: a multi-seed report's, else this blob's eval, else none (pre-quant ones kept apart)."""
     fields = {"pre_quant_val_loss": train["metrics"].get("val_loss"),
               "pre_quant_val_bpb": train["metrics"].get("val_bpb")}
-    if eval_dir is not None:
-        evaluation = open_stage(eval_dir, "eval")
-        blob = upstream(evaluation, "compress")
-        if blob is None or input_sha(blob, "blob") != blob_sha:
-            raise InvalidInput(f"{eval_dir}: is not an evaluation of this blob")
+    if evaluation is not None:
         fields |= {key: evaluation["metrics"][key] for key in ("val_loss", "val_bpb")}
     if report_dir is not None:
         submission = output_path(open_stage(report_dir, "report"), report_dir, "submission")
@@ -139,7 +159,8 @@ def bundle(
     train, quantize, compress, quantize_dir = lineage(train_dir, blob_dir)
     blob_path = output_path(compress, blob_dir, "blob")
     _, plan = read_blob(blob_path)
-    baked = baked_settings(train, quantize, compress, plan)
+    evaluation = open_eval(eval_dir, compress)
+    baked = baked_settings(train, quantize, compress, plan, evaluation)
     source = bundle_source(baked, f"{name}: Parameter Golf submission by {author or github_id}")
     code = self_extracting(source) if compress_code else source
     if compress_code and extracted_source(code) != source:
@@ -152,7 +173,7 @@ def bundle(
         "name": name, "author": author or github_id, "github_id": github_id, "blurb": blurb,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "track": TRACK,
         "val_loss": None, "val_bpb": None,
-        **scores(train, eval_dir, report_dir, input_sha(compress, "blob")),
+        **scores(train, evaluation, report_dir),
         "bytes_total": bytes_model + bytes_code, "bytes_code": bytes_code, "bytes_model": bytes_model,
         "hardware": train.get("environment", {}).get("gpu"),
         "pytorch_version": train.get("environment", {}).get("torch"),
