@@ -10,7 +10,8 @@ from pgolf.errors import PgolfError
 from pgolf.log import console
 
 # Stage modules, in pipeline order; each defines `register(app)`.
-STAGES = ["data", "verify", "tokenize", "train", "quantize", "compress", "verify_size", "evaluate", "report"]
+STAGES = ["data", "verify", "tokenize", "train", "quantize", "compress", "verify_size", "evaluate", "bundle",
+          "report"]
 
 app = typer.Typer(
     name="pgolf",
