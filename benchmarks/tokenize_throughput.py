@@ -67,7 +67,7 @@ def measure(name: str, run) -> dict:
 
 def run_pipeline(corpus: Corpus, model_proto: bytes, val_docs: int, workers: int):
     with tempfile.TemporaryDirectory() as directory:
-        splits = write_shards(
+        splits, _ = write_shards(
             corpus.documents(),
             model_proto,
             Path(directory),

@@ -199,12 +199,11 @@ class DocumentEncoder:
         missing = np.flatnonzero(index < 0)
         if len(missing) == 0:
             return self.gather(index)
-        cached = len(self.word_index)
         if not self.learn_words(keys, index, missing):
             return None
         tokens = self.gather(index)
         if len(self.word_index) > self.cache_size:
-            self.forget_words(cached)
+            self.forget_words(self.cache_size)
         return tokens
 
     def gather(self, index: np.ndarray) -> np.ndarray:
@@ -239,8 +238,8 @@ class DocumentEncoder:
         return True
 
     def forget_words(self, keep: int) -> None:
-        """Drop all but the first `keep` cached words, so memory stays bounded; the words seen first, which in
-        Zipf-distributed text are mostly the frequent ones, stay."""
+        """Drop all but the first `keep` cached words, so memory stays bounded; the words seen first, in
+        Zipf-distributed text mostly the frequent ones, stay."""
         for key in list(itertools.islice(self.word_index, keep, None)):
             del self.word_index[key]
         self.word_ids = self.word_ids[: self.word_start[keep]]
@@ -338,20 +337,18 @@ def write_shards(
     shard_tokens: int,
     workers: int = 0,
     on_batch: Callable[[str, EncodedBatch], None] | None = None,
-) -> dict:
-    """Encode `documents` into `directory`'s val then train shards; returns per-split
-    {documents, tokens, bytes, text_bytes}. Shards not finished when an exception escapes are removed."""
+) -> tuple[dict, dict]:
+    """Encode `documents` into `directory`'s val then train shards. Returns per split its totals
+    {documents, tokens, bytes, text_bytes} and its shard paths. A shard not finished when an exception escapes
+    is removed."""
     workers = workers or os.cpu_count() or 1
     totals = {split: {"documents": 0, "tokens": 0, "bytes": 0, "text_bytes": 0} for split in ("val", "train")}
-    writer = ShardWriter(directory, "val", shard_tokens)
+    writers = {split: ShardWriter(directory, split, shard_tokens) for split in ("val", "train")}
     batches = encode_batches(split_batches(documents, val_docs), model_proto, workers)
     try:
         with contextlib.closing(batches):
             for split, batch in batches:
-                if split != writer.split:
-                    writer.close()
-                    writer = ShardWriter(directory, split, shard_tokens)
-                writer.write(batch.tokens)
+                writers[split].write(batch.tokens)
                 counts = totals[split]
                 counts["documents"] += batch.documents
                 counts["tokens"] += len(batch.tokens)
@@ -359,8 +356,8 @@ def write_shards(
                 counts["text_bytes"] += batch.text_bytes
                 if on_batch:
                     on_batch(split, batch)
-        writer.close()
     except BaseException:
-        writer.discard()
+        for writer in writers.values():
+            writer.discard()
         raise
-    return totals
+    return totals, {split: writer.close() for split, writer in writers.items()}

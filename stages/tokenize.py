@@ -94,8 +94,7 @@ def tokenize(
         splits = encode_corpus(corpus, model_proto, stage, config, progress)
         stage.metrics = {
             **splits,
-            # Tokens (BOS included) per raw UTF-8 byte of text, the figure tokenizers are compared by.
-            "tokens_per_byte": round(sum(s["tokens"] for s in splits.values()) / sum_text_bytes(splits), 6),
+            "tokens_per_byte": tokens_per_byte(splits),
             "tokenizer_sha256": sha256_file(model_path),
             "vocab_size": vocab,
         }
@@ -195,7 +194,7 @@ def encode_corpus(
         counts["bytes"] += batch.text_bytes
         update_task(progress, task, corpus, counts, started)
 
-    splits = write_shards(
+    splits, shards = write_shards(
         corpus.documents(),
         model_proto,
         stage.dir,
@@ -206,6 +205,9 @@ def encode_corpus(
     )
     if counts["docs"] == 0:
         raise InvalidInput(f"{corpus}: empty corpus (no documents)")
+    for split, paths in shards.items():
+        for path in paths:
+            stage.add_output(path.name, f"{split}_shard")
     return splits
 
 
@@ -221,8 +223,10 @@ def update_task(progress: Progress, task, corpus: Corpus, counts: dict, started:
     )
 
 
-def sum_text_bytes(splits: dict) -> int:
-    return max(sum(s["text_bytes"] for s in splits.values()), 1)
+def tokens_per_byte(splits: dict) -> float:
+    """Tokens (BOS included) per raw UTF-8 byte of text, both splits together (how tokenizers compare)."""
+    text_bytes = sum(s["text_bytes"] for s in splits.values())
+    return round(sum(s["tokens"] for s in splits.values()) / max(text_bytes, 1), 6)
 
 
 def summary(out: Path, metrics: dict) -> list[str]:

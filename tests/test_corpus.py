@@ -1,0 +1,118 @@
+"""pgolf.corpus on real FineWeb documents: every input kind yields exactly the documents, in order, streamed;
+bad input names the file (and line) and exits 3."""
+
+import json
+
+import pytest
+import zstandard
+
+from pgolf.corpus import Corpus, corpus_files
+from pgolf.errors import InvalidInput
+from tests.shared_data import DOCS200, fineweb_docs, need
+
+
+@pytest.fixture(scope="module")
+def docs():
+    return fineweb_docs()
+
+
+def write_jsonl(path, texts, field="text"):
+    path.write_text("".join(json.dumps({field: t, "id": i}) + "\n" for i, t in enumerate(texts)))
+    return path
+
+
+def read_all(*sources, text_field="text"):
+    return list(Corpus(list(sources), text_field).documents())
+
+
+def test_jsonl_yields_every_document_in_order(docs):
+    corpus = Corpus([need(DOCS200)])
+    assert list(corpus.documents()) == docs
+    assert corpus.bytes_read == corpus.total_bytes == DOCS200.stat().st_size
+    assert list(corpus.documents()) == docs  # re-readable
+
+
+def test_zstd_with_a_long_window_needs_and_gets_the_large_window_limit(docs, tmp_path):
+    # Like the benchmark corpus: written with a 256 MiB window, which zstandard refuses by default (128 MiB).
+    params = zstandard.ZstdCompressionParameters.from_level(3, window_log=28)
+    path = tmp_path / "docs.jsonl.zst"
+    with (
+        open(path, "wb") as f,
+        zstandard.ZstdCompressor(compression_params=params).stream_writer(f) as writer,
+    ):
+        writer.write(need(DOCS200).read_bytes())
+    with pytest.raises(zstandard.ZstdError):
+        zstandard.ZstdDecompressor().stream_reader(open(path, "rb")).read()
+    corpus = Corpus([path])
+    assert list(corpus.documents()) == docs
+    assert corpus.bytes_read == path.stat().st_size
+
+
+def test_corrupt_zstd_names_the_file(docs, tmp_path):
+    data = zstandard.ZstdCompressor().compress(need(DOCS200).read_bytes())
+    path = tmp_path / "bad.jsonl.zst"
+    path.write_bytes(data[: len(data) // 2] + bytes(64) + data[len(data) // 2 + 64 :])
+    with pytest.raises(InvalidInput, match=r"bad\.jsonl\.zst.*corrupt zstd"):
+        read_all(path)
+
+
+def test_txt_files_directories_and_globs_are_sorted(docs, tmp_path):
+    nested = tmp_path / "corpus" / "b"
+    nested.mkdir(parents=True)
+    (tmp_path / "corpus" / "c.txt").write_text(docs[2])
+    (nested / "a.txt").write_text(docs[1])
+    write_jsonl(tmp_path / "corpus" / "a.jsonl", docs[3:6])
+    (tmp_path / "corpus" / "notes.md").write_text("not a corpus file")
+    # Sorted by path: a.jsonl, b/a.txt, c.txt; notes.md is skipped.
+    assert read_all(tmp_path / "corpus") == docs[3:6] + [docs[1], docs[2]]
+    assert read_all(str(tmp_path / "corpus" / "*.txt")) == [docs[2]]
+    assert read_all(str(tmp_path / "corpus" / "**" / "*.txt")) == [docs[1], docs[2]]
+    # Several sources keep the order given.
+    assert read_all(tmp_path / "corpus" / "c.txt", tmp_path / "corpus" / "a.jsonl") == [docs[2], *docs[3:6]]
+
+
+def test_text_field_and_blank_lines(docs, tmp_path):
+    path = write_jsonl(tmp_path / "c.jsonl", docs[:3], field="content")
+    path.write_text(path.read_text().replace("\n", "\n\n", 1))
+    assert read_all(path, text_field="content") == docs[:3]
+    with pytest.raises(InvalidInput, match=r"c\.jsonl:1: no 'text' field"):
+        read_all(path)
+
+
+@pytest.mark.parametrize(
+    "line, problem",
+    [
+        (b'{"text": "unterminated', r"bad\.jsonl:3: invalid JSON"),
+        (b'["a list"]', r"bad\.jsonl:3: no 'text' field"),
+        (b'{"text": 42}', r"bad\.jsonl:3: 'text' is a int, not a string"),
+        (b'{"text": "caf\xe9"}', r"bad\.jsonl:3: not valid UTF-8 \(byte 13 of the line\)"),
+        (b'{"text": "half \\ud800 a pair"}', r"bad\.jsonl:3: 'text' is not valid UTF-8 \(unpaired surrogate"),
+    ],
+)
+def test_bad_lines_name_file_and_line(docs, tmp_path, line, problem):
+    path = tmp_path / "bad.jsonl"
+    good = write_jsonl(tmp_path / "good.jsonl", docs[:2]).read_bytes()
+    path.write_bytes(good + line + b"\n" + good)
+    documents = Corpus([path]).documents()
+    assert [next(documents), next(documents)] == docs[:2]  # streamed: good lines come before the error
+    with pytest.raises(InvalidInput, match=problem):
+        next(documents)
+
+
+def test_non_utf8_txt(tmp_path):
+    (tmp_path / "a.txt").write_bytes(b"fine text then \xff")
+    with pytest.raises(InvalidInput, match=r"a\.txt: not valid UTF-8 \(byte 15\)"):
+        read_all(tmp_path / "a.txt")
+
+
+def test_sources_that_name_no_corpus(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "x.json").write_text("{}")
+    with pytest.raises(InvalidInput, match="no such file"):
+        corpus_files(tmp_path / "missing.jsonl")
+    with pytest.raises(InvalidInput, match="directory holds no"):
+        corpus_files(tmp_path / "empty")
+    with pytest.raises(InvalidInput, match="not a corpus file"):
+        corpus_files(tmp_path / "x.json")
+    with pytest.raises(InvalidInput, match="pattern matches no"):
+        corpus_files(str(tmp_path / "*.jsonl"))
