@@ -26,15 +26,7 @@ import torch.nn.functional as F
 
 from pgolf.bpb import ByteTables
 from pgolf.errors import ComplianceError
-from pgolf.ngram import (
-    NGRAM_BLOCK_ELEMENTS,
-    NGRAM_ENTROPY_CENTER,
-    NGRAM_ENTROPY_FLOOR,
-    NGRAM_ENTROPY_SLOPE,
-    NgramConfig,
-    NgramMixer,
-    ngram_witten_bell,
-)
+from pgolf.ngram import NGRAM_BLOCK_ELEMENTS, NgramConfig, NgramMixer, ngram_mixture_weight
 from pgolf.shards import BOS_ID
 from pgolf.ttt import TTTConfig, run_ttt
 
@@ -121,10 +113,12 @@ def plan_windows(
     return np.concatenate(spans) if spans else np.zeros((0, 3), dtype=np.int64)
 
 
-def split_for_rank(windows: np.ndarray, rank: int, world_size: int) -> np.ndarray:
-    """A contiguous share of the windows, so each rank's targets are one increasing run."""
-    count = len(windows)
-    return windows[count * rank // world_size : count * (rank + 1) // world_size]
+def split_for_rank(windows: np.ndarray, rank: int, world_size: int, batch_seqs: int) -> np.ndarray:
+    """A contiguous share of whole batches of windows: each rank's targets are one increasing run, and its
+    batches (hence n-gram update points) are exactly those of a single process."""
+    batches = -(-len(windows) // batch_seqs)
+    first, last = batches * rank // world_size, batches * (rank + 1) // world_size
+    return windows[first * batch_seqs : last * batch_seqs]
 
 
 # -------------------------------------------------------------------------------------------------------
@@ -210,22 +204,12 @@ def gold_nll(logprobs: torch.Tensor, tokens: torch.Tensor, positions: torch.Tens
 # N-gram sweeps
 
 
-def ngram_alpha(config: NgramConfig, model_logprobs: torch.Tensor) -> torch.Tensor:
-    """Mixture weight [n, 1] of a grid point: NgramMixer.alpha for `config` (pgolf.ngram's formula)."""
-    if config.alpha_mode == "fixed":
-        return model_logprobs.new_full((len(model_logprobs), 1), config.alpha)
-    probs = model_logprobs.exp()
-    entropy = -torch.where(probs > 0, probs * model_logprobs, 0.0).sum(-1, keepdim=True)
-    gate = torch.sigmoid(NGRAM_ENTROPY_SLOPE * (entropy - NGRAM_ENTROPY_CENTER))
-    return NGRAM_ENTROPY_FLOOR + (config.alpha - NGRAM_ENTROPY_FLOOR) * gate
-
-
 class NgramSweep:
     """Every (order, alpha) grid point from one model pass and one set of count tables.
 
-    One point runs NgramMixer.mix as is. For several, the largest order's mixer serves all: its tables[j] are
-    order j + 2 and the Witten-Bell chain passes through every lower order, so each chunk builds the chain
-    once, keeps p_k at each grid order k, and mixes each alpha from it (test: equal to separate mixers).
+    One point runs NgramMixer.mix as is. For several, the largest order's mixer serves all: its interpolation
+    chain passes through every lower order (NgramMixer.distributions), so each chunk builds it once and mixes
+    each alpha from the p_k of its order, as NgramMixer.mix would (test: equal to separate mixers).
     """
 
     def __init__(self, configs: list[NgramConfig], vocab_size: int, device):
@@ -240,40 +224,33 @@ class NgramSweep:
         return counted
 
     @torch.no_grad()
-    def mix(self, tokens: torch.Tensor, positions: torch.Tensor, model_logprobs: torch.Tensor) -> list:
-        """Mixed log-distributions [n, V], one per grid point, for the targets at `positions`."""
+    def score(self, tokens: torch.Tensor, positions: torch.Tensor, model_logprobs: torch.Tensor,
+              keep_distributions: bool = False) -> tuple[list, list | None]:
+        """(gold NLL [n], one per grid point; their mixed log-distributions [n, V] when asked) for the targets
+        at `positions`. Full [n, V] mixtures of a sweep are kept only for tracing: they are big."""
         if len(self.configs) == 1:
-            return [self.mixer.mix(tokens, positions, model_logprobs)]
+            mixed = self.mixer.mix(tokens, positions, model_logprobs)
+            return [gold_nll(mixed, tokens, positions)], [mixed] if keep_distributions else None
         mixer = self.mixer
         if len(positions) and int(positions.min()) < mixer.counted_upto:
             raise ComplianceError(f"n-gram sweep: target {int(positions.min())} is already counted (counts "
                                   f"cover positions < {mixer.counted_upto}); score before update (C3)")
         orders = {config.order for config in self.configs}
-        mixed = [torch.empty_like(model_logprobs) for _ in self.configs]
+        nll = [[] for _ in self.configs]
+        kept = [[] for _ in self.configs] if keep_distributions else None
         block = max(1, NGRAM_BLOCK_ELEMENTS // mixer.vocab_size)
         for start in range(0, len(positions), block):
-            end = min(start + block, len(positions))
-            p_by_order = self.distributions(tokens, positions[start:end], orders, model_logprobs.dtype)
-            model_block = model_logprobs[start:end]
-            for out, config in zip(mixed, self.configs, strict=True):
-                alpha = ngram_alpha(config, model_block)
-                out[start:end] = torch.logaddexp(model_block + torch.log1p(-alpha),
-                                                 alpha.log() + p_by_order[config.order].log())
-        return mixed
-
-    def distributions(self, tokens, positions, orders: set[int], dtype) -> dict[int, torch.Tensor]:
-        """p_k [n, V] for each k in `orders`: NgramMixer.distribution's chain, kept at each wanted order."""
-        mixer = self.mixer
-        rows, valid = mixer.context_rows(tokens, positions.to(mixer.device, torch.int64))
-        uniform = torch.full((1, mixer.vocab_size), 1.0 / mixer.vocab_size, dtype=dtype, device=mixer.device)
-        p = ngram_witten_bell(mixer.unigram.to(dtype)[None, :], uniform).expand(len(positions), -1)
-        by_order = {}
-        for j, table in enumerate(mixer.tables):
-            counts = table[rows[:, j]].to(dtype) * valid[:, j, None]
-            p = ngram_witten_bell(counts, p)
-            if j + 2 in orders:
-                by_order[j + 2] = p
-        return by_order
+            block_positions = positions[start : start + block]
+            model_block = model_logprobs[start : start + block]
+            p_by_order = mixer.distributions(tokens, block_positions, orders, model_logprobs.dtype)
+            for index, config in enumerate(self.configs):
+                alpha = ngram_mixture_weight(config, model_block)
+                p_ngram = p_by_order[config.order]
+                mixed = torch.logaddexp(model_block + torch.log1p(-alpha), alpha.log() + p_ngram.log())
+                nll[index].append(gold_nll(mixed, tokens, block_positions))
+                if kept is not None:
+                    kept[index].append(mixed)
+        return [torch.cat(parts) for parts in nll], kept and [torch.cat(parts) for parts in kept]
 
 
 def ngram_name(config: NgramConfig) -> str:
@@ -391,13 +368,12 @@ class Scorer:
             trace.record("model", model_nll, logprobs)
         primary = model_nll
         if self.sweep is not None:
-            mixed = self.sweep.mix(tokens, positions, logprobs)
-            for name, out in zip(self.names[1:], mixed, strict=True):
-                nll = gold_nll(out, tokens, positions)
+            nlls, mixed = self.sweep.score(tokens, positions, logprobs, keep_distributions=trace is not None)
+            for index, (name, nll) in enumerate(zip(self.names[1:], nlls, strict=True)):
                 self.totals[name].add(nll, byte_count)
                 if trace is not None:
-                    trace.record(name, nll, out)
-            primary = gold_nll(mixed[0], tokens, positions) if len(mixed) == 1 else model_nll
+                    trace.record(name, nll, mixed[index])
+            primary = nlls[0] if len(nlls) == 1 else model_nll
             counted = self.sweep.update(tokens, int(positions.max()) + 1)
             if trace is not None:
                 trace.events.append(("update", counted))
@@ -433,8 +409,8 @@ def scored_pass(
     rank: int = 0, world_size: int = 1, progress=None,
 ) -> None:
     """The plain pass: this rank's share of the windows, scored in order."""
-    windows = split_for_rank(plan.windows(tokens_np), rank, world_size)
-    if len(windows):
+    windows = split_for_rank(plan.windows(tokens_np), rank, world_size, plan.batch_seqs)
+    if rank > 0 and len(windows):
         scorer.fast_forward(int(windows[0, 1]))
     with torch.inference_mode():
         for positions, logits in scored_logits(model, tokens, windows, plan.seq_len, plan.batch_seqs):

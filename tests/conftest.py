@@ -94,3 +94,23 @@ def tiny_checkpoint_dir(tiny_data_dir, tmp_path_factory):
         save_checkpoint(checkpoint, model.state_dict(), config, metadata)
         stage.finalize()
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_eval_inputs(tiny_data_dir, tiny_checkpoint_dir):
+    """(model on the CPU, val tokens, byte tables) of the tiny checkpoint and data."""
+    from pgolf.loading import build_model, load_artifact
+
+    state, config, _ = load_artifact(tiny_checkpoint_dir, tiny_data_dir / SP1024.name)
+    tokens = np.asarray(load_split(list_shards(tiny_data_dir, "val")), dtype=np.int64)
+    tables = build_byte_tables(load_tokenizer(tiny_data_dir / SP1024.name), config.vocab_size)
+    return build_model(state, config, "cpu"), tokens, tables
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread per test process (tests run two processes on two cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
