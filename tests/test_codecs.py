@@ -38,18 +38,23 @@ def pgolf(*args):
     return subprocess.run([sys.executable, "-m", "pgolf", *map(str, args)], capture_output=True, text=True)
 
 
-def run_cli(capsys, *args) -> subprocess.CompletedProcess:
-    """pgolf.cli.main in-process (no torch re-import per call): exit code, stdout, stderr."""
-    capsys.readouterr()
+def run_main(*args) -> int:
+    """pgolf.cli.main in-process (no torch re-import per call); returns the exit code."""
     argv = sys.argv
     sys.argv = ["pgolf", *map(str, args)]
     try:
         main()
-        code = 0
+        return 0
     except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
+        return e.code if isinstance(e.code, int) else 1
     finally:
         sys.argv = argv
+
+
+def run_cli(capsys, *args) -> subprocess.CompletedProcess:
+    """run_main with stdout and stderr captured."""
+    capsys.readouterr()
+    code = run_main(*args)
     captured = capsys.readouterr()
     return subprocess.CompletedProcess(args, code, captured.out, captured.err)
 

@@ -1,0 +1,198 @@
+"""`pgolf bundle`: the inliner's rules (unique names, plain pgolf imports, allowed packages, pruning) and the
+real pipeline: train -> quantize -> compress -> eval -> bundle, then the bundled train_gpt.py run where pgolf
+is NOT importable, scoring the blob exactly as `pgolf eval` does, plain and self-extracting."""
+
+import json
+import re
+import site
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pgolf.artifacts import read_manifest
+from pgolf.bundle import SUBMISSION_BLOB, bundle_source, extracted_source, modules_in_order
+from pgolf.codecs import read_blob, read_blob_header
+from pgolf.errors import InvalidInput
+from tests.test_codecs import run_cli, run_main
+
+RESULT_LINE = re.compile(r"final_roundtrip_exact val_loss:(\S+) val_bpb:(\S+)")
+RUN_TOML = """
+[train]
+iterations = 4
+val_every = 0
+checkpoint_every = 0
+warmup_steps = 1
+"""
+
+
+def write_package(directory: Path, modules: dict[str, str]) -> Path:
+    directory.mkdir(exist_ok=True)
+    for name, source in modules.items():
+        (directory / f"{name}.py").write_text(source)
+    return directory
+
+
+def bundle_of(directory: Path, entry_module: str = "entry", entry: str = "main") -> str:
+    return bundle_source({"answer": 42}, "test", entry=entry, entry_module=entry_module, directory=directory)
+
+
+def test_inlines_in_dependency_order_and_prunes_what_the_entry_never_reaches(tmp_path):
+    package = write_package(tmp_path / "pkg", {
+        "entry": "import math\n\nfrom pgolf.helpers import double\n\n\ndef main(baked):\n"
+                 "    print(double(baked['answer']), math.pi > 3)\n",
+        "helpers": "from pgolf.base import BASE\n\n# why the constant exists\nSCALE = 2\n\n\n"
+                   "def double(x):\n    return x * SCALE + BASE\n\n\ndef unused_helper():\n    return 1\n",
+        "base": "import json\n\nBASE = 0\n\n\ndef never_called():\n    return json.dumps({})\n",
+    })
+    assert [m.name for m in modules_in_order("entry", package)] == ["base", "helpers", "entry"]
+    source = bundle_of(package)
+    assert "unused_helper" not in source and "never_called" not in source and "import json" not in source
+    assert "from pgolf" not in source and "# why the constant exists" in source
+    assert source.index("BASE = 0") < source.index("def double") < source.index("def main")
+    script = tmp_path / "script.py"
+    script.write_text(source)
+    result = subprocess.run([sys.executable, "-S", script], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout == "84 True\n", result.stderr
+
+
+@pytest.mark.parametrize("modules, message", [
+    ({"entry": "from pgolf.other import f\n\n\ndef main(baked):\n    f()\n\n\ndef helper():\n    pass\n",
+      "other": "def f():\n    pass\n\n\ndef helper():\n    pass\n"}, "top-level name 'helper' is also bound"),
+    ({"entry": "from pgolf.other import f\n\nLIMIT = 3\n\n\ndef main(baked):\n    f()\n",
+      "other": "LIMIT = 4\n\n\ndef f():\n    pass\n"}, "top-level name 'LIMIT' is also bound"),
+    ({"entry": "from pgolf.other import f\nimport numpy as np\n\n\ndef main(baked):\n    f(np)\n",
+      "other": "import torch as np\n\n\ndef f(x):\n    pass\n"}, "top-level name 'np' is also bound"),
+    ({"entry": "from pgolf.other import f as g\n\n\ndef main(baked):\n    g()\n",
+      "other": "def f():\n    pass\n"}, "no `as`"),
+    ({"entry": "def main(baked):\n    from pgolf.other import f\n    f()\n",
+      "other": "def f():\n    pass\n"}, "must be at module top level"),
+    ({"entry": "import pgolf.other\n\n\ndef main(baked):\n    pgolf.other.f()\n",
+      "other": "def f():\n    pass\n"}, "`import pgolf...` cannot be inlined"),
+    ({"entry": "from pgolf.other import f\n\n\ndef main(baked):\n    f()\n",
+      "other": "from pgolf.entry import main\n\n\ndef f():\n    pass\n"}, "circular pgolf imports"),
+    ({"entry": "import typer\n\n\ndef main(baked):\n    typer.echo(1)\n"}, "imports 'typer'"),
+])
+def test_bundling_rules_are_enforced(tmp_path, modules, message):
+    package = write_package(tmp_path / "pkg", modules)
+    with pytest.raises(InvalidInput, match=re.escape(message)):
+        bundle_of(package)
+
+
+def test_same_imports_and_identical_constants_may_repeat(tmp_path):
+    package = write_package(tmp_path / "pkg", {
+        "entry": "from dataclasses import dataclass\n\nfrom pgolf.other import f\n\nBOS_ID = 1\n\n\n"
+                 "def main(baked):\n    f(BOS_ID, dataclass)\n\n\ndef unused():\n    import typer\n",
+        "other": "from dataclasses import dataclass, field\n\nBOS_ID = 1\n\n\ndef f(*args):\n    pass\n",
+    })
+    source = bundle_of(package)  # `import typer` sits in a pruned function: never shipped, never refused
+    assert "typer" not in source
+
+
+def test_the_real_core_bundles_without_pgolf():
+    source = bundle_source({}, "pgolf core")
+    assert "def submission_main" in source and "def run_eval" in source and "class GPT" in source
+    assert not re.search(r"^\s*(from|import) pgolf", source, re.M)
+    for bundler_only in ("def bundle_source", "def check_unique_names", "import ast"):
+        assert bundler_only not in source  # the bundler half of pgolf/bundle.py is pruned away
+
+
+# ---- the real pipeline -------------------------------------------------------------------------------------
+
+
+def isolated_python(script_dir: Path, *args) -> subprocess.CompletedProcess:
+    """Run python with site-packages on the path but no .pth processing (-S), so the editable pgolf install
+    is not importable; cwd is the bundle directory."""
+    env = {"PYTHONPATH": ":".join(site.getsitepackages()), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-S", *map(str, args)], capture_output=True, text=True,
+                          cwd=script_dir, env=env)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_data_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bundle_run")
+    config = root / "run.toml"
+    config.write_text(RUN_TOML)
+    steps = [
+        ("train", tiny_data_dir, "--preset", "tiny", "--config", config, "--out", root / "train"),
+        ("quantize", root / "train", "--plan", "int6", "--out", root / "q"),
+        ("compress", root / "q", "--codec", "lzma", "--shuffle", "on", "--bitpack", "off",
+         "--out", root / "blob"),
+        ("eval", root / "blob", "--data", tiny_data_dir, "--out", root / "eval"),
+    ]
+    for step in steps:
+        assert run_main(*step) == 0, step
+    for name, extra in (("plain", ()), ("packed", ("--compress-code",))):
+        assert run_main("bundle", "--train", root / "train", "--blob", root / "blob", "--eval", root / "eval",
+                        "--name", "Tiny pipeline", "--github-id", "tester", *extra, "--out", root / name) == 0
+    return root
+
+
+def script_result(directory: Path, data_dir: Path) -> tuple[str, str]:
+    result = isolated_python(directory, "train_gpt.py", "eval", "--data", data_dir)
+    assert result.returncode == 0, result.stderr
+    return RESULT_LINE.search(result.stdout).groups()
+
+
+def test_pgolf_is_not_importable_in_the_isolated_interpreter(tmp_path):
+    imports = "import torch, numpy, sentencepiece, zstandard, brotli, safetensors; import pgolf"
+    result = isolated_python(tmp_path, "-c", imports)
+    assert result.returncode != 0 and "No module named 'pgolf'" in result.stderr
+
+
+def test_bundled_eval_matches_pgolf_eval(pipeline, tiny_data_dir):
+    metrics = read_manifest(pipeline / "eval")["metrics"]
+    val_loss, val_bpb = script_result(pipeline / "plain", tiny_data_dir)
+    assert (val_loss, val_bpb) == (f"{metrics['val_loss']:.8f}", f"{metrics['val_bpb']:.8f}")
+
+
+def test_self_extracting_script_is_smaller_and_runs_identically(pipeline, tiny_data_dir):
+    plain = (pipeline / "plain" / "train_gpt.py").read_text()
+    packed = (pipeline / "packed" / "train_gpt.py").read_text()
+    assert len(packed) < len(plain) / 2 and len(packed.splitlines()) == 2
+    assert extracted_source(packed) == plain
+    plain_result = script_result(pipeline / "plain", tiny_data_dir)
+    assert script_result(pipeline / "packed", tiny_data_dir) == plain_result
+
+
+def test_submission_fields_and_counted_bytes(pipeline, capsys):
+    for name in ("plain", "packed"):
+        bundle = pipeline / name
+        submission = json.loads((bundle / "submission.json").read_text())
+        code_bytes = (bundle / "train_gpt.py").stat().st_size
+        blob_bytes = (bundle / SUBMISSION_BLOB).stat().st_size
+        assert (bundle / SUBMISSION_BLOB).read_bytes() == (pipeline / "blob" / "model.blob").read_bytes()
+        assert submission["bytes_code"] == code_bytes and submission["bytes_model"] == blob_bytes
+        assert submission["bytes_total"] == code_bytes + blob_bytes
+        assert submission["name"] == "Tiny pipeline" and submission["github_id"] == "tester"
+        assert submission["val_bpb"] == read_manifest(pipeline / "eval")["metrics"]["val_bpb"]
+        assert submission["track"] == "10min_16mb"
+        assert {"README.md", "train.log", "train_log.jsonl"} <= {p.name for p in bundle.iterdir()}
+        result = run_cli(capsys, "verify-size", bundle, "--json")
+        assert result.returncode == 0
+        assert json.loads(result.stdout)["total_bytes"] == submission["bytes_total"]
+
+
+def test_bundled_train_retrains_and_exports_with_the_same_plan_and_codec(pipeline, tiny_data_dir, tmp_path):
+    result = isolated_python(pipeline / "packed", "train_gpt.py", "train", "--data", tiny_data_dir,
+                             "--iterations", 2, "--out", tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert RESULT_LINE.search(result.stdout) and "Total submission size" in result.stdout
+    tensors, plan = read_blob(tmp_path / SUBMISSION_BLOB)
+    _, original = read_blob(pipeline / "blob" / "model.blob")
+    assert {n: r["scheme"] for n, r in plan["tensors"].items()} == \
+        {n: r["scheme"] for n, r in original["tensors"].items()}
+    assert plan["model_config"] == original["model_config"]
+    assert read_blob_header((tmp_path / SUBMISSION_BLOB).read_bytes())["codec"] == "lzma"
+    assert (tmp_path / "train.log").is_file()
+
+
+def test_refuses_a_blob_from_another_run(pipeline, tiny_checkpoint_dir, tmp_path, capsys):
+    other = run_cli(capsys, "bundle", "--train", tiny_checkpoint_dir, "--blob", pipeline / "blob",
+                    "--name", "x", "--github-id", "y", "--out", tmp_path / "b")
+    assert other.returncode == 3 and "was not made from" in other.stderr
+    exists = run_cli(capsys, "bundle", "--train", pipeline / "train", "--blob", pipeline / "blob",
+                     "--name", "x", "--github-id", "y", "--out", pipeline / "plain")
+    assert exists.returncode == 3 and "--force" in exists.stderr
+    assert not (tmp_path / "b").exists()
