@@ -1,33 +1,22 @@
 """`pgolf compress QDIR`: pack a quantize output into the counted model blob, trying the layouts asked for."""
 
-import json
 from pathlib import Path
 
 import torch
 import typer
-from safetensors.torch import load_file
 
 from pgolf import log
 from pgolf.artifacts import StageOutput, atomic_write_bytes, open_stage, output_path
 from pgolf.codecs import CODECS, SWITCHES, CompressConfig, blob_candidates, unpack_blob
 from pgolf.config import resolve, to_dict
-from pgolf.errors import InvalidInput
+from pgolf.quant import load_quantized
 from pgolf.stages.common import FORCE_OPTION, JSON_OPTION, out_option, report
 
 
 def load_quantize_output(directory: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
-    """(tensors, plan, manifest) of a digest-checked quantize output."""
+    """(tensors, plan, manifest) of a digest-checked quantize output (plan and tensors cross-checked)."""
     manifest = open_stage(directory, "quantize")
-    tensors_path = output_path(manifest, directory, "quantized")
-    plan_path = output_path(manifest, directory, "plan")
-    try:
-        tensors = load_file(tensors_path)
-    except Exception as e:  # safetensors raises its own SafetensorError and OSError subclasses
-        raise InvalidInput(f"{tensors_path}: not a readable safetensors file ({e})") from None
-    try:
-        plan = json.loads(plan_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InvalidInput(f"{plan_path}: not valid JSON ({e})") from None
+    tensors, plan = load_quantized(output_path(manifest, directory, "quantized"))
     return tensors, plan, manifest
 
 

@@ -1,6 +1,7 @@
 """The counted blob: bit-exact round trips for every codec x shuffle x bitpack, auto = smallest, bad blobs
 refused, and `pgolf compress` end to end on a quantize output directory."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -9,9 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 
-from pgolf.artifacts import StageOutput, atomic_write_json, read_manifest
+from pgolf.artifacts import StageOutput, read_manifest
 from pgolf.cli import main
 from pgolf.codecs import (
     BLOB_HEADER,
@@ -28,7 +28,7 @@ from pgolf.codecs import (
 )
 from pgolf.errors import InvalidInput
 from pgolf.model import GPT, ModelConfig
-from pgolf.quant import quantize_rows, row_scales
+from pgolf.quant import PLAN_FILE, QUANTIZED_FILE, quantize_state, save_quantized
 
 TINY = ModelConfig(vocab_size=1024, num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2)
 
@@ -60,30 +60,27 @@ def run_cli(capsys, *args) -> subprocess.CompletedProcess:
 
 
 def tiny_quantized_state(seed: int = 0) -> tuple[dict[str, torch.Tensor], dict]:
-    """A tiny GPT's weights quantized as the records do: int6 attention, int5 MLP, int8 embedding, fp16
-    scales, fp16 passthrough vectors."""
+    """A tiny GPT's weights quantized by pgolf.quant as the records do: int6 attention, int5 MLP, int8
+    embedding (levels in int8 containers + fp16 scales), fp16/fp32 passthrough vectors."""
     torch.manual_seed(seed)
-    model = GPT(TINY)
-    tensors, plan_tensors = {}, {}
-    for name, weight in model.state_dict().items():
-        weight = weight + 0.02 * torch.randn_like(weight)  # trained weights are dense, not init's zeros/ones
+    state = {name: weight + 0.02 * torch.randn_like(weight)  # trained weights are dense, not init's 0s/1s
+             for name, weight in GPT(TINY).state_dict().items()}
+    schemes = {}
+    for name, weight in state.items():
         if weight.ndim == 2 and weight.shape[0] >= 32:
-            bits = 8 if name == "tok_emb.weight" else 5 if ".mlp." in name else 6
-            scales = row_scales(weight, bits)
-            tensors[name] = quantize_rows(weight, bits, scales)
-            tensors[f"{name}.scale"] = scales.to(torch.float16)
-            plan_tensors[name] = {"scheme": "per_row", "bits": bits, "shape": list(weight.shape)}
+            schemes[name] = "int8" if name == "tok_emb.weight" else "int5" if ".mlp." in name else "int6"
         else:
-            tensors[name] = weight.to(torch.float16)
-            plan_tensors[name] = {"scheme": "passthrough", "bits": 16, "shape": list(weight.shape)}
-    return tensors, {"model_config": vars(TINY).copy(), "tensors": plan_tensors}
+            schemes[name] = "fp32" if "scale" in name or "gain" in name else "fp16"
+    tensors, records = quantize_state(state, schemes, clip="gptq-lite", scale_floor="none")
+    return tensors, {"model_config": dataclasses.asdict(TINY), "tensors": records}
 
 
 def write_quantize_dir(out: Path, tensors: dict[str, torch.Tensor], plan: dict) -> Path:
     """A quantize stage output as `pgolf quantize` writes it: quantized.safetensors, plan.json, manifest."""
     with StageOutput(out, "quantize", argv=["test"]) as stage:
-        save_file(tensors, stage.add_output("quantized.safetensors", "quantized"))
-        atomic_write_json(stage.add_output("plan.json", "plan"), plan)
+        save_quantized(stage.dir, tensors, plan)
+        stage.add_output(QUANTIZED_FILE, "quantized")
+        stage.add_output(PLAN_FILE, "plan")
         stage.finalize()
     return out
 
