@@ -3,8 +3,9 @@
 The eval runs on a short token prefix in float64 on the CPU (a copy of the model; the scored pass is
 untouched) with the same plan, n-gram grid and TTT settings, recording every score, every full distribution
 and every score/update event (pgolf.evaluate.Trace). Then:
-- C1 causality: for several cut points t the tokens after t are replaced by random ones (BOS among them) and
-  the run repeated; every score and distribution of the targets at positions <= t must be bit-identical.
+- C1 causality: for several cut points t the tokens after t are replaced by random ones (a BOS at t + 1,
+  then sparse to dense BOSes) and the run repeated; every score and distribution of the targets at
+  positions <= t must be bit-identical.
 - C2 normalization: every distribution used for a score (model and each n-gram mixture) covers the whole
   vocabulary and sums to 1 within 1e-6.
 - C3 score before update: every position an update uses (n-gram counts, TTT weights) was scored before it;
@@ -26,8 +27,9 @@ from pgolf.shards import BOS_ID
 from pgolf.ttt import TTTConfig
 
 COMPLIANCE_SUM_TOLERANCE = 1e-6
-COMPLIANCE_CUTS = 3  # cut points t for C1, spread over the prefix
-COMPLIANCE_BOS_EVERY = 50  # the perturbation puts a BOS about this often, so document boundaries move too
+# One C1 cut point per entry, spread over the prefix; the perturbation after each puts a BOS at t + 1 and
+# about one in this many tokens after it: boundaries that move, and (dense) many more documents.
+COMPLIANCE_BOS_EVERY = (1000, 50, 4)
 
 
 @dataclass
@@ -97,12 +99,15 @@ def check_events(trace: Trace, n_tokens: int) -> list[CheckResult]:
     return [c3, c4]
 
 
-def perturb_after(tokens: np.ndarray, cut: int, vocab_size: int, generator: np.random.Generator):
-    """Tokens after position `cut` replaced by random ones that differ from the originals, some BOS."""
+def perturb_after(tokens: np.ndarray, cut: int, vocab_size: int, generator: np.random.Generator,
+                  bos_every: int) -> np.ndarray:
+    """Tokens after position `cut` replaced by random ones that differ from the originals, about one in
+    `bos_every` of them BOS, and always the first (a document that ends exactly at the cut)."""
     perturbed = tokens.copy()
     count = len(tokens) - cut - 1
     fresh = (tokens[cut + 1 :] + generator.integers(1, vocab_size, count)) % vocab_size
-    fresh[generator.random(count) < 1 / COMPLIANCE_BOS_EVERY] = BOS_ID
+    fresh[generator.random(count) < 1 / bos_every] = BOS_ID
+    fresh[:1] = BOS_ID
     perturbed[cut + 1 :] = fresh
     return perturbed
 
@@ -116,8 +121,8 @@ def scores_up_to(trace: Trace, name: str, cut: int) -> tuple[np.ndarray, torch.T
 def check_causal(run, tokens: np.ndarray, base: Trace, vocab_size: int, cuts: list[int], seed: int = 0):
     """C1: the scores and distributions at positions <= t survive any change after t, bit for bit."""
     generator = np.random.default_rng(seed)
-    for cut in cuts:
-        perturbed = run(perturb_after(tokens, cut, vocab_size, generator))
+    for cut, bos_every in zip(cuts, COMPLIANCE_BOS_EVERY, strict=True):
+        perturbed = run(perturb_after(tokens, cut, vocab_size, generator, bos_every))
         for name in base.nll:
             positions, nll, logprobs = scores_up_to(base, name, cut)
             new_positions, new_nll, new_logprobs = scores_up_to(perturbed, name, cut)
@@ -138,7 +143,8 @@ def check_compliance(run, tokens: np.ndarray, vocab_size: int, seed: int = 0) ->
     """C1-C4 for `run(tokens) -> Trace`, an eval traced on a token prefix."""
     tokens = np.asarray(tokens, dtype=np.int64)
     base = run(tokens)
-    cuts = [len(tokens) * (i + 1) // (COMPLIANCE_CUTS + 1) for i in range(COMPLIANCE_CUTS)]
+    cut_count = len(COMPLIANCE_BOS_EVERY)
+    cuts = [len(tokens) * (i + 1) // (cut_count + 1) for i in range(cut_count)]
     return [check_causal(run, tokens, base, vocab_size, cuts, seed), check_normalized(base, vocab_size),
             *check_events(base, len(tokens))]
 
