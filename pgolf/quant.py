@@ -124,9 +124,14 @@ def dequantize_rows(levels: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return rows.reshape(levels.shape)
 
 
-def best_per_row(candidates: list, errors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's (levels, scale) from the candidate with the lowest error (first one on ties)."""
-    best = torch.stack(errors).argmin(dim=0)
+def candidate_diffs(rows: torch.Tensor, candidates: list) -> torch.Tensor:
+    """[candidates, rows, cols] reconstruction errors w - levels * scale."""
+    return rows[None] - torch.stack([dequantize_rows(levels, scales) for levels, scales in candidates])
+
+
+def best_per_row(candidates: list, errors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's (levels, scale) from its lowest-error candidate (errors: [candidates, rows]; first wins)."""
+    best = errors.argmin(dim=0)
     levels = torch.stack([c[0] for c in candidates])[best, torch.arange(best.numel(), device=best.device)]
     scales = torch.stack([c[1] for c in candidates]).gather(0, best[None])[0]
     return levels, scales
@@ -134,8 +139,7 @@ def best_per_row(candidates: list, errors: list[torch.Tensor]) -> tuple[torch.Te
 
 def quantize_gptq_lite(rows: torch.Tensor, bits: int, floor: float) -> tuple[torch.Tensor, torch.Tensor]:
     candidates = clip_candidates(rows, bits, floor)
-    errors = [(rows - dequantize_rows(levels, scales)).square().sum(dim=1) for levels, scales in candidates]
-    return best_per_row(candidates, errors)
+    return best_per_row(candidates, candidate_diffs(rows, candidates).square().sum(dim=-1))
 
 
 def quantize_gptq(
@@ -153,7 +157,8 @@ def quantize_gptq(
     )
     solved = list(zip(stacked.split(rows.size(0)), stacked_scales.split(rows.size(0)), strict=True))
     candidates = plain + solved
-    errors = [hessian_error(rows - dequantize_rows(levels, scales), hessian) for levels, scales in candidates]
+    diffs = candidate_diffs(rows, candidates)
+    errors = hessian_error(diffs.reshape(-1, rows.size(1)), hessian).reshape(len(candidates), -1)
     return best_per_row(candidates, errors)
 
 

@@ -139,6 +139,27 @@ def demotion_order(spec, schemes, model_config, quantizer, batches) -> tuple[lis
     return sorted(sensitivity, key=lambda block: (sensitivity[block], block)), sensitivity
 
 
+def fit_schemes(where, spec, schemes, size_of, target, config, model_config, quantizer, batches):
+    """(schemes, fit record, sensitivities, artifact bytes): demote plans demote blocks until `target` fits,
+    other plans are only checked against it; OverBudget (exit 4) naming `where` when it cannot fit."""
+    allowance = f"{config.codec} blob + {config.code_bytes:,}-byte code allowance, --code-bytes"
+    if not spec.demote:
+        artifact = size_of(schemes)
+        if target is not None and artifact > target:
+            raise OverBudget(
+                f"{where}: plan '{spec.name}' makes a {artifact:,}-byte artifact ({allowance}), over "
+                f"--target-bytes {target:,}; a demote plan such as center-out-int5 can fit it"
+            )
+        return schemes, None, None, artifact
+    order, sensitivity = demotion_order(spec, schemes, model_config, quantizer, batches)
+    try:
+        schemes, steps = fit_plan_to_target(schemes, order, spec.demote_to, size_of, target, log.info)
+    except OverBudget as e:
+        raise OverBudget(f"{where}: {e} ({allowance})") from None
+    fit = {"order": order, "steps": steps, "demoted": [step["demoted"] for step in steps[1:]]}
+    return schemes, fit, sensitivity, steps[-1]["bytes"]
+
+
 def quantize(
     train_dir: Path = typer.Argument(..., help="A `pgolf train` output directory (holds model.safetensors)."),
     out: Path = out_option(),
@@ -247,25 +268,9 @@ def quantize(
         def size_of(assignment: dict) -> int:
             return plan_artifact_bytes(*build(assignment), config.codec, config.code_bytes)
 
-        fit, sensitivity = None, None
-        if spec.demote:
-            order, sensitivity = demotion_order(spec, schemes, model_config, quantizer, batches)
-            try:
-                schemes, steps = fit_plan_to_target(schemes, order, spec.demote_to, size_of, target, log.info)
-            except OverBudget as e:
-                raise OverBudget(
-                    f"{train_dir}: {e} ({config.codec} blob + {config.code_bytes:,}-byte code "
-                    "allowance, --code-bytes)"
-                ) from None
-            fit = {"order": order, "steps": steps, "demoted": [s["demoted"] for s in steps[1:]]}
-            artifact = steps[-1]["bytes"]
-        else:
-            artifact = size_of(schemes)
-            if target is not None and artifact > target:
-                raise OverBudget(
-                    f"{train_dir}: plan '{spec.name}' makes a {artifact:,}-byte artifact, over "
-                    f"--target-bytes {target:,} (a demote plan such as center-out-int5 can fit it)"
-                )
+        schemes, fit, sensitivity, artifact = fit_schemes(
+            train_dir, spec, schemes, size_of, target, config, model_config, quantizer, batches
+        )
         tensors, plan_json = build(schemes)
         save_quantized(stage.dir, tensors, plan_json)
         stage.add_output(QUANTIZED_FILE, "quantized")

@@ -178,8 +178,10 @@ def test_named_plans_assign_blocks_embedding_and_extras():
 def test_plan_file_patterns_first_match_wins(tmp_path):
     state = baseline_state(num_layers=4)
     toml = tmp_path / "mixed.toml"
-    toml.write_text('default = "int6"\nembedding = "fp16"\n[tensors]\n'
-                    '"blocks.*.mlp.*" = "int5"\n"blocks.0.*" = "int8"\n"*.q_gain" = "fp16"\n')
+    toml.write_text(
+        'default = "int6"\nembedding = "fp16"\n[tensors]\n'
+        '"blocks.*.mlp.*" = "int5"\n"blocks.0.*" = "int8"\n"*.q_gain" = "fp16"\n'
+    )
     schemes = assign_schemes(load_plan(str(toml)), state)
     assert schemes["blocks.0.mlp.fc.weight"] == "int5"  # the first pattern wins over "blocks.0.*"
     assert schemes["blocks.0.attn.c_q.weight"] == "int8"
