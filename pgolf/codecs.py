@@ -261,6 +261,17 @@ def unpack_blob(data: bytes) -> tuple[dict[str, torch.Tensor], dict]:
     return parse_payload(payload)
 
 
+def tensors_bit_equal(restored: dict[str, torch.Tensor], original: dict[str, torch.Tensor]) -> bool:
+    """Same names, dtypes, shapes and raw bytes (so NaN payloads and -0.0 count too)."""
+    if restored.keys() != original.keys():
+        return False
+    return all(
+        restored[name].dtype == tensor.dtype and restored[name].shape == tensor.shape
+        and np.array_equal(tensor_bytes(restored[name]), tensor_bytes(tensor))
+        for name, tensor in original.items()
+    )
+
+
 def read_blob(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """unpack_blob of a file; errors name the file."""
     path = Path(path)

@@ -7,7 +7,7 @@ import typer
 
 from pgolf import log
 from pgolf.artifacts import StageOutput, atomic_write_bytes, open_stage, output_path
-from pgolf.codecs import CODECS, SWITCHES, CompressConfig, blob_candidates, unpack_blob
+from pgolf.codecs import CODECS, SWITCHES, CompressConfig, blob_candidates, tensors_bit_equal, unpack_blob
 from pgolf.config import resolve, to_dict
 from pgolf.quant import load_quantized
 from pgolf.stages.common import FORCE_OPTION, JSON_OPTION, out_option, report
@@ -18,17 +18,6 @@ def load_quantize_output(directory: Path) -> tuple[dict[str, torch.Tensor], dict
     manifest = open_stage(directory, "quantize")
     tensors, plan = load_quantized(output_path(manifest, directory, "quantized"))
     return tensors, plan, manifest
-
-
-def same_tensors(restored: dict[str, torch.Tensor], original: dict[str, torch.Tensor]) -> bool:
-    """Bit-exact equality of two states (compares raw bytes, so NaNs and -0.0 count too)."""
-    if restored.keys() != original.keys():
-        return False
-    return all(
-        restored[name].dtype == tensor.dtype and restored[name].shape == tensor.shape
-        and torch.equal(restored[name].reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8))
-        for name, tensor in original.items()
-    )
 
 
 def on_off(flag: bool) -> str:
@@ -61,7 +50,7 @@ def compress(
                            bitpack=SWITCHES[config.bitpack], level=config.level)
     best = rows[0]
     restored, restored_plan = unpack_blob(best["blob"])
-    if not same_tensors(restored, tensors) or restored_plan != plan:
+    if not tensors_bit_equal(restored, tensors) or restored_plan != plan:
         raise RuntimeError("blob round trip is not bit-exact (a codecs bug); nothing written")
     raw_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
     with StageOutput(out, "compress", config=to_dict(config), force=force) as stage:
