@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pgolf.quant import fake_quantize, quant_range
+from pgolf.shards import BOS_ID
 
-BOS_ID = 1  # the exporter writes [BOS] + tokens for every document (REFERENCE.md)
 ACTIVATIONS = ("relu2", "leaky_relu2", "swiglu")
 # SDPA learned enable_gqa in torch 2.5; older torch gets the KV heads repeated explicitly.
 SDPA_HAS_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
