@@ -293,8 +293,10 @@ def blob_candidates(
     shuffle: bool | None = None,
     bitpack: bool | None = None,
     level: int | None = None,
+    progress=None,
 ) -> list[dict]:
     """Every codec x shuffle x bitpack combination asked for (None = try both), smallest first.
+    `progress(row)` is called after each one (compressing a 16 MB model with brotli-11 takes a while).
 
     Each row: codec, level, shuffle, bitpack, bytes, seconds (encode), blob. Only the smallest row keeps its
     `blob` (the others hold None) so trying many combinations of a 16 MB model does not hold them all.
@@ -318,6 +320,8 @@ def blob_candidates(
                         best["blob"] = None
                     row["blob"], best = blob, row
                 rows.append(row)
+                if progress:
+                    progress(row)
     return sorted(rows, key=lambda r: r["bytes"])
 
 

@@ -131,7 +131,7 @@ def readme_text(submission: dict, baked: dict, command: str) -> str:
         "## Included files", "",
         "- `train_gpt.py`: the counted code (`python train_gpt.py train|eval --help`)",
         f"- `{SUBMISSION_BLOB}`: the counted model blob", "- `submission.json`",
-        "- `train.log`, `train_log.jsonl`",
+        "- `train.log`, `train_log.jsonl` (and `eval_results.json` when the blob was evaluated)",
     ]
     return "\n".join(lines) + "\n"
 
@@ -192,6 +192,9 @@ def bundle(
         atomic_write_bytes(stage.add_output("README.md", "readme"), readme.encode())
         for role, file_name in (("log", "train.log"), ("log_jsonl", "train_log.jsonl")):
             shutil.copyfile(output_path(train, train_dir, role), stage.add_output(file_name, role))
+        if evaluation is not None:
+            shutil.copyfile(output_path(evaluation, eval_dir, "results"),
+                            stage.add_output("eval_results.json", "eval_results"))
         stage.metrics = {key: submission[key] for key in ("bytes_total", "bytes_code", "bytes_model",
                                                           "val_loss", "val_bpb")}
         stage.check("fits_cap", True, f"{bytes_model + bytes_code:,} <= {CAP_BYTES:,} bytes")

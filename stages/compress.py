@@ -20,8 +20,9 @@ def load_quantize_output(directory: Path) -> tuple[dict[str, torch.Tensor], dict
     return tensors, plan, manifest
 
 
-def on_off(flag: bool) -> str:
-    return "on" if flag else "off"
+def layout_name(row: dict) -> str:
+    on_off = {True: "on", False: "off"}
+    return f"{row['codec']}-{row['level']} shuffle={on_off[row['shuffle']]} bitpack={on_off[row['bitpack']]}"
 
 
 def compress(
@@ -47,7 +48,9 @@ def compress(
     log.info(f"compressing {len(tensors)} tensors with {', '.join(codecs)} "
              f"(shuffle {config.shuffle}, bitpack {config.bitpack})")
     rows = blob_candidates(tensors, plan, codecs, shuffle=SWITCHES[config.shuffle],
-                           bitpack=SWITCHES[config.bitpack], level=config.level)
+                           bitpack=SWITCHES[config.bitpack], level=config.level,
+                           progress=lambda row: log.info(f"  {layout_name(row)}: {row['bytes']:,} B "
+                                                         f"({row['seconds']:.2f} s)"))
     best = rows[0]
     restored, restored_plan = unpack_blob(best["blob"])
     if not tensors_bit_equal(restored, tensors) or restored_plan != plan:
@@ -65,8 +68,7 @@ def compress(
             "tried": [{k: v for k, v in row.items() if k != "blob"} for row in rows],
         }
         stage.finalize()
-    lines = [f"{'*' if row is best else ' '} {row['codec']}-{row['level']} shuffle={on_off(row['shuffle'])} "
-             f"bitpack={on_off(row['bitpack'])}: {row['bytes']:,} B ({row['seconds']:.2f} s)" for row in rows]
+    lines = [f"{'*' if row is best else ' '} {layout_name(row)}: {row['bytes']:,} B" for row in rows]
     lines.append(f"{out}/model.blob: {best['bytes']:,} B ({best['codec']}, {raw_bytes / best['bytes']:.2f}x)")
     report({"out": str(out), **stage.metrics}, as_json, lines)
 

@@ -15,6 +15,7 @@ from pgolf.artifacts import read_manifest
 from pgolf.bundle import SUBMISSION_BLOB, bundle_source, extracted_source, modules_in_order
 from pgolf.codecs import read_blob, read_blob_header
 from pgolf.errors import InvalidInput
+from pgolf.stages import bundle as bundle_stage
 from tests.test_codecs import run_cli, run_main
 
 RESULT_LINE = re.compile(r"final_roundtrip_exact val_loss:(\S+) val_bpb:(\S+)")
@@ -168,7 +169,8 @@ def test_submission_fields_and_counted_bytes(pipeline, capsys):
         assert submission["name"] == "Tiny pipeline" and submission["github_id"] == "tester"
         assert submission["val_bpb"] == read_manifest(pipeline / "eval")["metrics"]["val_bpb"]
         assert submission["track"] == "10min_16mb"
-        assert {"README.md", "train.log", "train_log.jsonl"} <= {p.name for p in bundle.iterdir()}
+        files = {p.name for p in bundle.iterdir()}
+        assert {"README.md", "train.log", "train_log.jsonl", "eval_results.json"} <= files
         result = run_cli(capsys, "verify-size", bundle, "--json")
         assert result.returncode == 0
         assert json.loads(result.stdout)["total_bytes"] == submission["bytes_total"]
@@ -186,6 +188,22 @@ def test_bundled_train_retrains_and_exports_with_the_same_plan_and_codec(pipelin
     assert plan["model_config"] == original["model_config"]
     assert read_blob_header((tmp_path / SUBMISSION_BLOB).read_bytes())["codec"] == "lzma"
     assert (tmp_path / "train.log").is_file()
+
+
+def test_report_fields_and_the_cap(pipeline, tmp_path, capsys, monkeypatch):
+    assert run_cli(capsys, "report", pipeline / "eval", "--out", tmp_path / "report").returncode == 0
+    result = run_cli(capsys, "bundle", "--train", pipeline / "train", "--blob", pipeline / "blob",
+                     "--eval", pipeline / "eval", "--report", tmp_path / "report", "--name", "x",
+                     "--github-id", "y", "--out", tmp_path / "with_report")
+    assert result.returncode == 0, result.stderr
+    submission = json.loads((tmp_path / "with_report" / "submission.json").read_text())
+    assert submission["n_seeds"] == 1 and list(submission["seed_results"]) == ["1337"]
+    assert submission["val_bpb"] == read_manifest(pipeline / "eval")["metrics"]["val_bpb"]
+
+    monkeypatch.setattr(bundle_stage, "CAP_BYTES", submission["bytes_model"])  # no room left for the code
+    over = run_cli(capsys, "bundle", "--train", pipeline / "train", "--blob", pipeline / "blob",
+                   "--name", "x", "--github-id", "y", "--out", tmp_path / "over")
+    assert over.returncode == 4 and "exceed the" in over.stderr and not (tmp_path / "over").exists()
 
 
 def test_refuses_a_blob_from_another_run(pipeline, tiny_checkpoint_dir, tmp_path, capsys):
