@@ -1,0 +1,340 @@
+"""`pgolf train` end to end on real FineWeb shards (tiny preset, CPU): learning, outputs and exact val_bpb,
+EMA, determinism, a 2-process gloo run, SIGTERM + --resume, QAT under torch.compile, bad-input exit codes."""
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pgolf.artifacts import open_stage
+from pgolf.bpb import build_byte_tables, load_tokenizer
+from pgolf.checkpoint import load_checkpoint
+from pgolf.cli import main
+from pgolf.model import GPT
+from pgolf.shards import list_shards, load_shard, load_split, write_shard
+from pgolf.train_config import resolve_configs
+from pgolf.trainer import RESUME_FILE, StopSignal, Trainer, TrainLog, init_distributed
+from tests.shared_data import SP1024
+
+STEPS = 24
+# The tiny preset shortened, with an EMA that starts halfway.
+RUN_TOML = f"""
+[train]
+iterations = {STEPS}
+val_every = 12
+checkpoint_every = 8
+ema_decay = 0.9
+ema_start_frac = 0.5
+"""
+
+
+def run_main(*args) -> int:
+    """`pgolf ARGS` in this process, through the console script's entry point; returns the exit code."""
+    with mock.patch.object(sys, "argv", ["pgolf", *map(str, args)]):
+        try:
+            main()
+        except SystemExit as e:
+            return e.code if isinstance(e.code, int) else 0
+    return 0
+
+
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    code = run_main(*args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    # Two xdist workers on two cores: more threads than cores makes OpenMP spin-wait and run ~20x slower.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def one_thread_env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def records(run_dir: Path, event: str = "train") -> list[dict]:
+    lines = (run_dir / "train_log.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["event"] == event]
+
+
+@pytest.fixture(scope="module")
+def run_toml(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cfg") / "run.toml"
+    path.write_text(RUN_TOML)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_data_dir, run_toml, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "train"
+    assert run_main("train", tiny_data_dir, "--preset", "tiny", "--config", run_toml, "--out", out) == 0
+    return out
+
+
+def test_loss_falls_on_real_text(reference_run):
+    losses = [r["loss"] for r in records(reference_run)]
+    assert [r["step"] for r in records(reference_run)] == list(range(1, STEPS + 1))
+    assert losses[0] == pytest.approx(math.log(1024), abs=0.05)  # a near-uniform start
+    assert np.mean(losses[-4:]) < losses[0] - 1.0
+    manifest = open_stage(reference_run, "train")
+    assert manifest["metrics"]["val_loss"] < math.log(1024) - 1.0
+
+
+def test_manifest_metrics_and_outputs(reference_run, tiny_data_dir):
+    manifest = open_stage(reference_run, "train")
+    metrics = manifest["metrics"]
+    assert metrics["steps"] == STEPS and metrics["stop_reason"] == "iterations"
+    assert metrics["tokens_seen"] == STEPS * 4096
+    assert metrics["train_seconds"] > 0 and metrics["ms_per_step"] > 0
+    state, config, metadata = load_checkpoint(reference_run / "model.safetensors")
+    assert metrics["param_count"] == sum(t.numel() for t in state.values()) == sum(
+        p.numel() for p in GPT(config).parameters())
+    assert metadata["tokenizer_sha256"] == metrics["tokenizer_sha256"]
+    assert metadata["vocab_size"] == "1024" and metrics["vocab_size"] == 1024
+    roles = {o["role"]: o["path"] for o in manifest["outputs"]}
+    assert roles == {"checkpoint": "model.safetensors", "checkpoint_master": "master.safetensors",
+                     "log_jsonl": "train_log.jsonl", "log": "train.log"}
+    assert not (reference_run / RESUME_FILE).exists()
+    inputs = {Path(i["path"]).name: i["role"] for i in manifest["inputs"]}
+    assert inputs[SP1024.name] == "tokenizer"
+    val_shards = {p.name for p in list_shards(tiny_data_dir, "val")}
+    assert {name for name, role in inputs.items() if role == "val_shard"} == val_shards
+    assert "fineweb_train_000000.bin" in inputs
+    assert [r["step"] for r in records(reference_run, "val")] == [12, 24]
+    assert "val_bpb" in (reference_run / "train.log").read_text()
+
+
+def exact_val(state: dict, config, data_dir: Path, seq_len: int) -> tuple[float, float, int]:
+    """val_loss and val_bpb recomputed independently: float64 NLL over full windows, numpy byte tables."""
+    tables = build_byte_tables(load_tokenizer(data_dir / SP1024.name), config.vocab_size)
+    tokens = load_split(list_shards(data_dir, "val")).astype(np.int64)
+    windows = (len(tokens) - 1) // seq_len
+    x = torch.from_numpy(tokens[: windows * seq_len]).view(windows, seq_len)
+    y = torch.from_numpy(tokens[1 : windows * seq_len + 1]).view(windows, seq_len)
+    model = GPT(config)
+    model.load_state_dict(state)
+    with torch.no_grad():
+        logits = model.logits(x).double()
+    nll = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1), reduction="sum")
+    byte_count = int(tables.token_bytes(x.reshape(-1).numpy(), y.reshape(-1).numpy()).sum())
+    return nll.item() / y.numel(), nll.item() / (math.log(2) * byte_count), byte_count
+
+
+def test_val_bpb_uses_the_exact_byte_tables(reference_run, tiny_data_dir):
+    metrics = open_stage(reference_run, "train")["metrics"]
+    for weights, key in (("model.safetensors", None), ("master.safetensors", "master")):
+        state, config, _ = load_checkpoint(reference_run / weights)
+        val_loss, val_bpb, byte_count = exact_val(state, config, tiny_data_dir, seq_len=128)
+        reported = metrics[key] if key else metrics
+        assert reported["val_bytes"] == byte_count
+        assert reported["val_loss"] == pytest.approx(val_loss, rel=1e-5)
+        assert reported["val_bpb"] == pytest.approx(val_bpb, rel=1e-5)
+
+
+def test_ema_weights_differ_from_master_and_are_exported(reference_run):
+    ema, _, ema_meta = load_checkpoint(reference_run / "model.safetensors")
+    master, _, master_meta = load_checkpoint(reference_run / "master.safetensors")
+    assert ema_meta["weights"] == "ema" and master_meta["weights"] == "master"
+    assert ema.keys() == master.keys()
+    assert all(t.dtype == torch.float32 for t in ema.values())
+    assert any(not torch.equal(ema[name], master[name]) for name in ema)
+    metrics = open_stage(reference_run, "train")["metrics"]
+    assert metrics["weights"] == "ema" and metrics["ema_updates"] == STEPS // 2 + 1
+    assert metrics["val_loss"] != metrics["master"]["val_loss"]
+
+
+def tiny_trainer(data_dir: Path, **train_changes) -> Trainer:
+    model_config, train_config, _ = resolve_configs("tiny", env={}, train_overrides=train_changes)
+    return Trainer(model_config, train_config, list_shards(data_dir, "train"), init_distributed())
+
+
+def test_deterministic_given_a_seed_and_reads_only_train_shards(tiny_data_dir):
+    opened = []
+
+    def recording_load_shard(path):
+        opened.append(Path(path).name)
+        return load_shard(path)
+
+    with mock.patch("pgolf.loader.load_shard", recording_load_shard):
+        runs = []
+        for _ in range(2):
+            trainer = tiny_trainer(tiny_data_dir, seed=7)
+            runs.append([trainer.train_step(1.0, 0.9).item() for _ in range(4)])
+        other_seed = tiny_trainer(tiny_data_dir, seed=8).train_step(1.0, 0.9).item()
+    assert runs[0] == runs[1]
+    assert other_seed != runs[0][0]
+    assert opened and all(name.startswith("fineweb_train_") for name in opened)
+
+
+def test_qat_switches_on_mid_run_inside_torch_compile(tiny_data_dir, tmp_path):
+    trainer = tiny_trainer(tiny_data_dir, compile="aot_eager", qat_bits=6, qat_start_frac=0.5, iterations=4,
+                           val_every=0, warmup_steps=1, checkpoint_every=0)
+    trainer.warmup()
+    val_tokens = torch.from_numpy(load_split(list_shards(tiny_data_dir, "val"))[:1025].astype(np.int32))
+    tables = build_byte_tables(load_tokenizer(tiny_data_dir / SP1024.name)).torch()
+    log = TrainLog(tmp_path, enabled=True)
+    trainer.run(val_tokens, tables, log, tmp_path / RESUME_FILE, StopSignal())
+    assert [r["qat"] for r in records(tmp_path)] == [False, False, True, True]
+    assert trainer.qat_active
+    x, y = trainer.loader.next_batch()
+    with torch.no_grad():
+        for param in trainer.model.parameters():  # weights far from their (mostly zero) init
+            param.normal_(0.0, 0.5)
+        compiled_on = trainer.compiled(x, y)
+        eager_on = trainer.model(x, y)
+        trainer.set_qat(False)
+        compiled_off = trainer.compiled(x, y)
+        eager_off = trainer.model(x, y)
+    assert torch.allclose(compiled_on, eager_on, atol=1e-5)
+    assert torch.allclose(compiled_off, eager_off, atol=1e-5)
+    assert abs(compiled_on.item() - compiled_off.item()) > 1e-2
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_finishes_like_an_uninterrupted_run(
+        tiny_data_dir, run_toml, reference_run, tmp_path, capsys):
+    out = tmp_path / "train"
+    partial = tmp_path / ".train.partial"
+    command = [sys.executable, "-m", "pgolf", "train", tiny_data_dir, "--preset", "tiny",
+               "--config", run_toml, "--out", out, "--checkpoint-every", "0"]
+    process = subprocess.Popen(list(map(str, command)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=one_thread_env())
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        log = partial / "train_log.jsonl"
+        if log.is_file() and any(r["step"] >= 6 for r in map(json.loads, log.read_text().splitlines())):
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    assert "interrupted by SIGTERM at step" in stderr and "--resume" in stderr
+    assert (partial / RESUME_FILE).is_file() and not out.exists()
+    killed_at = max(r["step"] for r in records(partial))
+    assert 6 <= killed_at < STEPS
+
+    code, _, err = run_cli(capsys, "train", tiny_data_dir, "--preset", "tiny", "--config", run_toml,
+                           "--out", out, "--checkpoint-every", "0", "--resume")
+    assert code == 0, err
+    assert f"resumed at step {killed_at}" in (out / "train.log").read_text()
+    assert open_stage(out, "train")["metrics"]["steps"] == STEPS
+    resumed, reference = records(out), records(reference_run)
+    assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in reference], rel=1e-5)
+    for name in ("model.safetensors", "master.safetensors"):
+        ours, theirs = load_file(out / name), load_file(reference_run / name)
+        assert all(torch.allclose(ours[k], theirs[k], atol=1e-6) for k in theirs)
+
+
+def test_two_gloo_processes_match_the_single_process_loss_curve(tiny_data_dir, run_toml, reference_run,
+                                                                tmp_path):
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "pgolf", "train", tiny_data_dir, "--preset", "tiny", "--config", run_toml, "--out", out]
+    result = subprocess.run(list(map(str, command)), capture_output=True, text=True, timeout=600,
+                            env=one_thread_env())
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = open_stage(out, "train")["metrics"]
+    assert metrics["world_size"] == 2 and metrics["accumulation_steps"] == 2
+    assert metrics["tokens_seen"] == STEPS * 4096
+    ddp, single = records(out), records(reference_run)
+    assert [r["step"] for r in ddp] == [r["step"] for r in single]
+    assert [r["loss"] for r in ddp] == pytest.approx([r["loss"] for r in single], abs=2e-3)
+    reference = open_stage(reference_run, "train")["metrics"]
+    assert metrics["val_loss"] == pytest.approx(reference["val_loss"], abs=2e-3)
+
+
+# ---- bad input: exit code and one line naming the problem ----------------------------------------
+@pytest.fixture
+def broken_data(tiny_data_dir, tmp_path):
+    """A manifest-less copy of the data directory, to break."""
+    copy = tmp_path / "sp1024"
+    shutil.copytree(tiny_data_dir, copy)
+    (copy / "manifest.json").unlink()
+    return copy
+
+
+def assert_fails(capsys, code: int, message: str, *args, env: dict | None = None):
+    with mock.patch.dict("os.environ", env or {}):
+        got, _, err = run_cli(capsys, "train", *args)
+    assert got == code, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+
+
+def test_tokenizer_vocab_not_matching_the_model(broken_data, tmp_path, capsys):
+    assert_fails(capsys, 3, "tokenizer has 1024 pieces but the model's vocab_size is 512",
+                 broken_data, "--preset", "tiny", "--out", tmp_path / "o", env={"VOCAB_SIZE": "512"})
+
+
+def test_shard_tokens_outside_the_tokenizer_vocab(broken_data, tmp_path, capsys):
+    val = list_shards(broken_data, "val")[-1]
+    tokens = np.array(load_shard(val))
+    tokens[5] = 5000
+    write_shard(val, tokens)
+    assert_fails(capsys, 3, f"{val}: token 5000 >= vocab_size 1024", broken_data, "--preset", "tiny",
+                 "--out", tmp_path / "o")
+    train = list_shards(broken_data, "train")[0]
+    tokens = np.array(load_shard(train))
+    tokens[9] = 4097
+    write_shard(train, tokens)
+    write_shard(val, np.array(load_shard(list_shards(broken_data, "val")[0])))
+    assert_fails(capsys, 3, f"{train}: token 4097 at position 9 >= model vocab_size 1024", broken_data,
+                 "--preset", "tiny", "--out", tmp_path / "o")
+    assert not (tmp_path / "o").exists() and not (tmp_path / ".o.partial").exists()
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_missing_shards(broken_data, tmp_path, capsys, split):
+    for path in list_shards(broken_data, split):
+        path.unlink()
+    assert_fails(capsys, 3, f"{broken_data}: no {split} shards", broken_data, "--preset", "tiny",
+                 "--out", tmp_path / "o")
+
+
+def test_seq_len_longer_than_the_val_split(tiny_data_dir, tmp_path, capsys):
+    val_tokens = sum(len(load_shard(p)) for p in list_shards(tiny_data_dir, "val"))
+    seq_len = 128 * (val_tokens // 128 + 1)
+    assert_fails(capsys, 3, f"the val split has {val_tokens} tokens, fewer than seq_len + 1", tiny_data_dir,
+                 "--preset", "tiny", "--out", tmp_path / "o", "--seq-len", seq_len, "--batch-tokens", seq_len,
+                 "--micro-batch-tokens", seq_len)
+
+
+@pytest.mark.parametrize("env, field", [({"NUM_HEADS": "3"}, "num_heads"),
+                                        ({"NUM_KV_HEADS": "3"}, "num_kv_heads"),
+                                        ({"PGOLF_MODEL_DIM": "60"}, "num_heads")])
+def test_inconsistent_shapes(tiny_data_dir, tmp_path, capsys, env, field):
+    assert_fails(capsys, 2, f"invalid train config: {field} =", tiny_data_dir, "--preset", "tiny",
+                 "--out", tmp_path / "o", env=env)
+
+
+def test_usage_errors(tiny_data_dir, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert_fails(capsys, 2, "micro_batch_tokens 3072", tiny_data_dir, "--preset", "tiny", "--out", out,
+                 "--micro-batch-tokens", 3072)
+    assert_fails(capsys, 2, "no resumable checkpoint", tiny_data_dir, "--preset", "tiny", "--out", out,
+                 "--resume")
+    assert_fails(capsys, 2, "unknown train preset 'nope'", tiny_data_dir, "--preset", "nope", "--out", out)
+    assert_fails(capsys, 2, "DATA_DIR and --out are required", tiny_data_dir)
+
+
+def test_list_presets(capsys):
+    code, out, _ = run_cli(capsys, "train", "--list-presets", "--json")
+    assert code == 0
+    presets = json.loads(out)["presets"]
+    assert {"baseline", "seed-11l", "tiny"} <= set(presets) and all(presets.values())
