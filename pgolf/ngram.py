@@ -127,11 +127,14 @@ class NgramMixer:
         interpolation chain, kept at each wanted order (an order sweep shares the tables of its largest)."""
         positions = positions.to(self.device, torch.int64)
         rows, valid = self.context_rows(tokens, positions)
+        complete = bool(valid.all())  # only the stream's first K-1 targets lack some context
         uniform = torch.full((1, self.vocab_size), 1.0 / self.vocab_size, dtype=dtype, device=self.device)
         p = ngram_witten_bell(self.unigram.to(dtype)[None, :], uniform).expand(len(positions), -1)
         by_order = {}
         for j, table in enumerate(self.tables[: max(orders) - 1]):
-            counts = table[rows[:, j]].to(dtype) * valid[:, j, None]
+            counts = table[rows[:, j]].to(dtype)
+            if not complete:
+                counts = counts * valid[:, j, None]
             p = ngram_witten_bell(counts, p)
             if j + 2 in orders:
                 by_order[j + 2] = p
@@ -189,5 +192,5 @@ def ngram_witten_bell(counts: torch.Tensor, lower: torch.Tensor) -> torch.Tensor
     without counts returns `lower`. Each row sums to 1 wherever `lower`'s does."""
     total = counts.sum(-1, keepdim=True)
     types = (counts > 0).sum(-1, keepdim=True).to(counts.dtype)
-    smoothed = (counts + types * lower) / (total + types).clamp_min(1)
-    return torch.where(total > 0, smoothed, lower)
+    types = torch.where(total > 0, types, 1.0)  # an empty row gives (0 + 1 * lower) / (0 + 1) = lower exactly
+    return (counts + types * lower) / (total + types)
