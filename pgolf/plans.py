@@ -392,10 +392,19 @@ def fit_plan_to_target(schemes: dict, order: list[int], scheme: str, size_of, ta
     return current, steps
 
 
-def quantized_plan(model_config: dict, source: dict, spec: PlanSpec, clip: str, records: dict) -> dict:
-    """plan.json: {"model_config", "source", "plan", "tensors"} (docs/INTERNALS.md)."""
+def quantized_plan(
+    model_config: dict,
+    source: dict,
+    spec: PlanSpec,
+    clip: str,
+    records: dict,
+    tokenizer_sha256: str | None = None,
+) -> dict:
+    """plan.json: {"model_config", "tokenizer_sha256", "source", "plan", "tensors"} (docs/INTERNALS.md); the
+    tokenizer digest (from the checkpoint's metadata) lets eval refuse a mismatched tokenizer."""
     return {
         "model_config": model_config,
+        "tokenizer_sha256": tokenizer_sha256,
         "source": source,
         "plan": {**spec.to_dict(), "clip": clip},
         "tensors": records,

@@ -236,7 +236,7 @@ def quantize(
         raise UsageError(f"{why} needs --data DIR (its train shards calibrate; e.g. --data artifacts/sp1024)")
     target = config.target_bytes or (CHALLENGE_CAP_BYTES if spec.demote else None)
     with StageOutput(out, "quantize", config=to_dict(config), force=force) as stage:
-        state, model_config, _ = load_checkpoint(checkpoint)
+        state, model_config, metadata = load_checkpoint(checkpoint)
         stage.add_input(checkpoint, "checkpoint")
         schemes = assign_schemes_logged(spec, state, config.keep_float_numel)
         run_device = pick_device(config.device)
@@ -262,7 +262,14 @@ def quantize(
 
         def build(assignment: dict) -> tuple[dict, dict]:
             tensors, records = quantizer.quantize(assignment)
-            plan_json = quantized_plan(dataclasses.asdict(model_config), source, spec, clip_method, records)
+            plan_json = quantized_plan(
+                dataclasses.asdict(model_config),
+                source,
+                spec,
+                clip_method,
+                records,
+                metadata.get("tokenizer_sha256"),
+            )
             return tensors, json.loads(json.dumps(plan_json))  # exactly what plan.json will read back as
 
         def size_of(assignment: dict) -> int:

@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from pgolf.artifacts import StageOutput, read_manifest
+from pgolf.artifacts import StageOutput, read_manifest, sha256_file
 from pgolf.checkpoint import load_checkpoint, save_checkpoint
 from pgolf.cli import main
 from pgolf.codecs import pack_blob, unpack_blob
 from pgolf.gptq import calibration_batches, calibration_windows
+from pgolf.loading import load_artifact
 from pgolf.model import GPT, ModelConfig
 from pgolf.plans import center_out_order
 from pgolf.quant import dequantize_state, load_quantized
@@ -62,6 +63,10 @@ def quantize(capsys, trained_dir, out, *args):
     return json.loads(result.stdout)
 
 
+def tokenizer_of(data_dir):
+    return next(data_dir.glob("*.model"))
+
+
 @pytest.fixture(scope="module")
 def trained_dir(tiny_data_dir, tmp_path_factory):
     """A `train`-shaped output: MODEL after TRAIN_STEPS AdamW steps on the real train split (seed 0)."""
@@ -83,8 +88,11 @@ def trained_dir(tiny_data_dir, tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
     out = tmp_path_factory.mktemp("quant") / "train"
+    metadata = {"tokenizer_sha256": sha256_file(tokenizer_of(tiny_data_dir))}
     with StageOutput(out, "train", argv=["test"]) as stage:
-        save_checkpoint(stage.add_output("model.safetensors", "checkpoint"), model.state_dict(), MODEL, {})
+        save_checkpoint(
+            stage.add_output("model.safetensors", "checkpoint"), model.state_dict(), MODEL, metadata
+        )
         stage.finalize()
     return out
 
@@ -161,6 +169,16 @@ def test_int8_plan_is_the_challenge_export_on_real_weights(trained_dir, capsys, 
     assert torch.equal(tensors["blocks.1.mlp.fc.weight"], levels)
     assert torch.equal(tensors["blocks.1.mlp.fc.weight.scale"], scale.half())
     assert tensors["blocks.1.attn_scale"].dtype == torch.float32  # control: fp32, as the challenge keeps it
+
+
+def test_eval_loads_the_output_and_checks_its_tokenizer(trained_dir, tiny_data_dir, capsys, tmp_path):
+    quantize(capsys, trained_dir, tmp_path / "q", "--plan", "int6")
+    tensors, plan_json = load_quantized(tmp_path / "q")
+    assert plan_json["tokenizer_sha256"] == sha256_file(tokenizer_of(tiny_data_dir))
+    state, config, info = load_artifact(tmp_path / "q", tokenizer_of(tiny_data_dir))
+    assert config == MODEL and info["kind"] == "quantize"
+    restored = dequantize_state(tensors, plan_json)
+    assert all(torch.equal(state[name], restored[name]) for name in restored)
 
 
 def test_gptq_beats_percentile_on_calibration_loss_at_int5(
