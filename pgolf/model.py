@@ -118,6 +118,7 @@ class CastedLinear(nn.Linear):
     """
 
     control = False  # True for small gate matrices that belong with the scalars (Adam, kept in float)
+    zero_init = False  # True for output projections, which start at zero so each block starts as identity
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__(in_features, out_features, bias=bias)
@@ -329,9 +330,9 @@ class GPT(nn.Module):
         cos, sin = rotary_tables(config)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.reset_parameters()
+        self._init_weights()
 
-    def reset_parameters(self) -> None:
+    def _init_weights(self) -> None:
         config = self.config
         if config.tie_embeddings:
             nn.init.normal_(self.tok_emb.weight, mean=0.0, std=config.tied_embed_init_std)
@@ -340,7 +341,7 @@ class GPT(nn.Module):
         for name, module in self.named_modules():
             if not isinstance(module, CastedLinear) or module.control:
                 continue
-            if getattr(module, "zero_init", False):
+            if module.zero_init:
                 nn.init.zeros_(module.weight)
             elif config.orthogonal_init and min(module.weight.shape) >= 64:
                 nn.init.orthogonal_(module.weight)
