@@ -299,6 +299,24 @@ def test_bad_inputs_exit_with_documented_codes(trained_dir, capsys, tmp_path):
     assert unmatched.returncode == 2 and "pattern 'blocks.*.mpl.*' matches no tensor" in unmatched.stderr
     no_data = run_cli(capsys, "quantize", trained_dir, "--clip", "gptq", "--out", tmp_path / "c")
     assert no_data.returncode == 2 and "needs --data DIR" in no_data.stderr
+    settings = tmp_path / "quantize.toml"
+    settings.write_text("code_bytes = -1\n")
+    invalid = run_cli(capsys, "quantize", trained_dir, "--config", settings, "--out", tmp_path / "c")
+    assert invalid.returncode == 2 and "code_bytes = -1: must be >= 0" in invalid.stderr
+    over = run_cli(
+        capsys,
+        "quantize",
+        trained_dir,
+        "--plan",
+        "int6",
+        "--target-bytes",
+        50_000,
+        "--keep-float-numel",
+        KEEP_FLOAT,
+        "--out",
+        tmp_path / "c",
+    )
+    assert over.returncode == 4 and "over --target-bytes 50,000; a demote plan" in over.stderr
     impossible = run_cli(
         capsys,
         "quantize",
