@@ -9,6 +9,7 @@ import contextlib
 import io
 import itertools
 import multiprocessing
+import operator
 import os
 import re
 import signal
@@ -40,15 +41,13 @@ CHALLENGE_TRAINER_SETTINGS = {
 MIN_VOCAB = 256 + 4 + 1
 MAX_SHARD_TOKENS = 2**31 - 1  # the header stores the count as an int32
 BATCH_CHARS = 1 << 20  # characters of text per batch sent to a worker
-WORD_CACHE_SIZE = 1 << 19  # distinct words each encoder remembers (~60 MB) before it starts afresh
+WORD_CACHE_SIZE = 1 << 19  # distinct words an encoder keeps (~60 MB); rarer ones are encoded every time
 
 
 @dataclass(frozen=True)
 class TokenizeConfig:
     vocab_size: int = 1024  # pieces of the SentencePiece BPE to train (unused with --tokenizer)
-    train_docs: int = (
-        1_000_000  # at most this many train-split documents train the tokenizer (challenge: 1e6)
-    )
+    train_docs: int = 1_000_000  # train the tokenizer on at most this many train-split documents
     val_docs: int = 50_000  # the first documents of the corpus, written as the validation split
     shard_tokens: int = 100_000_000  # tokens per shard file (the challenge's 10^8)
     text_field: str = "text"  # JSON field holding a document's text in .jsonl / .jsonl.zst files
@@ -82,8 +81,11 @@ def check_vocab_size(vocab_size: int, where: str = "--vocab-size") -> None:
         )
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, threads: int | None = None) -> bytes:
-    """Train a SentencePiece BPE with the challenge's settings; returns the serialized model."""
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int, threads: int | None = None, source: str = "corpus"
+) -> bytes:
+    """Train a SentencePiece BPE with the challenge's settings; returns the serialized model. `source` names
+    the texts in error messages."""
     import sentencepiece as spm
 
     check_vocab_size(vocab_size)
@@ -113,7 +115,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, threads: int | None =
     except RuntimeError as e:
         if raised:
             raise raised[0] from None
-        raise InvalidInput(f"corpus: SentencePiece training failed: {trainer_problem(str(e))}") from None
+        raise InvalidInput(f"{source}: SentencePiece training failed: {trainer_problem(str(e))}") from None
     return model.getvalue()
 
 
@@ -128,6 +130,47 @@ def trainer_problem(message: str) -> str:
     if "sentences_.empty()" in message:
         return "no non-empty training documents"
     return message.splitlines()[0]
+
+
+def sentencepiece_model_type(model_proto: bytes) -> str:
+    """'bpe', 'unigram', 'word' or 'char': ModelProto.trainer_spec (field 2) .model_type (field 3), read from
+    the protobuf wire format (SentencePiece's Python API does not expose it)."""
+    for field, trainer_spec in _protobuf_fields(model_proto):
+        if field == 2:
+            model_type = dict(_protobuf_fields(trainer_spec)).get(3, 1)  # proto2 default: UNIGRAM
+            return {1: "unigram", 2: "bpe", 3: "word", 4: "char"}.get(model_type, "unknown")
+    return "unigram"
+
+
+def _protobuf_fields(message: bytes):
+    """(field number, value) of each top-level field of a serialized protobuf message: an int for varints,
+    the raw bytes otherwise."""
+    position = 0
+    while position < len(message):
+        key, position = _protobuf_varint(message, position)
+        wire_type = key & 7
+        if wire_type == 0:
+            value, position = _protobuf_varint(message, position)
+        elif wire_type == 2:
+            length, position = _protobuf_varint(message, position)
+            value, position = message[position : position + length], position + length
+        elif wire_type in (1, 5):
+            width = 8 if wire_type == 1 else 4
+            value, position = message[position : position + width], position + width
+        else:
+            raise InvalidInput(f"tokenizer: not a SentencePiece model (protobuf wire type {wire_type})")
+        yield key >> 3, value
+
+
+def _protobuf_varint(message: bytes, position: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = message[position]
+        position += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, position
+        shift += 7
 
 
 # Word-cache keys are split from SentencePiece's normalized text, which is valid Unicode, so lone surrogates
@@ -147,12 +190,12 @@ class EncodedBatch:
 class DocumentEncoder:
     """Encodes documents to `[BOS] + sp.encode(text)` each, exactly, faster than `sp.encode` alone.
 
-    Why this is exact: SentencePiece normalizes the text (spaces become '▁'), then segments it; when no piece
-    holds '▁' past its first character, no piece can span a '▁', so the segmentation of a text is the
-    concatenation of the segmentations of its '▁'-words, each made on its own (BPE merges and unigram lattices
-    alike). Words repeat (Zipf), so each distinct word is encoded once and its ids are reused. A model with a
-    piece that breaks the rule, or a batch whose new words do not normalize to themselves, is encoded with
-    plain `sp.encode`.
+    Why this is exact: SentencePiece normalizes the text (spaces become '▁'), then segments it. In a BPE model
+    where no piece holds '▁' past its first character, no merge can span a '▁', and merges within a word are
+    ordered by score, then position, independently of other words; so the encoding of a text is the
+    concatenation of the encodings of its '▁'-words, each made on its own. Words repeat (Zipf), so each
+    distinct word is encoded once and its ids are reused. Other models (unigram segments a word differently in
+    context), or a batch whose new words do not normalize to themselves, are encoded with plain `sp.encode`.
     """
 
     def __init__(self, model_proto: bytes, cache_size: int = WORD_CACHE_SIZE):
@@ -163,7 +206,9 @@ class DocumentEncoder:
         check_vocab_size(vocab_size, "tokenizer")
         pieces = [self.sp.IdToPiece(i) for i in range(vocab_size)]
         self.starts_word = np.array([p.startswith(SPACE) for p in pieces])
-        self.words_separable = not any(SPACE in p[1:] for p in pieces)
+        self.words_separable = sentencepiece_model_type(model_proto) == "bpe" and not any(
+            SPACE in p[1:] for p in pieces
+        )
         self.tables = build_byte_tables(self.sp)
         self.cache_size = cache_size
         self.word_index = {_BOS_KEY: 0}  # cache key -> word number
@@ -216,11 +261,13 @@ class DocumentEncoder:
 
     def learn_words(self, keys: list[str], index: np.ndarray, missing: np.ndarray) -> bool:
         """Encode and cache the words at positions `missing` of `keys`, and fill in their `index`; False when
-        can't be encoded word by word."""
+        they can't be encoded word by word."""
         opens_document = np.zeros(len(keys), dtype=bool)
         opens_document[np.flatnonzero(index == 0) + 1] = True  # the key after each BOS is a first word
-        first_keys = list(dict.fromkeys([keys[p] for p in missing[opens_document[missing]].tolist()]))
-        inner_keys = list(dict.fromkeys([keys[p] for p in missing[~opens_document[missing]].tolist()]))
+        missing_keys = list(map(keys.__getitem__, missing.tolist()))
+        is_first = opens_document[missing].tolist()
+        first_keys = list(dict.fromkeys(itertools.compress(missing_keys, is_first)))
+        inner_keys = list(dict.fromkeys(itertools.compress(missing_keys, map(operator.not_, is_first))))
         encoded = (
             self.encode_first_words([key[1:] for key in first_keys]),
             self.encode_inner_words(inner_keys),
@@ -228,13 +275,14 @@ class DocumentEncoder:
         if None in encoded:
             return False
         for new_keys, (ids, lengths) in zip((first_keys, inner_keys), encoded, strict=True):
-            self.word_index.update({key: n for n, key in enumerate(new_keys, len(self.word_index))})
+            numbers = range(len(self.word_index), len(self.word_index) + len(new_keys))
+            self.word_index.update(zip(new_keys, numbers, strict=True))
             self.word_start = np.concatenate(
                 [self.word_start, len(self.word_ids) + np.cumsum(lengths) - lengths]
             )
             self.word_length = np.concatenate([self.word_length, lengths])
             self.word_ids = np.concatenate([self.word_ids, ids])
-        index[missing] = [self.word_index[keys[p]] for p in missing.tolist()]
+        index[missing] = np.fromiter(map(self.word_index.__getitem__, missing_keys), dtype=np.int64)
         return True
 
     def forget_words(self, keep: int) -> None:

@@ -177,7 +177,7 @@ def train_on_corpus(corpus: Corpus, config: TokenizeConfig, progress: Progress) 
                 "tokenizer on; lower --val-docs or pass --tokenizer"
             )
 
-    model_proto = train_tokenizer(texts(), config.vocab_size, config.workers or None)
+    model_proto = train_tokenizer(texts(), config.vocab_size, config.workers or None, str(corpus))
     progress.remove_task(task)
     return model_proto
 

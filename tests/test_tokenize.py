@@ -127,16 +127,23 @@ def test_word_cache_encoder_is_exact_even_when_it_forgets(docs):
         assert 2000 <= len(encoder.word_index) <= cache_size
 
 
-def test_models_whose_pieces_span_spaces_fall_back_to_plain_encoding(docs):
+@pytest.mark.parametrize(
+    "setting",
+    [{"split_by_whitespace": False}, {"model_type": "unigram"}],  # pieces span '▁'; unigram isn't per-word
+)
+def test_models_not_encodable_word_by_word_fall_back_to_plain_encoding(docs, setting):
     model = io.BytesIO()
-    settings = {**CHALLENGE_TRAINER_SETTINGS, "split_by_whitespace": False}
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(docs), model_writer=model, vocab_size=600, minloglevel=2, **settings
+        sentence_iterator=iter(docs),
+        model_writer=model,
+        vocab_size=1000,
+        minloglevel=2,
+        **{**CHALLENGE_TRAINER_SETTINGS, **setting},
     )
     encoder = DocumentEncoder(model.getvalue())
-    assert not encoder.words_separable  # some piece holds '▁' inside
+    assert not encoder.words_separable
     sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
-    assert np.array_equal(encoder.encode(docs[:40]).tokens, expected_tokens(sp, docs[:40]))
+    assert np.array_equal(encoder.encode(docs).tokens, expected_tokens(sp, docs))
 
 
 def test_trains_challenge_tokenizer_on_train_split_only(capsys, tmp_path, docs):
