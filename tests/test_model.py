@@ -6,6 +6,7 @@ import itertools
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from pgolf.model import (
     BOS_ID,
@@ -289,6 +290,7 @@ def test_qat_plan_rejects_unknown_layers_and_bit_widths():
 
 def test_late_qat_switch_takes_effect_inside_a_compiled_model():
     torch._dynamo.reset()
+    counters.clear()
     config = tiny(num_layers=2, **ALL_ON)
     model = randomized(config, seed=4, dtype=torch.float32)
     plan = {name: (5 if ".mlp." in name else 6) for name in casted_linear_names(model)}
@@ -314,6 +316,7 @@ def test_late_qat_switch_takes_effect_inside_a_compiled_model():
         assert torch.allclose(switched, quantized(tokens, targets), rtol=0, atol=1e-6)
         set_qat_enabled(model, False)
         assert torch.equal(compiled(tokens, targets), plain)
+    assert counters["stats"]["unique_graphs"] == 1  # the switch is read at run time: no recompiles
 
 
 def test_qat_gradient_is_straight_through():
