@@ -9,7 +9,6 @@ import contextlib
 import io
 import itertools
 import multiprocessing
-import operator
 import os
 import re
 import signal
@@ -41,7 +40,7 @@ CHALLENGE_TRAINER_SETTINGS = {
 MIN_VOCAB = 256 + 4 + 1
 MAX_SHARD_TOKENS = 2**31 - 1  # the header stores the count as an int32
 BATCH_CHARS = 1 << 20  # characters of text per batch sent to a worker
-WORD_CACHE_SIZE = 1 << 19  # distinct words an encoder keeps (~60 MB); rarer ones are encoded every time
+WORD_CACHE_SIZE = 1 << 20  # distinct words an encoder keeps (~80 MB); rarer ones are encoded every time
 
 
 @dataclass(frozen=True)
@@ -173,10 +172,11 @@ def _protobuf_varint(message: bytes, position: int) -> tuple[int, int]:
         shift += 7
 
 
-# Word-cache keys are split from SentencePiece's normalized text, which is valid Unicode, so lone surrogates
-# never occur in it: they mark what is not a '▁'-word, a document's BOS and the start of its first word.
-_BOS_KEY = "\ud800"
-_FIRST_MARK = "\udc00"
+# Words are looked up by a polynomial hash of their UTF-8 bytes (mod 2^64), computed for a whole batch at once
+# from prefix sums. A collision costs speed, never correctness: every word is then checked byte for byte.
+_HASH_BASE = np.uint64(0x100000001B3)  # odd, hence invertible mod 2^64
+_HASH_MIX = np.uint64(0x9E3779B97F4A7C15)  # spreads the hash into the high bits that pick a table slot
+_NEWLINE = ord("\n")
 
 
 @dataclass
@@ -193,9 +193,11 @@ class DocumentEncoder:
     Why this is exact: SentencePiece normalizes the text (spaces become '▁'), then segments it. In a BPE model
     where no piece holds '▁' past its first character, no merge can span a '▁', and merges within a word are
     ordered by score, then position, independently of other words; so the encoding of a text is the
-    concatenation of the encodings of its '▁'-words, each made on its own. Words repeat (Zipf), so each
-    distinct word is encoded once and its ids are reused. Other models (unigram segments a word differently in
-    context), or a batch whose new words do not normalize to themselves, are encoded with plain `sp.encode`.
+    concatenation of the encodings of its words (a document's first word, then one per '▁'), each made on its
+    own. Words repeat (Zipf), so each distinct word is encoded once and its ids cached, in numpy arrays and an
+    open-addressing hash table that whole batches are looked up in at once. Every word of a batch is compared
+    byte for byte with the cached word it was matched to. Other models (unigram segments a word differently in
+    context), or a batch that fails a check, are encoded with plain `sp.encode`.
     """
 
     def __init__(self, model_proto: bytes, cache_size: int = WORD_CACHE_SIZE):
@@ -211,10 +213,19 @@ class DocumentEncoder:
         )
         self.tables = build_byte_tables(self.sp)
         self.cache_size = cache_size
-        self.word_index = {_BOS_KEY: 0}  # cache key -> word number
-        self.word_ids = np.array([BOS_ID], dtype=np.uint16)  # ids of all cached words, back to back
-        self.word_start = np.zeros(1, dtype=np.int64)  # where each word's ids start in word_ids
-        self.word_length = np.ones(1, dtype=np.int64)
+        table_bits = (2 * cache_size - 1).bit_length()  # the table stays at most half full
+        self.slot_shift = 64 - table_bits
+        self.slot_hash = np.zeros(1 << table_bits, dtype=np.uint64)
+        self.slot_word = np.full(1 << table_bits, -1, dtype=np.int64)  # word number, -1 = empty slot
+        # Word 0 is BOS (never looked up). Words past `cached_words` serve one batch only.
+        self.cached_words = 1
+        self.word_ids = np.array([BOS_ID], dtype=np.uint16)  # ids of all words, back to back
+        self.ids_start = np.zeros(1, dtype=np.int64)
+        self.ids_length = np.ones(1, dtype=np.int64)
+        self.word_bytes = np.zeros(0, dtype=np.uint8)  # UTF-8 of all words, back to back
+        self.bytes_start = np.zeros(1, dtype=np.int64)
+        self.bytes_length = np.zeros(1, dtype=np.int64)
+        self.powers = self.inverse_powers = np.ones(1, dtype=np.uint64)
 
     def encode(self, texts: list[str]) -> EncodedBatch:
         tokens = self.encode_words(texts) if self.words_separable else None
@@ -234,65 +245,117 @@ class DocumentEncoder:
         return np.fromiter(with_bos, dtype=np.uint16, count=total)
 
     def encode_words(self, texts: list[str]) -> np.ndarray | None:
-        # One split of the whole batch: each document contributes _BOS_KEY, its first word behind _FIRST_MARK,
-        # then its '▁'-words without their '▁'.
-        batch = SPACE.join(f"{_BOS_KEY}{SPACE}{_FIRST_MARK}{text}" for text in self.sp.normalize(texts))
-        keys = batch.split(SPACE)
-        index = np.fromiter(
-            map(self.word_index.get, keys, itertools.repeat(-1)), dtype=np.int64, count=len(keys)
-        )
-        missing = np.flatnonzero(index < 0)
-        if len(missing) == 0:
-            return self.gather(index)
-        if not self.learn_words(keys, index, missing):
+        data = np.frombuffer("\n".join(self.sp.normalize(texts)).encode("utf-8"), dtype=np.uint8)
+        newline = data == _NEWLINE
+        if np.count_nonzero(newline) != len(texts) - 1:
+            return None  # a normalized document holds a '\n' of its own
+        starts, ends, opens_document = split_words(data, newline)
+        hashes = self.hash_words(data, starts, ends)
+        word = self.lookup(hashes)
+        missing = np.flatnonzero(word < 0)
+        if len(missing) and not self.learn_words(
+            data, starts, ends, opens_document, hashes[missing], missing, word
+        ):
             return None
-        tokens = self.gather(index)
-        if len(self.word_index) > self.cache_size:
-            self.forget_words(self.cache_size)
+        tokens = None
+        if self.words_match(data[~newline], ends - starts, word):
+            tokens = self.gather(
+                np.insert(word, np.flatnonzero(opens_document), 0)
+            )  # BOS opens each document
+        self.forget_uncached_words()
         return tokens
 
-    def gather(self, index: np.ndarray) -> np.ndarray:
-        """The cached ids of words `index`, back to back."""
-        lengths = self.word_length[index]
-        ends = np.cumsum(lengths)
-        # Output position p copies word_ids[start of its word + (p - where its word begins in the output)].
-        shift = np.repeat(self.word_start[index] - (ends - lengths), lengths)
-        return self.word_ids[shift + np.arange(int(ends[-1]))]
+    def hash_words(self, data: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+        """hash(word) = sum of byte[i] * BASE^(i - start), from prefix sums of byte[i] * BASE^i."""
+        if len(self.powers) <= len(data):
+            bases = np.full(1 << len(data).bit_length(), _HASH_BASE, dtype=np.uint64)
+            bases[0] = 1
+            self.powers = np.multiply.accumulate(bases)
+            bases[1:] = pow(int(_HASH_BASE), -1, 1 << 64)
+            self.inverse_powers = np.multiply.accumulate(bases)
+        prefix = np.zeros(len(data) + 1, dtype=np.uint64)
+        np.cumsum(data * self.powers[: len(data)], out=prefix[1:])
+        hashes = (prefix[ends] - prefix[starts]) * self.inverse_powers[starts]
+        return hashes * _HASH_MIX + (ends - starts).astype(np.uint64)
 
-    def learn_words(self, keys: list[str], index: np.ndarray, missing: np.ndarray) -> bool:
-        """Encode and cache the words at positions `missing` of `keys`, and fill in their `index`; False when
-        they can't be encoded word by word."""
-        opens_document = np.zeros(len(keys), dtype=bool)
-        opens_document[np.flatnonzero(index == 0) + 1] = True  # the key after each BOS is a first word
-        missing_keys = list(map(keys.__getitem__, missing.tolist()))
-        is_first = opens_document[missing].tolist()
-        first_keys = list(dict.fromkeys(itertools.compress(missing_keys, is_first)))
-        inner_keys = list(dict.fromkeys(itertools.compress(missing_keys, map(operator.not_, is_first))))
+    def lookup(self, hashes: np.ndarray) -> np.ndarray:
+        """The cached word number of each hash, -1 where none (linear probing, all hashes at once)."""
+        mask = len(self.slot_word) - 1
+        slot = (hashes >> np.uint64(self.slot_shift)).astype(np.int64)
+        word = np.full(len(hashes), -1, dtype=np.int64)
+        pending = np.arange(len(hashes))
+        while len(pending):
+            held = self.slot_word[slot[pending]]
+            found = (held >= 0) & (self.slot_hash[slot[pending]] == hashes[pending])
+            word[pending[found]] = held[found]
+            pending = pending[(held >= 0) & ~found]
+            slot[pending] = (slot[pending] + 1) & mask
+        return word
+
+    def learn_words(self, data, starts, ends, opens_document, hashes, missing, word) -> bool:
+        """Encode the distinct words at positions `missing` (with `hashes`), number them, fill in their `word`
+        and cache as many as there is room for; False when they can't be encoded word by word."""
+        unique_hashes, first_seen, which = np.unique(hashes, return_index=True, return_inverse=True)
+        seen = missing[first_seen]
+        order = np.concatenate([np.flatnonzero(opens_document[seen]), np.flatnonzero(~opens_document[seen])])
+        new = seen[order]  # words that open a document first, then '▁'-words
+        firsts = int(np.count_nonzero(opens_document[seen]))
+        lengths = ends[new] - starts[new]
+        new_bytes = data[concatenated_ranges(starts[new], lengths)]
+        split = int(lengths[:firsts].sum())
+        first_words = [data[starts[i] : ends[i]].tobytes().decode() for i in new[:firsts].tolist()]
         encoded = (
-            self.encode_first_words([key[1:] for key in first_keys]),
-            self.encode_inner_words(inner_keys),
+            self.encode_first_words(first_words),
+            self.encode_inner_words(new_bytes[split:].tobytes().decode(), len(new) - firsts),
         )
         if None in encoded:
             return False
-        for new_keys, (ids, lengths) in zip((first_keys, inner_keys), encoded, strict=True):
-            numbers = range(len(self.word_index), len(self.word_index) + len(new_keys))
-            self.word_index.update(zip(new_keys, numbers, strict=True))
-            self.word_start = np.concatenate(
-                [self.word_start, len(self.word_ids) + np.cumsum(lengths) - lengths]
-            )
-            self.word_length = np.concatenate([self.word_length, lengths])
-            self.word_ids = np.concatenate([self.word_ids, ids])
-        index[missing] = np.fromiter(map(self.word_index.__getitem__, missing_keys), dtype=np.int64)
+        number = np.empty(len(new), dtype=np.int64)
+        number[order] = len(self.ids_length) + np.arange(len(new))
+        word[missing] = number[which]
+        ids_length = np.concatenate([encoded[0][1], encoded[1][1]])
+        self.ids_start = np.concatenate(
+            [self.ids_start, len(self.word_ids) + np.cumsum(ids_length) - ids_length]
+        )
+        self.ids_length = np.concatenate([self.ids_length, ids_length])
+        self.word_ids = np.concatenate([self.word_ids, encoded[0][0], encoded[1][0]])
+        self.bytes_start = np.concatenate(
+            [self.bytes_start, len(self.word_bytes) + np.cumsum(lengths) - lengths]
+        )
+        self.bytes_length = np.concatenate([self.bytes_length, lengths])
+        self.word_bytes = np.concatenate([self.word_bytes, new_bytes])
+        room = min(max(self.cache_size - self.cached_words, 0), len(new))
+        self.cache(unique_hashes[order][:room].tolist(), range(self.cached_words, self.cached_words + room))
         return True
 
-    def forget_words(self, keep: int) -> None:
-        """Drop all but the first `keep` cached words, so memory stays bounded; the words seen first, in
-        Zipf-distributed text mostly the frequent ones, stay."""
-        for key in list(itertools.islice(self.word_index, keep, None)):
-            del self.word_index[key]
-        self.word_ids = self.word_ids[: self.word_start[keep]]
-        self.word_start = self.word_start[:keep]
-        self.word_length = self.word_length[:keep]
+    def cache(self, hashes: list[int], numbers: range) -> None:
+        """Put words in the hash table; their ids and bytes are already stored under `numbers`."""
+        mask = len(self.slot_word) - 1
+        for hash_, number in zip(hashes, numbers, strict=True):
+            slot = hash_ >> self.slot_shift
+            while self.slot_word[slot] >= 0:
+                slot = (slot + 1) & mask
+            self.slot_hash[slot] = hash_
+            self.slot_word[slot] = number
+        self.cached_words += len(numbers)
+
+    def forget_uncached_words(self) -> None:
+        keep = self.cached_words
+        if len(self.ids_length) > keep:
+            self.word_ids = self.word_ids[: self.ids_start[keep]]
+            self.word_bytes = self.word_bytes[: self.bytes_start[keep]]
+            self.ids_start, self.ids_length = self.ids_start[:keep], self.ids_length[:keep]
+            self.bytes_start, self.bytes_length = self.bytes_start[:keep], self.bytes_length[:keep]
+
+    def words_match(self, word_bytes: np.ndarray, lengths: np.ndarray, word: np.ndarray) -> bool:
+        """Whether the words' bytes, back to back, equal those of the stored words they were matched to."""
+        return np.array_equal(self.bytes_length[word], lengths) and np.array_equal(
+            self.word_bytes[concatenated_ranges(self.bytes_start[word], lengths)], word_bytes
+        )
+
+    def gather(self, word: np.ndarray) -> np.ndarray:
+        """The ids of words `word`, back to back."""
+        return self.word_ids[concatenated_ranges(self.ids_start[word], self.ids_length[word])]
 
     def encode_first_words(self, words: list[str]):
         """(ids back to back, length of each) for words that open a document (no '▁')."""
@@ -304,20 +367,41 @@ class DocumentEncoder:
         ids = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.uint16)
         return ids, np.array([len(e) for e in encoded], dtype=np.int64)
 
-    def encode_inner_words(self, words: list[str]):
-        """(ids back to back, length of each) for '▁'-words, given without their '▁': all in one sp.encode
+    def encode_inner_words(self, words: str, count: int):
+        """(ids back to back, length of each) for `count` '▁'-words given back to back: one sp.encode
         call, split where a piece starts with '▁'. A leading 'x' keeps the normalizer from dropping the first
         '▁'."""
-        if not words:
+        if count == 0:
             return np.zeros(0, dtype=np.uint16), np.zeros(0, dtype=np.int64)
-        text = "x " + " ".join(words)
-        if self.sp.normalize(text) != "x" + SPACE + SPACE.join(words):
+        text = "x" + words
+        if self.sp.normalize(text) != text:
             return None
         ids = np.array(self.sp.encode(text, out_type=int), dtype=np.uint16)
         starts = np.flatnonzero(self.starts_word[ids])
-        if len(starts) != len(words):
+        if len(starts) != count:
             return None
         return ids[starts[0] :], np.diff(np.append(starts, len(ids)))
+
+
+def split_words(data: np.ndarray, newline: np.ndarray):
+    """(starts, ends, opens_document) of the words in '\n'-separated normalized documents (UTF-8 bytes): a
+    word starts at each document start and each '▁' (E2 96 81), and ends where the next starts or at '\n'."""
+    n = len(data)
+    opens = np.zeros(n + 1, dtype=bool)
+    opens[0] = True
+    opens[1:] = newline
+    is_start = opens.copy()
+    is_start[: max(n - 2, 0)] |= (data[:-2] == 0xE2) & (data[1:-1] == 0x96) & (data[2:] == 0x81)
+    starts = np.flatnonzero(is_start)
+    ends = np.append(starts[1:] - opens[starts[1:]], n)
+    return starts, ends, opens[starts]
+
+
+def concatenated_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The indices of ranges [start, start + length), back to back."""
+    ends = np.cumsum(lengths)
+    total = int(ends[-1]) if len(ends) else 0
+    return np.repeat(starts - (ends - lengths), lengths) + np.arange(total)
 
 
 def split_batches(documents: Iterable[str], val_docs: int, batch_chars: int = BATCH_CHARS):

@@ -116,15 +116,47 @@ def test_shards_hold_bos_plus_sp_encode_val_first(capsys, tmp_path, docs, model,
     assert pgolf(capsys, "data", "check", out)[0] == 0
 
 
-def test_word_cache_encoder_is_exact_even_when_it_forgets(docs):
+def test_word_cache_encoder_is_exact_even_when_full(docs):
     sp = spm.SentencePieceProcessor(model_file=str(need(SP1024)))
     reference = expected_tokens(sp, docs)
-    for cache_size in (1 << 19, 2000):  # 2000 words: the cache overflows and drops new words on every batch
+    for cache_size in (1 << 20, 2000):  # 2000 words: full after the first batch, later new words are not kept
         encoder = DocumentEncoder(SP1024.read_bytes(), cache_size=cache_size)
         assert encoder.words_separable
         batches = [encoder.encode(docs[i : i + 17]) for i in range(0, len(docs), 17)]
         assert np.array_equal(np.concatenate([b.tokens for b in batches]), reference)
-        assert 2000 <= len(encoder.word_index) <= cache_size
+        assert (
+            encoder.cached_words == min(cache_size, len(encoder.ids_length)) and encoder.cached_words >= 2000
+        )
+
+
+def test_word_cache_encoder_on_odd_documents():
+    sp = spm.SentencePieceProcessor(model_file=str(need(SP8192)))
+    texts = [
+        "",
+        "  leading and  inner   spaces ",
+        "\n\t\n",
+        "a",
+        "",
+        "literal \u2581 piece mark\u2581",
+        "NUL\x00byte",
+        "e\u0301 combining, \ufb01 ligature, \u3000wide space",
+        "\u4e2d\u6587 and emoji \U0001f600",
+        "12345 67",
+        "",
+    ]
+    encoder = DocumentEncoder(SP8192.read_bytes())
+    for _ in range(2):  # learning, then from the cache
+        assert np.array_equal(encoder.encode(texts).tokens, expected_tokens(sp, texts))
+
+
+def test_hash_collisions_cost_speed_not_correctness(docs):
+    sp = spm.SentencePieceProcessor(model_file=str(need(SP1024)))
+    encoder = DocumentEncoder(SP1024.read_bytes())
+    encoder.hash_words = lambda data, starts, ends: np.zeros(
+        len(starts), dtype=np.uint64
+    )  # every word collides
+    for i in range(0, 40, 20):
+        assert np.array_equal(encoder.encode(docs[i : i + 20]).tokens, expected_tokens(sp, docs[i : i + 20]))
 
 
 @pytest.mark.parametrize(
