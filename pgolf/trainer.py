@@ -33,6 +33,8 @@ from pgolf.train_config import TrainConfig
 
 RESUME_FILE = "resume.safetensors"
 RESUME_FORMAT = "pgolf-train-resume"
+# Settings a resumed run may change: they do not alter the weights it produces.
+RESUME_FREE_FIELDS = ("val_every", "log_every", "checkpoint_every", "compile", "warmup_steps")
 
 
 class TrainingInterrupted(PgolfError):
@@ -64,6 +66,7 @@ def init_distributed() -> Distributed:
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
+        configure_cuda()
     else:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
@@ -72,6 +75,15 @@ def init_distributed() -> Distributed:
         else:
             dist.init_process_group(backend="gloo")
     return Distributed(rank, world_size, local_rank, device)
+
+
+def configure_cuda() -> None:
+    """The challenge's fast-math settings: TF32 for fp32 matmuls, flash attention (no cuDNN/mem-efficient)."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.enable_flash_sdp(True)
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    torch.backends.cuda.enable_mem_efficient_sdp(False)
 
 
 class Schedule:
@@ -286,7 +298,7 @@ class Trainer:
             self.ddp = DistributedDataParallel(self.compiled, device_ids=device_ids, broadcast_buffers=False)
         orthogonalize = zeropower_via_newtonschulz5
         if self.device.type == "cuda" and config.compile != "off":
-            orthogonalize = torch.compile(zeropower_via_newtonschulz5, backend=config.compile)
+            orthogonalize = torch.compile(zeropower_via_newtonschulz5, backend=config.compile, dynamic=False)
         self.optimizers = build_optimizers(self.model, config, fused=self.device.type == "cuda",
                                            orthogonalize=orthogonalize)
         self.muon = [opt for opt in self.optimizers if isinstance(opt, Muon)]
@@ -436,7 +448,7 @@ class Trainer:
         current = self.configs_json()
         for table in ("model", "train"):
             for name, value in current[table].items():
-                if saved[table].get(name) != value:
+                if saved[table].get(name) != value and name not in RESUME_FREE_FIELDS:
                     raise UsageError(f"{path}: was written with {table} {name} = {saved[table].get(name)!r}, "
                                      f"this run has {value!r} (resume with the same settings)")
 

@@ -1,0 +1,94 @@
+"""Training-step speed of a train preset through the real trainer (model, Muon + Adam, loader, accumulation,
+DDP when under torchrun): ms/step, tokens/s and MFU after warm-up, as one JSON line on stdout.
+
+    python benchmarks/train_step.py artifacts/bench-sp1024 --preset baseline
+    python benchmarks/train_step.py artifacts/bench-sp1024 --preset seed-11l --batch-tokens 262144
+    python benchmarks/train_step.py artifacts/bench-sp1024 --preset baseline --micro-batch-tokens 131072
+    torchrun --nproc_per_node=8 benchmarks/train_step.py artifacts/bench-sp1024 --preset baseline
+    python benchmarks/train_step.py artifacts/bench-sp1024 --preset tiny --compile off --steps 3  # CPU smoke
+
+Target on one H100 (baseline, 524,288 tokens/step, seq 1024): <= 311 ms/step; the challenge's train_gpt.py
+runs 366 ms/step there (../shared/data/README.md). MFU counts 6 x matmul parameters (tied head included,
+embedding and bigram lookups not) + causal attention 6 x layers x width x seq_len per token, over the bf16
+peak x world size.
+"""
+
+import argparse
+import json
+import time
+
+import torch
+
+from pgolf.model import GPT, CastedLinear
+from pgolf.shards import open_dataset
+from pgolf.train_config import COMPILE_MODES, resolve_configs
+from pgolf.trainer import Trainer, init_distributed
+
+
+def flops_per_token(model: GPT, seq_len: int) -> float:
+    config = model.config
+    matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, CastedLinear))
+    if config.tie_embeddings:
+        matmul += model.tok_emb.weight.numel()
+    # (QK^T + AV) x 2 FLOPs x 3 passes (forward + backward), half of it masked out by causality.
+    attention = 6 * config.num_layers * config.model_dim * seq_len
+    return 6 * matmul + attention
+
+
+def main() -> None:
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
+    parser.add_argument("data_dir", help="shard directory (only its train shards are read)")
+    parser.add_argument("--preset", default="baseline")
+    parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (compile happens here)")
+    parser.add_argument("--batch-tokens", type=int)
+    parser.add_argument("--micro-batch-tokens", type=int)
+    parser.add_argument("--seq-len", type=int)
+    parser.add_argument("--compile", choices=COMPILE_MODES)
+    parser.add_argument("--peak-tflops", type=float, default=790.0, help="bf16 peak per GPU for MFU")
+    parser.add_argument("--out", help="also append the JSON line to this file")
+    args = parser.parse_args()
+
+    overrides = dict(batch_tokens=args.batch_tokens, micro_batch_tokens=args.micro_batch_tokens,
+                     seq_len=args.seq_len, compile=args.compile, warmup_steps=args.warmup)
+    model_config, config, _ = resolve_configs(args.preset, train_overrides=overrides)
+    dist_info = init_distributed()
+    trainer = Trainer(model_config, config, open_dataset(args.data_dir).train, dist_info)
+    started = time.perf_counter()
+    trainer.warmup()
+    warmup_s = time.perf_counter() - started
+    if dist_info.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dist_info.device)
+    momentum = trainer.schedule.muon_momentum(0, 0.0)
+    trainer.synchronize()
+    started = time.perf_counter()
+    for _ in range(args.steps):
+        loss = trainer.train_step(1.0, momentum)
+    trainer.synchronize()
+    step_ms = 1000.0 * (time.perf_counter() - started) / args.steps
+    tokens_per_s = config.batch_tokens / (step_ms / 1000.0)
+    flops = flops_per_token(trainer.model, config.seq_len) * tokens_per_s
+    result = {
+        "preset": args.preset, "params": trainer.param_count, "batch_tokens": config.batch_tokens,
+        "micro_batch_tokens": config.micro_tokens(), "seq_len": config.seq_len,
+        "accumulation_steps": trainer.accumulation, "world_size": dist_info.world_size,
+        "compile": config.compile, "warmup_s": round(warmup_s, 1), "steps": args.steps,
+        "ms_per_step": round(step_ms, 2), "tokens_per_s": round(tokens_per_s),
+        "mfu": round(flops / (args.peak_tflops * 1e12 * dist_info.world_size), 4),
+        "loss": round(loss.item(), 4), "device": str(dist_info.device), "torch": torch.__version__,
+    }
+    if dist_info.device.type == "cuda":
+        result["gpu"] = torch.cuda.get_device_name(dist_info.device)
+        result["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(dist_info.device) / 2**30, 2)
+    if dist_info.is_main:
+        print(json.dumps(result), flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps(result) + "\n")
+    if dist_info.world_size > 1:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
