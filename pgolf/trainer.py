@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from pgolf.artifacts import atomic_write_bytes
 from pgolf.errors import PgolfError, UsageError
 from pgolf.loader import TrainLoader
-from pgolf.model import GPT, CastedLinear, ModelConfig, set_qat_enabled, set_qat_plan
+from pgolf.model import GPT, CastedLinear, ModelConfig, param_groups, set_qat_enabled, set_qat_plan
 from pgolf.optim import Muon, build_optimizers, zeropower_via_newtonschulz5
 from pgolf.train_config import TrainConfig
 
@@ -164,18 +164,21 @@ def qat_plan(model: GPT, config: TrainConfig) -> dict[str, int]:
 
 
 def place_model(model: GPT, device: torch.device) -> GPT:
-    """On CUDA, as the challenge: bf16 embeddings and activations, fp32 CastedLinear weights (cast at matmul
-    time) and fp32 vectors/scalars, which the optimizers need in full precision. On CPU all stays fp32."""
+    """On CUDA, the challenge's dtypes (bf16_training_dtypes); on CPU everything stays fp32."""
     model = model.to(device)
-    if device.type != "cuda":
-        return model
+    return bf16_training_dtypes(model) if device.type == "cuda" else model
+
+
+def bf16_training_dtypes(model: GPT) -> GPT:
+    """As the challenge: bf16 embeddings (hence bf16 activations), fp32 CastedLinear weights (cast at matmul
+    time) and fp32 scalar-group parameters (vectors, gains, mixes, skip weights), which Adam needs in full
+    precision."""
     model.bfloat16()
     for module in model.modules():
         if isinstance(module, CastedLinear):
             module.float()
-    for param in model.parameters():
-        if param.ndim < 2:
-            param.data = param.data.float()
+    for param in param_groups(model)["scalar"]:
+        param.data = param.data.float()
     return model
 
 

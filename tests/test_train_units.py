@@ -14,7 +14,7 @@ from pgolf.model import GPT, ModelConfig, param_groups
 from pgolf.optim import Muon, build_optimizers, zeropower_via_newtonschulz5
 from pgolf.shards import write_shard
 from pgolf.train_config import TrainConfig, resolve_configs
-from pgolf.trainer import Schedule
+from pgolf.trainer import Schedule, bf16_training_dtypes
 
 # ---- Muon and the optimizer groups ---------------------------------------------------------------
 
@@ -64,6 +64,17 @@ def test_optimizer_groups_cover_every_parameter_once_with_the_baselines_rates():
     untied = GPT(ModelConfig(num_layers=1, model_dim=64, num_heads=4, num_kv_heads=2, tie_embeddings=False))
     rates = [opt.param_groups[0]["lr"] for opt in build_optimizers(untied, TrainConfig(), fused=False)]
     assert rates == [0.6, 0.008, 0.04, 0.04]
+
+
+def test_cuda_dtypes_are_the_challenges():
+    config = ModelConfig(num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, gated_attention=True)
+    model = bf16_training_dtypes(GPT(config))
+    dtypes = {name: p.dtype for name, p in model.named_parameters()}
+    assert dtypes.pop("tok_emb.weight") == torch.bfloat16
+    # Everything else fp32: matrices, and the 2-D scalars (resid_mix, skip_weights, gates) too.
+    assert {"blocks.0.resid_mix", "skip_weights", "blocks.0.attn.head_gate.weight"} <= set(dtypes)
+    assert set(dtypes.values()) == {torch.float32}
+    assert model.rope_cos.dtype == torch.bfloat16 and model.blocks[0].attn.c_q.qat_on.dtype == torch.bool
 
 
 # ---- budget-aware schedules ------------------------------------------------------------------------
