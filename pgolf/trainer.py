@@ -222,8 +222,7 @@ def evaluate(model, val_tokens: torch.Tensor, seq_len: int, batch_seqs: int, byt
 class TrainLog:
     """train.log (human lines) and train_log.jsonl (one JSON record per line), appended by rank 0 only.
 
-    On resume the JSONL keeps only records up to the resumed step, so steps after the last checkpoint of the
-    crashed run are not listed twice.
+    On resume the JSONL keeps only what happened before the checkpoint, so nothing is listed twice.
     """
 
     def __init__(self, directory: Path, enabled: bool, on_line=None, on_record=None):
@@ -232,10 +231,18 @@ class TrainLog:
         self.enabled, self.on_line, self.on_record = enabled, on_line, on_record
 
     def truncate_after(self, step: int) -> None:
+        """Keep train records up to `step` and val records before it (the checkpoint at `step` is written
+        before that step's validation, which the resumed run repeats); drop a line cut short by a crash."""
         if not self.enabled or not self.jsonl.is_file():
             return
-        kept = [line for line in self.jsonl.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        kept = []
+        for line in self.jsonl.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record["step"] < step or (record["step"] == step and record["event"] != "val"):
+                kept.append(line)
         atomic_write_bytes(self.jsonl, "".join(line + "\n" for line in kept).encode())
 
     def line(self, text: str) -> None:

@@ -2,6 +2,7 @@
 token stream, and config resolution (presets, challenge env aliases, validation)."""
 
 import dataclasses
+import json
 import math
 
 import numpy as np
@@ -14,7 +15,7 @@ from pgolf.model import GPT, ModelConfig, param_groups
 from pgolf.optim import Muon, build_optimizers, zeropower_via_newtonschulz5
 from pgolf.shards import write_shard
 from pgolf.train_config import TrainConfig, resolve_configs
-from pgolf.trainer import Schedule, bf16_training_dtypes
+from pgolf.trainer import Schedule, TrainLog, bf16_training_dtypes
 
 # ---- Muon and the optimizer groups ---------------------------------------------------------------
 
@@ -184,6 +185,18 @@ def test_stream_refuses_tokens_outside_the_vocab(shards):
         TokenStream(paths, vocab_size=999)
     with pytest.raises(InvalidInput, match="no train shards"):
         TokenStream([], vocab_size=1024)
+
+
+def test_resumed_log_keeps_what_happened_before_the_checkpoint(tmp_path):
+    log = TrainLog(tmp_path, enabled=True)
+    for step in (7, 8, 9):
+        log.record({"event": "train", "step": step})
+        log.record({"event": "val", "step": step})
+    with open(log.jsonl, "a") as f:
+        f.write('{"event": "train", "st')  # a line cut short by a crash
+    log.truncate_after(8)
+    kept = [(r["event"], r["step"]) for r in map(json.loads, log.jsonl.read_text().splitlines())]
+    assert kept == [("train", 7), ("val", 7), ("train", 8)]
 
 
 # ---- configs -------------------------------------------------------------------------------------
