@@ -253,15 +253,15 @@ class DocumentEncoder:
         hashes = self.hash_words(data, starts, ends)
         word = self.lookup(hashes)
         missing = np.flatnonzero(word < 0)
-        if len(missing) and not self.learn_words(
+        learned = len(missing) == 0 or self.learn_words(
             data, starts, ends, opens_document, hashes[missing], missing, word
-        ):
+        )
+        if not learned:
             return None
         tokens = None
         if self.words_match(data[~newline], ends - starts, word):
-            tokens = self.gather(
-                np.insert(word, np.flatnonzero(opens_document), 0)
-            )  # BOS opens each document
+            with_bos = np.insert(word, np.flatnonzero(opens_document), 0)  # word 0, BOS, opens each document
+            tokens = self.gather(with_bos)
         self.forget_uncached_words()
         return tokens
 
