@@ -75,7 +75,7 @@ def main() -> None:
         "accumulation_steps": trainer.accumulation, "world_size": dist_info.world_size,
         "compile": config.compile, "warmup_s": round(warmup_s, 1), "steps": args.steps,
         "ms_per_step": round(step_ms, 2), "tokens_per_s": round(tokens_per_s),
-        "mfu": round(flops / (args.peak_tflops * 1e12 * dist_info.world_size), 4),
+        "mfu": float(f"{flops / (args.peak_tflops * 1e12 * dist_info.world_size):.4g}"),
         "loss": round(loss.item(), 4), "device": str(dist_info.device), "torch": torch.__version__,
     }
     if dist_info.device.type == "cuda":

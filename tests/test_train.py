@@ -377,3 +377,32 @@ def test_list_presets(capsys):
     assert code == 0
     presets = json.loads(out)["presets"]
     assert {"baseline", "seed-11l", "tiny"} <= set(presets) and all(presets.values())
+
+
+# ---- the benchmark scripts (CPU smoke runs; the figures come from the lead's GPU runs) ----------
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def test_train_step_benchmark_reports_one_json_line(tiny_data_dir):
+    command = [sys.executable, BENCHMARKS / "train_step.py", tiny_data_dir, "--preset", "tiny", "--compile",
+               "off", "--steps", "2", "--warmup", "1"]
+    result = subprocess.run(list(map(str, command)), capture_output=True, text=True, timeout=300,
+                            env=one_thread_env())
+    assert result.returncode == 0, result.stderr[-2000:]
+    (line,) = result.stdout.splitlines()
+    row = json.loads(line)
+    assert (row["batch_tokens"], row["accumulation_steps"], row["steps"]) == (4096, 4, 2)
+    assert row["ms_per_step"] > 0 and row["tokens_per_s"] > 0 and 0 < row["mfu"] < 1
+    assert math.isfinite(row["loss"])
+
+
+@pytest.mark.slow
+def test_train_quality_protocol_chains_the_shipped_commands(tiny_data_dir, tmp_path):
+    command = [sys.executable, BENCHMARKS / "train_quality.py", tiny_data_dir, "--presets", "tiny",
+               "--wallclock", "2", "--root", tmp_path]
+    result = subprocess.run(list(map(str, command)), capture_output=True, text=True, timeout=600,
+                            env=one_thread_env())
+    assert result.returncode == 0, result.stderr[-2000:]
+    row = json.loads(result.stdout.splitlines()[-1])
+    assert row["preset"] == "tiny" and row["steps"] > 0 and row["blob_bytes"] < 16_000_000
+    assert row["roundtrip_val_bpb"] == pytest.approx(row["val_bpb"], abs=0.05)
