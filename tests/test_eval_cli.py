@@ -1,0 +1,204 @@
+"""`pgolf eval` end to end: JSON, the challenge's log line, the manifest, sweeps, all three artifact kinds,
+torchrun, and a clear exit code for each bad input."""
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from pgolf.artifacts import StageOutput, sha256_file
+from pgolf.checkpoint import load_checkpoint
+from pgolf.codecs import pack_blob
+from pgolf.quant import quantize_state, save_quantized
+from tests.shared_data import SP8192, need
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+LOG_LINE = re.compile(r"^final_(\w+) val_loss:(\d+\.\d{4}) val_bpb:(\d+\.\d{4}) eval_time:\d+ms$", re.M)
+
+
+def pgolf_eval(*args, monkeypatch, capsys) -> tuple[int, str, str]:
+    """Run `pgolf eval ARGS` in this process through the real entry point; (exit code, stdout, stderr)."""
+    from pgolf.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["pgolf", "eval", *map(str, args)])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    captured = capsys.readouterr()
+    return exited.value.code, captured.out, captured.err
+
+
+def tree_digest(directory) -> dict:
+    files = sorted(path for path in directory.rglob("*") if path.is_file())
+    return {str(path.relative_to(directory)): sha256_file(path) for path in files}
+
+
+def test_json_log_line_and_manifest(tiny_checkpoint_dir, tiny_data_dir, tmp_path):
+    before = tree_digest(tiny_checkpoint_dir), tree_digest(tiny_data_dir)
+    out = tmp_path / "eval"
+    command = [sys.executable, "-m", "pgolf", "eval", tiny_checkpoint_dir, "--data", tiny_data_dir,
+               "--sliding-stride", "64", "--json", "--out", out]
+    result = subprocess.run(command, capture_output=True, text=True, env=ONE_THREAD)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    data_manifest = json.loads((tiny_data_dir / "manifest.json").read_text())
+    assert summary["tokens"] == data_manifest["metrics"]["val"]["tokens"] - 1
+    assert summary["bytes"] == data_manifest["metrics"]["val"]["bytes"]
+    assert summary["mode"] == "sliding" and summary["stride"] == 64 and summary["seq_len"] == 128
+    assert summary["val_bpb"] == pytest.approx(summary["val_loss"] * summary["tokens"] /
+                                               (np.log(2) * summary["bytes"]))
+    assert set(summary["timers"]) == {"load_seconds", "warmup_seconds", "eval_seconds", "compliance_seconds"}
+    name, loss, bpb = LOG_LINE.search(result.stderr).groups()
+    assert name == "train_sliding" and float(bpb) == pytest.approx(summary["val_bpb"], abs=5e-5)
+    assert f"final_train_sliding_exact val_loss:{summary['val_loss']:.8f}" in result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stage"] == "eval"
+    assert manifest["metrics"]["val_bpb"] == summary["val_bpb"] and manifest["metrics"]["mode"] == "sliding"
+    assert {i["role"] for i in manifest["inputs"]} == {"artifact_manifest", "tokenizer", "val_shard"}
+    assert json.loads((out / "results.json").read_text())["val_loss"] == summary["val_loss"]
+    assert manifest["config"]["eval"]["sliding_stride"] == 64
+    assert (tree_digest(tiny_checkpoint_dir), tree_digest(tiny_data_dir)) == before  # inputs untouched
+
+
+def test_sweep_prints_the_grid_sorted_by_val_bpb(tiny_checkpoint_dir, tiny_data_dir, tmp_path, monkeypatch,
+                                                 capsys):
+    code, out, err = pgolf_eval(tiny_checkpoint_dir, "--data", tiny_data_dir, "--ngram-order", "2,4",
+                                "--alpha", "0.1,0.5", "--ngram-buckets", "2048", "--json", "--out",
+                                tmp_path / "sweep", monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0, err
+    summary = json.loads(out)
+    rows = summary["sweep"]
+    assert sorted((r["order"], r["alpha"]) for r in rows) == [(2, 0.1), (2, 0.5), (4, 0.1), (4, 0.5)]
+    assert [r["val_bpb"] for r in rows] == sorted(r["val_bpb"] for r in rows)
+    assert summary["val_bpb"] == summary["model_val_bpb"]  # a sweep never reports its best row as the score
+    table = [line.split() for line in err.splitlines() if re.match(r"^\s+[24]\s+0\.[15]\s+fixed", line)]
+    assert [(int(t[0]), float(t[1])) for t in table] == [(r["order"], r["alpha"]) for r in rows]
+
+
+@pytest.fixture(scope="module")
+def artifact_kinds(tiny_checkpoint_dir, tmp_path_factory):
+    """quantize and compress outputs of the tiny checkpoint: fp32 passthrough (exact) and int8."""
+    state, config, _ = load_checkpoint(tiny_checkpoint_dir / "model.safetensors")
+    root = tmp_path_factory.mktemp("kinds")
+    kinds = {}
+    for name, matrix_scheme in (("fp32", "fp32"), ("int8", "int8")):
+        schemes = {key: matrix_scheme if tensor.dim() == 2 else "fp32" for key, tensor in state.items()}
+        tensors, records = quantize_state(state, schemes)
+        plan = {"model_config": dataclasses.asdict(config), "tensors": records}
+        with StageOutput(root / f"q_{name}", "quantize", argv=["test"]) as stage:
+            save_quantized(stage.dir, tensors, plan)
+            stage.add_output("quantized.safetensors", "quantized")
+            stage.add_output("plan.json", "plan")
+            stage.finalize()
+        with StageOutput(root / f"blob_{name}", "compress", argv=["test"]) as stage:
+            stage.add_output("model.blob", "blob").write_bytes(pack_blob(tensors, plan, "zlib"))
+            stage.finalize()
+        kinds[name] = root / f"q_{name}", root / f"blob_{name}"
+    return kinds
+
+
+def test_train_quantize_and_compress_outputs_all_evaluate(tiny_checkpoint_dir, tiny_data_dir, artifact_kinds,
+                                                          tmp_path, monkeypatch, capsys):
+    results = {}
+    artifacts = {"train": tiny_checkpoint_dir, "q_fp32": artifact_kinds["fp32"][0],
+                 "blob_fp32": artifact_kinds["fp32"][1], "q_int8": artifact_kinds["int8"][0],
+                 "blob_int8": artifact_kinds["int8"][1]}
+    for name, artifact in artifacts.items():
+        code, out, err = pgolf_eval(artifact, "--data", tiny_data_dir, "--json", "--out", tmp_path / name,
+                                    monkeypatch=monkeypatch, capsys=capsys)
+        assert code == 0, err
+        results[name] = json.loads(out)
+    assert results["q_fp32"]["kind"] == "quantize" and results["blob_fp32"]["kind"] == "compress"
+    # fp32 passthrough restores the weights bit for bit, so the scores are the checkpoint's exactly.
+    assert results["q_fp32"]["val_loss"] == results["blob_fp32"]["val_loss"] == results["train"]["val_loss"]
+    assert results["q_int8"]["val_loss"] == results["blob_int8"]["val_loss"] != results["train"]["val_loss"]
+    assert results["q_int8"]["val_bpb"] == pytest.approx(results["train"]["val_bpb"], abs=0.01)
+
+
+def test_torchrun_two_ranks_match_one_process(tiny_checkpoint_dir, tiny_data_dir, tmp_path):
+    common = [tiny_checkpoint_dir, "--data", tiny_data_dir, "--sliding-stride", "64", "--ngram-order", "3",
+              "--ngram-buckets", "1024", "--batch-seqs", "8", "--device", "cpu", "--json"]
+    single = subprocess.run([sys.executable, "-m", "pgolf", "eval", *common, "--out", tmp_path / "one"],
+                            capture_output=True, text=True, env=ONE_THREAD)
+    assert single.returncode == 0, single.stderr
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    ranks = subprocess.run([*torchrun, "-m", "pgolf", "eval", *common, "--out", tmp_path / "two"],
+                           capture_output=True, text=True, env=ONE_THREAD, timeout=300)
+    assert ranks.returncode == 0, ranks.stderr
+    one, two = json.loads(single.stdout), json.loads(ranks.stdout)  # rank 0 alone prints
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    assert two["tokens"] == one["tokens"] and two["bytes"] == one["bytes"]
+    assert two["val_loss"] == pytest.approx(one["val_loss"], rel=1e-12)
+    assert two["model_val_loss"] == pytest.approx(one["model_val_loss"], rel=1e-12)
+
+
+@pytest.fixture
+def broken_inputs(tiny_checkpoint_dir, tiny_data_dir, tmp_path):
+    no_val = tmp_path / "no_val"
+    shutil.copytree(tiny_data_dir, no_val, ignore=shutil.ignore_patterns("fineweb_val_*", "manifest.json"))
+    tampered = tmp_path / "tampered"
+    shutil.copytree(tiny_checkpoint_dir, tampered)
+    weights = bytearray((tampered / "model.safetensors").read_bytes())
+    weights[-1] ^= 1
+    (tampered / "model.safetensors").write_bytes(bytes(weights))
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    return {"no_val": no_val, "tampered": tampered, "existing": existing}
+
+
+@pytest.mark.parametrize("case, args, code, message", [
+    ("vocab", ["--tokenizer", "SP8192"], 3, "vocabulary is 8192 but the model's vocab_size is 1024"),
+    ("no val", ["--data", "no_val"], 3, "no val shards"),
+    ("digest", ["ARTIFACT=tampered"], 3, "sha256 does not match"),
+    ("not an artifact", ["ARTIFACT=data"], 3, "is a 'tokenize' output, expected"),
+    ("exists", ["--out", "existing"], 3, "already exists (pass --force"),
+    ("seq len", ["--seq-len", "256"], 2, "--seq-len 256 exceeds the model's max_seq_len 128"),
+    ("stride", ["--seq-len", "64", "--sliding-stride", "100"], 2, "sliding_stride"),
+    ("alpha alone", ["--alpha", "0.3"], 2, "--alpha needs --ngram-order"),
+    ("ttt flags", ["--ttt-lr", "0.1"], 2, "--ttt-lr given without --ttt"),
+    ("ttt mode", ["--ttt", "--ttt-mode", "magic"], 2, "mode = 'magic'"),
+    ("order", ["--ngram-order", "1"], 2, "order = 1"),
+])
+def test_bad_input_exits_with_its_code_and_one_line(case, args, code, message, broken_inputs,
+                                                    tiny_checkpoint_dir, tiny_data_dir, tmp_path, monkeypatch,
+                                                    capsys):
+    places = {**broken_inputs, "SP8192": need(SP8192), "data": tiny_data_dir}
+    artifact = tiny_checkpoint_dir
+    resolved = []
+    for arg in args:
+        if arg.startswith("ARTIFACT="):
+            artifact = places[arg.split("=")[1]]
+        else:
+            resolved.append(places.get(arg, arg))
+    if "--data" not in resolved:
+        resolved = ["--data", tiny_data_dir, *resolved]
+    if "--out" not in resolved:
+        resolved += ["--out", tmp_path / "out"]
+    exit_code, out, err = pgolf_eval(artifact, *resolved, monkeypatch=monkeypatch, capsys=capsys)
+    assert exit_code == code, err
+    assert message in " ".join(err.split()), err
+    assert "Traceback" not in err and out == ""
+    assert not (tmp_path / "out").exists()
+
+
+def test_ttt_runs_from_the_cli_with_compliance(tiny_checkpoint_dir, tiny_data_dir, tmp_path, monkeypatch,
+                                               capsys):
+    code, out, err = pgolf_eval(tiny_checkpoint_dir, "--data", tiny_data_dir, "--ttt", "--ttt-mode", "sgd",
+                                "--ttt-chunk-tokens", "4096", "--ttt-epochs", "1", "--check-compliance",
+                                "--json", "--out", tmp_path / "ttt", monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["ttt"]["steps"] > 0 and summary["ttt"]["updates"] >= 4
+    assert [c["ok"] for c in summary["checks"]] == [True] * 4 and summary["checks"][0]["source"] == "train"
+    assert re.search(r"^final_train_flat_ttt val_loss:", err, re.M)
+    manifest = json.loads((tmp_path / "ttt" / "manifest.json").read_text())
+    assert [c["name"] for c in manifest["checks"]] == ["C1 causality", "C2 normalization",
+                                                       "C3 score before update", "C4 single pass"]
+    assert torch.isfinite(torch.tensor(summary["val_bpb"]))
