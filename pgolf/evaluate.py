@@ -207,9 +207,11 @@ def gold_nll(logprobs: torch.Tensor, tokens: torch.Tensor, positions: torch.Tens
 class NgramSweep:
     """Every (order, alpha) grid point from one model pass and one set of count tables.
 
-    One point runs NgramMixer.mix as is. For several, the largest order's mixer serves all: its interpolation
-    chain passes through every lower order (NgramMixer.distributions), so each chunk builds it once and mixes
-    each alpha from the p_k of its order, as NgramMixer.mix would (test: equal to separate mixers).
+    The largest order's mixer serves all: its interpolation chain passes through every lower order
+    (NgramMixer.distributions), so each chunk builds it once and mixes each point from the p_k of its order,
+    with NgramMixer.mix's formula log((1 - a) p_model + a p_k). A scored pass needs only each target's own
+    entry of that (normalized) mixture, O(1) per point; the full [n, V] rows are built only for tracing, which
+    is what the compliance check inspects (test: equal to NgramMixer.mix, point by point).
     """
 
     def __init__(self, configs: list[NgramConfig], vocab_size: int, device):
@@ -226,14 +228,11 @@ class NgramSweep:
     @torch.no_grad()
     def score(self, tokens: torch.Tensor, positions: torch.Tensor, model_logprobs: torch.Tensor,
               keep_distributions: bool = False) -> tuple[list, list | None]:
-        """(gold NLL [n], one per grid point; their mixed log-distributions [n, V] when asked) for the targets
-        at `positions`. Full [n, V] mixtures of a sweep are kept only for tracing: they are big."""
-        if len(self.configs) == 1:
-            mixed = self.mixer.mix(tokens, positions, model_logprobs)
-            return [gold_nll(mixed, tokens, positions)], [mixed] if keep_distributions else None
+        """(gold NLL [n] per grid point, and their mixed log-distributions [n, V] when asked) for the targets
+        at `positions`, from counts of earlier positions only."""
         mixer = self.mixer
         if len(positions) and int(positions.min()) < mixer.counted_upto:
-            raise ComplianceError(f"n-gram sweep: target {int(positions.min())} is already counted (counts "
+            raise ComplianceError(f"n-gram cache: target {int(positions.min())} is already counted (counts "
                                   f"cover positions < {mixer.counted_upto}); score before update (C3)")
         orders = {config.order for config in self.configs}
         nll = [[] for _ in self.configs]
@@ -242,15 +241,24 @@ class NgramSweep:
         for start in range(0, len(positions), block):
             block_positions = positions[start : start + block]
             model_block = model_logprobs[start : start + block]
+            gold = tokens[block_positions].long()[:, None]
+            model_gold = model_block.gather(1, gold)
             p_by_order = mixer.distributions(tokens, block_positions, orders, model_logprobs.dtype)
             for index, config in enumerate(self.configs):
                 alpha = ngram_mixture_weight(config, model_block)
-                p_ngram = p_by_order[config.order]
-                mixed = torch.logaddexp(model_block + torch.log1p(-alpha), alpha.log() + p_ngram.log())
-                nll[index].append(gold_nll(mixed, tokens, block_positions))
-                if kept is not None:
+                if kept is None:
+                    mixed_gold = mix_logprobs(model_gold, p_by_order[config.order].gather(1, gold), alpha)
+                else:
+                    mixed = mix_logprobs(model_block, p_by_order[config.order], alpha)
                     kept[index].append(mixed)
+                    mixed_gold = mixed.gather(1, gold)
+                nll[index].append(-mixed_gold[:, 0])
         return [torch.cat(parts) for parts in nll], kept and [torch.cat(parts) for parts in kept]
+
+
+def mix_logprobs(model_logprobs: torch.Tensor, p_ngram: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """log((1 - alpha) p_model + alpha p_ngram), elementwise: NgramMixer.mix's formula."""
+    return torch.logaddexp(model_logprobs + torch.log1p(-alpha), alpha.log() + p_ngram.log())
 
 
 def ngram_name(config: NgramConfig) -> str:

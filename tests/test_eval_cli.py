@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -202,3 +203,17 @@ def test_ttt_runs_from_the_cli_with_compliance(tiny_checkpoint_dir, tiny_data_di
     assert [c["name"] for c in manifest["checks"]] == ["C1 causality", "C2 normalization",
                                                        "C3 score before update", "C4 single pass"]
     assert torch.isfinite(torch.tensor(summary["val_bpb"]))
+
+
+def test_eval_speed_benchmark_runs_and_reports_each_measurement(tiny_checkpoint_dir, tiny_data_dir):
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "eval_speed.py"
+    command = [sys.executable, script, "--data", tiny_data_dir, "--artifact", tiny_checkpoint_dir, "--device",
+               "cpu", "--val-tokens", "3000", "--stride", "32", "--orders", "2,3", "--alphas", "0.2,0.4",
+               "--buckets", "512", "--ttt-chunk-tokens", "1024"]
+    result = subprocess.run(command, capture_output=True, text=True, env=ONE_THREAD)
+    assert result.returncode == 0, result.stderr
+    lines = {json.loads(line)["measurement"]: json.loads(line) for line in result.stdout.splitlines()}
+    assert list(lines) == ["flat", "sliding", "ngram_sweep", "ngram_best", "sweep_cost", "ttt"]
+    assert lines["flat"]["targets"] == lines["sliding"]["targets"] == 2999
+    assert lines["sliding"]["gain_bpb_vs_flat"] > 0 and lines["ngram_best"]["gain_bpb_vs_sliding"] > 0
+    assert len(lines["ngram_sweep"]["points"]) == 4 and lines["ttt"]["steps"] > 0

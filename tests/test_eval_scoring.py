@@ -8,19 +8,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pgolf.errors import ComplianceError
 from pgolf.evaluate import (
     ByteCounter,
     EvalConfig,
     EvalModel,
     EvalPlan,
+    NgramSweep,
     Scorer,
+    gold_nll,
     iter_logprobs,
     ngram_name,
     run_eval,
     score,
     scored_pass,
 )
-from pgolf.ngram import NgramConfig
+from pgolf.ngram import NgramConfig, NgramMixer
 from pgolf.shards import BOS_ID
 from pgolf.ttt import TTTConfig
 from tests.shared_data import SP1024, fineweb_docs
@@ -151,6 +154,29 @@ def test_a_sweep_gives_each_point_what_a_separate_run_gives(tiny_eval_inputs):
         assert sweep[ngram_name(config)].nll_sum == pytest.approx(alone[ngram_name(config)].nll_sum, rel=1e-9)
     # The cache helps on real text (repeated names, numbers and phrases).
     assert min(sweep[ngram_name(c)].val_bpb for c in grid) < model_only.val_bpb
+
+
+def test_sweep_points_are_ngram_mixer_mix_exactly(tiny_eval_inputs):
+    model, tokens, _ = tiny_eval_inputs
+    stream = torch.from_numpy(tokens[:3000].astype(np.int32))
+    vocab = model.config.vocab_size
+    grid = [NgramConfig(order, alpha, mode, buckets=512) for order, alpha, mode in
+            ((2, 0.3, "fixed"), (4, 0.5, "entropy"), (4, 0.1, "fixed"))]
+    sweep = NgramSweep(grid, vocab, CPU)
+    mixers = [NgramMixer(config, vocab, CPU) for config in grid]
+    windows = EvalPlan(SEQ_LEN, 64, False, 8).windows(tokens[:3000])
+    for positions, logprobs in iter_logprobs(model, stream, windows, SEQ_LEN, 8):
+        scored, _ = sweep.score(stream, positions, logprobs)
+        traced, mixed = sweep.score(stream, positions, logprobs, keep_distributions=True)
+        for index, mixer in enumerate(mixers):
+            expected = mixer.mix(stream, positions, logprobs)
+            assert torch.equal(mixed[index], expected)
+            assert torch.equal(scored[index], gold_nll(expected, stream, positions))
+            assert torch.equal(traced[index], scored[index])
+            mixer.update(stream, int(positions.max()) + 1)
+        sweep.update(stream, int(positions.max()) + 1)
+    with pytest.raises(ComplianceError, match="C3"):
+        sweep.score(stream, positions, logprobs)  # these targets are counted now
 
 
 def test_rank_shares_sum_to_one_process(tiny_eval_inputs):

@@ -1,0 +1,157 @@
+"""`pgolf eval` speed and gains on one GPU: flat vs stride-64 sliding, n-gram cache, TTT, the cost of a sweep.
+
+    python benchmarks/eval_speed.py --data artifacts/bench1024 --artifact artifacts/run1/blob
+    python benchmarks/eval_speed.py --data artifacts/bench1024          # random seed-11l weights: speed only
+    python benchmarks/eval_speed.py --data /tmp/data --artifact /tmp/train --device cpu --val-tokens 4000 \\
+        --stride 32 --orders 2,3 --alphas 0.2,0.4 --buckets 1024 --ttt-chunk-tokens 1024   # CPU smoke run
+
+Every pass runs pgolf.evaluate.run_eval exactly as `pgolf eval` does (one EvalModel, compiled on CUDA and
+warmed up once on random tokens; its warm-up seconds are reported, not counted in any pass). One JSON line per
+measurement on stdout:
+  flat / sliding   targets/s, eval seconds, val_bpb; sliding adds its gain over flat and its time ratio
+  ngram_sweep      the --orders x --alphas grid from one sliding pass: seconds, every point's val_bpb
+  ngram_best       the best grid point alone: its gain over the plain sliding pass, seconds
+  sweep_cost       sweep seconds / best-point seconds (target <= 1.5), / the top order alone (the chain a
+                   sweep builds anyway), / plain sliding; a rough cost of one pass per point instead; and
+                   the memory a cache of per-token model distributions (bf16) would need, this split and
+                   the full val split (why the sweep shares one pass rather than caching)
+  ttt              score-first TTT (--ttt-mode) on the sliding plan: gain over the plain pass, seconds
+Without --artifact the model is seed-11l-shaped with random weights: speeds hold, gains mean nothing.
+"""
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+
+import numpy as np
+import torch
+
+from pgolf.bpb import build_byte_tables, load_tokenizer
+from pgolf.config import load_preset
+from pgolf.evaluate import EvalModel, EvalPlan, ngram_name, run_eval, warm_up
+from pgolf.loading import build_model, load_artifact
+from pgolf.model import GPT, ModelConfig
+from pgolf.ngram import NgramConfig
+from pgolf.shards import load_split, open_dataset
+from pgolf.ttt import TTTConfig
+
+FULL_VAL_TOKENS = {1024: 62_021_632, 8192: 40_540_160}  # REFERENCE.md
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def emit(record: dict, context: dict) -> None:
+    print(json.dumps({**record, **context}, sort_keys=True), flush=True)
+
+
+def load_model(artifact, device) -> tuple[GPT, str]:
+    if artifact:
+        state, config, info = load_artifact(artifact)
+        return build_model(state, config, device), f"{info['kind']} artifact {artifact}"
+    torch.manual_seed(0)
+    config = ModelConfig(**load_preset("train", "seed-11l")["model"])
+    return GPT(config).to(device).eval(), "seed-11l, random weights"
+
+
+def timed_pass(model: EvalModel, tokens, plan, tables, device, **options) -> tuple[dict, float]:
+    result = run_eval(model, tokens, plan, tables, device, **options)
+    return result.totals, result.eval_seconds
+
+
+def speed(totals, seconds: float) -> dict:
+    model = totals["model"]
+    return {"targets": model.targets, "eval_seconds": seconds, "targets_per_second": model.targets / seconds,
+            "val_bpb": model.val_bpb}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", required=True, help="shard directory (its val split is scored)")
+    parser.add_argument("--artifact", help="train/quantize/compress output (default: random seed-11l)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--val-tokens", type=int, default=0, help="score only this prefix (0 = all)")
+    parser.add_argument("--seq-len", type=int, default=0, help="window length (0 = the model's max_seq_len)")
+    parser.add_argument("--stride", type=int, default=64)
+    parser.add_argument("--batch-seqs", type=int, default=32)
+    parser.add_argument("--orders", default="3,5,7")
+    parser.add_argument("--alphas", default="0.2,0.4")
+    parser.add_argument("--buckets", type=int, default=65536)
+    parser.add_argument("--ttt-mode", default="sgd", help="sgd, adamw, lora, phased, or none")
+    parser.add_argument("--ttt-chunk-tokens", type=int, default=0, help="0 = the mode's default")
+    parser.add_argument("--no-compile", action="store_true")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    model, description = load_model(args.artifact, device)
+    config = model.config
+    dataset = open_dataset(args.data)
+    tokens = load_split(dataset.val)
+    tokens = np.asarray(tokens[: args.val_tokens] if args.val_tokens else tokens)
+    tables = build_byte_tables(load_tokenizer(dataset.tokenizer), config.vocab_size)
+    seq_len = args.seq_len or config.max_seq_len
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    context = {"model": description, "device": str(device), "gpu": gpu, "torch": torch.__version__,
+               "val_tokens": len(tokens), "seq_len": seq_len, "batch_seqs": args.batch_seqs}
+
+    eval_model = EvalModel(model, compile=device.type == "cuda" and not args.no_compile)
+    warmup_seconds = warm_up(eval_model, config.vocab_size, seq_len, args.batch_seqs, device)
+    log(f"{description}: warm-up {warmup_seconds:.1f} s; {len(tokens):,} val tokens on {gpu or device}")
+    flat_plan = EvalPlan(seq_len, seq_len, False, args.batch_seqs)
+    sliding_plan = EvalPlan(seq_len, args.stride, False, args.batch_seqs)
+
+    flat, flat_seconds = timed_pass(eval_model, tokens, flat_plan, tables, device)
+    emit({"measurement": "flat", "warmup_seconds": warmup_seconds, **speed(flat, flat_seconds)}, context)
+    sliding, sliding_seconds = timed_pass(eval_model, tokens, sliding_plan, tables, device)
+    emit({"measurement": "sliding", "stride": args.stride, **speed(sliding, sliding_seconds),
+          "gain_bpb_vs_flat": flat["model"].val_bpb - sliding["model"].val_bpb,
+          "seconds_vs_flat": sliding_seconds / flat_seconds}, context)
+    plain_bpb = sliding["model"].val_bpb
+
+    grid = [NgramConfig(int(order), float(alpha), buckets=args.buckets)
+            for order in args.orders.split(",") for alpha in args.alphas.split(",")]
+    if grid:
+        swept, sweep_seconds = timed_pass(eval_model, tokens, sliding_plan, tables, device, ngram=grid)
+        points = {ngram_name(c): swept[ngram_name(c)].val_bpb for c in grid}
+        emit({"measurement": "ngram_sweep", "stride": args.stride, "points": points, "eval_seconds":
+              sweep_seconds, "grid_size": len(grid)}, context)
+        best = min(grid, key=lambda c: points[ngram_name(c)])
+        alone, best_seconds = timed_pass(eval_model, tokens, sliding_plan, tables, device, ngram=[best])
+        emit({"measurement": "ngram_best", "stride": args.stride, **dataclasses.asdict(best),
+              "val_bpb": alone[ngram_name(best)].val_bpb, "gain_bpb_vs_sliding": plain_bpb -
+              alone[ngram_name(best)].val_bpb, "eval_seconds": best_seconds}, context)
+        top = max(grid, key=lambda c: c.order)  # the tables and chain a sweep must build anyway
+        top_seconds = best_seconds
+        if top.order != best.order:
+            _, top_seconds = timed_pass(eval_model, tokens, sliding_plan, tables, device, ngram=[top])
+        cache_bytes_per_target = config.vocab_size * 2
+        emit({"measurement": "sweep_cost", "grid_size": len(grid), "sweep_seconds": sweep_seconds,
+              "sweep_vs_single_ngram_eval": sweep_seconds / best_seconds, "target_ratio": 1.5,
+              "top_order_eval_seconds": top_seconds, "sweep_vs_top_order_eval": sweep_seconds / top_seconds,
+              "sweep_vs_plain_eval": sweep_seconds / sliding_seconds,
+              "one_pass_per_point_seconds_estimate": len(grid) * best_seconds,
+              "distribution_cache_gib_this_split": (len(tokens) - 1) * cache_bytes_per_target / 2**30,
+              "distribution_cache_gib_full_val": FULL_VAL_TOKENS.get(config.vocab_size, 0) *
+              cache_bytes_per_target / 2**30}, context)
+
+    if args.ttt_mode != "none":
+        settings = {"mode": args.ttt_mode}
+        if args.ttt_chunk_tokens:
+            settings["chunk_tokens"] = args.ttt_chunk_tokens
+        ttt_config = TTTConfig(**settings)
+        started = time.perf_counter()
+        result = run_eval(eval_model, tokens, sliding_plan, tables, device, ttt_config=ttt_config)
+        totals = result.totals["model"]
+        emit({"measurement": "ttt", "stride": args.stride, "ttt": dataclasses.asdict(ttt_config),
+              "val_bpb": totals.val_bpb, "gain_bpb_vs_sliding": plain_bpb - totals.val_bpb,
+              "eval_seconds": result.eval_seconds, "train_seconds": result.ttt.train_seconds,
+              "score_seconds": result.ttt.score_seconds, "steps": result.ttt.steps,
+              "wall_seconds": time.perf_counter() - started, "seconds_vs_sliding": result.eval_seconds /
+              sliding_seconds}, context)
+
+
+if __name__ == "__main__":
+    main()
