@@ -19,7 +19,9 @@ Modes
 - phased: lora plus phased global SGD (PR #1610 / #1626 lineage). When the first prefix_docs * i / phases
   documents have been scored (i = 1..phases), scoring pauses, SGD trains all base weights over every document
   scored so far (the seeds' cumulative prefix; lr cosine-decayed over `phase_chunk_tokens` chunks, adapters
-  off), and scoring resumes with fresh adapters. No pause comes after the last document.
+  off), and scoring resumes with fresh adapters. The seeds shrink prefix_docs to the stream's document count
+  when it is smaller; that makes early pauses depend on later BOS tokens (a C1 leak), so here a stream with
+  fewer documents just gets fewer pauses. No pause comes after the last document.
 """
 
 import copy
@@ -311,11 +313,13 @@ def ttt_full_model(session: TTTSession) -> None:
 
 
 def ttt_phase_ends(config: TTTConfig, documents: int) -> set[int]:
-    """Document counts after which phased TTT pauses; none once every document is scored."""
+    """Document counts after which phased TTT pauses: prefix_docs * i / phases, fixed numbers, so whether a
+    pause comes before a target never depends on how many documents follow it (C1). A stream with fewer
+    documents gets fewer pauses, and none after its last document."""
     if config.mode != "phased":
         return set()
-    prefix = min(config.prefix_docs, documents)
-    return {prefix * (i + 1) // config.phases for i in range(config.phases)} - {0, documents}
+    ends = {config.prefix_docs * (i + 1) // config.phases for i in range(config.phases)}
+    return {end for end in ends if 0 < end < documents}
 
 
 def ttt_segments(config: TTTConfig, documents: int, phase_ends: set[int]) -> list[tuple[int, int]]:

@@ -42,11 +42,11 @@ def val_documents(data_dir) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def chunk_logprobs(model: GPT, tokens: torch.Tensor, start: int, end: int) -> torch.Tensor:
-    """The model's log-distributions [end - start, V] for targets start..end-1 (end - start <= SEQ_LEN), each
-    seeing up to SEQ_LEN previous tokens; GPT.logits' ops without its float32 cast, so a float64 model stays
-    float64."""
-    context = max(0, end - 1 - SEQ_LEN)
+def chunk_logprobs(model: GPT, tokens: torch.Tensor, start: int, end: int, context: int | None = None):
+    """The model's log-distributions [end - start, V] for targets start..end-1, read from one window of the
+    tokens [context, end - 1) (default: the SEQ_LEN before end); GPT.logits' ops without its float32 cast,
+    so a float64 model stays float64."""
+    context = max(0, end - 1 - SEQ_LEN) if context is None else context
     hidden = model.hidden(tokens[context : end - 1][None])[0]
     raw = F.linear(hidden, model.tok_emb.weight)
     softcap = model.config.logit_softcap

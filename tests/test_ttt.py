@@ -14,14 +14,18 @@ from pgolf.ttt import TTTConfig, TTTLoRALinear, TTTSession, run_ttt, ttt_documen
 from tests.test_ngram import SEQ_LEN, chunk_logprobs, load_model, val_documents
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+PIECE = SEQ_LEN // 2
 
 
 def score_chunk(model, tokens: torch.Tensor, start: int, end: int) -> torch.Tensor:
-    """Float64 NLL of targets start..end-1 under the model's current weights."""
+    """Float64 NLL of targets start..end-1 under the model's current weights, in pieces of PIECE targets, each
+    read with the PIECE tokens before it: a target's window depends on the chunk start only, never on where
+    the chunk ends (which a later BOS can move)."""
     parts = []
-    for piece_start in range(start, end, SEQ_LEN):
-        piece_end = min(piece_start + SEQ_LEN, end)
-        logprobs = chunk_logprobs(model, tokens, piece_start, piece_end).double()
+    for piece_start in range(start, end, PIECE):
+        piece_end = min(piece_start + PIECE, end)
+        context = max(0, piece_start - 1 - PIECE)
+        logprobs = chunk_logprobs(model, tokens, piece_start, piece_end, context).double()
         parts.append(-logprobs.gather(1, tokens[piece_start:piece_end, None])[:, 0])
     return torch.cat(parts)
 
@@ -166,6 +170,19 @@ def test_phased_sgd_pauses_after_each_phase_of_prefix_documents(model, stream):
     untouched = [value for start, value in fingerprints if start < first]
     assert len(set(untouched)) == 1  # base weights fixed until the first pause
     assert base_weight[first] != untouched[0] and base_weight[second] != base_weight[first]
+
+
+def test_phase_pauses_never_depend_on_later_documents(model, stream):
+    config = TTTConfig(mode="phased", chunk_tokens=64, lora_rank=8, prefix_docs=2000, phases=4, phase_lr=0.05)
+    fifth_start, fifth_end = ttt_document_spans(stream)[4]
+    cut = fifth_start + 40  # a BOS after `cut` adds a document; nothing scored up to `cut` may move
+    split = stream.clone()
+    split[cut + 20] = BOS_ID
+    original = run_ttt(model, stream, config, score_chunk, SEQ_LEN, "cpu")
+    changed = run_ttt(model, split, config, score_chunk, SEQ_LEN, "cpu")
+    assert len(ttt_document_spans(split)) == 7 and fifth_end > cut + 20
+    assert torch.equal(original.nll[:cut], changed.nll[:cut])
+    assert all(end - start <= 64 for _, start, end in original.events)  # 6 < 500 documents: no global SGD
 
 
 def test_frozen_blocks_stay_fixed(model, stream):
