@@ -4,6 +4,8 @@ weights untouched, a real gain on repeated text, LoRA reset semantics and phased
 Model and data: the session's tiny GPT trained on docs-200 (tests/conftest.py) and its real sp1024 val split;
 score_chunk scores each target with up to SEQ_LEN tokens of context, as an eval plan does."""
 
+import copy
+
 import pytest
 import torch
 
@@ -240,3 +242,16 @@ def test_config_defaults_follow_the_mode_and_ranges_are_checked():
             TTTConfig(**{field: value})
         with pytest.raises(UsageError, match=field):
             resolve(TTTConfig, kind="ttt", env={}, overrides={field: value if value != () else ""})
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", ["sgd", "lora", "phased"])
+def test_cuda_runs_score_first_like_the_cpu(model, stream, mode):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    config = TTTConfig(mode=mode, chunk_tokens=64, lora_rank=8, prefix_docs=4, phases=2,
+                       phase_chunk_tokens=128)
+    on_cpu = run_ttt(model, stream, config, score_chunk, SEQ_LEN, "cpu")
+    on_gpu = run_ttt(copy.deepcopy(model).cuda(), stream.cuda(), config, score_chunk, SEQ_LEN, "cuda")
+    assert on_gpu.events == on_cpu.events and on_gpu.steps == on_cpu.steps
+    assert abs(on_gpu.nll.mean() - on_cpu.nll.mean()) < 0.05  # bf16 autocast in training, not bit-equal
