@@ -22,13 +22,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from pgolf.bpb import ByteTables
 from pgolf.errors import ComplianceError
 from pgolf.ngram import NGRAM_BLOCK_ELEMENTS, NgramConfig, NgramMixer, ngram_mixture_weight
 from pgolf.shards import BOS_ID
-from pgolf.ttt import TTTConfig, run_ttt
+from pgolf.ttt import TTTConfig, TTTResult, run_ttt
 
 
 @dataclass(frozen=True)
@@ -408,7 +409,7 @@ class EvalPlan:
 @dataclass
 class PassResult:
     totals: dict[str, Totals]  # "model" and one per n-gram grid point, all-reduced
-    ttt: object | None = None  # the TTTResult when TTT ran
+    ttt: TTTResult | None = None  # when TTT ran
     eval_seconds: float = 0.0
 
 
@@ -420,11 +421,12 @@ def scored_pass(
     windows = split_for_rank(plan.windows(tokens_np), rank, world_size, plan.batch_seqs)
     if rank > 0 and len(windows):
         scorer.fast_forward(int(windows[0, 1]))
+    share = int((windows[:, 2] - windows[:, 1] + 1).sum())
     with torch.inference_mode():
         for positions, logits in scored_logits(model, tokens, windows, plan.seq_len, plan.batch_seqs):
             scorer.score_chunk(positions, logits)
             if progress is not None:
-                progress(scorer.targets_scored, int(len(tokens_np) - 1))
+                progress(scorer.targets_scored, share)
 
 
 def ttt_pass(
@@ -461,8 +463,6 @@ def ttt_pass(
 
 def all_reduce_totals(totals: dict[str, Totals], device) -> dict[str, Totals]:
     """Sum every scorer's totals across ranks in float64."""
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()):
         return totals
     names = sorted(totals)
