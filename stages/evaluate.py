@@ -7,6 +7,7 @@ earlier chunk, so the order cannot be split).
 """
 
 import dataclasses
+import datetime
 import os
 import time
 from pathlib import Path
@@ -44,7 +45,8 @@ def init_device(choice: str) -> tuple[torch.device, int, int]:
     if use_cuda:
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        # Ranks > 0 wait in a collective while rank 0 alone runs TTT or the compliance check: allow an hour.
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=datetime.timedelta(hours=1))
     return device, rank, world_size
 
 
