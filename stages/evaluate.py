@@ -243,12 +243,15 @@ def run_compliance(model, dataset, tokens, plan: EvalPlan, tables, grid, ttt_set
     """C1-C4 on rank 0 (a float64 CPU copy, a short prefix); every rank learns the outcome, so all exit 5."""
     failure, checks = None, []
     if rank == 0:
-        prefix, source = compliance_tokens(dataset, plan.seq_len + 4 * plan.stride + 1, tokens)
-        if ttt_settings is not None:  # a few TTT updates inside the prefix
+        prefix, source = compliance_tokens(dataset, plan.seq_len + 8 * plan.stride + 1, tokens)
+        # The prefix holds a few windows: score them one per batch (and TTT in quarters), so the n-gram
+        # counts and TTT weights update several times inside it.
+        check_plan = dataclasses.replace(plan, batch_seqs=1)
+        if ttt_settings is not None:
             chunk_tokens = min(ttt_settings.chunk_tokens, max(1, len(prefix) // 4))
             ttt_settings = dataclasses.replace(ttt_settings, chunk_tokens=chunk_tokens)
         log.info(f"compliance: checking C1-C4 on {len(prefix):,} {source} tokens (float64, CPU)")
-        results = check_eval(model, prefix, plan, tables, grid, ttt_settings)
+        results = check_eval(model, prefix, check_plan, tables, grid, ttt_settings)
         for r in results:
             (log.info if r.ok else log.warn)(f"compliance {r.name}: {'ok' if r.ok else 'FAILED'}: {r.detail}")
             checks.append({"name": r.name, "ok": r.ok, "detail": r.detail, "tokens": len(prefix),
