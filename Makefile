@@ -12,8 +12,9 @@ install:
 demo: install
 	bash scripts/demo.sh
 
+# One torch thread per test worker: two workers on two cores with two spinning threads each ran ~20x slower.
 test: install
-	$(PYTHON) -m pytest -q -n 2 --dist loadfile
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PYTHON) -m pytest -q -n 2 --dist loadfile
 
 lint:
 	$(PYTHON) -m ruff check pgolf stages tests benchmarks
