@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pgolf.codecs import pack_blob
+from pgolf.codecs import CODECS, blob_candidates
 from pgolf.config import PRESETS, preset_names, read_toml
 from pgolf.errors import OverBudget, UsageError
 from pgolf.gptq import GPTQ_BLOCK, GPTQ_DAMP, collect_hessians
@@ -357,39 +357,59 @@ def block_sensitivity(
     return sensitivity
 
 
-def plan_artifact_bytes(tensors: dict, plan: dict, codec: str, code_bytes: int) -> int:
-    """Counted bytes: the blob (pgolf.codecs, as `pgolf compress` writes it) + the code allowance."""
-    return len(pack_blob(tensors, plan, codec)) + code_bytes
+class ArtifactSizer:
+    """Counted bytes of a quantized state: its blob (pgolf.codecs, as `pgolf compress` writes it) + the code
+    allowance. The first sizing tries every codec x shuffle x bitpack layout asked for; later ones reuse the
+    winner, since a challenge-scale model takes seconds per compression and a fit sizes it several times
+    (`pgolf compress --codec auto` tries every layout again, so the shipped blob can only be smaller)."""
+
+    def __init__(self, codec: str, code_bytes: int):
+        self.codecs = CODECS if codec == "auto" else (codec,)
+        self.code_bytes = code_bytes
+        self.layout: dict = {}
+
+    def __call__(self, tensors: dict, plan: dict) -> int:
+        best = blob_candidates(tensors, plan, self.codecs, **self.layout)[0]
+        self.codecs = (best["codec"],)
+        self.layout = {"shuffle": best["shuffle"], "bitpack": best["bitpack"]}
+        return best["bytes"] + self.code_bytes
 
 
 def fit_plan_to_target(schemes: dict, order: list[int], scheme: str, size_of, target: int, progress=None):
-    """Demote blocks in `order` to `scheme` one at a time until size_of(schemes) <= target.
+    """Demote the first k blocks of `order` to `scheme` for the smallest k with size_of(schemes) <= target.
 
-    Returns (schemes, steps); steps[0] is the undemoted size, each later step names the block it demoted.
-    OverBudget (exit 4) with the smallest achievable size when even every block demoted does not fit.
+    Each size_of call compresses the whole model (seconds at challenge scale), so k is found by bisection
+    over the demotion count (the size falls as blocks are demoted): about log2(blocks) + 2 sizings instead of
+    one per block. Returns (schemes, steps): every size measured, by demotion count, each naming the blocks demoted;
+    the last step is the chosen plan. OverBudget (exit 4) with the smallest achievable size when even every
+    block demoted does not fit.
     """
-    size = size_of(schemes)
-    steps = [{"demoted": None, "bytes": size}]
-    if progress:
-        progress(f"fit: as planned {size:,} bytes (target {target:,})")
-    if size <= target:
-        return schemes, steps
-    smallest = size_of(demote_blocks(schemes, order, scheme))
-    if smallest > target:
-        raise OverBudget(
-            f"target {target:,} bytes is out of reach: with every block at {scheme} the artifact is "
-            f"{smallest:,} bytes, the smallest this plan can make"
-        )
-    current = schemes
-    for count, block in enumerate(order, start=1):
-        current = demote_blocks(current, [block], scheme)
-        size = smallest if count == len(order) else size_of(current)
-        steps.append({"demoted": block, "bytes": size})
+    sizes: dict[int, int] = {}
+
+    def measure(count: int) -> int:
+        sizes[count] = size_of(demote_blocks(schemes, order[:count], scheme))
         if progress:
-            progress(f"fit: block {block} -> {scheme}: {size:,} bytes")
-        if size <= target:
-            break
-    return current, steps
+            progress(f"fit: {order[:count]} at {scheme}: {sizes[count]:,} bytes (target {target:,})")
+        return sizes[count]
+
+    if measure(0) <= target:
+        chosen = 0
+    else:
+        if measure(len(order)) > target:
+            raise OverBudget(
+                f"target {target:,} bytes is out of reach: with every block at {scheme} the artifact is "
+                f"{sizes[len(order)]:,} bytes, the smallest this plan can make"
+            )
+        too_big, fits = 0, len(order)
+        while fits - too_big > 1:
+            middle = (too_big + fits) // 2
+            if measure(middle) <= target:
+                fits = middle
+            else:
+                too_big = middle
+        chosen = fits
+    steps = [{"demoted": order[:count], "bytes": sizes[count]} for count in sorted(sizes) if count <= chosen]
+    return demote_blocks(schemes, order[:chosen], scheme), steps
 
 
 def quantized_plan(

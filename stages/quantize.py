@@ -6,7 +6,6 @@ from pathlib import Path
 
 import torch
 import typer
-from pgolf.stages.common import FORCE_OPTION, JSON_OPTION, out_option, report
 
 from pgolf import log
 from pgolf.artifacts import StageOutput, open_stage, output_path
@@ -17,6 +16,7 @@ from pgolf.errors import InvalidInput, OverBudget, UsageError
 from pgolf.gptq import GPTQ_BLOCK, GPTQ_DAMP, calibration_batches, calibration_windows
 from pgolf.plans import (
     KEEP_FLOAT_MAX_NUMEL,
+    ArtifactSizer,
     PlanQuantizer,
     assign_schemes,
     block_sensitivity,
@@ -26,12 +26,12 @@ from pgolf.plans import (
     gptq_hessians,
     load_plan,
     load_plan_model,
-    plan_artifact_bytes,
     plan_names,
     quantized_plan,
 )
 from pgolf.quant import CLIP_METHODS, PLAN_FILE, QUANTIZED_FILE, load_quantized, save_quantized
 from pgolf.shards import open_dataset
+from pgolf.stages.common import FORCE_OPTION, JSON_OPTION, out_option, report
 
 CHALLENGE_CAP_BYTES = 16_000_000  # the challenge's artifact cap (decimal bytes): demote plans' default target
 DEVICES = ("auto", "cpu", "cuda")
@@ -156,7 +156,7 @@ def fit_schemes(where, spec, schemes, size_of, target, config, model_config, qua
         schemes, steps = fit_plan_to_target(schemes, order, spec.demote_to, size_of, target, log.info)
     except OverBudget as e:
         raise OverBudget(f"{where}: {e} ({allowance})") from None
-    fit = {"order": order, "steps": steps, "demoted": [step["demoted"] for step in steps[1:]]}
+    fit = {"order": order, "steps": steps, "demoted": steps[-1]["demoted"]}
     return schemes, fit, sensitivity, steps[-1]["bytes"]
 
 
@@ -272,8 +272,10 @@ def quantize(
             )
             return tensors, json.loads(json.dumps(plan_json))  # exactly what plan.json will read back as
 
+        sizer = ArtifactSizer(config.codec, config.code_bytes)
+
         def size_of(assignment: dict) -> int:
-            return plan_artifact_bytes(*build(assignment), config.codec, config.code_bytes)
+            return sizer(*build(assignment))
 
         schemes, fit, sensitivity, artifact = fit_schemes(
             train_dir, spec, schemes, size_of, target, config, model_config, quantizer, batches

@@ -227,14 +227,16 @@ def test_center_out_order_starts_in_the_middle_and_alternates_outward():
     assert center_out_order(1) == [0]
 
 
-def test_fit_demotes_one_block_at_a_time_until_it_fits():
+def test_fit_demotes_the_fewest_blocks_that_fit_in_center_out_order():
     schemes = {f"blocks.{i}.mlp.fc.weight": "int6" for i in range(9)} | {"tok_emb.weight": "int8"}
     # A size model that is exact for raw levels: 1000 params per block matrix, 1000 in the embedding.
     size_of = lambda s: sum(1000 * int(scheme[3:]) // 8 for scheme in s.values())  # noqa: E731
     order = center_out_order(9)
     fitted, steps = fit_plan_to_target(schemes, order, "int5", size_of, target=size_of(schemes) - 300)
-    assert [step["demoted"] for step in steps] == [None, 4, 3, 5]  # each demotion saves 125 bytes
+    # Each demotion saves 125 bytes: three blocks fit, two do not (both measured by the bisection).
+    assert steps[-1]["demoted"] == [4, 3, 5] and steps[-2]["demoted"] == [4, 3]
     assert steps[-1]["bytes"] <= size_of(schemes) - 300 < steps[-2]["bytes"]
+    assert steps[0] == {"demoted": [], "bytes": size_of(schemes)} and len(steps) < len(order)
     assert fitted == demote_blocks(schemes, [4, 3, 5], "int5") and fitted["tok_emb.weight"] == "int8"
     unchanged, steps = fit_plan_to_target(schemes, order, "int5", size_of, target=10**9)
     assert unchanged == schemes and len(steps) == 1
