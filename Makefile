@@ -17,7 +17,7 @@ test: install
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PYTHON) -m pytest -q -n 2 --dist loadfile
 
 lint:
-	$(PYTHON) -m ruff check pgolf stages tests benchmarks
+	$(PYTHON) -m ruff check pgolf stages tests benchmarks scripts
 
 clean:
 	rm -rf artifacts/demo .pytest_cache

@@ -9,7 +9,6 @@ import json
 import sys
 import sysconfig
 from pathlib import Path
-
 from pydoc_data.topics import topics
 
 

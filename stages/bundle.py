@@ -13,9 +13,6 @@ import time
 from pathlib import Path
 
 import typer
-from pgolf.stages.common import FORCE_OPTION, JSON_OPTION, out_option, report
-from pgolf.stages.report import upstream
-from pgolf.stages.verify_size import CAP_BYTES
 
 from pgolf import log
 from pgolf.artifacts import StageOutput, atomic_write_bytes, atomic_write_json, open_stage, output_path
@@ -23,6 +20,9 @@ from pgolf.bundle import SUBMISSION_BLOB, bundle_source, extracted_source, self_
 from pgolf.codecs import read_blob
 from pgolf.errors import InvalidInput, OverBudget, UsageError
 from pgolf.evaluate import EvalConfig
+from pgolf.stages.common import FORCE_OPTION, JSON_OPTION, out_option, report
+from pgolf.stages.report import upstream
+from pgolf.stages.verify_size import CAP_BYTES
 
 TRACK = "10min_16mb"
 SUBMISSION_FIELDS = ("val_loss", "val_bpb", "val_loss_std", "val_bpb_std", "p_value", "n_seeds", "seeds",

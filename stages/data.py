@@ -37,8 +37,8 @@ def check_split(paths: list[Path], vocab_size: int | None, tables) -> dict:
 
 
 def check(
-    directory: Path = typer.Argument(..., help="Shard directory (pgolf tokenize output or data/datasets/fineweb10B_spV)."),
-    tokenizer: Path = typer.Option(None, "--tokenizer", help="SentencePiece model (default: found next to the shards)."),
+    directory: Path = typer.Argument(..., help="Shard directory: pgolf tokenize output or fineweb10B_spV."),
+    tokenizer: Path = typer.Option(None, "--tokenizer", help="SentencePiece model (default: next to the shards)."),
     as_json: bool = JSON_OPTION,
 ):
     """Validate magic, version, size = 1024 + 2n, token ids < vocab and BOS count = documents for every shard.

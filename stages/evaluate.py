@@ -16,7 +16,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import typer
-from pgolf.stages.common import FORCE_OPTION, JSON_OPTION, report
 
 from pgolf import log
 from pgolf.artifacts import MANIFEST, StageOutput, atomic_write_json, open_stage
@@ -27,6 +26,7 @@ from pgolf.errors import ComplianceError, InvalidInput, UsageError
 from pgolf.evaluate import EvalConfig, EvalModel, EvalPlan, ngram_name, run_eval, warm_up
 from pgolf.loading import build_model, load_artifact
 from pgolf.shards import BOS_ID, load_split, open_dataset
+from pgolf.stages.common import FORCE_OPTION, JSON_OPTION, report
 from pgolf.ttt import TTTConfig
 
 PROGRESS_SECONDS = 15.0

@@ -10,11 +10,11 @@ import math
 from pathlib import Path
 
 import typer
-from pgolf.stages.common import FORCE_OPTION, JSON_OPTION, report
 
 from pgolf import log
 from pgolf.artifacts import StageOutput, atomic_write_json, open_stage, read_manifest
 from pgolf.errors import InvalidInput, PgolfError, UsageError
+from pgolf.stages.common import FORCE_OPTION, JSON_OPTION, report
 from pgolf.stats import mean_and_std, one_sample_t_test, welch_t_test
 
 RUN_STAGES = ("eval", "train")

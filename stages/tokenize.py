@@ -5,7 +5,6 @@ import time
 from pathlib import Path
 
 import typer
-from pgolf.stages.common import JSON_OPTION, out_option, report
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from pgolf import log
@@ -14,6 +13,7 @@ from pgolf.bpb import check_tokenizer, load_tokenizer
 from pgolf.config import resolve, to_dict
 from pgolf.corpus import Corpus
 from pgolf.errors import InvalidInput, UsageError
+from pgolf.stages.common import JSON_OPTION, out_option, report
 from pgolf.tokenizer import TokenizeConfig, check_vocab_size, train_tokenizer, write_shards
 
 

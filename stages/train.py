@@ -12,7 +12,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import typer
-from pgolf.stages.common import FORCE_OPTION, JSON_OPTION, report
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from pgolf import log
@@ -21,6 +20,7 @@ from pgolf.bpb import build_byte_tables, load_tokenizer
 from pgolf.checkpoint import save_checkpoint
 from pgolf.errors import InvalidInput, UsageError
 from pgolf.shards import load_shard, open_dataset, read_header
+from pgolf.stages.common import FORCE_OPTION, JSON_OPTION, report
 from pgolf.train_config import COMPILE_MODES, TRAIN_PRESET_KIND, preset_summaries, resolve_configs
 from pgolf.trainer import RESUME_FILE, StopSignal, Trainer, TrainLog, init_distributed
 

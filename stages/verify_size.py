@@ -8,12 +8,12 @@ under-counted.
 from pathlib import Path
 
 import typer
-from pgolf.stages.common import JSON_OPTION, report
 
 from pgolf import log
 from pgolf.artifacts import open_stage, output_path
 from pgolf.codecs import read_blob
 from pgolf.errors import InvalidInput, OverBudget, UsageError
+from pgolf.stages.common import JSON_OPTION, report
 
 CAP_BYTES = 16_000_000  # decimal, not MiB (REFERENCE.md)
 MARGIN_WARNING_BYTES = 10_000  # runs drift by about +-5 KB between seeds

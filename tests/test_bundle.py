@@ -10,12 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from pgolf.stages import bundle as bundle_stage
 
 from pgolf.artifacts import read_manifest
 from pgolf.bundle import SUBMISSION_BLOB, bundle_source, extracted_source, modules_in_order
 from pgolf.codecs import read_blob, read_blob_header
 from pgolf.errors import InvalidInput
+from pgolf.stages import bundle as bundle_stage
 from tests.test_codecs import run_cli, run_main
 
 RESULT_LINE = re.compile(r"final_roundtrip_exact val_loss:(\S+) val_bpb:(\S+)")
