@@ -73,7 +73,7 @@ class TrainConfig:
     wallclock_seconds: float = 600.0  # training-time cap (warm-up, val, checkpoints not counted); 0 = none
     batch_tokens: int = 524288  # tokens per optimizer step, all ranks together (same at any world size)
     seq_len: int = 1024  # tokens per training sequence
-    micro_batch_tokens: int = 0  # tokens per rank per forward/backward; 0 = batch_tokens / 8
+    micro_batch_tokens: int = 0  # max tokens per rank per forward/backward (capped at a rank's share); 0 = batch / 8
     warmup_steps: int = 20  # compile warm-up steps, then model, optimizer and data are restored (not timed)
     warmdown_iters: int = 1200  # challenge warm-down length in steps (wallclock-aware under a cap); 0 = none
     warmdown_frac: float = 0.0  # if > 0: lr falls linearly to 0 over this last fraction of the budget instead
@@ -140,15 +140,17 @@ class TrainConfig:
             need(getattr(self, name) >= 0, name, ">= 0")
         need(self.compile in COMPILE_MODES, "compile", f"one of {', '.join(COMPILE_MODES)}")
 
-    def micro_tokens(self) -> int:
-        return self.micro_batch_tokens or self.batch_tokens // 8
+    def micro_tokens(self, world_size: int = 1) -> int:
+        """Tokens per rank per forward/backward: micro_batch_tokens (0: batch_tokens / 8, as the challenge), capped
+        at one rank's share of the batch, so a preset sized for one GPU also runs unchanged on eight."""
+        return min(self.micro_batch_tokens or self.batch_tokens // 8, self.batch_tokens // world_size)
 
     def accumulation_steps(self, world_size: int) -> int:
         """Micro-batches per rank per step; the global batch stays batch_tokens at any world size."""
-        per_step = world_size * self.micro_tokens()
+        per_step = world_size * self.micro_tokens(world_size)
         if self.batch_tokens % per_step:
             raise UsageError(f"batch_tokens {self.batch_tokens} is not a multiple of world size {world_size}"
-                             f" x micro_batch_tokens {self.micro_tokens()}; set --micro-batch-tokens")
+                             f" x micro_batch_tokens {self.micro_tokens(world_size)}; set --micro-batch-tokens")
         return self.batch_tokens // per_step
 
 

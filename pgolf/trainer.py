@@ -323,8 +323,8 @@ class Trainer:
 
     def _loader(self, position: tuple[int, int]) -> TrainLoader:
         return TrainLoader(self.train_paths, self.model_config.vocab_size, self.config.seq_len,
-                           self.config.micro_tokens(), self.dist.rank, self.dist.world_size, self.device,
-                           position)
+                           self.config.micro_tokens(self.dist.world_size), self.dist.rank, self.dist.world_size,
+                           self.device, position)
 
     def autocast(self):
         if self.device.type == "cuda":
@@ -397,7 +397,7 @@ class Trainer:
         return value.item()
 
     def evaluate(self, val_tokens, byte_tables) -> dict:
-        batch_seqs = max(self.config.micro_tokens() // self.config.seq_len, 1)
+        batch_seqs = max(self.config.micro_tokens(self.dist.world_size) // self.config.seq_len, 1)
         return evaluate(self.compiled, val_tokens, self.config.seq_len, batch_seqs, byte_tables, self.dist,
                         self.autocast)
 
@@ -586,5 +586,5 @@ class Trainer:
 
     def train_tokens_read(self) -> int:
         """Tokens taken from the train stream so far (each micro-batch span has one extra target token)."""
-        span = self.config.micro_tokens() + 1
+        span = self.config.micro_tokens(self.dist.world_size) + 1
         return self.step * self.accumulation * self.dist.world_size * span

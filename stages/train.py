@@ -208,7 +208,7 @@ def run_training(trainer: Trainer, data: TrainingData, stage, resume: bool, resu
         train_log.line(f"resumed at step {trainer.step} ({trainer.train_ms / 1000:.1f}s of training)")
     train_log.line(f"model: {trainer.param_count:,} parameters; world size {trainer.dist.world_size} on "
                    f"{trainer.device}, {trainer.accumulation} micro-batches/step of "
-                   f"{config.micro_tokens():,} tokens")
+                   f"{config.micro_tokens(trainer.dist.world_size):,} tokens")
     train_log.line(f"warm-up: {config.warmup_steps} steps (compile {config.compile}), then restored")
     trainer.warmup()
     with StopSignal() as stop, bar:

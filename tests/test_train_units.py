@@ -210,6 +210,9 @@ def test_baseline_preset_is_the_challenge_configuration():
             train.warmup_steps, train.warmdown_iters, train.muon_momentum, train.muon_momentum_warmup_start,
             train.muon_momentum_warmup_steps) == (0.04, 0.04, 0.05, 524_288, 1024, 20, 1200, 0.95, 0.85, 500)
     assert train.accumulation_steps(1) == 8 and train.accumulation_steps(8) == 1
+    big_micro = dataclasses.replace(train, micro_batch_tokens=262_144)  # sized for one GPU: capped on eight
+    assert big_micro.accumulation_steps(1) == 2 and big_micro.accumulation_steps(8) == 1
+    assert big_micro.micro_tokens(8) == 65_536
     with pytest.raises(UsageError, match="not a multiple of world size 3"):
         train.accumulation_steps(3)
 
