@@ -49,7 +49,8 @@ def measure(tensors: dict, plan: dict, codec: str, level: int, shuffle: bool, bi
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("quantize_dir", type=Path, help="A `pgolf quantize` output directory.")
+    parser.add_argument("quantize_dir", type=Path,
+                        help="A `pgolf quantize` output, or a `pgolf compress` output (its blob is unpacked).")
     parser.add_argument("--codecs", default=",".join(CODECS), help="Comma-separated codecs (default: all).")
     parser.add_argument("--level-sweep", action="store_true", help="Also try every level of each codec "
                         "(shuffle on, bitpack off).")
@@ -58,8 +59,11 @@ def main() -> None:
     unknown = sorted(set(codecs) - set(CODECS))
     if unknown:
         sys.exit(f"unknown codec(s) {', '.join(unknown)} (valid: {', '.join(CODECS)})")
-    manifest = open_stage(args.quantize_dir, "quantize")
-    tensors, plan = load_quantized(output_path(manifest, args.quantize_dir, "quantized"))
+    manifest = open_stage(args.quantize_dir, ("quantize", "compress"))
+    if manifest["stage"] == "compress":  # the quantized state is exactly what the blob restores
+        tensors, plan = unpack_blob(output_path(manifest, args.quantize_dir, "blob").read_bytes())
+    else:
+        tensors, plan = load_quantized(output_path(manifest, args.quantize_dir, "quantized"))
     tensor_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
     rows = []
     for codec in codecs:
