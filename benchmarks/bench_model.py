@@ -26,10 +26,10 @@ from pgolf.model import (
     CastedLinear,
     ModelConfig,
     casted_linear_names,
-    param_groups,
     set_qat_enabled,
     set_qat_plan,
 )
+from pgolf.trainer import bf16_training_dtypes
 
 # Technique variants: the baseline with one ModelConfig change.
 SINGLE_FEATURES = {
@@ -72,17 +72,9 @@ def variant_config(name: str, tiny: bool) -> ModelConfig:
 
 
 def place(model: GPT, device: torch.device) -> GPT:
-    """As the challenge trains on CUDA: bf16 module, fp32 CastedLinear weights and fp32 control parameters."""
+    """As `pgolf train` places it on CUDA: bf16 module, fp32 CastedLinear weights and fp32 control parameters."""
     model = model.to(device)
-    if device.type != "cuda":
-        return model
-    model.bfloat16()
-    for module in model.modules():
-        if isinstance(module, CastedLinear):
-            module.float()
-    for param in param_groups(model)["scalar"]:
-        param.data = param.data.float()
-    return model
+    return bf16_training_dtypes(model) if device.type == "cuda" else model
 
 
 def flops_per_token(model: GPT, seq_len: int) -> float:

@@ -142,13 +142,7 @@ class EvalModel:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=inputs.device.type == "cuda"):
             hidden = self.hidden(inputs)
             hidden = hidden.reshape(-1, hidden.size(-1))[rows]
-            if model.lm_head is not None:
-                raw = model.lm_head(hidden)
-            else:
-                raw = F.linear(hidden, model.tok_emb.weight.to(hidden.dtype))
-            softcap = model.config.logit_softcap
-            logits = softcap * torch.tanh(raw / softcap)
-        return logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits
+            return model.logits_from_hidden(hidden)
 
 
 def as_eval_model(model) -> EvalModel:
