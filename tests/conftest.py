@@ -107,9 +107,10 @@ def tiny_eval_inputs(tiny_data_dir, tiny_checkpoint_dir):
     return build_model(state, config, "cpu"), tokens, tables
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session", autouse=True)
 def one_thread():
-    """One torch thread per test process (tests run two processes on two cores)."""
+    """One torch thread per test process: `make test` runs two xdist workers on two cores, and more threads than
+    cores make OpenMP spin-wait (tiny models ran ~20x slower)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -16,15 +16,6 @@ CONFIG = ModelConfig(vocab_size=64, num_layers=2, model_dim=32, num_heads=4, num
 METADATA = {"vocab_size": "64", "tokenizer_sha256": "ab" * 32}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread():
-    """Tiny models are dispatch-bound: one thread is faster, and spinning workers slow a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def trained_like_model() -> GPT:
     torch.manual_seed(0)
     model = GPT(CONFIG)

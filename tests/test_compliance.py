@@ -17,7 +17,6 @@ from pgolf.ngram import NgramConfig, NgramMixer
 from pgolf.shards import BOS_ID
 from pgolf.ttt import TTTConfig, TTTResult, ttt_split
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 SEQ_LEN, STRIDE = 32, 8
 
 

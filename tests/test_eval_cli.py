@@ -20,7 +20,6 @@ from pgolf.codecs import pack_blob
 from pgolf.quant import quantize_state, save_quantized
 from tests.shared_data import SP8192, need
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 LOG_LINE = re.compile(r"^final_(\w+) val_loss:(\d+\.\d{4}) val_bpb:(\d+\.\d{4}) eval_time:\d+ms$", re.M)
 

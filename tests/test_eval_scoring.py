@@ -28,7 +28,6 @@ from pgolf.shards import BOS_ID
 from pgolf.ttt import TTTConfig
 from tests.shared_data import SP1024, fineweb_docs
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 SEQ_LEN = 128
 CPU = torch.device("cpu")
 

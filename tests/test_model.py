@@ -32,15 +32,6 @@ CROSS_POSITION = dict(smear_gate=True, bigram_buckets=97, xsa_last_n=-1, value_r
                       gated_attention=True, attn_out_gate_width=8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread():
-    """Tiny models are dispatch-bound: one thread is faster, and spinning workers slow a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(**changes) -> ModelConfig:
     return dataclasses.replace(TINY, **changes)
 

@@ -24,7 +24,6 @@ from pgolf.shards import list_shards, load_split
 SEQ_LEN = 128
 CHUNK = 64  # targets scored per mix call, then counted by update
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def load_model(checkpoint_dir, dtype=torch.float32) -> GPT:

@@ -56,15 +56,6 @@ def run_cli(capsys, *args) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # Two xdist workers on two cores: more threads than cores makes OpenMP spin-wait and run ~20x slower.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def one_thread_env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1"}
 

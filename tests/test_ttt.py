@@ -15,7 +15,6 @@ from pgolf.model import BOS_ID
 from pgolf.ttt import TTTConfig, TTTLoRALinear, TTTSession, run_ttt, ttt_document_spans
 from tests.test_ngram import SEQ_LEN, chunk_logprobs, load_model, val_documents
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 PIECE = SEQ_LEN // 2
 
 
