@@ -159,7 +159,8 @@ def submission_train(baked: dict, args: argparse.Namespace) -> None:
         metrics = trainer.run(val_tensor, tables.torch(trainer.device), log, out / "resume.safetensors", stop)
     blob_path = out / SUBMISSION_BLOB
     if dist_info.is_main:
-        state = trainer.ema_state() if "ema" in metrics else trainer.master_state()
+        use_ema = "ema" in metrics and baked["quantize"]["weights"] == "export"  # as `pgolf quantize --weights`
+        state = trainer.ema_state() if use_ema else trainer.master_state()
         tensors, plan = submission_quantize(baked["quantize"], state, model_config, dataset.train,
                                             trainer.device)
         blob = pack_blob(tensors, plan, **baked["compress"])

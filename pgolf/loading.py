@@ -12,11 +12,24 @@ from pgolf.artifacts import open_stage, output_path, sha256_file
 from pgolf.bpb import load_tokenizer
 from pgolf.checkpoint import check_tensors, load_checkpoint, model_config_from_json
 from pgolf.codecs import read_blob
-from pgolf.errors import InvalidInput
+from pgolf.errors import InvalidInput, UsageError
 from pgolf.model import GPT, ModelConfig
 from pgolf.quant import dequantize_state, load_quantized
 
 ARTIFACT_STAGES = ("train", "quantize", "compress")
+# Which weights of a train output: "export" = model.safetensors (the EMA weights when EMA was on), "master" = the
+# optimizer's weights (master.safetensors when EMA was on, else model.safetensors). In short budgets the EMA can lag
+# the master weights (seed-11l, 300 s on one H100: 1.5110 vs 1.5025 bpb), so either can be exported without retraining.
+TRAIN_WEIGHTS = ("export", "master")
+
+
+def train_checkpoint(manifest: dict, directory: Path, weights: str = "export") -> Path:
+    """The checkpoint file of a train output holding `weights` (see TRAIN_WEIGHTS)."""
+    if weights not in TRAIN_WEIGHTS:
+        raise UsageError(f"weights = {weights!r}: must be one of {', '.join(TRAIN_WEIGHTS)}")
+    if weights == "master" and any(out["role"] == "checkpoint_master" for out in manifest["outputs"]):
+        return output_path(manifest, directory, "checkpoint_master")
+    return output_path(manifest, directory, "checkpoint")
 
 
 def plan_model_config(plan: dict, where: Path) -> ModelConfig:
@@ -26,8 +39,11 @@ def plan_model_config(plan: dict, where: Path) -> ModelConfig:
         raise InvalidInput(f"{where}: plan has no valid model_config ({e})") from None
 
 
-def load_artifact(directory: Path, tokenizer: Path | None = None) -> tuple[dict, ModelConfig, dict]:
-    """(float32 state dict, ModelConfig, info) of a train, quantize or compress output directory.
+def load_artifact(
+    directory: Path, tokenizer: Path | None = None, weights: str = "export"
+) -> tuple[dict, ModelConfig, dict]:
+    """(float32 state dict, ModelConfig, info) of a train, quantize or compress output directory; `weights`
+    picks a train output's export or master weights (the other stages hold one set).
 
     info: kind (the stage), path, load_seconds (read + decompress + dequantize), tokenizer_sha256 (when the
     artifact records it). With `tokenizer`, refuses (exit 3) a tokenizer whose vocabulary size differs from
@@ -36,8 +52,10 @@ def load_artifact(directory: Path, tokenizer: Path | None = None) -> tuple[dict,
     started = time.perf_counter()
     manifest = open_stage(directory, ARTIFACT_STAGES)
     kind = manifest["stage"]
+    if weights != "export" and kind != "train":
+        raise UsageError(f"{directory}: weights = {weights!r} needs a train output; a {kind} output holds one set")
     if kind == "train":
-        path = output_path(manifest, directory, "checkpoint")
+        path = train_checkpoint(manifest, directory, weights)
         state, config, metadata = load_checkpoint(path)
         state = {name: t.float() if t.is_floating_point() else t for name, t in state.items()}
         recorded = metadata.get("tokenizer_sha256")

@@ -43,7 +43,8 @@ def lineage(train_dir: Path, blob_dir: Path) -> tuple[dict, dict, dict, Path]:
         raise InvalidInput(f"{blob_dir}: its manifest names no quantize output that still exists")
     quantize = open_stage(quantize_dir, "quantize")
     checkpoint = next((i for i in quantize["inputs"] if i["role"] == "checkpoint"), None)
-    if checkpoint is None or checkpoint["sha256"] != input_sha(train, "checkpoint"):
+    train_weights = {out["sha256"] for out in train["outputs"] if out["role"] in ("checkpoint", "checkpoint_master")}
+    if checkpoint is None or checkpoint["sha256"] not in train_weights:
         raise InvalidInput(f"{blob_dir}: was not made from {train_dir}'s checkpoint (via {quantize_dir})")
     return train, quantize, compress, quantize_dir
 
@@ -70,6 +71,7 @@ def baked_settings(train: dict, quantize: dict, compress: dict, plan: dict, eval
             "gptq_damp": quantize_config["gptq_damp"], "gptq_block": quantize_config["gptq_block"],
             "calib_tokens": quantize_config["calib_tokens"],
             "calib_seq_len": quantize_config["calib_seq_len"],
+            "weights": quantize_config.get("weights", "export"),
             "plan": {"plan": plan.get("plan")},
         },
         "compress": {key: compress["metrics"][key] for key in ("codec", "level", "shuffle", "bitpack")},

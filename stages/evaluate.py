@@ -127,6 +127,8 @@ def evaluate(
     data: Path = typer.Option(..., "--data", help="Shard directory with fineweb_val_*.bin."),
     tokenizer: Path = typer.Option(None, "--tokenizer", help="SentencePiece model (default: by the shards)."),
     out: Path = typer.Option(None, "--out", "-o", help="Output directory (default: eval/ beside ARTIFACT)."),
+    weights: str = typer.Option(
+        "export", "--weights", help="A train output's weights: export (the EMA when on) or master."),
     seq_len: int = typer.Option(None, "--seq-len", help="Window length (default: model max_seq_len)."),
     sliding_stride: int = typer.Option(
         None, "--sliding-stride", help="Targets scored per window after the first (default: flat)."),
@@ -174,7 +176,7 @@ def evaluate(
     device, rank, world_size = init_device(device_choice)
     try:
         result, inputs = run(artifact, data, tokenizer, config, ttt_settings, check_compliance, device, rank,
-                             world_size)
+                             world_size, weights)
         if rank == 0:
             write_outputs(out, result, config, ttt_settings, inputs, force)
             report(result, as_json, summary_lines(result))
@@ -193,10 +195,11 @@ def resolve_plan(config: EvalConfig, max_seq_len: int) -> EvalPlan:
 
 
 def run(artifact: Path, data: Path, tokenizer: Path | None, config: EvalConfig, ttt_settings,
-        check_compliance: bool, device, rank: int, world_size: int) -> tuple[dict, list[tuple[Path, str]]]:
+        check_compliance: bool, device, rank: int, world_size: int,
+        weights: str = "export") -> tuple[dict, list[tuple[Path, str]]]:
     """Load, check, warm up and score; returns (result, input files)."""
     dataset, _ = open_val_data(data, tokenizer)
-    state, model_config, info = load_artifact(artifact, dataset.tokenizer)
+    state, model_config, info = load_artifact(artifact, dataset.tokenizer, weights)
     tokens = load_val_tokens(dataset, model_config.vocab_size)
     plan = resolve_plan(config, model_config.max_seq_len)
     mode, grid = config.mode(plan.seq_len), config.ngram_grid()
@@ -221,7 +224,7 @@ def run(artifact: Path, data: Path, tokenizer: Path | None, config: EvalConfig, 
     totals = passed.totals
     primary = totals[ngram_name(grid[0])] if len(grid) == 1 else totals["model"]
     result = {
-        "artifact": str(artifact), "kind": info["kind"], "data": str(data), "mode": mode,
+        "artifact": str(artifact), "kind": info["kind"], "weights": weights, "data": str(data), "mode": mode,
         "seq_len": plan.seq_len, "stride": plan.stride, "doc_isolated": plan.doc_isolated,
         "world_size": world_size, "device": str(device),
         "val_loss": primary.val_loss, "val_bpb": primary.val_bpb, "tokens": primary.targets,

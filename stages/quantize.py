@@ -8,12 +8,13 @@ import torch
 import typer
 
 from pgolf import log
-from pgolf.artifacts import StageOutput, open_stage, output_path
+from pgolf.artifacts import StageOutput, open_stage
 from pgolf.checkpoint import load_checkpoint
 from pgolf.codecs import CODECS
 from pgolf.config import resolve, to_dict
 from pgolf.errors import InvalidInput, OverBudget, UsageError
 from pgolf.gptq import GPTQ_BLOCK, GPTQ_DAMP, calibration_batches, calibration_windows
+from pgolf.loading import TRAIN_WEIGHTS, train_checkpoint
 from pgolf.plans import (
     KEEP_FLOAT_MAX_NUMEL,
     ArtifactSizer,
@@ -52,8 +53,11 @@ class QuantizeConfig:
     gptq_damp: float = GPTQ_DAMP  # GPTQ dampening, a fraction of the Hessian's mean diagonal
     gptq_block: int = GPTQ_BLOCK  # GPTQ lazy-update block width (columns)
     device: str = "auto"  # auto (cuda when available) | cpu | cuda
+    weights: str = "export"  # train weights to quantize: export (model.safetensors: EMA when on) | master
 
     def __post_init__(self):
+        if self.weights not in TRAIN_WEIGHTS:
+            raise ValueError(f"weights = {self.weights!r}: must be one of {', '.join(TRAIN_WEIGHTS)}")
         if self.clip is not None and self.clip not in CLIP_METHODS:
             raise ValueError(f"clip = {self.clip!r}: must be one of {', '.join(CLIP_METHODS)}")
         if self.target_bytes is not None and self.target_bytes < 1:
@@ -203,6 +207,9 @@ def quantize(
     gptq_damp: float = typer.Option(None, "--gptq-damp", help="GPTQ dampening (default 0.01)."),
     gptq_block: int = typer.Option(None, "--gptq-block", help="GPTQ block width in columns (default 128)."),
     device: str = typer.Option(None, "--device", help="auto, cpu or cuda (default auto)."),
+    weights: str = typer.Option(
+        None, "--weights", help="Train weights: export (model.safetensors, the EMA when on) or master."
+    ),
     config_file: Path = typer.Option(None, "--config", help="TOML file of quantize settings."),
     force: bool = FORCE_OPTION,
     as_json: bool = JSON_OPTION,
@@ -224,12 +231,13 @@ def quantize(
         "gptq_damp": gptq_damp,
         "gptq_block": gptq_block,
         "device": device,
+        "weights": weights,
     }
     config, _ = resolve(QuantizeConfig, kind="quantize", config_file=config_file, overrides=overrides)
     spec = load_plan(config.plan)
     clip_method = config.clip or spec.clip
     manifest = open_stage(train_dir, "train")
-    checkpoint = output_path(manifest, train_dir, "checkpoint")
+    checkpoint = train_checkpoint(manifest, train_dir, config.weights)
     needs_data = clip_method == "gptq" or spec.demote == "sensitivity"
     if needs_data and data is None:
         why = "--clip gptq" if clip_method == "gptq" else f"plan '{spec.name}'"
