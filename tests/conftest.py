@@ -17,12 +17,9 @@ from pgolf.artifacts import StageOutput, sha256_file
 from pgolf.bpb import build_byte_tables, load_tokenizer
 from pgolf.shards import BOS_ID, ShardWriter, list_shards, load_split
 from tests.shared_data import SP1024, fineweb_docs, need
+from tests.tiny_model import train_tiny_model
 
 VAL_DOCS = slice(1, 11)  # document 0 alone is 21k tokens; these ten are 1k-4k each
-TINY_MODEL = dict(vocab_size=1024, num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, mlp_mult=2.0,
-                  max_seq_len=128)
-TRAIN_STEPS = 120
-TRAIN_BATCH, TRAIN_SEQ = 8, 128
 
 
 def _write_split(directory, split, token_docs, shard_tokens):
@@ -55,31 +52,6 @@ def tiny_data_dir(tmp_path_factory):
         stage.metrics = metrics
         stage.finalize()
     return out
-
-
-def train_tiny_model(data_dir, steps: int = TRAIN_STEPS):
-    """A small GPT trained with AdamW on random crops of the train split; deterministic (seed 0, 1 thread)."""
-    from pgolf.model import GPT, ModelConfig
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        torch.manual_seed(0)
-        config = ModelConfig(**TINY_MODEL)
-        model = GPT(config)
-        tokens = torch.from_numpy(load_split(list_shards(data_dir, "train")).astype(np.int64))
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
-        generator = torch.Generator().manual_seed(0)
-        for _ in range(steps):
-            starts = torch.randint(0, len(tokens) - TRAIN_SEQ - 1, (TRAIN_BATCH,), generator=generator)
-            batch = torch.stack([tokens[s : s + TRAIN_SEQ + 1] for s in starts.tolist()])
-            loss = model(batch[:, :-1], batch[:, 1:])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-    finally:
-        torch.set_num_threads(threads)
-    return model.eval(), config
 
 
 @pytest.fixture(scope="session")

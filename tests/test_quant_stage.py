@@ -7,7 +7,6 @@ import shutil
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
@@ -20,7 +19,8 @@ from pgolf.loading import load_artifact
 from pgolf.model import GPT, ModelConfig
 from pgolf.plans import center_out_order
 from pgolf.quant import dequantize_state, load_quantized
-from pgolf.shards import list_shards, load_split
+from pgolf.shards import list_shards
+from tests.tiny_model import train_tiny_model
 
 # Four blocks so center-out has a middle; 64 wide, so every matrix is under the challenge's 65,536-element
 # keep-float size and the tests lower it with --keep-float-numel.
@@ -70,23 +70,7 @@ def tokenizer_of(data_dir):
 @pytest.fixture(scope="module")
 def trained_dir(tiny_data_dir, tmp_path_factory):
     """A `train`-shaped output: MODEL after TRAIN_STEPS AdamW steps on the real train split (seed 0)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # two pytest workers share two cores; more threads only thrash
-    try:
-        torch.manual_seed(0)
-        model = GPT(MODEL)
-        tokens = torch.from_numpy(load_split(list_shards(tiny_data_dir, "train")).astype(np.int64))
-        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-        generator = torch.Generator().manual_seed(0)
-        for _ in range(TRAIN_STEPS):
-            starts = torch.randint(0, len(tokens) - SEQ - 1, (BATCH,), generator=generator).tolist()
-            batch = torch.stack([tokens[s : s + SEQ + 1] for s in starts])
-            loss = model(batch[:, :-1], batch[:, 1:])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-    finally:
-        torch.set_num_threads(threads)
+    model, _ = train_tiny_model(tiny_data_dir, TRAIN_STEPS, MODEL, lr=3e-3, batch=BATCH, seq=SEQ)
     out = tmp_path_factory.mktemp("quant") / "train"
     metadata = {"tokenizer_sha256": sha256_file(tokenizer_of(tiny_data_dir))}
     with StageOutput(out, "train", argv=["test"]) as stage:
