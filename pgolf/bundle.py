@@ -120,7 +120,7 @@ def submission_evaluate(blob_path: Path, val_tokens: np.ndarray, tables, setting
     tensors, plan = read_blob(blob_path)
     model_config = model_config_from_json(json.dumps(plan["model_config"]))
     device = dist_info.device
-    model = GPT(model_config)
+    model = GPT(model_config, init_weights=False)
     model.load_state_dict(dequantize_state(tensors, plan), strict=True)
     model = model.to(device).eval()
     config = submission_config(EvalConfig, settings["eval"])

@@ -39,7 +39,7 @@ def model_config_from_json(text: str) -> ModelConfig:
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Shapes of the state dict GPT(config) saves, computed without allocating the weights."""
     with torch.device("meta"):
-        model = GPT(config)
+        model = GPT(config, init_weights=False)
     return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
 
 

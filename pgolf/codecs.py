@@ -13,9 +13,11 @@ Flags bit 0 = shuffle, bit 1 = bitpack, as chosen per blob.
 """
 import json
 import lzma
+import os
 import struct
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -285,6 +287,13 @@ def read_blob(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         raise InvalidInput(f"{path}: {e}") from None
 
 
+def parallel_workers(tasks: int, cap: int = 8) -> int:
+    """Threads for `tasks` independent compressions: the codec libraries release the GIL, so they run on
+    separate cores; at most `cap` (zstd-22 holds ~1 GB of match tables per stream)."""
+    return max(1, min(tasks, cap, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                      else os.cpu_count() or 1))
+
+
 def blob_candidates(
     tensors: dict[str, torch.Tensor],
     plan: dict,
@@ -295,8 +304,9 @@ def blob_candidates(
     level: int | None = None,
     progress=None,
 ) -> list[dict]:
-    """Every codec x shuffle x bitpack combination asked for (None = try both), smallest first.
-    `progress(row)` is called after each one (compressing a 16 MB model with brotli-11 takes a while).
+    """Every codec x shuffle x bitpack combination asked for (None = try both), smallest first, compressed on
+    parallel threads. `progress(row)` is called for each one in a fixed order (compressing a 16 MB model with
+    brotli-11 takes a while).
 
     Each row: codec, level, shuffle, bitpack, bytes, seconds (encode), blob. Only the smallest row keeps its
     `blob` (the others hold None) so trying many combinations of a 16 MB model does not hold them all.
@@ -306,22 +316,28 @@ def blob_candidates(
     bitpacks = (False, True) if bitpack is None else (bitpack,)
     if bitpack is None and not any(pack_width(t) for t in tensors.values()):
         bitpacks = (False,)  # nothing narrower than 8 bits: packing would change no byte
+    layouts = [(do_shuffle, do_bitpack) for do_bitpack in bitpacks for do_shuffle in shuffles]
+    payloads = {layout: build_payload(tensors, plan, *layout) for layout in layouts}
+    combinations = [(codec, *layout) for layout in layouts for codec in codecs]
+
+    def encode(combination) -> tuple[bytes, float]:
+        codec, do_shuffle, do_bitpack = combination
+        started = time.perf_counter()
+        blob = encode_blob(payloads[(do_shuffle, do_bitpack)], codec, levels[codec], do_shuffle, do_bitpack)
+        return blob, time.perf_counter() - started
+
     rows, best = [], None
-    for do_bitpack in bitpacks:
-        for do_shuffle in shuffles:
-            payload = build_payload(tensors, plan, do_shuffle, do_bitpack)
-            for codec in codecs:
-                started = time.perf_counter()
-                blob = encode_blob(payload, codec, levels[codec], do_shuffle, do_bitpack)
-                row = {"codec": codec, "level": levels[codec], "shuffle": do_shuffle, "bitpack": do_bitpack,
-                       "bytes": len(blob), "seconds": round(time.perf_counter() - started, 3), "blob": None}
-                if best is None or len(blob) < best["bytes"]:
-                    if best is not None:
-                        best["blob"] = None
-                    row["blob"], best = blob, row
-                rows.append(row)
-                if progress:
-                    progress(row)
+    with ThreadPoolExecutor(max_workers=parallel_workers(len(combinations))) as pool:
+        for (codec, do_shuffle, do_bitpack), (blob, seconds) in zip(combinations, pool.map(encode, combinations)):
+            row = {"codec": codec, "level": levels[codec], "shuffle": do_shuffle, "bitpack": do_bitpack,
+                   "bytes": len(blob), "seconds": round(seconds, 3), "blob": None}
+            if best is None or len(blob) < best["bytes"]:
+                if best is not None:
+                    best["blob"] = None
+                row["blob"], best = blob, row
+            rows.append(row)
+            if progress:
+                progress(row)
     return sorted(rows, key=lambda r: r["bytes"])
 
 

@@ -90,6 +90,6 @@ def check_tokenizer_match(config: ModelConfig, recorded_sha256: str | None, toke
 
 def build_model(state: dict, config: ModelConfig, device, dtype=torch.float32) -> GPT:
     """GPT(config) with exactly these weights (shapes were checked on load), on `device`, in eval mode."""
-    model = GPT(config)
+    model = GPT(config, init_weights=False)
     model.load_state_dict(state, strict=True)
     return model.to(device=device, dtype=dtype).eval()

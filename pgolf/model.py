@@ -312,7 +312,9 @@ class BigramHash(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, init_weights: bool = True):
+        """`init_weights=False` skips the training init (orthogonal init runs a QR per matrix) for a model whose
+        state dict is loaded next."""
         super().__init__()
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.model_dim)
@@ -330,7 +332,8 @@ class GPT(nn.Module):
         cos, sin = rotary_tables(config)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self._init_weights()
+        if init_weights:
+            self._init_weights()
 
     def _init_weights(self) -> None:
         config = self.config

@@ -10,7 +10,7 @@ import typer
 from pgolf import log
 from pgolf.artifacts import StageOutput, open_stage
 from pgolf.checkpoint import load_checkpoint
-from pgolf.codecs import CODECS
+from pgolf.codecs import CODECS, parallel_workers
 from pgolf.config import resolve, to_dict
 from pgolf.errors import InvalidInput, OverBudget, UsageError
 from pgolf.gptq import GPTQ_BLOCK, GPTQ_DAMP, calibration_batches, calibration_windows
@@ -157,7 +157,8 @@ def fit_schemes(where, spec, schemes, size_of, target, config, model_config, qua
         return schemes, None, None, artifact
     order, sensitivity = demotion_order(spec, schemes, model_config, quantizer, batches)
     try:
-        schemes, steps = fit_plan_to_target(schemes, order, spec.demote_to, size_of, target, log.info)
+        schemes, steps = fit_plan_to_target(schemes, order, spec.demote_to, size_of, target, log.info,
+                                            workers=parallel_workers(len(order) + 1))
     except OverBudget as e:
         raise OverBudget(f"{where}: {e} ({allowance})") from None
     fit = {"order": order, "steps": steps, "demoted": steps[-1]["demoted"]}

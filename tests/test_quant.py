@@ -245,6 +245,22 @@ def test_fit_demotes_the_fewest_blocks_that_fit_in_center_out_order():
         fit_plan_to_target(schemes, order, "int5", size_of, target=smallest - 1)
 
 
+@pytest.mark.parametrize("workers", [1, 2, 3, 8, 16])
+def test_parallel_fit_finds_what_a_linear_scan_finds(workers):
+    schemes = {f"blocks.{i}.mlp.fc.weight": "int6" for i in range(11)}
+    # Uneven savings per block, so every count is a distinct size.
+    size_of = lambda s: sum(100 + 7 * int(n.split(".")[1]) for n, sc in s.items() if sc == "int6")  # noqa: E731
+    order = center_out_order(11)
+    sizes = [size_of(demote_blocks(schemes, order[:k], "int5")) for k in range(12)]
+    for target in range(sizes[-1], sizes[0] + 2):
+        expected = next(k for k in range(12) if sizes[k] <= target)
+        fitted, steps = fit_plan_to_target(schemes, order, "int5", size_of, target, workers=workers)
+        assert fitted == demote_blocks(schemes, order[:expected], "int5")
+        assert steps[-1] == {"demoted": order[:expected], "bytes": sizes[expected]}
+        if expected > 0:  # the count just below the answer was measured and is over the target
+            assert steps[-2]["demoted"] == order[: expected - 1] and steps[-2]["bytes"] > target
+
+
 def test_plan_spec_validates_its_fields():
     with pytest.raises(ValueError, match="clip = 'best'"):
         PlanSpec(name="x", clip="best")
