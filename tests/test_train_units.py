@@ -228,6 +228,16 @@ def test_seed_preset_uses_budget_fractions_and_the_seed_stack():
     GPT(dataclasses.replace(model, num_layers=1))  # the combination builds
 
 
+def test_short_budget_preset_is_the_seed_stack_with_the_measured_training_changes():
+    seed_model, seed_train, _ = resolve_configs("seed-11l", env={})
+    model, train, _ = resolve_configs("seed-11l-300s", env={})
+    assert model == seed_model
+    changed = {f.name for f in dataclasses.fields(train) if getattr(train, f.name) != getattr(seed_train, f.name)}
+    assert changed == {"batch_tokens", "muon_weight_decay", "ema_decay", "ema_start_frac"}
+    assert (train.batch_tokens, train.muon_weight_decay, train.ema_decay) == (131_072, 0.1, 0.0)
+    assert train.accumulation_steps(1) == 1 and train.accumulation_steps(8) == 1
+
+
 def test_challenge_env_names_and_precedence():
     env = {"ITERATIONS": "77", "NUM_LAYERS": "3", "MAX_WALLCLOCK_SECONDS": "300", "PGOLF_SEED": "5",
            "TRAIN_SEQ_LEN": "2048", "MATRIX_LR": "0.02"}
