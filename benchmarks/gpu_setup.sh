@@ -3,16 +3,23 @@
 # then tokenizes the benchmark corpus (../shared/data/README.md protocol) into artifacts/bench-data once.
 # The corpus and tokenizer travel in a git-ignored .devdata/ folder: copy them from ../shared/data and carry it.
 export PYTHONUNBUFFERED=1
-rm -rf /tmp/site
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=/tmp/site || return 1
-python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || return 1
-RES=${OUT:-artifacts/results}; mkdir -p "$RES"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$RES/gpu.txt"
+# Two protocol runs share a 2-GPU host's 32 cores: cap each process's OpenMP threads (oversubscribed OpenMP spins;
+# a checkpoint load took 41 s there with two runs side by side against 4 s on the 2-core dev box).
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
+export PYTHONPATH=/tmp/site
+# Once per machine: several protocol scripts may source this in one call.
+if ! python3 -c "import zstandard, brotli, pgolf.stages" 2>/dev/null; then
+  rm -rf /tmp/site
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .whl/*.whl || return 1
+  python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || return 1
+fi
+SETUP=artifacts/setup; mkdir -p $SETUP
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee $SETUP/gpu.txt
 DATA=artifacts/bench-data
 if [ ! -f $DATA/manifest.json ]; then
   /usr/bin/time -f "tokenize wall %e s" python3 -m pgolf tokenize .devdata/blogs-125MB.jsonl.zst \
     --tokenizer .devdata/fineweb_1024_bpe.model --val-docs 10000 --out $DATA --force --json \
-    > "$RES/tokenize.json" 2> "$RES/tokenize.log" || { tail -3 "$RES/tokenize.log"; return 1; }
-  tail -1 "$RES/tokenize.log"
+    > $SETUP/tokenize.json 2> $SETUP/tokenize.log || { tail -3 $SETUP/tokenize.log; return 1; }
+  tail -1 $SETUP/tokenize.log
 fi

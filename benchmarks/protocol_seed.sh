@@ -1,34 +1,39 @@
 #!/usr/bin/env bash
-# Shared protocol, preset `seed-11l`, part 1 of 2 (one device call, <= 10 min): 300 s of training on one GPU, the
-# center-out int5 export fitted under 16,000,000 bytes with the bundled code, bundle + verify-size, flat eval of
-# the blob and of the float checkpoint (the quantization penalty), then the int6 plan's penalty if time is left.
-# The blob and bundle come back in $OUT/seed-export.tgz for part 2 (benchmarks/protocol_eval.sh); every step's
-# JSON and log in $OUT/seed-results.tgz (refreshed after each step, so a call cut short still returns them).
+# Shared protocol, one train preset through the whole chain (one device call, <= 10 min): 300 s of training on
+# one GPU, flat eval of the float checkpoint, export with PLAN (center-out-int5 is fitted under 16,000,000 bytes
+# with the bundled code), flat eval of the blob (post - pre = the quantization penalty), bundle + verify-size.
+# Settings come from the environment:
+#   RUN (artifacts/RUN, default seed), PRESET (default seed-11l-300s), TRAIN_ARGS (extra `pgolf train` flags),
+#   PGOLF_* (any config field, e.g. PGOLF_MATRIX_LR=0.04), PLAN (default center-out-int5), EXPORT=0 (train and
+#   eval only), CUDA_VISIBLE_DEVICES (run variants side by side on a multi-GPU host).
+# The blob and bundle come back in $OUT/RUN-export.tgz for benchmarks/protocol_eval.sh; every step's JSON and log
+# in $OUT/RUN-results.tgz (refreshed after each step, so a call cut short still returns them).
 #   bash benchmarks/protocol_seed.sh        (on the GPU machine, with .whl and .devdata carried)
-T0=$(date +%s); BUDGET=${BUDGET:-470}
+#   RUN=b64k TRAIN_ARGS="--batch-tokens 65536" PLAN=int6 bash benchmarks/protocol_seed.sh
+T0=$(date +%s); RUN=${RUN:-seed}; PRESET=${PRESET:-seed-11l-300s}; PLAN=${PLAN:-center-out-int5}; EXPORT=${EXPORT:-1}
 source benchmarks/gpu_setup.sh || exit 1
-R=artifacts/seed; RES=artifacts/seed-results; mkdir -p $RES
+R=artifacts/$RUN; RES=artifacts/$RUN-results; mkdir -p $RES
 pg() { python3 -m pgolf "$@"; }
-save() { [ -n "${OUT:-}" ] && tar czf "$OUT/seed-results.tgz" -C artifacts seed-results; }
-time_left() { save; [ $(( $(date +%s) - T0 )) -lt "$BUDGET" ] || { echo "skipped: $1 (time)"; return 1; }; }
-pg train $DATA --preset seed-11l --wallclock 300 --val-every 0 --out $R/train --force --json \
-  > $RES/s_train.json 2> $RES/s_train.log || { tail -5 $RES/s_train.log; save; exit 1; }
-grep -E "^step|val_bpb" $RES/s_train.log | tail -3; save
-pg quantize $R/train --plan center-out-int5 --target-bytes 16000000 --code-bytes 60000 --codec zstd \
-  --out $R/qc --force --json > $RES/s_qc.json 2> $RES/s_qc.log || tail -3 $RES/s_qc.log
-pg compress $R/qc --codec zstd --level 22 --out $R/blob --force --json > $RES/s_blob.json 2> $RES/s_blob.log \
-  || tail -3 $RES/s_blob.log
-pg eval $R/blob --data $DATA --no-compile --out $R/eval-flat --force --json > $RES/s_eval_flat.json \
-  2> $RES/s_eval_flat.log; grep final_ $RES/s_eval_flat.log | tail -1
-pg bundle --train $R/train --blob $R/blob --eval $R/eval-flat --name "pgolf seed-11l 1xH100 300s" \
+save() { echo "$1 done at $(( $(date +%s) - T0 )) s" >> $RES/times.txt
+  [ -n "${OUT:-}" ] && tar czf "$OUT/$RUN-results.tgz" -C artifacts $RUN-results; }
+env | grep ^PGOLF_ > $RES/env.txt
+# shellcheck disable=SC2086  # TRAIN_ARGS is a list of flags
+pg train $DATA --preset $PRESET --wallclock 300 --val-every 0 $TRAIN_ARGS --out $R/train --force --json \
+  > $RES/s_train.json 2> $RES/s_train.log || { tail -5 $RES/s_train.log; save train; exit 1; }
+echo "$RUN: $(grep -E "steps \(|val_bpb" $RES/s_train.log | tail -3 | tr '\n' ' ')"; save train
+pg eval $R/train --data $DATA --no-compile --out $R/eval-pre --force --json > $RES/s_eval_pre.json \
+  2> $RES/s_eval_pre.log; echo "$RUN float: $(grep final_ $RES/s_eval_pre.log | tail -1)"; save eval-pre
+[ "$EXPORT" = 1 ] || exit 0
+FIT=(); [ "$PLAN" = center-out-int5 ] && FIT=(--target-bytes 16000000 --code-bytes 60000)
+pg quantize $R/train --plan $PLAN "${FIT[@]}" --codec zstd --out $R/q --force --json > $RES/s_q.json \
+  2> $RES/s_q.log || tail -3 $RES/s_q.log; save quantize
+pg compress $R/q --codec zstd --level 22 --out $R/blob --force --json > $RES/s_blob.json 2> $RES/s_blob.log \
+  || tail -3 $RES/s_blob.log; save compress
+pg eval $R/blob --data $DATA --no-compile --out $R/eval-blob --force --json > $RES/s_eval_blob.json \
+  2> $RES/s_eval_blob.log; echo "$RUN $PLAN: $(grep final_ $RES/s_eval_blob.log | tail -1)"; save eval-blob
+pg bundle --train $R/train --blob $R/blob --eval $R/eval-blob --name "pgolf $PRESET 1xH100 300s" \
   --github-id pgolf --compress-code --out $R/sub --force --json > $RES/s_bundle.json 2> $RES/s_bundle.log \
   || tail -3 $RES/s_bundle.log
 pg verify-size $R/sub --json > $RES/s_size.json 2> $RES/s_size.log; tail -2 $RES/s_size.log
-[ -n "${OUT:-}" ] && tar czf "$OUT/seed-export.tgz" -C artifacts seed/blob seed/sub
-time_left "eval-pre" && { pg eval $R/train --data $DATA --no-compile --out $R/eval-pre --force --json \
-  > $RES/s_eval_pre.json 2> $RES/s_eval_pre.log; grep final_ $RES/s_eval_pre.log | tail -1; }
-time_left "int6" && { pg quantize $R/train --plan int6 --out $R/q6 --force --json > $RES/s_q6.json 2> $RES/s_q6.log
-  pg compress $R/q6 --codec zstd --level 22 --out $R/blob6 --force --json > $RES/s_blob6.json 2> $RES/s_blob6.log
-  pg eval $R/blob6 --data $DATA --no-compile --out $R/eval6 --force --json > $RES/s_eval6.json 2> $RES/s_eval6.log
-  grep final_ $RES/s_eval6.log | tail -1; }
-echo "elapsed $(( $(date +%s) - T0 )) s"; save
+[ -n "${OUT:-}" ] && tar czf "$OUT/$RUN-export.tgz" -C artifacts $RUN/blob $RUN/sub
+save all; tail -1 $RES/times.txt

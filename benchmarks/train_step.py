@@ -15,6 +15,7 @@ peak x world size.
 
 import argparse
 import json
+import sys
 import time
 
 import torch
@@ -35,6 +36,31 @@ def flops_per_token(model: GPT, seq_len: int) -> float:
     return 6 * matmul + attention
 
 
+def profile_steps(trainer: Trainer, steps: int, momentum: float) -> dict:
+    """Profile `steps` optimizer steps: print the 30 most expensive kernels (stderr) and return, per step and per
+    phase of Trainer's record_function labels, the milliseconds of kernels launched from the phase's own thread
+    (`kernel_ms`: misses the backward, which autograd launches from its own thread) and, on CUDA, the span of
+    the phase on the GPU timeline (`gpu_span_ms`)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if trainer.device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        for _ in range(steps):
+            trainer.train_step(1.0, momentum)
+        trainer.synchronize()
+    averages = profiler.key_averages()
+    sort_key = "cuda_time_total" if trainer.device.type == "cuda" else "cpu_time_total"
+    print(averages.table(sort_by=sort_key, row_limit=30), file=sys.stderr)
+    phases: dict[str, dict] = {}
+    for event in averages:
+        if event.key in Trainer.PROFILE_LABELS:
+            on_gpu = event.device_type == torch.autograd.DeviceType.CUDA
+            total_us = event.device_time_total if trainer.device.type == "cuda" else event.cpu_time_total
+            name = "gpu_span_ms" if on_gpu else "kernel_ms"
+            phases.setdefault(event.key, {})[name] = round(total_us / 1000.0 / steps, 2)
+    return phases
+
+
 def main() -> None:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
@@ -48,6 +74,8 @@ def main() -> None:
     parser.add_argument("--compile", choices=COMPILE_MODES)
     parser.add_argument("--peak-tflops", type=float, default=790.0, help="bf16 peak per GPU for MFU")
     parser.add_argument("--out", help="also append the JSON line to this file")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="after timing, profile this many steps and print the top GPU kernels to stderr")
     args = parser.parse_args()
 
     overrides = dict(batch_tokens=args.batch_tokens, micro_batch_tokens=args.micro_batch_tokens,
@@ -81,6 +109,8 @@ def main() -> None:
     if dist_info.device.type == "cuda":
         result["gpu"] = torch.cuda.get_device_name(dist_info.device)
         result["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(dist_info.device) / 2**30, 2)
+    if args.profile:
+        result["profile"] = profile_steps(trainer, args.profile, momentum)
     if dist_info.is_main:
         print(json.dumps(result), flush=True)
         if args.out:

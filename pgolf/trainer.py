@@ -290,6 +290,9 @@ class StopSignal:
 class Trainer:
     """A model, its optimizers and train stream on one rank, with the state that a resume restores."""
 
+    # torch.profiler labels of a train step's two phases (benchmarks/train_step.py --profile reads them).
+    PROFILE_LABELS = ("forward_backward", "optimizer")
+
     def __init__(self, model_config: ModelConfig, config: TrainConfig, train_paths: list,
                  dist_info: Distributed):
         self.model_config, self.config, self.dist = model_config, config, dist_info
@@ -339,14 +342,20 @@ class Trainer:
         """One optimizer step over batch_tokens (accumulated micro-batches); returns this rank's mean loss."""
         model = self.ddp or self.compiled
         total = torch.zeros((), device=self.device)
-        for micro in range(self.accumulation):
-            x, y = self.loader.next_batch()
-            last_micro = micro == self.accumulation - 1
-            with nullcontext() if self.ddp is None or last_micro else self.ddp.no_sync():
-                with self.autocast():
-                    loss = model(x, y)
-                (loss / self.accumulation).backward()
-            total += loss.detach()
+        with torch.profiler.record_function(self.PROFILE_LABELS[0]):
+            for micro in range(self.accumulation):
+                x, y = self.loader.next_batch()
+                last_micro = micro == self.accumulation - 1
+                with nullcontext() if self.ddp is None or last_micro else self.ddp.no_sync():
+                    with self.autocast():
+                        loss = model(x, y)
+                    (loss / self.accumulation).backward()
+                total += loss.detach()
+        with torch.profiler.record_function(self.PROFILE_LABELS[1]):
+            self._optimizer_step(lr_scale, momentum)
+        return total / self.accumulation
+
+    def _optimizer_step(self, lr_scale: float, momentum: float) -> None:
         for opt in self.optimizers:
             for group in opt.param_groups:
                 group["lr"] = group["base_lr"] * lr_scale
@@ -359,7 +368,6 @@ class Trainer:
             opt.step()
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
-        return total / self.accumulation
 
     def warmup(self) -> None:
         """Compile and warm up on real steps, then restore the model, optimizers and data position."""
