@@ -70,36 +70,55 @@ class Muon(torch.optim.Optimizer):
             buffers.append(state["momentum_buffer"])
         torch._foreach_mul_(buffers, momentum)
         torch._foreach_add_(buffers, grads)
-        if group["nesterov"]:
-            directions = torch._foreach_add(grads, buffers, alpha=momentum)
-        else:
-            directions = buffers
-        updates = self._orthogonalized(params, directions, group["backend_steps"], rank, world_size)
+        updates = self._orthogonalized(params, grads, buffers, group, rank, world_size)
         lr, weight_decay = group["lr"], group["weight_decay"]
         if weight_decay > 0:
             torch._foreach_mul_(params, 1.0 - lr * weight_decay)
-        torch._foreach_add_(params, [u.to(p.dtype) for u, p in zip(updates, params, strict=True)], alpha=-lr)
+        updates = [u if u.dtype == p.dtype else u.to(p.dtype) for u, p in zip(updates, params, strict=True)]
+        torch._foreach_add_(params, updates, alpha=-lr)
 
-    def _orthogonalized(self, params, directions, steps, rank, world_size) -> list[torch.Tensor]:
-        """Scaled Newton-Schulz updates (bf16), same-shape matrices batched; ranks split the batches."""
+    def _orthogonalized(self, params, grads, buffers, group, rank, world_size) -> list[torch.Tensor]:
+        """Scaled Newton-Schulz updates (rounded to bf16, returned in fp32), one batch per matrix shape.
+
+        Each batch's directions (Nesterov: grad + momentum * buffer) are written straight into one stacked
+        tensor by multi-tensor kernels, and each batch's result is converted to fp32 in one kernel: no per-matrix
+        copies (a profile of the 11-layer model showed the per-matrix stack and slice copies dominating the
+        optimizer's GPU time). Under torch.distributed each rank orthogonalizes its share of each batch and
+        an all-reduce of one flat bf16 buffer shares the results."""
         by_shape: dict[tuple, list[int]] = {}
         for index, p in enumerate(params):
             by_shape.setdefault(tuple(p.shape), []).append(index)
-        flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=torch.bfloat16)
-        offsets = [0]
-        for p in params:
-            offsets.append(offsets[-1] + p.numel())
+        updates: list[torch.Tensor | None] = [None] * len(params)
+        flat = offsets = None
+        if world_size > 1:
+            offsets = [0]
+            for p in params:
+                offsets.append(offsets[-1] + p.numel())
+            flat = torch.zeros(offsets[-1], device=params[0].device, dtype=torch.bfloat16)
         for shape, indices in by_shape.items():
             mine = indices[rank::world_size]
             if not mine:
                 continue
-            stacked = self.orthogonalize(torch.stack([directions[i] for i in mine]), steps)
-            stacked = stacked * max(1.0, shape[0] / shape[1]) ** 0.5
-            for row, i in enumerate(mine):
-                flat[offsets[i] : offsets[i + 1]] = stacked[row].reshape(-1)
-        if world_size > 1:
+            stacked = torch.empty((len(mine), *shape), device=grads[mine[0]].device, dtype=grads[mine[0]].dtype)
+            rows = list(stacked.unbind(0))
+            if group["nesterov"]:
+                torch._foreach_copy_(rows, [grads[i] for i in mine])
+                torch._foreach_add_(rows, [buffers[i] for i in mine], alpha=group["momentum"])
+            else:
+                torch._foreach_copy_(rows, [buffers[i] for i in mine])
+            orthogonal = self.orthogonalize(stacked, group["backend_steps"])
+            orthogonal = orthogonal * max(1.0, shape[0] / shape[1]) ** 0.5
+            if flat is None:
+                for i, row in zip(mine, orthogonal.float().unbind(0), strict=True):
+                    updates[i] = row
+            else:
+                for i, row in zip(mine, orthogonal.unbind(0), strict=True):
+                    flat[offsets[i] : offsets[i + 1]] = row.reshape(-1)
+        if flat is not None:
             dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        return [flat[offsets[i] : offsets[i + 1]].view_as(p) for i, p in enumerate(params)]
+            flat = flat.float()
+            updates = [flat[offsets[i] : offsets[i + 1]].view_as(p) for i, p in enumerate(params)]
+        return updates
 
 
 def build_optimizers(model: GPT, config, fused: bool, orthogonalize=zeropower_via_newtonschulz5) -> list:

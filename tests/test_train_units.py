@@ -52,6 +52,30 @@ def test_muon_step_is_nesterov_momentum_then_scaled_orthogonal_update_with_decou
     assert torch.allclose(weight.detach(), expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_batched_muon_equals_one_matrix_at_a_time_bit_for_bit(nesterov):
+    """Same-shape matrices share one stacked Newton-Schulz batch; the result must not depend on that."""
+    torch.manual_seed(0)
+    shapes = [(48, 16), (16, 48), (48, 16), (32, 32), (48, 16)]
+    params = [torch.nn.Parameter(torch.randn(*shape)) for shape in shapes]
+    expected = [p.detach().clone() for p in params]
+    buffers = [torch.zeros_like(p) for p in expected]
+    lr, momentum, decay = 0.05, 0.9, 0.1
+    muon = Muon(params, lr=lr, momentum=momentum, weight_decay=decay, nesterov=nesterov)
+    for _ in range(3):
+        grads = [torch.randn(*shape) for shape in shapes]
+        for param, grad in zip(params, grads, strict=True):
+            param.grad = grad.clone()
+        muon.step()
+        for i, (grad, (rows, cols)) in enumerate(zip(grads, shapes, strict=True)):
+            buffers[i] = buffers[i] * momentum + grad
+            direction = torch.add(grad, buffers[i], alpha=momentum) if nesterov else buffers[i]
+            update = zeropower_via_newtonschulz5(direction[None])[0] * max(1.0, rows / cols) ** 0.5
+            expected[i] = torch.add(expected[i] * (1 - lr * decay), update.float(), alpha=-lr)
+    for param, want in zip(params, expected, strict=True):
+        assert torch.equal(param.detach(), want)
+
+
 def test_optimizer_groups_cover_every_parameter_once_with_the_baselines_rates():
     model = GPT(ModelConfig(num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2))
     optimizers = build_optimizers(model, TrainConfig(), fused=False)
