@@ -21,12 +21,16 @@ env | grep ^PGOLF_ > $RES/env.txt
 pg train $DATA --preset $PRESET --wallclock 300 --val-every 0 $TRAIN_ARGS --out $R/train --force --json \
   > $RES/s_train.json 2> $RES/s_train.log || { tail -5 $RES/s_train.log; save train; exit 1; }
 echo "$RUN: $(grep -E "steps \(|val_bpb" $RES/s_train.log | tail -3 | tr '\n' ' ')"; save train
+# The float eval (GPU) runs while quantize sizes blobs (CPU threads).
 pg eval $R/train --data $DATA --no-compile --out $R/eval-pre --force --json > $RES/s_eval_pre.json \
-  2> $RES/s_eval_pre.log; echo "$RUN float: $(grep final_ $RES/s_eval_pre.log | tail -1)"; save eval-pre
-[ "$EXPORT" = 1 ] || exit 0
+  2> $RES/s_eval_pre.log &
+EVAL_PRE=$!
+eval_pre_done() { wait $EVAL_PRE; echo "$RUN float: $(grep final_ $RES/s_eval_pre.log | tail -1)"; save eval-pre; }
+[ "$EXPORT" = 1 ] || { eval_pre_done; exit 0; }
 FIT=(); [ "$PLAN" = center-out-int5 ] && FIT=(--target-bytes 16000000 --code-bytes 60000)
 pg quantize $R/train --plan $PLAN "${FIT[@]}" --codec zstd --out $R/q --force --json > $RES/s_q.json \
   2> $RES/s_q.log || tail -3 $RES/s_q.log; save quantize
+eval_pre_done
 pg compress $R/q --codec zstd --level 22 --out $R/blob --force --json > $RES/s_blob.json 2> $RES/s_blob.log \
   || tail -3 $RES/s_blob.log; save compress
 pg eval $R/blob --data $DATA --no-compile --out $R/eval-blob --force --json > $RES/s_eval_blob.json \

@@ -113,9 +113,9 @@ class TrainConfig:
         need(self.seq_len >= 1, "seq_len", ">= 1")
         need(self.batch_tokens >= self.seq_len and self.batch_tokens % self.seq_len == 0, "batch_tokens",
              f"a positive multiple of seq_len ({self.seq_len})")
-        need(self.micro_batch_tokens == 0 or (self.micro_batch_tokens % self.seq_len == 0
-             and 0 < self.micro_batch_tokens <= self.batch_tokens), "micro_batch_tokens",
-             f"0 (batch_tokens / 8) or a multiple of seq_len ({self.seq_len}) up to batch_tokens")
+        # A cap, not a size: larger than a rank's share of the batch means one micro-batch per step.
+        need(self.micro_batch_tokens >= 0 and self.micro_batch_tokens % self.seq_len == 0, "micro_batch_tokens",
+             f"0 (batch_tokens / 8) or a positive multiple of seq_len ({self.seq_len})")
         need(self.micro_batch_tokens != 0 or self.batch_tokens % (8 * self.seq_len) == 0, "batch_tokens",
              f"a multiple of 8 * seq_len ({8 * self.seq_len}) when micro_batch_tokens is 0")
         need(self.warmup_steps >= 0, "warmup_steps", ">= 0")

@@ -237,6 +237,8 @@ def test_baseline_preset_is_the_challenge_configuration():
     big_micro = dataclasses.replace(train, micro_batch_tokens=262_144)  # sized for one GPU: capped on eight
     assert big_micro.accumulation_steps(1) == 2 and big_micro.accumulation_steps(8) == 1
     assert big_micro.micro_tokens(8) == 65_536
+    small_batch = dataclasses.replace(big_micro, batch_tokens=65_536)  # a smaller --batch-tokens alone works
+    assert small_batch.micro_tokens(1) == 65_536 and small_batch.accumulation_steps(1) == 1
     with pytest.raises(UsageError, match="not a multiple of world size 3"):
         train.accumulation_steps(3)
 
