@@ -16,7 +16,7 @@ if ! python3 -c "import zstandard, brotli, pgolf.stages" 2>/dev/null; then
 fi
 SETUP=artifacts/setup; mkdir -p $SETUP
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee $SETUP/gpu.txt
-DATA=artifacts/bench-data
+DATA=${DATA:-artifacts/bench-data}  # override to smoke-test the scripts on other shards
 if [ ! -f $DATA/manifest.json ]; then
   /usr/bin/time -f "tokenize wall %e s" python3 -m pgolf tokenize .devdata/blogs-125MB.jsonl.zst \
     --tokenizer .devdata/fineweb_1024_bpe.model --val-docs 10000 --out $DATA --force --json \
