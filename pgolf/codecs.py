@@ -328,7 +328,8 @@ def blob_candidates(
 
     rows, best = [], None
     with ThreadPoolExecutor(max_workers=parallel_workers(len(combinations))) as pool:
-        for (codec, do_shuffle, do_bitpack), (blob, seconds) in zip(combinations, pool.map(encode, combinations)):
+        encoded = pool.map(encode, combinations)
+        for (codec, do_shuffle, do_bitpack), (blob, seconds) in zip(combinations, encoded, strict=True):
             row = {"codec": codec, "level": levels[codec], "shuffle": do_shuffle, "bitpack": do_bitpack,
                    "bytes": len(blob), "seconds": round(seconds, 3), "blob": None}
             if best is None or len(blob) < best["bytes"]:

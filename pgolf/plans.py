@@ -394,7 +394,7 @@ def fit_plan_to_target(schemes: dict, order: list[int], scheme: str, size_of, ta
 
     def measure(counts: list[int]) -> None:
         with ThreadPoolExecutor(max_workers=max(1, min(workers, len(counts)))) as pool:
-            for count, measured in zip(counts, pool.map(size, counts)):
+            for count, measured in zip(counts, pool.map(size, counts), strict=True):
                 sizes[count] = measured
                 if progress:
                     progress(f"fit: {order[:count]} at {scheme}: {measured:,} bytes (target {target:,})")
