@@ -5,7 +5,8 @@
 # Settings come from the environment:
 #   RUN (artifacts/RUN, default seed), PRESET (default seed-11l-300s), TRAIN_ARGS (extra `pgolf train` flags),
 #   PGOLF_* (any config field, e.g. PGOLF_MATRIX_LR=0.04), PLAN (default center-out-int5), EXPORT=0 (train and
-#   eval only), CUDA_VISIBLE_DEVICES (run variants side by side on a multi-GPU host).
+#   eval only), CUDA_VISIBLE_DEVICES (run variants side by side on a multi-GPU host), RESUME=1 (keep the steps
+#   whose output a cut-short call on this still-warm machine already wrote; rerun only the rest).
 # The blob and bundle come back in $OUT/RUN-export.tgz for benchmarks/protocol_eval.sh; every step's JSON and log
 # in $OUT/RUN-results.tgz (refreshed after each step, so a call cut short still returns them).
 #   bash benchmarks/protocol_seed.sh        (on the GPU machine, with .whl and .devdata carried)
@@ -14,26 +15,28 @@ T0=$(date +%s); RUN=${RUN:-seed}; PRESET=${PRESET:-seed-11l-300s}; PLAN=${PLAN:-
 source benchmarks/gpu_setup.sh || exit 1
 R=artifacts/$RUN; RES=artifacts/$RUN-results; mkdir -p $RES
 pg() { python3 -m pgolf "$@"; }
+# have DIR: RESUME=1 and DIR holds a finished stage output (stages write their manifest last, atomically).
+have() { [ "${RESUME:-0}" = 1 ] && [ -f "$1/manifest.json" ] && echo "$RUN: keeping $1"; }
 save() { echo "$1 done at $(( $(date +%s) - T0 )) s" >> $RES/times.txt
   [ -n "${OUT:-}" ] && tar czf "$OUT/$RUN-results.tgz" -C artifacts $RUN-results; }
 env | grep ^PGOLF_ > $RES/env.txt
 # shellcheck disable=SC2086  # TRAIN_ARGS is a list of flags
-pg train $DATA --preset $PRESET --wallclock 300 --val-every 0 $TRAIN_ARGS --out $R/train --force --json \
+have $R/train || pg train $DATA --preset $PRESET --wallclock 300 --val-every 0 $TRAIN_ARGS --out $R/train --force --json \
   > $RES/s_train.json 2> $RES/s_train.log || { tail -5 $RES/s_train.log; save train; exit 1; }
 echo "$RUN: $(grep -E "steps \(|val_bpb" $RES/s_train.log | tail -3 | tr '\n' ' ')"; save train
 # The float eval (GPU) runs while quantize sizes blobs (CPU threads).
-pg eval $R/train --data $DATA --no-compile --out $R/eval-pre --force --json > $RES/s_eval_pre.json \
+have $R/eval-pre || pg eval $R/train --data $DATA --no-compile --out $R/eval-pre --force --json > $RES/s_eval_pre.json \
   2> $RES/s_eval_pre.log &
 EVAL_PRE=$!
 eval_pre_done() { wait $EVAL_PRE; echo "$RUN float: $(grep final_ $RES/s_eval_pre.log | tail -1)"; save eval-pre; }
 [ "$EXPORT" = 1 ] || { eval_pre_done; exit 0; }
 FIT=(); [ "$PLAN" = center-out-int5 ] && FIT=(--target-bytes 16000000 --code-bytes 60000)
-pg quantize $R/train --plan $PLAN "${FIT[@]}" --codec zstd --out $R/q --force --json > $RES/s_q.json \
+have $R/q || pg quantize $R/train --plan $PLAN "${FIT[@]}" --codec zstd --out $R/q --force --json > $RES/s_q.json \
   2> $RES/s_q.log || tail -3 $RES/s_q.log; save quantize
 eval_pre_done
-pg compress $R/q --codec zstd --level 22 --out $R/blob --force --json > $RES/s_blob.json 2> $RES/s_blob.log \
+have $R/blob || pg compress $R/q --codec zstd --level 22 --out $R/blob --force --json > $RES/s_blob.json 2> $RES/s_blob.log \
   || tail -3 $RES/s_blob.log; save compress
-pg eval $R/blob --data $DATA --no-compile --out $R/eval-blob --force --json > $RES/s_eval_blob.json \
+have $R/eval-blob || pg eval $R/blob --data $DATA --no-compile --out $R/eval-blob --force --json > $RES/s_eval_blob.json \
   2> $RES/s_eval_blob.log; echo "$RUN $PLAN: $(grep final_ $RES/s_eval_blob.log | tail -1)"; save eval-blob
 pg bundle --train $R/train --blob $R/blob --eval $R/eval-blob --name "pgolf $PRESET 1xH100 300s" \
   --github-id pgolf --compress-code --out $R/sub --force --json > $RES/s_bundle.json 2> $RES/s_bundle.log \
