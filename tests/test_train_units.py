@@ -260,7 +260,7 @@ def test_short_budget_preset_is_the_seed_stack_with_the_measured_training_change
     assert model == seed_model
     changed = {f.name for f in dataclasses.fields(train) if getattr(train, f.name) != getattr(seed_train, f.name)}
     assert changed == {"batch_tokens", "muon_weight_decay", "ema_decay", "ema_start_frac"}
-    assert (train.batch_tokens, train.muon_weight_decay, train.ema_decay) == (131_072, 0.1, 0.0)
+    assert (train.batch_tokens, train.muon_weight_decay, train.ema_decay) == (131_072, 0.15, 0.0)
     assert train.accumulation_steps(1) == 1 and train.accumulation_steps(8) == 1
 
 
