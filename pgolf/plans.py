@@ -375,17 +375,26 @@ class ArtifactSizer:
         self.layout = {"shuffle": best["shuffle"], "bitpack": best["bitpack"]}
         return best["bytes"] + self.code_bytes
 
+    def every_layout(self, tensors: dict, plan: dict) -> int:
+        """Counted bytes in the best shuffle x bitpack layout of the chosen codec, as `pgolf compress` would
+        pick it: the winner can change as blocks are demoted (on an H100-trained seed-11l checkpoint, byte
+        shuffling lost at no demotion and won by 83 KB with 10 of 11 blocks at int5)."""
+        return blob_candidates(tensors, plan, self.codecs)[0]["bytes"] + self.code_bytes
+
 
 def fit_plan_to_target(schemes: dict, order: list[int], scheme: str, size_of, target: int, progress=None,
-                       workers: int = 1):
+                       workers: int = 1, confirm=None):
     """Demote the first k blocks of `order` to `scheme` for the smallest k with size_of(schemes) <= target.
 
     Each size_of call compresses the whole model (seconds at challenge scale), so k is found by a search over
     the demotion count (the size falls as blocks are demoted) that sizes up to `workers` counts at once on
     threads: bisection for one worker, about three rounds for eight. size_of(undemoted) runs first and alone
-    (ArtifactSizer picks its layout there), later calls must be thread-safe. Returns (schemes, steps): every
-    size measured, by demotion count, each naming the blocks demoted; the last step is the chosen plan.
-    OverBudget (exit 4) with the smallest achievable size when even every block demoted does not fit.
+    (ArtifactSizer picks its layout there), later calls must be thread-safe. `confirm` (optional) is a
+    thorough sizing, never larger than size_of (ArtifactSizer.every_layout): once the search settles, the
+    count below the answer is sized again with it, stepping down while that fits. Returns (schemes, steps):
+    every size measured, by demotion count (the smaller of the two sizings), each naming the blocks demoted;
+    the last step is the chosen plan. OverBudget (exit 4) with the smallest achievable size when even every
+    block demoted does not fit.
     """
     sizes: dict[int, int] = {}
 
@@ -417,6 +426,15 @@ def fit_plan_to_target(schemes: dict, order: list[int], scheme: str, size_of, ta
         fits = min(count for count, measured in sizes.items() if measured <= target)
         too_big = max(count for count, measured in sizes.items() if measured > target and count < fits)
     chosen = 0 if sizes[0] <= target else fits
+    while confirm is not None and chosen > 0:
+        count = chosen - 1
+        measured = confirm(demote_blocks(schemes, order[:count], scheme))
+        sizes[count] = min(sizes.get(count, measured), measured)
+        if progress:
+            progress(f"fit: {order[:count]} at {scheme}, every layout: {measured:,} bytes (target {target:,})")
+        if sizes[count] > target:
+            break
+        chosen = count
     steps = [{"demoted": order[:count], "bytes": sizes[count]} for count in sorted(sizes) if count <= chosen]
     return demote_blocks(schemes, order[:chosen], scheme), steps
 

@@ -143,9 +143,10 @@ def demotion_order(spec, schemes, model_config, quantizer, batches) -> tuple[lis
     return sorted(sensitivity, key=lambda block: (sensitivity[block], block)), sensitivity
 
 
-def fit_schemes(where, spec, schemes, size_of, target, config, model_config, quantizer, batches):
-    """(schemes, fit record, sensitivities, artifact bytes): demote plans demote blocks until `target` fits,
-    other plans are only checked against it; OverBudget (exit 4) naming `where` when it cannot fit."""
+def fit_schemes(where, spec, schemes, size_of, target, config, model_config, quantizer, batches, confirm=None):
+    """(schemes, fit record, sensitivities, artifact bytes): demote plans demote blocks until `target` fits
+    (`confirm`: fit_plan_to_target's thorough sizing), other plans are only checked against it; OverBudget
+    (exit 4) naming `where` when it cannot fit."""
     allowance = f"{config.codec} blob + {config.code_bytes:,}-byte code allowance, --code-bytes"
     if not spec.demote:
         artifact = size_of(schemes)
@@ -158,7 +159,7 @@ def fit_schemes(where, spec, schemes, size_of, target, config, model_config, qua
     order, sensitivity = demotion_order(spec, schemes, model_config, quantizer, batches)
     try:
         schemes, steps = fit_plan_to_target(schemes, order, spec.demote_to, size_of, target, log.info,
-                                            workers=parallel_workers(len(order) + 1))
+                                            workers=parallel_workers(len(order) + 1), confirm=confirm)
     except OverBudget as e:
         raise OverBudget(f"{where}: {e} ({allowance})") from None
     fit = {"order": order, "steps": steps, "demoted": steps[-1]["demoted"]}
@@ -287,7 +288,8 @@ def quantize(
             return sizer(*build(assignment))
 
         schemes, fit, sensitivity, artifact = fit_schemes(
-            train_dir, spec, schemes, size_of, target, config, model_config, quantizer, batches
+            train_dir, spec, schemes, size_of, target, config, model_config, quantizer, batches,
+            confirm=lambda assignment: sizer.every_layout(*build(assignment)),
         )
         tensors, plan_json = build(schemes)
         save_quantized(stage.dir, tensors, plan_json)

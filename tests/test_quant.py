@@ -261,6 +261,31 @@ def test_parallel_fit_finds_what_a_linear_scan_finds(workers):
             assert steps[-2]["demoted"] == order[: expected - 1] and steps[-2]["bytes"] > target
 
 
+def test_fit_confirms_the_count_below_its_answer_in_every_layout():
+    schemes = {f"blocks.{i}.mlp.fc.weight": "int6" for i in range(9)}
+    best_layout = lambda s: sum(1000 * int(scheme[3:]) // 8 for scheme in s.values())  # noqa: E731
+    # The layout frozen at the undemoted sizing loses 150 bytes once any block is int5 (a byte-shuffle flip).
+    frozen = lambda s: best_layout(s) + (150 if "int5" in s.values() else 0)  # noqa: E731
+    confirmed = []
+
+    def confirm(s):
+        confirmed.append(sorted(n for n, scheme in s.items() if scheme == "int5"))
+        return best_layout(s)
+
+    order = center_out_order(9)
+    target = best_layout(schemes) - 300  # 125 bytes per demoted block: 3 fit in the best layout, 4 when frozen
+    fitted, steps = fit_plan_to_target(schemes, order, "int5", frozen, target, confirm=confirm)
+    assert fitted == demote_blocks(schemes, order[:3], "int5")
+    assert steps[-1] == {"demoted": order[:3], "bytes": best_layout(fitted)} and steps[-1]["bytes"] <= target
+    assert steps[-2]["demoted"] == order[:2] and steps[-2]["bytes"] > target
+    assert len(confirmed) == 2  # 3 blocks (fits: step down), then 2 (over: stop)
+    without, _ = fit_plan_to_target(schemes, order, "int5", frozen, target)
+    assert without == demote_blocks(schemes, order[:4], "int5")
+    confirmed.clear()
+    fit_plan_to_target(schemes, order, "int5", frozen, target=10**9, confirm=confirm)
+    assert confirmed == []  # nothing demoted: nothing to confirm
+
+
 def test_plan_spec_validates_its_fields():
     with pytest.raises(ValueError, match="clip = 'best'"):
         PlanSpec(name="x", clip="best")
