@@ -4,20 +4,26 @@
 # and carried; RUN defaults to seed). STEPS picks among:
 #   speed    benchmarks/eval_speed.py: flat vs stride-64 sliding tokens/s, the n-gram grid from one pass and its cost
 #            against a single eval, score-first TTT; on the first VAL_TOKENS val tokens (default 0 = all)
-#   codecs   the blob's size under every codec layout
+#   codecs   the blob's size under every codec layout (one CPU process per codec, beside the GPU steps)
 #   sliding  `pgolf eval` of the blob, stride 64 on the whole val split (the artifact's headline score)
 #   bash benchmarks/protocol_eval.sh        (on the GPU machine, with .whl and .devdata carried)
 #   STEPS=speed VAL_TOKENS=1048576 RUN=a bash benchmarks/protocol_eval.sh
 source benchmarks/gpu_setup.sh || exit 1
 RES=${OUT:-artifacts/results}; RUN=${RUN:-seed}; STEPS=${STEPS:-speed codecs sliding}; B=artifacts/$RUN/blob
 [ -f $B/manifest.json ] || tar xzf .devdata/$RUN-export.tgz -C artifacts || exit 1
+codecs() {  # one process per codec: each times its layouts one at a time, the four run side by side
+  for c in zlib zstd lzma brotli; do
+    python3 benchmarks/codecs.py $B --codecs $c > $B-codecs-$c.jsonl 2> $B-codecs-$c.log & done; wait
+  cat $B-codecs-*.jsonl > $RES/$RUN-codecs.jsonl; cat $B-codecs-*.log > $RES/$RUN-codecs.log
+  grep -h summary $B-codecs-*.jsonl | cut -c1-300; }
+CODECS=; case " $STEPS " in *" codecs "*) codecs & CODECS=$! ;; esac
 for step in $STEPS; do case $step in
   speed) python3 benchmarks/eval_speed.py --data $DATA --artifact $B --stride 64 --orders 3,5,7 --alphas 0.2,0.4 \
       --ttt-mode sgd --val-tokens "${VAL_TOKENS:-0}" > $RES/$RUN-eval_speed.jsonl 2> $RES/$RUN-eval_speed.log
     tail -2 $RES/$RUN-eval_speed.log; cut -c1-600 $RES/$RUN-eval_speed.jsonl ;;
-  codecs) python3 benchmarks/codecs.py $B --codecs zlib,zstd,lzma > $RES/$RUN-codecs.jsonl 2> $RES/$RUN-codecs.log
-    tail -1 $RES/$RUN-codecs.jsonl ;;
+  codecs) ;;  # started above
   sliding) python3 -m pgolf eval $B --data $DATA --sliding-stride 64 --out artifacts/$RUN/eval-s64 --force --json \
       > $RES/$RUN-eval_s64.json 2> $RES/$RUN-eval_s64.log; tail -3 $RES/$RUN-eval_s64.log ;;
   *) echo "protocol_eval.sh: unknown step $step (speed, codecs, sliding)"; exit 2 ;;
 esac; done
+[ -z "$CODECS" ] || wait $CODECS
