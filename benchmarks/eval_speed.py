@@ -9,7 +9,7 @@ Every pass runs pgolf.evaluate.run_eval exactly as `pgolf eval` does (one EvalMo
 warmed up once on random tokens; its warm-up seconds are reported, not counted in any pass). One JSON line per
 measurement on stdout:
   flat / sliding   targets/s, eval seconds, val_bpb; sliding adds its gain over flat and its time ratio
-  ngram_sweep      the --orders x --alphas grid from one sliding pass: seconds, every point's val_bpb
+  ngram_sweep      the --orders x --alphas (x --alpha-modes) grid from one sliding pass: seconds, every point's val_bpb
   ngram_best       the best grid point alone: its gain over the plain sliding pass, seconds
   sweep_cost       sweep seconds / best-point seconds (target <= 1.5), / the top order alone (the chain a
                    sweep builds anyway), / plain sliding; a rough cost of one pass per point instead; and
@@ -79,6 +79,7 @@ def main() -> None:
     parser.add_argument("--batch-seqs", type=int, default=32)
     parser.add_argument("--orders", default="3,5,7")
     parser.add_argument("--alphas", default="0.2,0.4")
+    parser.add_argument("--alpha-modes", default="fixed", help="fixed, entropy or both (the grid's third axis)")
     parser.add_argument("--buckets", type=int, default=65536)
     parser.add_argument("--ttt-mode", default="sgd", help="sgd, adamw, lora, phased, or none")
     parser.add_argument("--ttt-chunk-tokens", type=int, default=0, help="0 = the mode's default")
@@ -111,7 +112,7 @@ def main() -> None:
           "seconds_vs_flat": sliding_seconds / flat_seconds}, context)
     plain_bpb = sliding["model"].val_bpb
 
-    grid = [NgramConfig(int(order), float(alpha), buckets=args.buckets)
+    grid = [NgramConfig(int(order), float(alpha), mode, buckets=args.buckets) for mode in args.alpha_modes.split(",")
             for order in args.orders.split(",") for alpha in args.alphas.split(",")]
     if grid:
         swept, sweep_seconds = timed_pass(eval_model, tokens, sliding_plan, tables, device, ngram=grid)

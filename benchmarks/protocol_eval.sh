@@ -3,7 +3,8 @@
 # benchmarks/protocol_seed.sh (artifacts/RUN/blob on a still-warm machine, else RUN-export.tgz copied into .devdata/
 # and carried; RUN defaults to seed). STEPS picks among:
 #   speed    benchmarks/eval_speed.py: flat vs stride-64 sliding tokens/s, the n-gram grid from one pass and its cost
-#            against a single eval, score-first TTT; on the first VAL_TOKENS val tokens (default 0 = all)
+#            against a single eval, score-first TTT; on the first VAL_TOKENS val tokens (default 0 = all);
+#            ALPHA_MODES=fixed,entropy adds the entropy-adaptive weights to the grid (12 points)
 #   codecs   the blob's size under every codec layout (one CPU process per codec, beside the GPU steps)
 #   sliding  `pgolf eval` of the blob, stride 64 on the whole val split (the artifact's headline score)
 #   bash benchmarks/protocol_eval.sh        (on the GPU machine, with .whl and .devdata carried)
@@ -19,7 +20,7 @@ codecs() {  # one process per codec: each times its layouts one at a time, the f
 CODECS=; case " $STEPS " in *" codecs "*) codecs & CODECS=$! ;; esac
 for step in $STEPS; do case $step in
   speed) python3 benchmarks/eval_speed.py --data $DATA --artifact $B --stride 64 --orders 3,5,7 --alphas 0.2,0.4 \
-      --ttt-mode sgd --val-tokens "${VAL_TOKENS:-0}" > $RES/$RUN-eval_speed.jsonl 2> $RES/$RUN-eval_speed.log
+      --alpha-modes "${ALPHA_MODES:-fixed}" --ttt-mode sgd --val-tokens "${VAL_TOKENS:-0}" > $RES/$RUN-eval_speed.jsonl 2> $RES/$RUN-eval_speed.log
     tail -2 $RES/$RUN-eval_speed.log; cut -c1-600 $RES/$RUN-eval_speed.jsonl ;;
   codecs) ;;  # started above
   sliding) python3 -m pgolf eval $B --data $DATA --sliding-stride 64 --out artifacts/$RUN/eval-s64 --force --json \
