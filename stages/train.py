@@ -4,6 +4,7 @@ One process, or `torchrun --nproc_per_node=N -m pgolf train ...` (DDP; the globa
 """
 
 import math
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,6 +164,7 @@ def train(
     overrides = dict(iterations=iterations, wallclock_seconds=wallclock, seed=seed, batch_tokens=batch_tokens,
                      seq_len=seq_len, micro_batch_tokens=micro_batch_tokens, val_every=val_every,
                      checkpoint_every=checkpoint_every, compile=compile_mode)
+    started = time.perf_counter()
     model_config, train_config, _ = resolve_configs(preset, config_file, train_overrides=overrides)
     data = load_training_data(data_dir, tokenizer, model_config.vocab_size, train_config.seq_len)
     out = Path(out)
@@ -181,7 +183,7 @@ def train(
     if dist_info.world_size > 1:
         dist.barrier()
     with stage or nullcontext():
-        metrics = run_training(trainer, data, stage, resume, resume_path, staging_dir(out))
+        metrics = run_training(trainer, data, stage, resume, resume_path, staging_dir(out), started)
         if stage is not None:
             write_outputs(stage, trainer, data, metrics)
     if dist_info.world_size > 1:
@@ -190,7 +192,9 @@ def train(
 
 
 def run_training(trainer: Trainer, data: TrainingData, stage, resume: bool, resume_path: Path,
-                 work_dir: Path) -> dict:
+                 work_dir: Path, started: float) -> dict:
+    """Warm up and train; the metrics carry wall-clock `timers` of this process's phases (the challenge counts
+    only train_seconds, but a device call or a job limit pays for all of them)."""
     config = trainer.config
     use_wallclock = config.wallclock_seconds > 0
     bar = progress_bar(config.wallclock_seconds if use_wallclock else config.iterations,
@@ -210,10 +214,16 @@ def run_training(trainer: Trainer, data: TrainingData, stage, resume: bool, resu
                    f"{trainer.device}, {trainer.accumulation} micro-batches/step of "
                    f"{config.micro_tokens(trainer.dist.world_size):,} tokens")
     train_log.line(f"warm-up: {config.warmup_steps} steps (compile {config.compile}), then restored")
+    ready = time.perf_counter()
     trainer.warmup()
+    warmed, resumed_ms = time.perf_counter(), trainer.train_ms
     with StopSignal() as stop, bar:
         metrics = trainer.run(data.val_tokens, data.byte_tables.torch(trainer.device), train_log, resume_path,
                               stop, on_step)
+    trained_here = (trainer.train_ms - resumed_ms) / 1000.0
+    metrics["timers"] = {"setup_seconds": ready - started, "warmup_seconds": warmed - ready,
+                         "train_seconds": trained_here,
+                         "validation_checkpoint_seconds": max(0.0, time.perf_counter() - warmed - trained_here)}
     exported = metrics.get("ema") or metrics["master"]
     metrics |= {"val_loss": exported["val_loss"], "val_bpb": exported["val_bpb"],
                 "val_tokens": exported["val_tokens"], "val_bytes": exported["val_bytes"],
@@ -224,6 +234,7 @@ def run_training(trainer: Trainer, data: TrainingData, stage, resume: bool, resu
 
 
 def write_outputs(stage: StageOutput, trainer: Trainer, data: TrainingData, metrics: dict) -> None:
+    saving = time.perf_counter()
     checkpoint_metadata = {"vocab_size": str(trainer.model_config.vocab_size),
                            "tokenizer_sha256": data.tokenizer_sha256, "step": str(metrics["steps"])}
     if metrics["weights"] == "ema":
@@ -234,6 +245,7 @@ def write_outputs(stage: StageOutput, trainer: Trainer, data: TrainingData, metr
     else:
         save_checkpoint(stage.add_output("model.safetensors", "checkpoint"), trainer.master_state(),
                         trainer.model_config, checkpoint_metadata | {"weights": "master"})
+    metrics["timers"]["save_seconds"] = time.perf_counter() - saving
     stage.add_output("train_log.jsonl", "log_jsonl")
     stage.add_output("train.log", "log")
     stage.path(RESUME_FILE).unlink(missing_ok=True)
@@ -251,6 +263,10 @@ def summary_lines(metrics: dict, out: Path) -> list[str]:
     if metrics["weights"] == "ema":
         lines.append(f"master weights: val_loss {metrics['master']['val_loss']:.4f}  "
                      f"val_bpb {metrics['master']['val_bpb']:.4f}")
+    timers = metrics["timers"]
+    lines.append(f"timers: setup {timers['setup_seconds']:.1f} s, compile warm-up {timers['warmup_seconds']:.1f} s, "
+                 f"training {timers['train_seconds']:.1f} s, validation + checkpoints "
+                 f"{timers['validation_checkpoint_seconds']:.1f} s, save {timers.get('save_seconds', 0.0):.1f} s")
     lines.append(f"{out}: model.safetensors, train_log.jsonl, train.log, manifest.json")
     return lines
 

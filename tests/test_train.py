@@ -94,6 +94,11 @@ def test_manifest_metrics_and_outputs(reference_run, tiny_data_dir):
     assert metrics["steps"] == STEPS and metrics["stop_reason"] == "iterations"
     assert metrics["tokens_seen"] == STEPS * 4096
     assert metrics["train_seconds"] > 0 and metrics["ms_per_step"] > 0
+    timers = metrics["timers"]
+    assert set(timers) == {"setup_seconds", "warmup_seconds", "train_seconds", "validation_checkpoint_seconds",
+                           "save_seconds"}
+    assert min(timers.values()) >= 0 and timers["train_seconds"] == pytest.approx(metrics["train_seconds"])
+    assert timers["validation_checkpoint_seconds"] > 0  # the final validation ran outside the training clock
     state, config, metadata = load_checkpoint(reference_run / "model.safetensors")
     assert metrics["param_count"] == sum(t.numel() for t in state.values()) == sum(
         p.numel() for p in GPT(config).parameters())
