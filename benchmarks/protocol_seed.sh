@@ -30,7 +30,7 @@ have $R/eval-pre || pg eval $R/train --data $DATA --no-compile --out $R/eval-pre
 EVAL_PRE=$!
 eval_pre_done() { wait $EVAL_PRE; echo "$RUN float: $(grep final_ $RES/s_eval_pre.log | tail -1)"; save eval-pre; }
 [ "$EXPORT" = 1 ] || { eval_pre_done; exit 0; }
-FIT=(); [ "$PLAN" = center-out-int5 ] && FIT=(--target-bytes 16000000 --code-bytes 60000)
+FIT=(); [ "$PLAN" = center-out-int5 ] && FIT=(--target-bytes 16000000 --code-bytes 45000)
 have $R/q || pg quantize $R/train --plan $PLAN "${FIT[@]}" --codec zstd --out $R/q --force --json > $RES/s_q.json \
   2> $RES/s_q.log || tail -3 $RES/s_q.log; save quantize
 eval_pre_done

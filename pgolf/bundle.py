@@ -397,8 +397,23 @@ def bundle_source(baked: dict, title: str, entry: str = SUBMISSION_ENTRY, entry_
     return source
 
 
+def minified_source(source: str) -> str:
+    """`source` without docstrings and comments, re-printed from its syntax tree: the same program in ~20 % fewer
+    bytes, ~27 % fewer once compressed (nothing in the core reads a __doc__)."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body \
+                and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant) \
+                and isinstance(node.body[0].value.value, str):
+            node.body = node.body[1:] or [ast.Pass()]
+    minified = ast.unparse(tree) + "\n"
+    compile(minified, "train_gpt.py", "exec")
+    return minified
+
+
 def self_extracting(source: str) -> str:
-    """The smallest of lzma/zlib-compressed, base85-encoded copies of `source` behind a two-line exec stub."""
+    """The smallest of lzma/zlib-compressed, base85-encoded copies of `source` behind a two-line exec stub
+    (pass it minified_source(...) to count fewer bytes)."""
     candidates = []
     for codec, packed in (("lzma", lzma.compress(source.encode(), preset=9 | lzma.PRESET_EXTREME)),
                           ("zlib", zlib.compress(source.encode(), 9))):

@@ -16,7 +16,14 @@ import typer
 
 from pgolf import log
 from pgolf.artifacts import StageOutput, atomic_write_bytes, atomic_write_json, open_stage, output_path
-from pgolf.bundle import SUBMISSION_BLOB, bundle_source, extracted_source, self_extracting, submission_config
+from pgolf.bundle import (
+    SUBMISSION_BLOB,
+    bundle_source,
+    extracted_source,
+    minified_source,
+    self_extracting,
+    submission_config,
+)
 from pgolf.codecs import read_blob
 from pgolf.errors import InvalidInput, OverBudget, UsageError
 from pgolf.evaluate import EvalConfig
@@ -147,8 +154,9 @@ def bundle(
     github_id: str = typer.Option(..., "--github-id", help="Your GitHub user name."),
     author: str = typer.Option(None, "--author", help="Author name (default: the GitHub id)."),
     blurb: str = typer.Option("", "--blurb", help="One-paragraph summary for README and submission.json."),
-    compress_code: bool = typer.Option(False, "--compress-code", help="Ship train_gpt.py as a self-"
-                                       "extracting lzma/zlib + base85 script (fewer counted bytes)."),
+    compress_code: bool = typer.Option(False, "--compress-code", help="Ship train_gpt.py minified (no "
+                                       "docstrings or comments) as a self-extracting lzma/zlib + base85 script "
+                                       "(fewer counted bytes)."),
     out: Path = out_option(),
     force: bool = FORCE_OPTION,
     as_json: bool = JSON_OPTION,
@@ -164,6 +172,8 @@ def bundle(
     evaluation = open_eval(eval_dir, compress)
     baked = baked_settings(train, quantize, compress, plan, evaluation)
     source = bundle_source(baked, f"{name}: Parameter Golf submission by {author or github_id}")
+    if compress_code:  # the shipped program is the minified one: comments and docstrings are counted bytes
+        source = minified_source(source)
     code = self_extracting(source) if compress_code else source
     if compress_code and extracted_source(code) != source:
         raise RuntimeError("self-extracting script does not reproduce the bundled source (a bundler bug)")

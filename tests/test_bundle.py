@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pgolf.artifacts import read_manifest
-from pgolf.bundle import SUBMISSION_BLOB, bundle_source, extracted_source, modules_in_order
+from pgolf.bundle import SUBMISSION_BLOB, bundle_source, extracted_source, minified_source, modules_in_order
 from pgolf.codecs import read_blob, read_blob_header
 from pgolf.errors import InvalidInput
 from pgolf.stages import bundle as bundle_stage
@@ -152,7 +152,11 @@ def test_self_extracting_script_is_smaller_and_runs_identically(pipeline, tiny_d
     plain = (pipeline / "plain" / "train_gpt.py").read_text()
     packed = (pipeline / "packed" / "train_gpt.py").read_text()
     assert len(packed) < len(plain) / 2 and len(packed.splitlines()) == 2
-    assert extracted_source(packed) == plain
+    shipped = extracted_source(packed)
+    assert shipped == minified_source(plain) and len(shipped) < 0.9 * len(plain)
+    # No comments or docstrings survive: the counted bytes carry only the program.
+    assert not any(line.lstrip().startswith("#") for line in shipped.splitlines())
+    assert '"""' in plain and '"""' not in shipped
     metrics = read_manifest(pipeline / "eval")["metrics"]
     val_loss, val_bpb = script_result(pipeline / "packed", tiny_data_dir)
     assert (val_loss, val_bpb) == (f"{metrics['val_loss']:.8f}", f"{metrics['val_bpb']:.8f}")
