@@ -18,10 +18,12 @@ import argparse
 import ast
 import base64
 import dataclasses
+import io
 import json
 import lzma
 import os
 import sys
+import tokenize
 import zlib
 from pathlib import Path
 
@@ -398,15 +400,44 @@ def bundle_source(baked: dict, title: str, entry: str = SUBMISSION_ENTRY, entry_
 
 
 def minified_source(source: str) -> str:
-    """`source` without docstrings and comments, re-printed from its syntax tree: the same program in ~20 % fewer
-    bytes, ~27 % fewer once compressed (nothing in the core reads a __doc__)."""
+    """`source` without docstrings, comments and blank lines; every other line stays as written, so the result
+    parses on every Python the source does (ast.unparse on 3.12 prints f-strings 3.11 rejects). Nothing in the
+    core reads a __doc__. Lines inside multi-line strings are content and are kept byte for byte."""
     tree = ast.parse(source)
+    lines = source.splitlines()
+    encoded = [line.encode() for line in lines]  # ast columns count UTF-8 bytes
+    keep, drop, replace, cut = set(), set(), {}, {}
     for node in ast.walk(tree):
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body \
-                and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant) \
-                and isinstance(node.body[0].value.value, str):
-            node.body = node.body[1:] or [ast.Pass()]
-    minified = ast.unparse(tree) + "\n"
+        if isinstance(node, (ast.Constant, ast.JoinedStr)) and node.end_lineno > node.lineno:
+            keep.update(range(node.lineno, node.end_lineno))  # the lines after a string's first
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        doc = node.body[0] if node.body else None
+        if not (isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str)):
+            continue
+        first, last = doc.lineno - 1, doc.end_lineno - 1
+        tail = encoded[last][doc.end_col_offset:].strip()
+        if encoded[first][: doc.col_offset].strip() or (tail and not tail.startswith(b"#")):
+            continue  # shares its lines with code
+        drop.update(range(first, last + 1))
+        if len(node.body) == 1:  # a body of only the docstring keeps a `pass` in its place
+            drop.discard(first)
+            replace[first] = " " * doc.col_offset + "pass"
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT:
+            cut[token.start[0] - 1] = token.start[1]
+    kept = []
+    for index, line in enumerate(lines):
+        if index in drop:
+            continue
+        if index in keep:
+            kept.append(line)
+            continue
+        line = replace.get(index, line[: cut.get(index, len(line))].rstrip())
+        if line.strip():
+            kept.append(line)
+    minified = "\n".join(kept) + "\n"
     compile(minified, "train_gpt.py", "exec")
     return minified
 

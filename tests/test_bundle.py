@@ -148,6 +148,47 @@ def test_bundled_eval_matches_pgolf_eval(pipeline, tiny_data_dir):
     assert (val_loss, val_bpb) == (f"{metrics['val_loss']:.8f}", f"{metrics['val_bpb']:.8f}")
 
 
+MINIFY_SAMPLE = '''"""Module docstring."""
+# a comment line
+import json  # an inline comment
+
+TEMPLATE = """keep # this: it is string content
+
+    and this indented line, and the blank one above"""
+
+
+def only_doc():
+    """Nothing but a docstring."""
+
+
+def one_liner(): "a docstring sharing its line with the def"; return "é#"
+
+
+class Names:
+    """Class docstring
+    over two lines."""
+
+    def join(self, items):
+        # why: a comment inside a body
+        return f"{', '.join(items)}"  # 3.11-style f-string, quotes alternated
+
+
+RESULT = (only_doc(), one_liner(), Names().join(["a", "b"]), TEMPLATE, json.dumps(1))
+'''
+
+
+def test_minified_source_drops_docstrings_and_comments_and_keeps_the_program():
+    minified = minified_source(MINIFY_SAMPLE)
+    original, shrunk = {}, {}
+    exec(compile(MINIFY_SAMPLE, "sample", "exec"), original)
+    exec(compile(minified, "sample", "exec"), shrunk)
+    assert shrunk["RESULT"] == original["RESULT"] == (None, "é#", "a, b", original["TEMPLATE"], "1")
+    assert "keep # this: it is string content\n\n    and this indented" in minified  # string lines untouched
+    assert "comment" not in minified and "docstring" not in minified.replace("a docstring sharing", "")
+    assert "def only_doc():\n    pass" in minified and '"a docstring sharing its line' in minified
+    assert minified_source(minified) == minified
+
+
 def test_self_extracting_script_is_smaller_and_runs_identically(pipeline, tiny_data_dir):
     plain = (pipeline / "plain" / "train_gpt.py").read_text()
     packed = (pipeline / "packed" / "train_gpt.py").read_text()
