@@ -23,7 +23,7 @@ env | grep ^PGOLF_ > $RES/env.txt
 # shellcheck disable=SC2086  # TRAIN_ARGS is a list of flags
 have $R/train || pg train $DATA --preset $PRESET --wallclock 300 --val-every 0 $TRAIN_ARGS --out $R/train --force --json \
   > $RES/s_train.json 2> $RES/s_train.log || { tail -5 $RES/s_train.log; save train; exit 1; }
-echo "$RUN: $(grep -E "steps \(|val_bpb" $RES/s_train.log | tail -3 | tr '\n' ' ')"; save train
+echo "$RUN: $(grep -E "steps \(|val_bpb|timers:" $RES/s_train.log | tail -4 | tr '\n' ' ')"; save train
 # The float eval (GPU) runs while quantize sizes blobs (CPU threads).
 have $R/eval-pre || pg eval $R/train --data $DATA --no-compile --out $R/eval-pre --force --json > $RES/s_eval_pre.json \
   2> $RES/s_eval_pre.log &
