@@ -17,14 +17,16 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
+# soft_wrap: a long line stays one line in a log file or pipe (rich would break it at 80 columns, splitting the
+# `final_... val_loss:... val_bpb:...` lines that scripts grep); a terminal still wraps it for display.
 def info(message: str) -> None:
     if is_main_process():
-        console.print(message, markup=False)
+        console.print(message, markup=False, soft_wrap=True)
 
 
 def warn(message: str) -> None:
     if is_main_process():
-        console.print(f"warning: {message}", style="yellow", markup=False)
+        console.print(f"warning: {message}", style="yellow", markup=False, soft_wrap=True)
 
 
 def emit_json(obj) -> None:

@@ -87,3 +87,10 @@ def test_verify_rehashes_a_stage_directory(tmp_path):
 def test_usage_errors_exit_2():
     assert pgolf("data", "check").returncode == 2
     assert pgolf("no-such-command").returncode == 2
+
+
+def test_long_log_lines_stay_whole_in_a_pipe():
+    message = "final_model_sliding_exact val_loss:2.42103129 val_bpb:1.42582866 " + "x" * 150 + " end"
+    result = subprocess.run([sys.executable, "-c", f"from pgolf import log; log.info({message!r}); "
+                             f"log.warn({message!r})"], capture_output=True, text=True, check=True)
+    assert result.stderr.splitlines() == [message, f"warning: {message}"]
