@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Shared protocol, one train preset through the whole chain (one device call, <= 10 min): 300 s of training on
-# one GPU, flat eval of the float checkpoint, export with PLAN (center-out-int5 is fitted under 16,000,000 bytes
-# with the bundled code), flat eval of the blob (post - pre = the quantization penalty), bundle + verify-size.
+# Shared protocol, one train preset through the whole chain: 300 s of training on one GPU, flat eval of the float
+# checkpoint, export with PLAN (center-out-int5 is fitted under 16,000,000 bytes with the bundled code, sized and
+# packed with brotli-11), flat eval of the blob (post - pre = the quantization penalty), bundle + verify-size.
+# Training ends ~415 s into a call and the brotli fit takes ~4 min more: run it under `timeout -s INT 550`, then
+# again with RESUME=1 in the next call while the machine is still warm.
 # Settings come from the environment:
 #   RUN (artifacts/RUN, default seed), PRESET (default seed-11l-300s), TRAIN_ARGS (extra `pgolf train` flags),
 #   PGOLF_* (any config field, e.g. PGOLF_MATRIX_LR=0.04), PLAN (default center-out-int5), EXPORT=0 (train and
@@ -31,10 +33,10 @@ EVAL_PRE=$!
 eval_pre_done() { wait $EVAL_PRE; echo "$RUN float: $(grep final_ $RES/s_eval_pre.log | tail -1)"; save eval-pre; }
 [ "$EXPORT" = 1 ] || { eval_pre_done; exit 0; }
 FIT=(); [ "$PLAN" = center-out-int5 ] && FIT=(--target-bytes 16000000 --code-bytes 45000)
-have $R/q || pg quantize $R/train --plan $PLAN "${FIT[@]}" --codec zstd --out $R/q --force --json > $RES/s_q.json \
+have $R/q || pg quantize $R/train --plan $PLAN "${FIT[@]}" --out $R/q --force --json > $RES/s_q.json \
   2> $RES/s_q.log || tail -3 $RES/s_q.log; save quantize
 eval_pre_done
-have $R/blob || pg compress $R/q --codec zstd --level 22 --out $R/blob --force --json > $RES/s_blob.json 2> $RES/s_blob.log \
+have $R/blob || pg compress $R/q --codec brotli --out $R/blob --force --json > $RES/s_blob.json 2> $RES/s_blob.log \
   || tail -3 $RES/s_blob.log; save compress
 have $R/eval-blob || pg eval $R/blob --data $DATA --no-compile --out $R/eval-blob --force --json > $RES/s_eval_blob.json \
   2> $RES/s_eval_blob.log; echo "$RUN $PLAN: $(grep final_ $RES/s_eval_blob.log | tail -1)"; save eval-blob

@@ -46,7 +46,9 @@ class QuantizeConfig:
         None  # artifact cap; demote plans default to 16,000,000, others are only checked
     )
     code_bytes: int = 100_000  # allowance for the counted code file, added to the blob when sizing
-    codec: str = "zstd"  # codec used for sizing (zstd-22; `compress --codec auto` can only come out smaller)
+    # codec used for sizing: brotli-11 gave the smallest blob of every codec on the H100 checkpoints (RESULTS.md),
+    # so fewer blocks are demoted; `compress --codec auto` can only come out smaller
+    codec: str = "brotli"
     keep_float_numel: int = KEEP_FLOAT_MAX_NUMEL  # tensors of at most this many elements stay float
     calib_tokens: int = 131_072  # train-shard tokens for GPTQ Hessians and block sensitivity
     calib_seq_len: int = 0  # calibration window length; 0 = the model's max_seq_len
@@ -189,7 +191,7 @@ def quantize(
         help="Counted-code allowance added when sizing (default 100000; verify-size counts the real file).",
     ),
     codec: str = typer.Option(
-        None, "--codec", help=f"Codec for sizing: {', '.join(CODECS)}, auto (default zstd)."
+        None, "--codec", help=f"Codec for sizing: {', '.join(CODECS)}, auto (default brotli)."
     ),
     data: Path = typer.Option(
         None,

@@ -22,6 +22,8 @@ from pgolf.quant import dequantize_state, load_quantized
 from pgolf.shards import list_shards
 from tests.tiny_model import train_tiny_model
 
+SIZING_CODEC = "brotli"  # quantize sizes with brotli-11 unless --codec says otherwise
+
 # Four blocks so center-out has a middle; 64 wide, so every matrix is under the challenge's 65,536-element
 # keep-float size and the tests lower it with --keep-float-numel.
 MODEL = ModelConfig(vocab_size=1024, num_layers=4, model_dim=64, num_heads=4, num_kv_heads=2, max_seq_len=128)
@@ -127,8 +129,9 @@ def test_named_plans_quantize_the_trained_checkpoint(
     assert result["totals"]["parameters"] == sum(t.numel() for t in state.values())
     assert all(c["ok"] for c in manifest["checks"])
     # Sizing is the real blob pgolf compress writes with the same codec, plus the code allowance.
-    assert result["artifact_bytes"] == len(pack_blob(tensors, plan_json, "zstd")) + result["code_bytes"]
-    restored, restored_plan = unpack_blob(pack_blob(tensors, plan_json, "zstd"))
+    assert result["codec"] == SIZING_CODEC
+    assert result["artifact_bytes"] == len(pack_blob(tensors, plan_json, SIZING_CODEC)) + result["code_bytes"]
+    restored, restored_plan = unpack_blob(pack_blob(tensors, plan_json, SIZING_CODEC))
     assert restored_plan == plan_json and all(torch.equal(restored[n], t) for n, t in tensors.items())
     # The dequantized model loads into GPT and scores like the float one.
     restored = dequantize_state(tensors, plan_json)
@@ -224,7 +227,7 @@ def test_center_out_demotes_middle_blocks_first_until_it_fits(trained_dir, capsy
         assert block_matrices(plan_json, block) == {"int5" if block in demoted else "int6"}
     assert plan_json["tensors"]["tok_emb.weight"]["scheme"] == "int8"
     assert (
-        two["artifact_bytes"] == len(pack_blob(*load_quantized(tmp_path / "two"), "zstd")) + two["code_bytes"]
+        two["artifact_bytes"] == len(pack_blob(*load_quantized(tmp_path / "two"), SIZING_CODEC)) + two["code_bytes"]
     )
 
 
