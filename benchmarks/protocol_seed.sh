@@ -2,7 +2,7 @@
 # Shared protocol, one train preset through the whole chain: 300 s of training on one GPU, flat eval of the float
 # checkpoint, export with PLAN (center-out-int5 is fitted under 16,000,000 bytes with the bundled code, sized and
 # packed with brotli-11), flat eval of the blob (post - pre = the quantization penalty), bundle + verify-size.
-# Training ends ~415 s into a call and the brotli fit takes ~4 min more: run it under `timeout -s INT 550`, then
+# Training ends 6-7 min into a call and the brotli fit takes ~4 min more: run it under `timeout -s INT 550`, then
 # again with RESUME=1 in the next call while the machine is still warm.
 # Settings come from the environment:
 #   RUN (artifacts/RUN, default seed), PRESET (default seed-11l-300s), TRAIN_ARGS (extra `pgolf train` flags),

@@ -6,6 +6,11 @@ DDP when under torchrun): ms/step, tokens/s and MFU after warm-up, as one JSON l
     python benchmarks/train_step.py artifacts/bench-sp1024 --preset baseline --micro-batch-tokens 131072
     torchrun --nproc_per_node=8 benchmarks/train_step.py artifacts/bench-sp1024 --preset baseline
     python benchmarks/train_step.py artifacts/bench-sp1024 --preset tiny --compile off --steps 3  # CPU smoke
+    python benchmarks/train_step.py artifacts/bench-sp1024 --preset seed-11l-300s --steps 5 --val
+
+`--val` then times the trainer's validation pass over the whole val split three ways: through the compiled
+training model (its first call compiles a forward-only graph, a second call shows the steady cost) and with the
+plain module, as `Trainer.evaluate` runs it.
 
 Target on one H100 (baseline, 524,288 tokens/step, seq 1024): <= 311 ms/step; the challenge's train_gpt.py
 runs 366 ms/step there (../shared/data/README.md). MFU counts 6 x matmul parameters (tied head included,
@@ -20,10 +25,11 @@ import time
 
 import torch
 
+from pgolf.bpb import build_byte_tables, load_tokenizer
 from pgolf.model import GPT, CastedLinear
-from pgolf.shards import open_dataset
+from pgolf.shards import load_split, open_dataset
 from pgolf.train_config import COMPILE_MODES, resolve_configs
-from pgolf.trainer import Trainer, init_distributed
+from pgolf.trainer import Trainer, evaluate, init_distributed
 
 
 def flops_per_token(model: GPT, seq_len: int) -> float:
@@ -61,6 +67,28 @@ def profile_steps(trainer: Trainer, steps: int, momentum: float) -> dict:
     return phases
 
 
+def time_validation(trainer: Trainer, dataset) -> dict:
+    """Seconds and val_bpb of the validation pass: compiled (first call, then again) and eager (the trainer's)."""
+    val_tokens = torch.from_numpy(load_split(dataset.val).astype("int32"))
+    vocab_size = trainer.model_config.vocab_size
+    byte_tables = build_byte_tables(load_tokenizer(dataset.tokenizer), vocab_size).torch(trainer.device)
+    batch_seqs = max(trainer.config.micro_tokens(trainer.dist.world_size) // trainer.config.seq_len, 1)
+    passes = {"compiled_first": trainer.compiled, "compiled_again": trainer.compiled, "eager": None}
+    result = {"val_tokens": len(val_tokens)}
+    for name, model in passes.items():
+        trainer.synchronize()
+        started = time.perf_counter()
+        if model is None:
+            metrics = trainer.evaluate(val_tokens, byte_tables)
+        else:
+            metrics = evaluate(model, val_tokens, trainer.config.seq_len, batch_seqs, byte_tables, trainer.dist,
+                               trainer.autocast)
+        trainer.synchronize()
+        result[f"val_{name}_s"] = round(time.perf_counter() - started, 2)
+        result[f"val_{name}_bpb"] = round(metrics["val_bpb"], 6)
+    return result
+
+
 def main() -> None:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
@@ -76,13 +104,16 @@ def main() -> None:
     parser.add_argument("--out", help="also append the JSON line to this file")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="after timing, profile this many steps and print the top GPU kernels to stderr")
+    parser.add_argument("--val", action="store_true",
+                        help="then time the validation pass (compiled first and second call, eager)")
     args = parser.parse_args()
 
     overrides = dict(batch_tokens=args.batch_tokens, micro_batch_tokens=args.micro_batch_tokens,
                      seq_len=args.seq_len, compile=args.compile, warmup_steps=args.warmup)
     model_config, config, _ = resolve_configs(args.preset, train_overrides=overrides)
     dist_info = init_distributed()
-    trainer = Trainer(model_config, config, open_dataset(args.data_dir).train, dist_info)
+    dataset = open_dataset(args.data_dir)
+    trainer = Trainer(model_config, config, dataset.train, dist_info)
     started = time.perf_counter()
     trainer.warmup()
     warmup_s = time.perf_counter() - started
@@ -111,6 +142,8 @@ def main() -> None:
         result["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(dist_info.device) / 2**30, 2)
     if args.profile:
         result["profile"] = profile_steps(trainer, args.profile, momentum)
+    if args.val:
+        result["validation"] = time_validation(trainer, dataset)
     if dist_info.is_main:
         print(json.dumps(result), flush=True)
         if args.out:

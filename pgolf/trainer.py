@@ -405,8 +405,10 @@ class Trainer:
         return value.item()
 
     def evaluate(self, val_tokens, byte_tables) -> dict:
+        """Validation runs the plain module: through the compiled one, torch.compile would build a second,
+        forward-only graph, which cost more on the H100 than the val pass itself (benchmarks/train_step.py --val)."""
         batch_seqs = max(self.config.micro_tokens(self.dist.world_size) // self.config.seq_len, 1)
-        return evaluate(self.compiled, val_tokens, self.config.seq_len, batch_seqs, byte_tables, self.dist,
+        return evaluate(self.model, val_tokens, self.config.seq_len, batch_seqs, byte_tables, self.dist,
                         self.autocast)
 
     # ---- resume state -------------------------------------------------------------------------------------
