@@ -187,6 +187,7 @@ def train(
         if stage is not None:
             write_outputs(stage, trainer, data, metrics)
     if dist_info.world_size > 1:
+        dist.barrier()  # tear down together, once rank 0 has written (as in stages/evaluate.py)
         dist.destroy_process_group()
     report(metrics, as_json, summary_lines(metrics, out))
 
