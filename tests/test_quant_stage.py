@@ -239,6 +239,9 @@ def test_center_out_demotes_middle_blocks_first_until_it_fits(trained_dir, capsy
 
 def test_sensitivity_demotes_the_least_sensitive_block_first(trained_dir, tiny_data_dir, capsys, tmp_path):
     roomy = quantize(capsys, trained_dir, tmp_path / "roomy", "--plan", "int6")
+    # Below the undemoted size: the same tensors as int6, but the plan JSON inside the blob differs, which moves a
+    # brotli blob by a few hundred bytes either way (one block at int5 saves ~3 KB here).
+    target = roomy["artifact_bytes"] - 1_500
     result = quantize(
         capsys,
         trained_dir,
@@ -250,13 +253,13 @@ def test_sensitivity_demotes_the_least_sensitive_block_first(trained_dir, tiny_d
         "--calib-tokens",
         CALIB_TOKENS,
         "--target-bytes",
-        roomy["artifact_bytes"] - 1,
+        target,
     )
     sensitivity = {int(block): delta for block, delta in result["sensitivity"].items()}
     assert sorted(sensitivity) == [0, 1, 2, 3]
     assert result["fit"]["order"] == sorted(sensitivity, key=lambda b: (sensitivity[b], b))
     assert result["fit"]["demoted"][0] == min(sensitivity, key=lambda b: (sensitivity[b], b))
-    assert result["artifact_bytes"] <= roomy["artifact_bytes"] - 1
+    assert result["artifact_bytes"] <= target
 
 
 def test_plan_file_patterns_reach_the_output(trained_dir, capsys, tmp_path):
@@ -329,7 +332,9 @@ def test_bad_inputs_exit_with_documented_codes(trained_dir, capsys, tmp_path):
     all_int5 = tmp_path / "all-int5.toml"
     all_int5.write_text('default = "int6"\nembedding = "int8"\n[tensors]\n"blocks.*" = "int5"\n')
     floor = quantize(capsys, trained_dir, tmp_path / "floor", "--plan", all_int5)
-    assert abs(smallest - floor["artifact_bytes"]) < 200  # the same tensors; only the plan's name differs
+    # The same tensors; only the plan JSON inside the blob differs (its name), which moves a brotli blob by a few
+    # hundred bytes.
+    assert abs(smallest - floor["artifact_bytes"]) < 0.005 * smallest
     tampered = tmp_path / "tampered"
     shutil.copytree(trained_dir, tampered)
     data = bytearray((tampered / "model.safetensors").read_bytes())
