@@ -3,6 +3,7 @@ real pipeline: train -> quantize -> compress -> eval -> bundle, then the bundled
 is NOT importable, scoring the blob exactly as `pgolf eval` does, plain and self-extracting."""
 
 import json
+import os
 import re
 import site
 import subprocess
@@ -201,6 +202,20 @@ def test_self_extracting_script_is_smaller_and_runs_identically(pipeline, tiny_d
     metrics = read_manifest(pipeline / "eval")["metrics"]
     val_loss, val_bpb = script_result(pipeline / "packed", tiny_data_dir)
     assert (val_loss, val_bpb) == (f"{metrics['val_loss']:.8f}", f"{metrics['val_bpb']:.8f}")
+
+
+def test_bundled_eval_under_torchrun_matches_one_process(pipeline, tiny_data_dir):
+    """The challenge runs the submission under torchrun: two gloo ranks score what one process does, and every
+    rank exits 0."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    result = subprocess.run([*torchrun, "train_gpt.py", "eval", "--data", str(tiny_data_dir)], cwd=pipeline / "packed",
+                            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(RESULT_LINE.findall(result.stdout)) == 1  # rank 0 reports
+    val_loss, val_bpb = RESULT_LINE.search(result.stdout).groups()
+    metrics = read_manifest(pipeline / "eval")["metrics"]
+    assert float(val_loss) == pytest.approx(metrics["val_loss"], rel=1e-6)
+    assert float(val_bpb) == pytest.approx(metrics["val_bpb"], rel=1e-6)
 
 
 def test_submission_fields_and_counted_bytes(pipeline, capsys):
