@@ -46,9 +46,7 @@ class QuantizeConfig:
         None  # artifact cap; demote plans default to 16,000,000, others are only checked
     )
     code_bytes: int = 100_000  # allowance for the counted code file, added to the blob when sizing
-    # codec used for sizing: brotli-11 gave the smallest blob of every codec on the H100 checkpoints (RESULTS.md),
-    # so fewer blocks are demoted; `compress --codec auto` can only come out smaller
-    codec: str = "brotli"
+    codec: str = "brotli"  # sizing codec: brotli-11 packed smallest on H100 checkpoints, so fewest blocks demoted
     keep_float_numel: int = KEEP_FLOAT_MAX_NUMEL  # tensors of at most this many elements stay float
     calib_tokens: int = 131_072  # train-shard tokens for GPTQ Hessians and block sensitivity
     calib_seq_len: int = 0  # calibration window length; 0 = the model's max_seq_len
