@@ -33,14 +33,13 @@ import torch.distributed as dist
 
 from pgolf.artifacts import atomic_write_bytes
 from pgolf.bpb import build_byte_tables, load_tokenizer
-from pgolf.checkpoint import model_config_from_json
-from pgolf.codecs import pack_blob, read_blob
-from pgolf.errors import InvalidInput
+from pgolf.codecs import pack_blob
+from pgolf.errors import InvalidInput, PgolfError
 from pgolf.evaluate import EvalConfig, EvalModel, EvalPlan, ngram_name, run_eval, warm_up
 from pgolf.gptq import calibration_batches, calibration_windows
-from pgolf.model import GPT, ModelConfig
+from pgolf.loading import build_model, check_tokenizer_match, load_blob_model
+from pgolf.model import ModelConfig
 from pgolf.plans import PlanQuantizer, gptq_hessians, load_plan_model
-from pgolf.quant import dequantize_state
 from pgolf.shards import load_split, open_dataset
 from pgolf.train_config import TrainConfig
 from pgolf.trainer import StopSignal, Trainer, TrainLog, init_distributed
@@ -87,20 +86,24 @@ def submission_config(cls, values: dict):
     return cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in values.items()})
 
 
-def submission_data(data: str, tokenizer: str | None, vocab_size: int):
-    """(dataset, val tokens, bpb byte tables) of a shard directory."""
-    dataset = open_dataset(Path(data), tokenizer)
+def submission_data(data: str, tokenizer: str | None, vocab_size: int, tokenizer_sha256: str | None = None,
+                    verify: tuple[str, ...] = ("train", "val")):
+    """(dataset, val tokens, bpb byte tables) of a shard directory, refused unless its tokenizer is the model's:
+    the same vocabulary size and, when the model records one, the same sha256."""
+    dataset = open_dataset(Path(data), tokenizer, verify=verify)
     if dataset.tokenizer is None:
         raise InvalidInput(f"{data}: no tokenizer next to the shards (pass --tokenizer or $TOKENIZER_PATH)")
-    sp = load_tokenizer(dataset.tokenizer)
-    if sp.GetPieceSize() != vocab_size:
-        raise InvalidInput(f"{dataset.tokenizer}: {sp.GetPieceSize()} pieces, the model needs {vocab_size}")
+    check_tokenizer_match(vocab_size, tokenizer_sha256, dataset.tokenizer)
     if not dataset.val:
         raise InvalidInput(f"{data}: no validation shards (fineweb_val_*.bin)")
-    return dataset, load_split(dataset.val), build_byte_tables(sp, vocab_size)
+    val_tokens = load_split(dataset.val)
+    if len(val_tokens) < 2 or int(val_tokens.max()) >= vocab_size:
+        raise InvalidInput(f"{data}: the val split needs at least 2 tokens, all < the model's vocab {vocab_size}")
+    return dataset, val_tokens, build_byte_tables(load_tokenizer(dataset.tokenizer), vocab_size)
 
 
-def submission_quantize(settings: dict, state: dict, model_config: ModelConfig, train_paths: list, device):
+def submission_quantize(settings: dict, state: dict, model_config: ModelConfig, train_paths: list, device,
+                        tokenizer_sha256: str | None = None):
     """(tensors, plan) of `state` under the run's final per-tensor schemes and clip method."""
     quantizer = PlanQuantizer(state, clip=settings["clip"], scale_floor=settings["scale_floor"],
                               gptq_damp=settings["gptq_damp"], gptq_block=settings["gptq_block"],
@@ -112,19 +115,17 @@ def submission_quantize(settings: dict, state: dict, model_config: ModelConfig, 
         gptq_hessians(load_plan_model(model_config, state, device), quantizer, settings["schemes"], batches,
                       print)
     tensors, records = quantizer.quantize(settings["schemes"])
-    plan = {**settings["plan"], "model_config": dataclasses.asdict(model_config), "tensors": records}
+    plan = {**settings["plan"], "model_config": dataclasses.asdict(model_config), "tensors": records,
+            "tokenizer_sha256": tokenizer_sha256}
     return tensors, json.loads(json.dumps(plan))  # exactly what a blob's plan reads back as
 
 
 def submission_evaluate(blob_path: Path, val_tokens: np.ndarray, tables, settings: dict, dist_info):
     """Totals (val_loss, val_bpb, ...) of the blob's model on the validation stream, scored as `pgolf eval`
     scores it with the run's eval settings (windows, n-gram cache, TTT)."""
-    tensors, plan = read_blob(blob_path)
-    model_config = model_config_from_json(json.dumps(plan["model_config"]))
+    state, model_config, _ = load_blob_model(blob_path)
     device = dist_info.device
-    model = GPT(model_config, init_weights=False)
-    model.load_state_dict(dequantize_state(tensors, plan), strict=True)
-    model = model.to(device).eval()
+    model = build_model(state, model_config, device)
     config = submission_config(EvalConfig, settings["eval"])
     ttt = submission_config(TTTConfig, settings["ttt"]) if settings["ttt"] else None
     seq_len = config.seq_len or model_config.max_seq_len
@@ -148,7 +149,8 @@ def submission_train(baked: dict, args: argparse.Namespace) -> None:
     overrides = {"iterations": args.iterations, "wallclock_seconds": args.wallclock, "checkpoint_every": 0}
     train_config = dataclasses.replace(submission_config(TrainConfig, baked["train"]),
                                        **{k: v for k, v in overrides.items() if v is not None})
-    dataset, val_tokens, tables = submission_data(args.data, args.tokenizer, model_config.vocab_size)
+    dataset, val_tokens, tables = submission_data(args.data, args.tokenizer, model_config.vocab_size,
+                                                  baked.get("tokenizer_sha256"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(model_config, train_config, dataset.train, dist_info)
@@ -164,7 +166,7 @@ def submission_train(baked: dict, args: argparse.Namespace) -> None:
         use_ema = "ema" in metrics and baked["quantize"]["weights"] == "export"  # as `pgolf quantize --weights`
         state = trainer.ema_state() if use_ema else trainer.master_state()
         tensors, plan = submission_quantize(baked["quantize"], state, model_config, dataset.train,
-                                            trainer.device)
+                                            trainer.device, dataset.tokenizer_sha256())
         blob = pack_blob(tensors, plan, **baked["compress"])
         atomic_write_bytes(blob_path, blob)
         code_bytes = Path(__file__).stat().st_size
@@ -178,8 +180,12 @@ def submission_train(baked: dict, args: argparse.Namespace) -> None:
 
 
 def submission_eval(baked: dict, args: argparse.Namespace) -> None:
+    """Score a blob: the tokenizer is checked against the blob's own model config and recorded digest, not
+    against this bundle's settings (the blob may come from another run)."""
     dist_info = init_distributed()
-    _, val_tokens, tables = submission_data(args.data, args.tokenizer, baked["model"]["vocab_size"])
+    _, model_config, plan = load_blob_model(Path(args.blob))
+    _, val_tokens, tables = submission_data(args.data, args.tokenizer, model_config.vocab_size,
+                                            plan.get("tokenizer_sha256"), verify=("val",))
     totals = submission_evaluate(Path(args.blob), val_tokens, tables, baked["eval"], dist_info)
     if dist_info.is_main:
         print(submission_result_line(totals))
@@ -192,8 +198,9 @@ def submission_main(baked: dict, argv: list[str] | None = None) -> None:
             submission_eval(baked, args)
         else:
             submission_train(baked, args)
-    except InvalidInput as e:
-        sys.exit(f"error: {e}")
+    except PgolfError as e:  # one line and the documented exit code, as `pgolf` prints them
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

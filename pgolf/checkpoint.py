@@ -81,6 +81,13 @@ def load_checkpoint(path) -> tuple[dict[str, torch.Tensor], ModelConfig, dict[st
 
 
 def check_tensors(path: Path, state_dict: dict[str, torch.Tensor], config: ModelConfig) -> None:
+    """The state dict GPT(config) loads, exactly: names, shapes, float dtypes, and finite values (a NaN or Inf
+    weight is a diverged or corrupt run, never something to quantize, score or ship)."""
+    blocks = {int(name.split(".")[1]) for name in state_dict if name.startswith("blocks.") and
+              name.split(".")[1].isdigit()}
+    if config.num_layers > max(blocks, default=-1) + 1:  # before building even a meta model of that depth
+        raise InvalidInput(f"{path}: tensors hold blocks {describe_blocks(blocks)}, the model config has "
+                           f"{config.num_layers} layers")
     shapes = expected_shapes(config)
     missing = sorted(set(shapes) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(shapes))
@@ -95,3 +102,14 @@ def check_tensors(path: Path, state_dict: dict[str, torch.Tensor], config: Model
             raise InvalidInput(f"{path}: tensor {name} has shape {tuple(tensor.shape)}, config needs {shape}")
         if not tensor.is_floating_point():
             raise InvalidInput(f"{path}: tensor {name} is {tensor.dtype}, expected a floating-point dtype")
+        non_finite = int((~torch.isfinite(tensor)).sum())
+        if non_finite:
+            raise InvalidInput(f"{path}: tensor {name} holds {non_finite:,} NaN/Inf values (a diverged or "
+                               f"corrupt run)")
+
+
+def describe_blocks(blocks: set[int]) -> str:
+    if not blocks:
+        return "none"
+    return f"{min(blocks)}..{max(blocks)}" if blocks == set(range(min(blocks), max(blocks) + 1)) else \
+        ", ".join(map(str, sorted(blocks)[:8]))

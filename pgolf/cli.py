@@ -1,12 +1,16 @@
 """The `pgolf` command: one sub-command per stage module in stages/ (installed as pgolf.stages)."""
 
+import dataclasses
+import difflib
 import importlib
+import os
 import sys
 
 import typer
 
 from pgolf import __version__
-from pgolf.errors import PgolfError
+from pgolf.config import ENV_PREFIX
+from pgolf.errors import ENVIRONMENT_ERRNOS, PgolfError, UsageError
 from pgolf.log import console
 
 # Stage modules, in pipeline order; each defines `register(app)`.
@@ -44,9 +48,44 @@ for _name in STAGES:
     importlib.import_module(f"pgolf.stages.{_name}").register(app)
 
 
+def fail(message: str, code: int) -> None:
+    console.print(f"error: {message}", style="red", markup=False, soft_wrap=True)
+    sys.exit(code)
+
+
+def env_settings() -> set[str]:
+    """Every PGOLF_* name some stage reads: PGOLF_<FIELD> of each config, PGOLF_TTT_<FIELD> of TTT's."""
+    from pgolf.codecs import CompressConfig
+    from pgolf.evaluate import EvalConfig
+    from pgolf.model import ModelConfig
+    from pgolf.stages.evaluate import TTT_ENV_PREFIX
+    from pgolf.stages.quantize import QuantizeConfig
+    from pgolf.tokenizer import TokenizeConfig
+    from pgolf.train_config import TrainConfig
+    from pgolf.ttt import TTTConfig
+
+    names = {ENV_PREFIX + f.name.upper() for cls in (ModelConfig, TrainConfig, EvalConfig, CompressConfig,
+                                                    TokenizeConfig, QuantizeConfig) for f in dataclasses.fields(cls)}
+    return names | {TTT_ENV_PREFIX + f.name.upper() for f in dataclasses.fields(TTTConfig)}
+
+
+def check_env(env=os.environ) -> None:
+    """A misspelt PGOLF_* variable would be ignored and the run would silently use another value."""
+    known = env_settings()
+    for name in sorted(env):
+        if name.startswith(ENV_PREFIX) and name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]}?" if close else " (PGOLF_<FIELD> of a config, e.g. PGOLF_NUM_LAYERS)"
+            raise UsageError(f"env {name}: no pgolf setting has this name{hint}")
+
+
 def main() -> None:
     try:
+        check_env()
         app(prog_name="pgolf")
     except PgolfError as e:
-        console.print(f"error: {e}", style="red", markup=False, soft_wrap=True)
-        sys.exit(e.exit_code)
+        fail(str(e), e.exit_code)
+    except OSError as e:
+        if e.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        fail(f"{e.filename or 'a file'}: {e.strerror}", 3)

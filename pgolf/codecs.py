@@ -27,6 +27,7 @@ import torch
 import zstandard
 
 from pgolf.errors import InvalidInput
+from pgolf.quant import check_quantized
 
 CODECS = ("zlib", "zstd", "lzma", "brotli")  # the index of a name is its codec id in the blob header
 DEFAULT_LEVELS = {"zlib": 9, "zstd": 22, "lzma": 9, "brotli": 11}
@@ -196,6 +197,27 @@ def build_payload(tensors: dict[str, torch.Tensor], plan: dict, shuffle: bool, b
     return struct.pack("<I", len(header)) + header + b"".join(chunks)
 
 
+def check_entry(entry) -> tuple[str, torch.dtype, list[int], object, int]:
+    """(name, dtype, shape, encoding, encoded bytes) of a blob tensor entry; ValueError if malformed."""
+    if not isinstance(entry, list) or len(entry) != 4:
+        raise ValueError("not a [name, dtype, shape, encoding] list")
+    name, dtype_name, shape, encoding = entry
+    if not isinstance(name, str) or dtype_name not in BLOB_DTYPES:
+        raise ValueError("bad name or dtype")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40
+                                              for d in shape):
+        raise ValueError("bad shape")
+    dtype = BLOB_DTYPES[dtype_name]
+    if isinstance(encoding, list):
+        if (len(encoding) != 3 or encoding[0] != "pack" or dtype != torch.int8
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in encoding[1:])
+                or not 0 <= encoding[1] < 8 or not -128 <= encoding[2] <= 127 - (1 << encoding[1]) + 1):
+            raise ValueError("bad bit-pack encoding")
+    elif encoding not in ("raw", "shuffle"):
+        raise ValueError("unknown encoding")
+    return name, dtype, shape, encoding, encoded_size(dtype, int(np.prod(shape, dtype=np.int64)), encoding)
+
+
 def parse_payload(payload: bytes) -> tuple[dict[str, torch.Tensor], dict]:
     try:
         (header_len,) = struct.unpack_from("<I", payload)
@@ -203,16 +225,18 @@ def parse_payload(payload: bytes) -> tuple[dict[str, torch.Tensor], dict]:
         plan, entries = header["plan"], header["tensors"]
     except (struct.error, ValueError, KeyError, TypeError) as e:
         raise InvalidInput(f"blob header is unreadable ({e})") from None
+    if not isinstance(plan, dict) or not isinstance(entries, list):
+        raise InvalidInput("blob header is malformed (plan or tensor list missing)")
     buffer = np.frombuffer(payload, dtype=np.uint8)
     offset = 4 + header_len
     tensors = {}
     for entry in entries:
         try:
-            name, dtype_name, shape, encoding = entry
-            dtype = BLOB_DTYPES[dtype_name]
-            size = encoded_size(dtype, int(np.prod(shape, dtype=np.int64)), encoding)
-        except (ValueError, KeyError, TypeError, IndexError) as e:
-            raise InvalidInput(f"blob tensor entry {entry!r} is malformed ({e})") from None
+            name, dtype, shape, encoding, size = check_entry(entry)
+        except ValueError as e:
+            raise InvalidInput(f"blob tensor entry {str(entry)[:200]} is malformed ({e})") from None
+        if name in tensors:
+            raise InvalidInput(f"blob lists tensor '{name}' twice")
         if offset + size > len(buffer):
             raise InvalidInput(f"blob payload ends inside tensor '{name}'")
         tensors[name] = decode_tensor(buffer[offset : offset + size], dtype, shape, encoding)
@@ -275,16 +299,19 @@ def tensors_bit_equal(restored: dict[str, torch.Tensor], original: dict[str, tor
 
 
 def read_blob(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """unpack_blob of a file; errors name the file."""
+    """unpack_blob of a file, its quantized state checked against its plan (pgolf.quant.check_quantized: a
+    crafted or corrupt blob is refused, never half-loaded); errors name the file."""
     path = Path(path)
     try:
         data = path.read_bytes()
     except OSError as e:
         raise InvalidInput(f"{path}: cannot read ({e.strerror})") from None
     try:
-        return unpack_blob(data)
+        tensors, plan = unpack_blob(data)
     except InvalidInput as e:
         raise InvalidInput(f"{path}: {e}") from None
+    check_quantized(tensors, plan, str(path))
+    return tensors, plan
 
 
 def parallel_workers(tasks: int, cap: int = 8) -> int:

@@ -7,6 +7,7 @@ that becomes a usage error (exit 2).
 """
 
 import dataclasses
+import math
 import os
 import tomllib
 import types
@@ -18,6 +19,8 @@ from pgolf.errors import UsageError
 
 PRESETS = Path(__file__).resolve().parent / "presets"
 ENV_PREFIX = "PGOLF_"
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
 
 
 def preset_names(kind: str) -> list[str]:
@@ -31,6 +34,12 @@ def read_toml(path: Path) -> dict:
             return tomllib.load(f)
     except FileNotFoundError:
         raise UsageError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise UsageError(f"{path}: is a directory, not a TOML config file") from None
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}: not a TOML file (not UTF-8 text)") from None
     except tomllib.TOMLDecodeError as e:
         raise UsageError(f"{path}: invalid TOML ({e})") from None
 
@@ -42,44 +51,75 @@ def load_preset(kind: str, name: str) -> dict:
     return read_toml(path)
 
 
-def _field_types(cls) -> dict[str, type]:
+def field_types(cls) -> dict[str, type]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
-def _coerce(value, kind, name: str, source: str):
-    """Convert a TOML or env-string value to the field's type."""
+def coerce(value, kind, name: str, source: str):
+    """`value` (from TOML, JSON, an env string or a flag) as the field's type; UsageError naming the field and
+    its source for anything else: a table or list where one value belongs, a bool for a number, NaN or inf."""
+
+    def refuse(what: str = ""):
+        shown = value if isinstance(value, (str, int, float, bool)) else type(value).__name__
+        expected = what or getattr(kind, "__name__", str(kind))
+        return UsageError(f"{source}: {name} = {shown!r} is not {expected}")
+
     origin = typing.get_origin(kind)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(kind) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() in ("", "none", "null")):
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
             return None
-        return _coerce(value, args[0], name, source)
+        return coerce(value, args[0], name, source)
     if origin is tuple:
         (item,) = {a for a in typing.get_args(kind) if a is not Ellipsis}
         if isinstance(value, str):
-            value = [v for v in value.split(",") if v.strip()]
-        return tuple(_coerce(v, item, name, source) for v in value)
-    try:
-        if kind is bool:
-            if isinstance(value, str):
-                lowered = value.strip().lower()
-                if lowered not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
-                    raise ValueError(value)
-                return lowered in ("1", "true", "yes", "on")
-            if isinstance(value, (bool, int)):
-                return bool(value)
-            raise ValueError(value)
-        if kind is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        elif isinstance(value, (int, float)):
+            value = [value]
+        elif not isinstance(value, (list, tuple)):
+            raise refuse("a list")
+        return tuple(coerce(v, item, name, source) for v in value)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in TRUE_WORDS + FALSE_WORDS:
+            return value.strip().lower() in TRUE_WORDS
+        raise refuse("a boolean (true/false)")
+    if kind is int:
+        if isinstance(value, bool):
+            raise refuse("an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
             return int(value)
-        if kind is float:
-            return float(value)
-        if kind is str:
-            return str(value)
-    except ValueError:
-        raise UsageError(f"{source}: {name} = {value!r} is not a valid {kind.__name__}") from None
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                raise refuse("an integer") from None
+        raise refuse("an integer")
+    if kind is float:
+        if isinstance(value, bool):
+            raise refuse("a number")
+        if isinstance(value, (int, float)):
+            number = float(value)
+        elif isinstance(value, str):
+            try:
+                number = float(value.strip())
+            except ValueError:
+                raise refuse("a number") from None
+        else:
+            raise refuse("a number")
+        if not math.isfinite(number):
+            raise refuse("a finite number")
+        return number
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        raise refuse("a string")
     return value
 
 
@@ -93,13 +133,15 @@ def resolve(
     aliases: Mapping[str, str] | None = None,
     overrides: Mapping[str, object] | None = None,
     table: str | None = None,
+    env_prefix: str = ENV_PREFIX,
 ):
     """Build `cls` from its layers; returns (config, sources) where sources maps each set field to its layer.
 
     With `table`, the preset and config file hold several configs as TOML tables and `cls` reads `[table]`.
+    Env variables are `env_prefix` + the field name in upper case (PGOLF_TTT_LR for TTTConfig.lr).
     """
     env = os.environ if env is None else env
-    types_ = _field_types(cls)
+    types_ = field_types(cls)
     values: dict[str, object] = {}
     sources: dict[str, str] = {}
 
@@ -110,7 +152,7 @@ def resolve(
                 if strict:
                     raise UsageError(f"{source}: unknown setting '{key}' (valid: {', '.join(sorted(types_))})")
                 continue
-            values[name] = _coerce(value, types_[name], name, source)
+            values[name] = coerce(value, types_[name], name, source)
             sources[name] = source
 
     def from_table(layer: dict, source: str) -> dict:
@@ -127,7 +169,7 @@ def resolve(
         if alias in env:
             apply({name: env[alias]}, f"env {alias}")
     for name in types_:
-        key = ENV_PREFIX + name.upper()
+        key = env_prefix + name.upper()
         if key in env:
             apply({name: env[key]}, f"env {key}")
     apply({k: v for k, v in (overrides or {}).items() if v is not None}, "command line")

@@ -6,7 +6,6 @@ naming the file and line: invalid JSON, a missing or non-string text field, byte
 """
 
 import glob
-import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -86,19 +85,40 @@ def read_text_file(path: Path, raw) -> str:
 
 def read_jsonl(path: Path, raw, text_field: str) -> Iterator[str]:
     """The text field of every line of a `.jsonl` or `.jsonl.zst` file; blank lines are skipped."""
-    if path.name.endswith(".zst"):
-        stream = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW).stream_reader(raw)
-        lines = io.BufferedReader(stream, CORPUS_READ_BUFFER)
-    else:
-        lines = raw
-    line_number = 0
+    lines = zstd_lines(path, raw) if path.name.endswith(".zst") else raw
+    for line_number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        yield parse_jsonl_line(line, text_field, f"{path}:{line_number}")
+
+
+def zstd_lines(path: Path, raw) -> Iterator[bytes]:
+    """The lines of a zstd stream (one or more frames), decompressed piecewise. A stream that ends inside a
+    frame is refused: cut at a block boundary it would otherwise decode to a silently shorter corpus."""
+    decompressor = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW)
+    frame = decompressor.decompressobj()
+    pending, lines_done, compressed = b"", 0, 0
     try:
-        for line_number, line in enumerate(lines, 1):
-            if not line.strip():
+        while chunk := raw.read(CORPUS_READ_BUFFER):
+            compressed += len(chunk)
+            data = frame.decompress(chunk)
+            while frame.eof and frame.unused_data:  # the next frame starts inside this chunk
+                rest = frame.unused_data
+                frame = decompressor.decompressobj()
+                data += frame.decompress(rest)
+            pending += data
+            if b"\n" not in data:
                 continue
-            yield parse_jsonl_line(line, text_field, f"{path}:{line_number}")
+            *complete, pending = pending.split(b"\n")
+            yield from complete
+            lines_done += len(complete)
     except zstandard.ZstdError as e:
-        raise InvalidInput(f"{path}: corrupt zstd stream after line {line_number} ({e})") from None
+        raise InvalidInput(f"{path}: corrupt zstd stream after line {lines_done} ({e})") from None
+    if not frame.eof:
+        what = "empty" if compressed == 0 else f"truncated (the stream ends inside a frame, after line {lines_done})"
+        raise InvalidInput(f"{path}: zstd stream is {what}")
+    if pending:
+        yield pending
 
 
 def parse_jsonl_line(line: bytes, text_field: str, where: str) -> str:

@@ -4,6 +4,12 @@ A PgolfError's message is printed as one line, `error: <message>`, and the proce
 Messages name the file and the problem: `path/to/file: what is wrong`.
 """
 
+import errno
+
+# Errors of the environment, not of pgolf (disk full, read-only, permission...): one line naming the file, exit 3.
+ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO,
+                      errno.EISDIR, errno.ENOTDIR, errno.ENAMETOOLONG, errno.ELOOP, errno.EMFILE)
+
 
 class PgolfError(Exception):
     exit_code = 1

@@ -7,6 +7,8 @@ of micro-step i * N + r of one rank, so a step sees the same tokens at any world
 ever opened here.
 """
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -23,7 +25,7 @@ class TokenStream:
     def __init__(self, paths: list, vocab_size: int, position: tuple[int, int] = (0, 0)):
         if not paths:
             raise InvalidInput("no train shards (fineweb_train_*.bin) to read")
-        self.paths = list(paths)
+        self.paths = [Path(p) for p in paths]
         self.vocab_size = vocab_size
         self.shard_index, self.offset = position
         self.tokens = self._open(self.shard_index)
@@ -42,12 +44,17 @@ class TokenStream:
 
     def take(self, count: int) -> np.ndarray:
         chunks = []
+        empty_opens = 0
         while count > 0:
             available = len(self.tokens) - self.offset
             if available <= 0:
+                empty_opens += 1
+                if empty_opens > len(self.paths):  # a whole lap without a token: the stream would never end
+                    raise InvalidInput(f"{self.paths[0].parent}: the train shards hold no tokens")
                 self.shard_index = (self.shard_index + 1) % len(self.paths)
                 self.tokens, self.offset = self._open(self.shard_index), 0
                 continue
+            empty_opens = 0
             size = min(count, available)
             chunks.append(self.tokens[self.offset : self.offset + size])
             self.offset += size

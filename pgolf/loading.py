@@ -35,7 +35,7 @@ def train_checkpoint(manifest: dict, directory: Path, weights: str = "export") -
 def plan_model_config(plan: dict, where: Path) -> ModelConfig:
     try:
         return model_config_from_json(json.dumps(plan["model_config"]))
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
         raise InvalidInput(f"{where}: plan has no valid model_config ({e})") from None
 
 
@@ -62,27 +62,37 @@ def load_artifact(
     else:
         if kind == "quantize":
             path = output_path(manifest, directory, "quantized")
-            tensors, plan = load_quantized(path)
+            state, config, plan = model_from_quantized(path, *load_quantized(path))
         else:
             path = output_path(manifest, directory, "blob")
-            tensors, plan = read_blob(path)
-        state = dequantize_state(tensors, plan)
-        config = plan_model_config(plan, path)
-        check_tensors(path, state, config)
+            state, config, plan = load_blob_model(path)
         recorded = plan.get("tokenizer_sha256") or manifest.get("metrics", {}).get("tokenizer_sha256")
     info = {"kind": kind, "path": str(directory), "load_seconds": time.perf_counter() - started,
             "tokenizer_sha256": recorded}
     if tokenizer is not None:
-        check_tokenizer_match(config, recorded, Path(tokenizer))
+        check_tokenizer_match(config.vocab_size, recorded, Path(tokenizer))
     return state, config, info
 
 
-def check_tokenizer_match(config: ModelConfig, recorded_sha256: str | None, tokenizer: Path) -> None:
+def model_from_quantized(path: Path, tensors: dict, plan: dict) -> tuple[dict, ModelConfig, dict]:
+    """(float32 state dict, ModelConfig, plan) of a quantized state, every tensor checked against the config."""
+    state = dequantize_state(tensors, plan)
+    config = plan_model_config(plan, path)
+    check_tensors(path, state, config)
+    return state, config, plan
+
+
+def load_blob_model(path: Path) -> tuple[dict, ModelConfig, dict]:
+    """model_from_quantized of a blob file: what `pgolf eval` and the bundled train_gpt.py both load."""
+    return model_from_quantized(path, *read_blob(path))
+
+
+def check_tokenizer_match(model_vocab_size: int, recorded_sha256: str | None, tokenizer: Path) -> None:
     """The tokenizer must have the model's vocabulary size, and be the recorded file when one is recorded."""
     vocab_size = load_tokenizer(tokenizer).GetPieceSize()
-    if vocab_size != config.vocab_size:
+    if vocab_size != model_vocab_size:
         raise InvalidInput(f"{tokenizer}: tokenizer vocabulary is {vocab_size} but the model's vocab_size is "
-                           f"{config.vocab_size} (wrong --data or --tokenizer for this artifact?)")
+                           f"{model_vocab_size} (wrong --data or --tokenizer for this artifact?)")
     if recorded_sha256 and sha256_file(tokenizer) != recorded_sha256:
         raise InvalidInput(f"{tokenizer}: sha256 {sha256_file(tokenizer)[:12]}... differs from the tokenizer "
                            f"the model was trained with ({recorded_sha256[:12]}...)")

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from pgolf.codecs import CODECS, blob_candidates
-from pgolf.config import PRESETS, preset_names, read_toml
+from pgolf.config import PRESETS, coerce, field_types, preset_names, read_toml
 from pgolf.errors import OverBudget, UsageError
 from pgolf.gptq import GPTQ_BLOCK, GPTQ_DAMP, collect_hessians
 from pgolf.model import GPT
@@ -110,7 +110,7 @@ def plan_names() -> list[str]:
 def read_plan_file(path: Path) -> dict:
     if path.suffix == ".json":
         try:
-            return json.loads(path.read_text())
+            return json.loads(path.read_bytes())
         except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
             raise UsageError(f"{path}: not a readable JSON plan ({e})") from None
     return read_toml(path)
@@ -138,11 +138,13 @@ def load_plan(plan: str) -> PlanSpec:
             f"{source}: unknown plan setting '{unknown[0]}' (valid: {', '.join(sorted(fields))})"
         )
     rules = raw.get("tensors", {})
-    if not isinstance(rules, dict):
-        raise UsageError(f"{source}: 'tensors' must map name patterns to schemes")
+    if not isinstance(rules, dict) or not all(isinstance(v, str) for v in rules.values()):
+        raise UsageError(f"{source}: 'tensors' must map name patterns to scheme names")
+    types = field_types(PlanSpec)
+    values = {key: coerce(value, types[key], key, source) for key, value in raw.items() if key != "tensors"}
     try:
-        return PlanSpec(name=source, **{**raw, "tensors": tuple(rules.items())})
-    except (TypeError, ValueError) as e:
+        return PlanSpec(name=source, **values, tensors=tuple(rules.items()))
+    except ValueError as e:
         raise UsageError(f"{source}: {e}") from None
 
 
@@ -426,6 +428,10 @@ def fit_plan_to_target(schemes: dict, order: list[int], scheme: str, size_of, ta
         fits = min(count for count, measured in sizes.items() if measured <= target)
         too_big = max(count for count, measured in sizes.items() if measured > target and count < fits)
     chosen = 0 if sizes[0] <= target else fits
+    if sizes.get(chosen, sizes[0]) > target:  # nothing to demote (every tensor stays float), or nothing fits
+        smallest = min(sizes.values())
+        raise OverBudget(f"target {target:,} bytes is out of reach: the smallest artifact this plan can make is "
+                         f"{smallest:,} bytes ({len(order)} demotable blocks)")
     while confirm is not None and chosen > 0:
         count = chosen - 1
         measured = confirm(demote_blocks(schemes, order[:count], scheme))

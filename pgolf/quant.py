@@ -280,11 +280,15 @@ def dequantize_state(tensors: dict[str, torch.Tensor], plan: dict) -> dict[str, 
 
 
 def check_quantized(tensors: dict[str, torch.Tensor], plan: dict, where: str) -> None:
-    """InvalidInput naming `where` unless each plan record's stored tensors have the right dtype and shape."""
+    """InvalidInput naming `where` unless each plan record's stored tensors have the right dtype and shape, the
+    levels lie in the scheme's range and every float value (scales included) is finite."""
     if not isinstance(plan, dict) or not isinstance(plan.get("tensors"), dict):
         raise InvalidInput(f"{where}: plan has no 'tensors' table")
     for name, record in plan["tensors"].items():
-        scheme, shape = record.get("scheme"), record.get("shape")
+        scheme, shape = (record.get("scheme"), record.get("shape")) if isinstance(record, dict) else (None, None)
+        if not isinstance(scheme, str) or not isinstance(shape, list) or not all(
+                isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise InvalidInput(f"{where}: plan record of '{name}' is malformed (needs a scheme and a shape)")
         stored = tensors.get(name)
         if stored is None:
             raise InvalidInput(f"{where}: no stored tensor '{name}' (listed in the plan)")
@@ -294,7 +298,8 @@ def check_quantized(tensors: dict[str, torch.Tensor], plan: dict, where: str) ->
             low, high = quant_range(INT_SCHEMES[scheme])
             scales = tensors.get(name + SCALE_SUFFIX)
             if (
-                stored.dtype != torch.int8
+                len(shape) < 2
+                or stored.dtype != torch.int8
                 or scales is None
                 or scales.dtype != torch.float16
                 or list(scales.shape) != shape[:1]
@@ -302,10 +307,24 @@ def check_quantized(tensors: dict[str, torch.Tensor], plan: dict, where: str) ->
                 raise InvalidInput(f"{where}: '{name}' is not int8 levels with fp16 per-row scales")
             if stored.numel() and (int(stored.min()) < low or int(stored.max()) > high):
                 raise InvalidInput(f"{where}: '{name}' has levels outside {scheme}'s [{low}, {high}]")
-        elif scheme in FLOAT_SCHEMES and stored.dtype != FLOAT_SCHEMES[scheme]:
-            raise InvalidInput(f"{where}: '{name}' is {stored.dtype}, the plan says {scheme}")
-        elif scheme not in FLOAT_SCHEMES and scheme not in INT_SCHEMES and scheme != RAW_SCHEME:
+            check_finite_tensor(scales, f"{name}{SCALE_SUFFIX}", where)
+        elif scheme in FLOAT_SCHEMES:
+            if stored.dtype != FLOAT_SCHEMES[scheme]:
+                raise InvalidInput(f"{where}: '{name}' is {stored.dtype}, the plan says {scheme}")
+            check_finite_tensor(stored, name, where)
+        elif scheme != RAW_SCHEME:
             raise InvalidInput(f"{where}: '{name}' has unknown scheme {scheme!r}")
+    extra = sorted(set(tensors) - set(plan["tensors"])
+                   - {n + SCALE_SUFFIX for n, r in plan["tensors"].items() if r["scheme"] in INT_SCHEMES})
+    if extra:
+        raise InvalidInput(f"{where}: stored tensor '{extra[0]}' is not in the plan")
+
+
+def check_finite_tensor(tensor: torch.Tensor, name: str, where: str) -> None:
+    if tensor.is_floating_point() and tensor.numel():
+        non_finite = int((~torch.isfinite(tensor)).sum())
+        if non_finite:
+            raise InvalidInput(f"{where}: '{name}' holds {non_finite:,} NaN/Inf values")
 
 
 def save_quantized(directory: Path, tensors: dict[str, torch.Tensor], plan: dict) -> tuple[Path, Path]:

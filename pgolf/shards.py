@@ -4,6 +4,8 @@ Header: 256 little-endian int32 (1,024 bytes): magic 20240520, version 1, n_toke
 little-endian uint16. A file whose size is not exactly 1024 + 2 * n_tokens is rejected.
 """
 
+import hashlib
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pgolf.artifacts import MANIFEST, read_manifest, sha256_file
 from pgolf.errors import InvalidInput
 
 MAGIC = 20240520
@@ -166,15 +169,30 @@ def list_shards(directory: Path, split: str) -> list[Path]:
 
 @dataclass
 class Dataset:
-    """A folder of shards: a `pgolf tokenize` output or the challenge's own `data/datasets/fineweb10B_spV/`."""
+    """A folder of shards: a `pgolf tokenize` output (`manifest` set) or the challenge's own
+    `data/datasets/fineweb10B_spV/`."""
 
     directory: Path
     train: list[Path] = field(default_factory=list)
     val: list[Path] = field(default_factory=list)
     tokenizer: Path | None = None
+    manifest: dict | None = None
 
     def split(self, name: str) -> list[Path]:
         return self.train if name == "train" else self.val
+
+    def tokenizer_sha256(self) -> str:
+        """The tokenizer's sha256 (the manifest's, verified when opened, or hashed now)."""
+        recorded = (self.manifest or {}).get("metrics", {}).get("tokenizer_sha256")
+        if recorded and self.tokenizer == self.listed_tokenizer():
+            return recorded
+        return sha256_file(self.tokenizer)
+
+    def listed_tokenizer(self) -> Path | None:
+        for out in (self.manifest or {}).get("outputs", []):
+            if out["role"] == "tokenizer":
+                return self.directory / out["path"]
+        return None
 
 
 def find_tokenizer(directory: Path) -> Path | None:
@@ -191,15 +209,75 @@ def find_tokenizer(directory: Path) -> Path | None:
     return None
 
 
-def open_dataset(directory: Path, tokenizer: Path | None = None) -> Dataset:
+def check_listed_shards(dataset: Dataset, verify: tuple[str, ...]) -> None:
+    """With a tokenize manifest: every shard on disk is one it lists (an extra fineweb_val_000001.bin would be
+    scored as validation), every listed shard is there, and the splits in `verify` (and the tokenizer) still
+    have their recorded sha256."""
+    where = dataset.directory / MANIFEST
+    listed = {out["path"]: out for out in dataset.manifest["outputs"]}
+    for split in SPLITS:
+        for path in dataset.split(split):
+            record = listed.get(path.name)
+            if record is None or record["role"] != f"{split}_shard":
+                raise InvalidInput(f"{path}: a shard {where} does not list (added after tokenize?); move it away "
+                                   f"or re-run tokenize")
+        on_disk = {path.name for path in dataset.split(split)}
+        missing = sorted(name for name, out in listed.items() if out["role"] == f"{split}_shard"
+                         and name not in on_disk)
+        if missing:
+            raise InvalidInput(f"{dataset.directory / missing[0]}: listed in {where} but missing")
+    checked = [path for split in verify for path in dataset.split(split)]
+    if dataset.tokenizer is not None and dataset.tokenizer == dataset.listed_tokenizer():
+        checked.append(dataset.tokenizer)
+    for path in checked:
+        record = listed[path.name]
+        if path.stat().st_size != record["bytes"] or sha256_file(path) != record["sha256"]:
+            raise InvalidInput(f"{path}: sha256 does not match {where} (changed after tokenize)")
+
+
+def open_dataset(directory: Path, tokenizer: Path | None = None, verify: tuple[str, ...] = SPLITS) -> Dataset:
+    """A shard directory with every shard's header checked (no empty shard: an empty train stream never ends).
+    With a tokenize manifest, its listing is authoritative and the splits in `verify` are digest-checked; its
+    tokenizer is the default."""
     directory = Path(directory)
     if not directory.is_dir():
         raise InvalidInput(f"{directory}: no such data directory")
-    dataset = Dataset(directory, list_shards(directory, "train"), list_shards(directory, "val"))
-    dataset.tokenizer = Path(tokenizer) if tokenizer else find_tokenizer(directory)
+    manifest = read_manifest(directory) if (directory / MANIFEST).is_file() else None
+    if manifest is not None and manifest["stage"] != "tokenize":
+        raise InvalidInput(f"{directory}: is a '{manifest['stage']}' output, not a shard directory")
+    dataset = Dataset(directory, list_shards(directory, "train"), list_shards(directory, "val"), manifest=manifest)
     if not dataset.train and not dataset.val:
         raise InvalidInput(f"{directory}: no fineweb_train_*.bin or fineweb_val_*.bin shards")
+    if tokenizer:
+        dataset.tokenizer = Path(tokenizer)
+    else:
+        dataset.tokenizer = dataset.listed_tokenizer() or find_tokenizer(directory)
+    for path in dataset.train + dataset.val:
+        if read_header(path) == 0:
+            raise InvalidInput(f"{path}: holds 0 tokens (an empty shard; remove it or re-run tokenize)")
+    if manifest is not None:
+        check_listed_shards(dataset, verify)
     return dataset
+
+
+def dataset_fingerprint(dataset: Dataset, sample_bytes: int = 1 << 20) -> str:
+    """A digest that tells one dataset from another without hashing every train byte (10 GB at challenge scale):
+    the tokenizer's and the val shards' sha256, and each train shard's name, size and first and last MiB."""
+    def sampled(path: Path) -> str:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            digest.update(f.read(sample_bytes))
+            f.seek(max(path.stat().st_size - sample_bytes, 0))
+            digest.update(f.read(sample_bytes))
+        return digest.hexdigest()
+
+    listed = {out["path"]: out["sha256"] for out in (dataset.manifest or {}).get("outputs", [])}
+    identity = {
+        "tokenizer": dataset.tokenizer_sha256() if dataset.tokenizer else None,
+        "val": [listed.get(path.name) or sha256_file(path) for path in dataset.val],
+        "train": [[path.name, path.stat().st_size, sampled(path)] for path in dataset.train],
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
 def load_split(paths: list[Path]) -> np.ndarray:

@@ -74,8 +74,10 @@ def one_sample_t_test(values: list[float], reference: float, min_improvement: fl
     if std is None:
         return result
     result["dof"] = len(values) - 1
-    result["t"] = ((mean - result["threshold"]) / (std / math.sqrt(len(values))) if std > 0
-                   else math.copysign(math.inf, mean - result["threshold"]))
+    if std == 0:  # t is infinite; the test is decided by which side of the threshold the mean lies
+        result["p_value"] = 0.0 if mean < result["threshold"] else 1.0
+        return result
+    result["t"] = (mean - result["threshold"]) / (std / math.sqrt(len(values)))
     result["p_value"] = student_t_cdf(result["t"], result["dof"])
     return result
 
@@ -94,8 +96,7 @@ def welch_t_test(values: list[float], reference_values: list[float], min_improve
     var_mean = std**2 / len(values)
     reference_var_mean = reference_std**2 / len(reference_values)
     standard_error = math.sqrt(var_mean + reference_var_mean)
-    if standard_error == 0:
-        result["t"] = math.copysign(math.inf, mean - threshold)
+    if standard_error == 0:  # t is infinite (kept None: JSON has no infinity)
         result["p_value"] = 0.0 if mean < threshold else 1.0
         return result
     result["t"] = (mean - threshold) / standard_error

@@ -21,6 +21,7 @@ from pgolf.model import ModelConfig
 TRAIN_PRESET_KIND = "train"
 TRAIN_CONFIG_TABLES = ("model", "train")
 COMPILE_MODES = ("inductor", "aot_eager", "off")
+MAX_SEED = 2**63 - 1
 
 # The challenge train_gpt.py's env names -> config fields.
 MODEL_ALIASES = {
@@ -135,7 +136,7 @@ class TrainConfig:
         need(self.qat_bits == 0 or 5 <= self.qat_bits <= 8, "qat_bits", "0 (off) or 5-8")
         need(self.qat_mlp_bits == 0 or 5 <= self.qat_mlp_bits <= 8, "qat_mlp_bits", "0 (= qat_bits) or 5-8")
         need(self.qat_mlp_bits == 0 or self.qat_bits > 0, "qat_mlp_bits", "0 unless qat_bits is set")
-        need(self.seed >= 0, "seed", ">= 0")
+        need(0 <= self.seed <= MAX_SEED, "seed", f"in [0, {MAX_SEED}] (a 64-bit seed)")
         for name in ("val_every", "log_every", "checkpoint_every"):
             need(getattr(self, name) >= 0, name, ">= 0")
         need(self.compile in COMPILE_MODES, "compile", f"one of {', '.join(COMPILE_MODES)}")

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch.nn.parallel import DistributedDataParallel
 
 from pgolf.artifacts import atomic_write_bytes
-from pgolf.errors import PgolfError, UsageError
+from pgolf.errors import InvalidInput, PgolfError, UsageError
 from pgolf.loader import TrainLoader
 from pgolf.model import GPT, CastedLinear, ModelConfig, param_groups, set_qat_enabled, set_qat_plan
 from pgolf.optim import Muon, build_optimizers, zeropower_via_newtonschulz5
@@ -294,8 +294,11 @@ class Trainer:
     PROFILE_LABELS = ("forward_backward", "optimizer")
 
     def __init__(self, model_config: ModelConfig, config: TrainConfig, train_paths: list,
-                 dist_info: Distributed):
+                 dist_info: Distributed, data_fingerprint: str | None = None):
+        """`data_fingerprint` (pgolf.shards.dataset_fingerprint) goes into resume checkpoints; a resume on other
+        data is refused."""
         self.model_config, self.config, self.dist = model_config, config, dist_info
+        self.data_fingerprint = data_fingerprint
         self.device = dist_info.device
         self.accumulation = config.accumulation_steps(dist_info.world_size)
         self.train_paths = list(train_paths)
@@ -430,18 +433,26 @@ class Trainer:
         tensors["rng.cpu"] = torch.get_rng_state()
         loop = {"step": self.step, "train_ms": self.train_ms, "loader_position": list(self.loader.position),
                 "ema_updates": self.ema.updates if self.ema else 0, "optimizer_groups": groups,
-                "world_size": self.dist.world_size, "configs": self.configs_json()}
+                "world_size": self.dist.world_size, "configs": self.configs_json(),
+                "data_fingerprint": self.data_fingerprint}
         tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
         metadata = {"format": RESUME_FORMAT, "loop": json.dumps(loop)}
         atomic_write_bytes(Path(path), safetensors_bytes(tensors, metadata=metadata))
 
     def load_resume(self, path: Path) -> None:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            metadata = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-        if metadata.get("format") != RESUME_FORMAT:
-            raise UsageError(f"{path}: not a pgolf train resume checkpoint")
-        loop = json.loads(metadata["loop"])
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                metadata = f.metadata() or {}
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
+            loop = json.loads(metadata["loop"]) if metadata.get("format") == RESUME_FORMAT else None
+        except (SafetensorError, OSError, ValueError, KeyError) as e:
+            raise InvalidInput(f"{path}: not a readable resume checkpoint ({str(e).splitlines()[0]}); start over "
+                               f"without --resume") from None
+        if loop is None or not isinstance(loop, dict):
+            raise InvalidInput(f"{path}: not a pgolf train resume checkpoint")
+        if loop.get("data_fingerprint") != self.data_fingerprint:
+            raise InvalidInput(f"{path}: was written training on other data (its fingerprint differs from this "
+                               f"DATA_DIR's); resume with the same data, or start over with --force")
         self._check_same_configs(path, loop["configs"])
         self.model.load_state_dict({k.removeprefix("model."): t for k, t in tensors.items()
                                     if k.startswith("model.")})

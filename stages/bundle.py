@@ -15,7 +15,17 @@ from pathlib import Path
 import typer
 
 from pgolf import log
-from pgolf.artifacts import StageOutput, atomic_write_bytes, atomic_write_json, open_stage, output_path
+from pgolf.artifacts import (
+    ARTIFACT_BYTE_LIMIT,
+    MANIFEST,
+    StageOutput,
+    atomic_write_bytes,
+    atomic_write_json,
+    open_stage,
+    output_path,
+    output_sha256,
+    upstream,
+)
 from pgolf.bundle import (
     SUBMISSION_BLOB,
     bundle_source,
@@ -28,26 +38,21 @@ from pgolf.codecs import read_blob
 from pgolf.errors import InvalidInput, OverBudget, UsageError
 from pgolf.evaluate import EvalConfig
 from pgolf.stages.common import FORCE_OPTION, JSON_OPTION, out_option, report
-from pgolf.stages.report import upstream
-from pgolf.stages.verify_size import CAP_BYTES
 
 TRACK = "10min_16mb"
 SUBMISSION_FIELDS = ("val_loss", "val_bpb", "val_loss_std", "val_bpb_std", "p_value", "n_seeds", "seeds",
                      "seed_results")
 
 
-def input_sha(manifest: dict, role: str) -> str:
-    return next(out["sha256"] for out in manifest["outputs"] if out["role"] == role)
-
-
 def lineage(train_dir: Path, blob_dir: Path) -> tuple[dict, dict, dict, Path]:
-    """(train, quantize, compress manifests, quantize dir), checking the blob was made from this train run."""
+    """(train, quantize, compress manifests, quantize dir), checking by digest that the blob was made from this
+    train run's checkpoint."""
     train = open_stage(train_dir, "train")
     compress = open_stage(blob_dir, "compress")
-    quantized_input = next((i for i in compress["inputs"] if i["role"] == "quantized"), None)
-    quantize_dir = Path(quantized_input["path"]).parent if quantized_input else None
-    if quantize_dir is None or not quantize_dir.is_dir():
+    found = upstream(compress, blob_dir, "quantize", depth=1)
+    if found is None:
         raise InvalidInput(f"{blob_dir}: its manifest names no quantize output that still exists")
+    quantize_dir = found[0]
     quantize = open_stage(quantize_dir, "quantize")
     checkpoint = next((i for i in quantize["inputs"] if i["role"] == "checkpoint"), None)
     train_weights = {out["sha256"] for out in train["outputs"] if out["role"] in ("checkpoint", "checkpoint_master")}
@@ -70,6 +75,7 @@ def baked_settings(train: dict, quantize: dict, compress: dict, plan: dict, eval
     """What `python train_gpt.py train` needs to reproduce this run's training, quantization and codec."""
     quantize_config, quantize_metrics = quantize["config"], quantize["metrics"]
     return {
+        "tokenizer_sha256": train["metrics"].get("tokenizer_sha256"),
         "model": train["config"]["model"],
         "train": train["config"]["train"],
         "quantize": {
@@ -91,8 +97,8 @@ def open_eval(eval_dir: Path | None, compress: dict) -> dict | None:
     if eval_dir is None:
         return None
     evaluation = open_stage(eval_dir, "eval")
-    evaluated = upstream(evaluation, "compress")
-    if evaluated is None or input_sha(evaluated, "blob") != input_sha(compress, "blob"):
+    evaluated = upstream(evaluation, eval_dir, "compress", depth=1)
+    if evaluated is None or output_sha256(evaluated[1], "blob") != output_sha256(compress, "blob"):
         raise InvalidInput(f"{eval_dir}: is not an evaluation of this blob")
     return evaluation
 
@@ -178,9 +184,9 @@ def bundle(
     if compress_code and extracted_source(code) != source:
         raise RuntimeError("self-extracting script does not reproduce the bundled source (a bundler bug)")
     bytes_model, bytes_code = blob_path.stat().st_size, len(code.encode())
-    if bytes_model + bytes_code > CAP_BYTES:
+    if bytes_model + bytes_code > ARTIFACT_BYTE_LIMIT:
         raise OverBudget(f"{blob_dir}: model {bytes_model:,} + code {bytes_code:,} bytes exceed the "
-                         f"{CAP_BYTES:,}-byte cap by {bytes_model + bytes_code - CAP_BYTES:,}")
+                         f"{ARTIFACT_BYTE_LIMIT:,}-byte cap by {bytes_model + bytes_code - ARTIFACT_BYTE_LIMIT:,}")
     submission = {
         "name": name, "author": author or github_id, "github_id": github_id, "blurb": blurb,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "track": TRACK,
@@ -194,9 +200,12 @@ def bundle(
         log.warn("no --eval or --report: submission.json has no post-quantization score yet")
     command = "torchrun --standalone --nproc_per_node=8 train_gpt.py train --data DATA_DIR"
     config = {"baked": baked, "compress_code": compress_code}
-    with StageOutput(out, "bundle", config=config, force=force) as stage:
-        for directory, role in ((train_dir, "train"), (quantize_dir, "quantize"), (blob_dir, "compress")):
-            stage.add_input(directory / "manifest.json", role)
+    inputs = [train_dir, quantize_dir, blob_dir] + [p for p in (eval_dir, report_dir) if p is not None]
+    with StageOutput(out, "bundle", config=config, force=force, inputs=inputs) as stage:
+        for directory, role in ((train_dir, "train"), (quantize_dir, "quantize"), (blob_dir, "compress"),
+                                (eval_dir, "eval"), (report_dir, "report")):
+            if directory is not None:
+                stage.add_input(directory / MANIFEST, role)
         atomic_write_bytes(stage.add_output("train_gpt.py", "code"), code.encode())
         shutil.copyfile(blob_path, stage.add_output(SUBMISSION_BLOB, "blob"))
         atomic_write_json(stage.add_output("submission.json", "submission"), submission)
@@ -209,11 +218,11 @@ def bundle(
                             stage.add_output("eval_results.json", "eval_results"))
         stage.metrics = {key: submission[key] for key in ("bytes_total", "bytes_code", "bytes_model",
                                                           "val_loss", "val_bpb")}
-        stage.check("fits_cap", True, f"{bytes_model + bytes_code:,} <= {CAP_BYTES:,} bytes")
+        stage.check("fits_cap", True, f"{bytes_model + bytes_code:,} <= {ARTIFACT_BYTE_LIMIT:,} bytes")
         stage.finalize()
     lines = [f"{out}/train_gpt.py: {bytes_code:,} B{' (self-extracting)' if compress_code else ''}",
              f"{out}/{SUBMISSION_BLOB}: {bytes_model:,} B",
-             f"total {bytes_model + bytes_code:,} B, margin {CAP_BYTES - bytes_model - bytes_code:,} B"]
+             f"total {bytes_model + bytes_code:,} B, margin {ARTIFACT_BYTE_LIMIT - bytes_model - bytes_code:,} B"]
     report({"out": str(out), **stage.metrics}, as_json, lines)
 
 

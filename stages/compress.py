@@ -56,7 +56,8 @@ def compress(
     if not tensors_bit_equal(restored, tensors) or restored_plan != plan:
         raise RuntimeError("blob round trip is not bit-exact (a codecs bug); nothing written")
     raw_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
-    with StageOutput(out, "compress", config=to_dict(config), force=force) as stage:
+    inputs = [quantized_dir] + ([config_file] if config_file else [])
+    with StageOutput(out, "compress", config=to_dict(config), force=force, inputs=inputs) as stage:
         for role in ("quantized", "plan"):
             stage.add_input(output_path(manifest, quantized_dir, role), role)
         atomic_write_bytes(stage.add_output("model.blob", "blob"), best["blob"])

@@ -5,7 +5,6 @@ from pathlib import Path
 import numpy as np
 import typer
 
-from pgolf.artifacts import MANIFEST, open_stage
 from pgolf.bpb import build_byte_tables, load_tokenizer
 from pgolf.errors import InvalidInput
 from pgolf.shards import BOS_ID, SPLITS, load_shard, open_dataset
@@ -41,12 +40,13 @@ def check(
     tokenizer: Path = typer.Option(None, "--tokenizer", help="SentencePiece model (default: next to the shards)."),
     as_json: bool = JSON_OPTION,
 ):
-    """Validate magic, version, size = 1024 + 2n, token ids < vocab and BOS count = documents for every shard.
+    """Validate magic, version, size = 1024 + 2n, n > 0, token ids < vocab and BOS count = documents for every
+    shard; with a tokenize manifest, also that the shards are exactly the ones it lists, with their sha256.
 
     Example: pgolf data check artifacts/sp1024
     """
-    dataset = open_dataset(directory, tokenizer)
-    manifest = open_stage(directory, "tokenize") if (Path(directory) / MANIFEST).is_file() else None
+    dataset = open_dataset(directory, tokenizer)  # headers, no empty shard; a manifest's listing and digests
+    manifest = dataset.manifest
     tables = vocab_size = None
     if dataset.tokenizer is not None:
         sp = load_tokenizer(dataset.tokenizer)

@@ -6,6 +6,7 @@ so every rank mixes exactly as one process would; TTT runs on rank 0 alone (its 
 earlier chunk, so the order cannot be split).
 """
 
+import contextlib
 import dataclasses
 import datetime
 import os
@@ -18,7 +19,7 @@ import torch.distributed as dist
 import typer
 
 from pgolf import log
-from pgolf.artifacts import MANIFEST, StageOutput, atomic_write_json, open_stage
+from pgolf.artifacts import MANIFEST, StageOutput, atomic_write_json, sha256_json
 from pgolf.bpb import build_byte_tables, load_tokenizer
 from pgolf.compliance import check_eval, require
 from pgolf.config import resolve, to_dict
@@ -51,15 +52,38 @@ def init_device(choice: str) -> tuple[torch.device, int, int]:
 
 
 def open_val_data(data: Path, tokenizer: Path | None):
-    """(dataset, tokenize manifest or None) with its digests verified, val shards and a tokenizer present."""
-    manifest = open_stage(data, "tokenize") if (Path(data) / MANIFEST).is_file() else None
-    dataset = open_dataset(data, tokenizer)
+    """The dataset, its val shards (and tokenizer) digest-checked against a tokenize manifest when it has one."""
+    dataset = open_dataset(data, tokenizer, verify=("val",))
     if not dataset.val:
         raise InvalidInput(f"{data}: no val shards (fineweb_val_*.bin)")
     if dataset.tokenizer is None:
         raise InvalidInput(f"{data}: no tokenizer (*.model) next to the shards or in ../../tokenizers "
                            f"(pass --tokenizer)")
-    return dataset, manifest
+    return dataset
+
+
+def default_out(artifact: Path, config: EvalConfig, ttt_settings, weights: str, data: Path,
+                tokenizer: Path | None) -> Path:
+    """`eval-<mode>[...]-<digest>` beside ARTIFACT: one directory per mode and settings, so evaluations of one
+    artifact never collide (the digest covers every setting, the name shows the main ones)."""
+    parts = ["eval", f"sliding{config.sliding_stride}" if config.sliding_stride else "flat"]
+    if config.seq_len:
+        parts.append(f"seq{config.seq_len}")
+    if config.doc_isolated:
+        parts.append("doc")
+    if config.ngram_order:
+        parts.append("ngram" + "_".join(map(str, config.ngram_order)) + "-a" + "_".join(f"{a:g}" for a in
+                                                                                        config.alpha))
+        if config.alpha_mode != "fixed":
+            parts.append(config.alpha_mode)
+    if ttt_settings is not None:
+        parts.append(f"ttt-{ttt_settings.mode}")
+    if weights != "export":
+        parts.append(weights)
+    settings = {"eval": to_dict(config), "ttt": to_dict(ttt_settings) if ttt_settings else None,
+                "weights": weights, "data": str(Path(data).resolve()),
+                "tokenizer": str(Path(tokenizer).resolve()) if tokenizer else None}
+    return Path(artifact).parent / ("-".join(parts) + "-" + sha256_json(settings)[:8])
 
 
 def load_val_tokens(dataset, vocab_size: int) -> np.ndarray:
@@ -91,9 +115,7 @@ def resolve_ttt(enabled: bool, config_file: Path | None, overrides: dict) -> TTT
             flags = ", ".join(f"--ttt-{key.replace('_', '-')}" for key in given) or "--ttt-config"
             raise UsageError(f"{flags} given without --ttt")
         return None
-    env = {"PGOLF_" + key[len(TTT_ENV_PREFIX):]: value for key, value in os.environ.items()
-           if key.startswith(TTT_ENV_PREFIX)}
-    config, _ = resolve(TTTConfig, kind="ttt", config_file=config_file, env=env, overrides=given)
+    config, _ = resolve(TTTConfig, kind="ttt", config_file=config_file, env_prefix=TTT_ENV_PREFIX, overrides=given)
     return config
 
 
@@ -126,7 +148,8 @@ def evaluate(
     artifact: Path = typer.Argument(..., help="A `pgolf train`, `quantize` or `compress` output directory."),
     data: Path = typer.Option(..., "--data", help="Shard directory with fineweb_val_*.bin."),
     tokenizer: Path = typer.Option(None, "--tokenizer", help="SentencePiece model (default: by the shards)."),
-    out: Path = typer.Option(None, "--out", "-o", help="Output directory (default: eval/ beside ARTIFACT)."),
+    out: Path = typer.Option(None, "--out", "-o", help="Output directory (default: eval-<mode>-...-<settings digest> "
+                             "beside ARTIFACT)."),
     weights: str = typer.Option(
         "export", "--weights", help="A train output's weights: export (the EMA when on) or master."),
     seq_len: int = typer.Option(None, "--seq-len", help="Window length (default: model max_seq_len)."),
@@ -170,17 +193,24 @@ def evaluate(
         "alpha_mode": alpha_mode, "ngram_buckets": ngram_buckets, "ttt": ttt})
     ttt_flags = {"mode": ttt_mode, "lr": ttt_lr, "epochs": ttt_epochs, "chunk_tokens": ttt_chunk_tokens}
     ttt_settings = resolve_ttt(config.ttt, ttt_config, ttt_flags)
-    out = Path(out) if out else Path(artifact).parent / "eval"
-    if out.exists() and not force:
-        raise InvalidInput(f"{out}: output directory already exists (pass --force to overwrite)")
-    device, rank, world_size = init_device(device_choice)
+    out = Path(out) if out else default_out(artifact, config, ttt_settings, weights, data, tokenizer)
+    resolved = {"eval": to_dict(config), "ttt": to_dict(ttt_settings) if ttt_settings else None,
+                "weights": weights}
+    rank = int(os.environ.get("RANK", "0"))
+    stage = None
+    if rank == 0:  # before any work: a second run on this --out, or an output --force may not replace, fails now
+        inputs = [artifact, data] + [p for p in (tokenizer, config_file, ttt_config) if p is not None]
+        stage = StageOutput(out, "eval", config=resolved, force=force, inputs=inputs)
     try:
-        result, inputs = run(artifact, data, tokenizer, config, ttt_settings, check_compliance, device, rank,
-                             world_size, weights)
+        with stage or contextlib.nullcontext():
+            device, rank, world_size = init_device(device_choice)
+            result, inputs = run(artifact, data, tokenizer, config, ttt_settings, check_compliance, device, rank,
+                                 world_size, weights)
+            if stage is not None:
+                write_outputs(stage, result, inputs)
         if rank == 0:
-            write_outputs(out, result, config, ttt_settings, inputs, force)
-            report(result, as_json, summary_lines(result))
-        if world_size > 1:
+            report({"out": str(out), **result}, as_json, summary_lines(result) + [f"wrote {out}"])
+        if dist.is_initialized():
             # Tear gloo down together: a rank that destroyed its group while rank 0 was still writing aborted
             # ("terminate called without an active exception") in ~1 of 6 two-rank CPU runs.
             dist.barrier()
@@ -202,7 +232,7 @@ def run(artifact: Path, data: Path, tokenizer: Path | None, config: EvalConfig, 
         check_compliance: bool, device, rank: int, world_size: int,
         weights: str = "export") -> tuple[dict, list[tuple[Path, str]]]:
     """Load, check, warm up and score; returns (result, input files)."""
-    dataset, _ = open_val_data(data, tokenizer)
+    dataset = open_val_data(data, tokenizer)
     state, model_config, info = load_artifact(artifact, dataset.tokenizer, weights)
     tokens = load_val_tokens(dataset, model_config.vocab_size)
     plan = resolve_plan(config, model_config.max_seq_len)
@@ -228,7 +258,8 @@ def run(artifact: Path, data: Path, tokenizer: Path | None, config: EvalConfig, 
     totals = passed.totals
     primary = totals[ngram_name(grid[0])] if len(grid) == 1 else totals["model"]
     result = {
-        "artifact": str(artifact), "kind": info["kind"], "weights": weights, "data": str(data), "mode": mode,
+        "artifact": str(Path(artifact).resolve()), "kind": info["kind"], "weights": weights,
+        "data": str(Path(data).resolve()), "mode": mode,
         "seq_len": plan.seq_len, "stride": plan.stride, "doc_isolated": plan.doc_isolated,
         "world_size": world_size, "device": str(device),
         "val_loss": primary.val_loss, "val_bpb": primary.val_bpb, "tokens": primary.targets,
@@ -315,20 +346,18 @@ def summary_lines(result: dict) -> list[str]:
     return lines
 
 
-def write_outputs(out: Path, result: dict, config: EvalConfig, ttt_settings, inputs, force: bool) -> None:
+def write_outputs(stage: StageOutput, result: dict, inputs) -> None:
     """results.json and the manifest (metrics: val_loss, val_bpb, tokens, bytes, mode, timers, ...)."""
-    resolved = {"eval": to_dict(config), "ttt": to_dict(ttt_settings) if ttt_settings else None}
-    with StageOutput(out, "eval", config=resolved, force=force) as stage:
-        stage.add_input(Path(result["artifact"]) / MANIFEST, "artifact_manifest")
-        for path, role in inputs:
-            stage.add_input(path, role)
-        atomic_write_json(stage.add_output("results.json", "results"), result)
-        stage.metrics = {key: result[key] for key in (
-            "val_loss", "val_bpb", "tokens", "bytes", "mode", "seq_len", "stride", "model_val_loss",
-            "model_val_bpb", "ngram", "sweep", "ttt", "timers", "kind", "world_size")}
-        for check in result["checks"]:
-            stage.check(check["name"], check["ok"], check["detail"])
-        stage.finalize()
+    stage.add_input(Path(result["artifact"]) / MANIFEST, "artifact_manifest")
+    for path, role in inputs:
+        stage.add_input(path, role)
+    atomic_write_json(stage.add_output("results.json", "results"), result)
+    stage.metrics = {key: result[key] for key in (
+        "val_loss", "val_bpb", "tokens", "bytes", "mode", "seq_len", "stride", "model_val_loss",
+        "model_val_bpb", "ngram", "sweep", "ttt", "timers", "kind", "world_size")}
+    for check in result["checks"]:
+        stage.check(check["name"], check["ok"], check["detail"])
+    stage.finalize()
 
 
 def register(app: typer.Typer) -> None:

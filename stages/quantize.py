@@ -8,7 +8,7 @@ import torch
 import typer
 
 from pgolf import log
-from pgolf.artifacts import StageOutput, open_stage
+from pgolf.artifacts import ARTIFACT_BYTE_LIMIT, StageOutput, open_stage
 from pgolf.checkpoint import load_checkpoint
 from pgolf.codecs import CODECS, parallel_workers
 from pgolf.config import resolve, to_dict
@@ -34,7 +34,6 @@ from pgolf.quant import CLIP_METHODS, PLAN_FILE, QUANTIZED_FILE, load_quantized,
 from pgolf.shards import open_dataset
 from pgolf.stages.common import FORCE_OPTION, JSON_OPTION, out_option, report
 
-CHALLENGE_CAP_BYTES = 16_000_000  # the challenge's artifact cap (decimal bytes): demote plans' default target
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -92,7 +91,7 @@ def pick_device(name: str) -> torch.device:
 
 def calibration_data(data: Path, config: QuantizeConfig, model_config, device) -> list:
     """Calibration batches from the TRAIN shards of `data` (validation is never read)."""
-    dataset = open_dataset(data)
+    dataset = open_dataset(data, verify=("train",))
     if not dataset.train:
         raise InvalidInput(f"{data}: no fineweb_train_*.bin shards (calibration never uses validation)")
     seq_len = config.calib_seq_len or model_config.max_seq_len
@@ -244,8 +243,9 @@ def quantize(
     if needs_data and data is None:
         why = "--clip gptq" if clip_method == "gptq" else f"plan '{spec.name}'"
         raise UsageError(f"{why} needs --data DIR (its train shards calibrate; e.g. --data artifacts/sp1024)")
-    target = config.target_bytes or (CHALLENGE_CAP_BYTES if spec.demote else None)
-    with StageOutput(out, "quantize", config=to_dict(config), force=force) as stage:
+    target = config.target_bytes or (ARTIFACT_BYTE_LIMIT if spec.demote else None)
+    inputs = [train_dir] + [path for path in (data, config_file) if path is not None]
+    with StageOutput(out, "quantize", config=to_dict(config), force=force, inputs=inputs) as stage:
         state, model_config, metadata = load_checkpoint(checkpoint)
         stage.add_input(checkpoint, "checkpoint")
         schemes = assign_schemes_logged(spec, state, config.keep_float_numel)
@@ -264,10 +264,10 @@ def quantize(
                 load_plan_model(model_config, state, run_device), quantizer, schemes, batches, log.info
             )
         source = {
-            "train_dir": str(train_dir),
+            "train_dir": str(Path(train_dir).resolve()),
             "checkpoint": checkpoint.name,
             "sha256": stage.inputs[0]["sha256"],
-            "data": str(data) if data else None,
+            "data": str(Path(data).resolve()) if data else None,
         }
 
         def build(assignment: dict) -> tuple[dict, dict]:
@@ -291,6 +291,9 @@ def quantize(
             train_dir, spec, schemes, size_of, target, config, model_config, quantizer, batches,
             confirm=lambda assignment: sizer.every_layout(*build(assignment)),
         )
+        if target is not None and artifact > target:
+            raise OverBudget(f"{train_dir}: the fitted plan makes a {artifact:,}-byte artifact, over --target-bytes "
+                             f"{target:,}")
         tensors, plan_json = build(schemes)
         save_quantized(stage.dir, tensors, plan_json)
         stage.add_output(QUANTIZED_FILE, "quantized")

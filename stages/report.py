@@ -11,70 +11,70 @@ from pathlib import Path
 
 import typer
 
-from pgolf import log
-from pgolf.artifacts import StageOutput, atomic_write_json, open_stage, read_manifest
-from pgolf.errors import InvalidInput, PgolfError, UsageError
+from pgolf.artifacts import MANIFEST, StageOutput, atomic_write_json, open_stage, sha256_json, upstream
+from pgolf.errors import InvalidInput, UsageError
 from pgolf.stages.common import FORCE_OPTION, JSON_OPTION, report
 from pgolf.stats import mean_and_std, one_sample_t_test, welch_t_test
 
 RUN_STAGES = ("eval", "train")
-UPSTREAM_DEPTH = 4  # eval -> compress -> quantize -> train
 SEED_FIELDS = ("val_loss", "val_bpb", "steps", "ms_per_step", "bytes_model")
-
-
-def upstream(manifest: dict, stage: str, depth: int = UPSTREAM_DEPTH, seen: set | None = None) -> dict | None:
-    """The manifest of the nearest `stage` output this one was made from, following recorded input paths."""
-    seen = set() if seen is None else seen
-    for parent in dict.fromkeys(Path(record["path"]).parent for record in manifest.get("inputs", [])):
-        if parent in seen:
-            continue
-        seen.add(parent)
-        try:
-            found = read_manifest(parent)
-        except PgolfError:
-            continue
-        if found["stage"] == stage:
-            return found
-        if depth > 1 and (deeper := upstream(found, stage, depth - 1, seen)):
-            return deeper
-    return None
+DATA_ROLES = ("tokenizer", "val_shard")  # the inputs that fix what a score measures
 
 
 def read_run(directory: Path) -> dict:
-    """One run's scores and provenance from an eval (post-quant) or train (pre-quant) output."""
+    """One run's scores and provenance from an eval (post-quant) or train (pre-quant) output: its seed and train
+    figures from the train run it came from (found by digest), and what it was scored on."""
     manifest = open_stage(directory, RUN_STAGES)
     metrics = manifest["metrics"]
     scores = {key: metrics.get(key) for key in ("val_loss", "val_bpb")}
     for key, value in scores.items():
-        if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
             raise InvalidInput(f"{directory}: manifest metric {key} is {value!r}, not a positive number")
-    train = manifest if manifest["stage"] == "train" else upstream(manifest, "train")
-    compress = upstream(manifest, "compress")
-    train_metrics = (train or {}).get("metrics", {})
+    train = manifest if manifest["stage"] == "train" else (upstream(manifest, directory, "train") or (None, {}))[1]
+    compress = (upstream(manifest, directory, "compress") or (None, {}))[1]
+    train_metrics = train.get("metrics", {})
+    scored_on = sorted((record["role"], record["sha256"]) for record in manifest["inputs"]
+                       if record["role"] in DATA_ROLES)
     return {
-        "dir": str(directory), "stage": manifest["stage"], **scores,
-        "seed": (train or {}).get("config", {}).get("train", {}).get("seed"),
+        "dir": str(Path(directory).resolve()), "stage": manifest["stage"], **scores,
+        "seed": train.get("config", {}).get("train", {}).get("seed"),
         "steps": train_metrics.get("steps"), "ms_per_step": train_metrics.get("ms_per_step"),
-        "bytes_model": (compress or {}).get("metrics", {}).get("bytes"),
+        "bytes_model": compress.get("metrics", {}).get("bytes"),
+        "scored_on": sha256_json(scored_on),
+        "eval_settings": sha256_json(manifest["config"]) if manifest["stage"] == "eval" else None,
     }
 
 
 def read_runs(directories: list[Path], what: str) -> list[dict]:
+    """The runs of one group: distinct outputs of one kind, distinct seeds, one validation set, one eval."""
+    resolved = [Path(d).resolve() for d in directories]
+    for index, path in enumerate(resolved):
+        if path in resolved[:index]:
+            raise UsageError(f"{directories[index]}: given twice in {what}; each run counts once")
     runs = [read_run(Path(d)) for d in directories]
-    stages = {run["stage"] for run in runs}
-    if len(stages) > 1:
+    if len({run["stage"] for run in runs}) > 1:
         raise UsageError(f"{what} mix eval (post-quant) and train (pre-quant) outputs; compare like "
                          f"with like")
+    seen: dict = {}
+    for run in runs:
+        if run["seed"] is not None and run["seed"] in seen:
+            raise InvalidInput(f"{run['dir']}: has seed {run['seed']}, as {seen[run['seed']]} has; runs of one "
+                               f"seed are not independent samples")
+        seen[run["seed"]] = run["dir"]
+    require_same(runs, "scored_on", "were scored on different validation data or tokenizers")
+    require_same(runs, "eval_settings", "were evaluated with different settings (mode, stride, n-gram, TTT)")
     return runs
 
 
+def require_same(runs: list[dict], key: str, problem: str) -> None:
+    for run in runs[1:]:
+        if run[key] != runs[0][key]:
+            raise InvalidInput(f"{run['dir']} and {runs[0]['dir']} {problem}; their scores do not compare")
+
+
 def bpb_per_nat(runs: list[dict]) -> float:
-    """val_bpb / val_loss, fixed by the validation set and tokenizer (runs that disagree were scored on
-    different tokens)."""
+    """val_bpb / val_loss, fixed by the validation set and tokenizer (read_runs made sure they agree)."""
     ratios = [run["val_bpb"] / run["val_loss"] for run in runs]
-    if max(ratios) - min(ratios) > 1e-6 * max(ratios):
-        log.warn(f"bpb/nats ratios differ between runs ({min(ratios):.6f}..{max(ratios):.6f}): "
-                 f"were they scored on the same validation tokens?")
     return sum(ratios) / len(ratios)
 
 
@@ -112,11 +112,31 @@ def submission_fields(runs: list[dict], tests: dict) -> dict:
     }
 
 
+def verdict(tests: dict, level: float) -> dict | None:
+    """The challenge's criterion, on the nats test: pass when its one-sided p is below `level`."""
+    test = tests.get("nats")
+    if test is None:
+        return None
+    p_value = test["p_value"]
+    passed = None if p_value is None else p_value < level
+    return {"significance": level, "p_value": p_value, "passed": passed}
+
+
+def verdict_line(result: dict) -> str:
+    if result["passed"] is None:
+        return f"verdict: undecided (one run gives no p-value; the challenge asks for p < {result['significance']:g})"
+    word, relation = ("PASS", "<") if result["passed"] else ("FAIL", ">=")
+    return (f"verdict: {word} (nats test: p = {result['p_value']:.3g} {relation} {result['significance']:g}, "
+            f"the stated significance level)")
+
+
 def significance_line(unit: str, test: dict) -> str:
     if test["p_value"] is None:
         return f"{unit}: mean {test['mean']:.6f} vs threshold {test['threshold']:.6f}: p undefined (one run)"
+    t = "infinite (no spread)" if test["t"] is None else f"{test['t']:.3f}"
+    dof = "" if test["dof"] is None else f", dof = {test['dof']:.2f}"
     return (f"{unit}: mean {test['mean']:.6f} vs threshold {test['threshold']:.6f}, {test['test']}: "
-            f"t = {test['t']:.3f}, dof = {test['dof']:.2f}, one-sided p = {test['p_value']:.3g}")
+            f"t = {t}{dof}, one-sided p = {test['p_value']:.3g}")
 
 
 def report_runs(
@@ -125,6 +145,8 @@ def report_runs(
     reference_nats: float = typer.Option(None, "--reference-nats", help="Reference val_loss (nats) to beat."),
     reference_runs: list[Path] = typer.Option(None, "--reference-runs", help="Reference runs (Welch test)."),
     min_improvement_nats: float = typer.Option(0.005, "--min-improvement-nats", help="Required margin."),
+    significance_level: float = typer.Option(0.01, "--significance", help="Significance level of the verdict "
+                                             "(the challenge's 0.01)."),
     out: Path = typer.Option(None, "--out", "-o", help="Write submission.json + manifest here."),
     force: bool = FORCE_OPTION,
     as_json: bool = JSON_OPTION,
@@ -135,15 +157,28 @@ def report_runs(
     """
     if reference_runs and (reference is not None or reference_nats is not None):
         raise UsageError("give either --reference/--reference-nats or --reference-runs, not both")
-    if min_improvement_nats < 0:
-        raise UsageError(f"--min-improvement-nats must be >= 0, got {min_improvement_nats}")
+    for flag, value in (("--reference", reference), ("--reference-nats", reference_nats)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise UsageError(f"{flag} must be a positive number, got {value}")
+    if not (math.isfinite(min_improvement_nats) and min_improvement_nats >= 0):
+        raise UsageError(f"--min-improvement-nats must be a number >= 0, got {min_improvement_nats}")
+    if not 0 < significance_level < 1:
+        raise UsageError(f"--significance must be in (0, 1), got {significance_level}")
     runs = read_runs(run_dirs, "RUN_DIRs")
     baseline = read_runs(reference_runs, "--reference-runs") if reference_runs else []
-    if baseline and baseline[0]["stage"] != runs[0]["stage"]:
-        raise UsageError("--reference-runs must be the same kind of output (eval or train) as the RUN_DIRs")
+    if baseline:
+        if baseline[0]["stage"] != runs[0]["stage"]:
+            raise UsageError("--reference-runs must be the same kind of output (eval or train) as the RUN_DIRs")
+        shared = {run["dir"] for run in runs} & {run["dir"] for run in baseline}
+        if shared:
+            raise UsageError(f"{sorted(shared)[0]}: is both a RUN_DIR and a --reference-runs entry")
+        if baseline[0]["scored_on"] != runs[0]["scored_on"]:
+            raise InvalidInput(f"{baseline[0]['dir']}: the reference runs were scored on other validation data "
+                               f"or another tokenizer than {runs[0]['dir']}; their scores do not compare")
     tests = significance(runs, baseline, reference, reference_nats, min_improvement_nats)
     fields = submission_fields(runs, tests)
-    result = {"submission": fields, "tests": tests, "runs": runs,
+    decision = verdict(tests, significance_level)
+    result = {"submission": fields, "tests": tests, "verdict": decision, "runs": runs,
               "min_improvement_nats": min_improvement_nats}
     lines = [f"{key}: val_loss {r['val_loss']:.6f}  val_bpb {r['val_bpb']:.6f}"
              for key, r in fields["seed_results"].items()]
@@ -151,12 +186,16 @@ def report_runs(
                  + (f"  (std {fields['val_loss_std']:.6f} / {fields['val_bpb_std']:.6f})"
                     if fields["val_bpb_std"] is not None else ""))
     lines += [significance_line(unit, test) for unit, test in tests.items()]
+    if decision is not None:
+        lines.append(verdict_line(decision))
     if out is not None:
         config = {"reference": reference, "reference_nats": reference_nats, "min_improvement_nats":
-                  min_improvement_nats, "reference_runs": [str(p) for p in reference_runs or []]}
-        with StageOutput(out, "report", config=config, force=force) as stage:
+                  min_improvement_nats, "significance": significance_level,
+                  "reference_runs": [str(Path(p).resolve()) for p in reference_runs or []]}
+        inputs = [*run_dirs, *(reference_runs or [])]
+        with StageOutput(out, "report", config=config, force=force, inputs=inputs) as stage:
             for run in runs + baseline:
-                stage.add_input(Path(run["dir"]) / "manifest.json", "run")
+                stage.add_input(Path(run["dir"]) / MANIFEST, "run")
             atomic_write_json(stage.add_output("submission.json", "submission"), fields)
             stage.metrics = result
             stage.finalize()

@@ -76,8 +76,10 @@ def tokenize(
         check_vocab_size(config.vocab_size)
     corpus = Corpus(sources, config.text_field)
     model_proto, problems = load_model(tokenizer, config, sources_of, force) if tokenizer else (None, [])
-    resolved = {**to_dict(config), "tokenizer": str(tokenizer) if tokenizer else None}
-    with StageOutput(out, "tokenize", config=resolved, force=force) as stage, progress_bar() as progress:
+    resolved = {**to_dict(config), "tokenizer": str(Path(tokenizer).resolve()) if tokenizer else None}
+    inputs = [*corpus.files, *(p for p in (tokenizer, config_file) if p is not None)]
+    with StageOutput(out, "tokenize", config=resolved, force=force, inputs=inputs) as stage, \
+            progress_bar() as progress:
         if model_proto is None:
             model_proto = train_on_corpus(corpus, config, progress)
             problems = check_tokenizer(load_tokenizer_bytes(model_proto), "trained tokenizer", force)
@@ -101,8 +103,11 @@ def tokenize(
         stage.finalize()
     if splits["train"]["documents"] == 0:
         log.warn(
-            f"all {splits['val']['documents']:,} documents went to validation (--val-docs {config.val_docs})"
+            f"{out}: the train split is empty: all {splits['val']['documents']:,} documents went to validation "
+            f"(--val-docs {config.val_docs:,}); lower --val-docs to train on this data"
         )
+    if splits["val"]["documents"] == 0:
+        log.warn(f"{out}: the validation split is empty (--val-docs 0); nothing here can be scored")
     if tokenizer is None and vocab < config.vocab_size:
         log.warn(f"the corpus supports only {vocab} pieces of the {config.vocab_size} asked for")
     report(stage.metrics, as_json, summary(out, stage.metrics))

@@ -10,12 +10,11 @@ from pathlib import Path
 import typer
 
 from pgolf import log
-from pgolf.artifacts import open_stage, output_path
+from pgolf.artifacts import ARTIFACT_BYTE_LIMIT, open_stage, output_path
 from pgolf.codecs import read_blob
 from pgolf.errors import InvalidInput, OverBudget, UsageError
 from pgolf.stages.common import JSON_OPTION, report
 
-CAP_BYTES = 16_000_000  # decimal, not MiB (REFERENCE.md)
 MARGIN_WARNING_BYTES = 10_000  # runs drift by about +-5 KB between seeds
 
 
@@ -48,7 +47,7 @@ def verify_size(
     code: list[Path] = typer.Option(None, "--code", help="Code file that ships with the blob (repeatable)."),
     bundle: Path = typer.Option(None, "--bundle", help="A `pgolf bundle` output: count its train_gpt.py."),
     blob_only: bool = typer.Option(False, "--blob-only", help="Count the blob alone (code not counted)."),
-    cap: int = typer.Option(CAP_BYTES, "--cap", help="Byte cap (decimal)."),
+    cap: int = typer.Option(ARTIFACT_BYTE_LIMIT, "--cap", help="Byte cap (decimal)."),
     as_json: bool = JSON_OPTION,
 ):
     """Count blob + code bytes against the 16,000,000-byte cap; exit 4 when over, warn under 10 KB of margin.

@@ -261,7 +261,7 @@ def test_report_fields_and_the_cap(pipeline, tmp_path, capsys, monkeypatch):
     assert submission["n_seeds"] == 1 and list(submission["seed_results"]) == ["1337"]
     assert submission["val_bpb"] == read_manifest(pipeline / "eval")["metrics"]["val_bpb"]
 
-    monkeypatch.setattr(bundle_stage, "CAP_BYTES", submission["bytes_model"])  # no room left for the code
+    monkeypatch.setattr(bundle_stage, "ARTIFACT_BYTE_LIMIT", submission["bytes_model"])  # no room left for the code
     over = run_cli(capsys, "bundle", "--train", pipeline / "train", "--blob", pipeline / "blob",
                    "--name", "x", "--github-id", "y", "--out", tmp_path / "over")
     assert over.returncode == 4 and "exceed the" in over.stderr and not (tmp_path / "over").exists()

@@ -44,9 +44,9 @@ def test_precedence_cli_over_env_over_file_over_preset_over_default(presets, tmp
 def test_env_values_are_typed(presets):
     cfg, _ = config.resolve(Demo, kind="demo", env={"PGOLF_EMA": "1", "PGOLF_DIMS": "8,32"})
     assert cfg.ema is True and cfg.dims == (8, 32)
-    with pytest.raises(UsageError, match="PGOLF_LAYERS.*not a valid int"):
+    with pytest.raises(UsageError, match="PGOLF_LAYERS.*not an integer"):
         config.resolve(Demo, kind="demo", env={"PGOLF_LAYERS": "nine"})
-    with pytest.raises(UsageError, match="not a valid bool"):
+    with pytest.raises(UsageError, match="not a boolean"):
         config.resolve(Demo, kind="demo", env={"PGOLF_EMA": "maybe"})
 
 

@@ -158,7 +158,7 @@ def broken_inputs(tiny_checkpoint_dir, tiny_data_dir, tmp_path):
     ("no val", ["--data", "no_val"], 3, "no val shards"),
     ("digest", ["ARTIFACT=tampered"], 3, "sha256 does not match"),
     ("not an artifact", ["ARTIFACT=data"], 3, "is a 'tokenize' output, expected"),
-    ("exists", ["--out", "existing"], 3, "already exists (pass --force"),
+    ("exists", ["--out", "existing"], 3, "already exists and is not a pgolf stage output"),
     ("seq len", ["--seq-len", "256"], 2, "--seq-len 256 exceeds the model's max_seq_len 128"),
     ("stride", ["--seq-len", "64", "--sliding-stride", "100"], 2, "sliding_stride"),
     ("alpha alone", ["--alpha", "0.3"], 2, "--alpha needs --ngram-order"),

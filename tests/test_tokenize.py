@@ -286,18 +286,27 @@ def test_vocab_sizes_the_format_or_corpus_cannot_hold(capsys, tmp_path, vocab, m
     assert_refused(code, err, out, message)
 
 
-def test_existing_output_needs_force(capsys, tmp_path):
+def test_existing_output_needs_force_and_force_never_deletes_foreign_files(capsys, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("earlier results")
-    code, _, err = pgolf(capsys, "tokenize", need(DOCS200), "--tokenizer", need(SP1024), "--out", out)
-    assert code == 3 and "already exists" in err and len(err.strip().splitlines()) == 1
-    assert (out / "keep.txt").read_text() == "earlier results"
+    for flags in ((), ("--force",)):
+        code, _, err = pgolf(capsys, "tokenize", need(DOCS200), "--tokenizer", need(SP1024), "--val-docs", 5,
+                             "--out", out, *flags)
+        assert code == 3 and "not a pgolf stage output" in err and len(err.strip().splitlines()) == 1
+        assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+        assert (out / "keep.txt").read_text() == "earlier results"
+    (out / "keep.txt").unlink()
+    out.rmdir()
+    assert pgolf(capsys, "tokenize", DOCS200, "--tokenizer", SP1024, "--val-docs", 4, "--out", out)[0] == 0
+    code, _, err = pgolf(capsys, "tokenize", DOCS200, "--tokenizer", SP1024, "--val-docs", 5, "--out", out)
+    assert code == 3 and "already exists (pass --force" in err
     code, _, err = pgolf(
         capsys, "tokenize", DOCS200, "--tokenizer", SP1024, "--val-docs", 5, "--out", out, "--force"
     )
     assert code == 0, err
-    assert not (out / "keep.txt").exists() and read_manifest(out)["metrics"]["val"]["documents"] == 5
+    assert read_manifest(out)["metrics"]["val"]["documents"] == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging, lock or aside left
 
 
 def test_tokenizer_unfit_for_bpb_needs_force(capsys, tmp_path, docs):

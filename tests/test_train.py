@@ -296,8 +296,30 @@ def test_crash_and_sigterm_then_resume_finish_like_an_uninterrupted_run(
         assert all(torch.allclose(ours[k], theirs[k], atol=1e-6) for k in theirs)
 
 
+def loss_curve_in_process(data_dir: Path, run_toml: Path, work: Path, nudge: float = 0.0) -> list[float]:
+    """The CLI run's loss curve, trained here with the same resolved configs; `nudge` (+inf or -inf) moves every
+    initial weight by one ulp towards it first (a perturbation the size of one float rounding)."""
+    model_config, train_config, _ = resolve_configs("tiny", run_toml, env={})
+    trainer = Trainer(model_config, train_config, list_shards(data_dir, "train"), init_distributed())
+    if nudge:
+        with torch.no_grad():
+            for param in trainer.model.parameters():
+                param.copy_(torch.nextafter(param, torch.full_like(param, nudge)))
+    trainer.warmup()
+    val_tokens = torch.from_numpy(load_split(list_shards(data_dir, "val")).astype(np.int32))
+    tables = build_byte_tables(load_tokenizer(data_dir / SP1024.name)).torch()
+    work.mkdir()
+    trainer.run(val_tokens, tables, TrainLog(work, enabled=True), work / RESUME_FILE, StopSignal())
+    return [r["loss"] for r in records(work)]
+
+
 def test_two_gloo_processes_match_the_single_process_loss_curve(tiny_data_dir, run_toml, reference_run,
                                                                 tmp_path):
+    """Two ranks sum their gradients in another order than one process accumulating four micro-batches, so the
+    curves agree only to float rounding, amplified by training. The tolerance is measured, not tuned: the same
+    run with every initial weight one ulp away (up, then down) shows how far a rounding-sized difference grows
+    on this machine; the two-rank gap must stay within ten times that (it was 2.6 times it where this was
+    written; a wrong data split or gradient average misses by tenths of a nat)."""
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                "-m", "pgolf", "train", tiny_data_dir, "--preset", "tiny", "--config", run_toml, "--out", out]
@@ -309,9 +331,16 @@ def test_two_gloo_processes_match_the_single_process_loss_curve(tiny_data_dir, r
     assert metrics["tokens_seen"] == STEPS * 4096
     ddp, single = records(out), records(reference_run)
     assert [r["step"] for r in ddp] == [r["step"] for r in single]
-    assert [r["loss"] for r in ddp] == pytest.approx([r["loss"] for r in single], abs=2e-3)
-    reference = open_stage(reference_run, "train")["metrics"]
-    assert metrics["val_loss"] == pytest.approx(reference["val_loss"], abs=2e-3)
+    single_losses = [r["loss"] for r in single]
+    assert loss_curve_in_process(tiny_data_dir, run_toml, tmp_path / "same") == single_losses  # bit-identical
+    noise = 0.0  # the largest loss difference either nudged run reaches
+    for direction in (math.inf, -math.inf):
+        nudged = loss_curve_in_process(tiny_data_dir, run_toml, tmp_path / f"nudged{direction}", direction)
+        noise = max(noise, *(abs(a - b) for a, b in zip(nudged, single_losses, strict=True)))
+    assert noise > 0  # the nudges are felt: the measure is not empty
+    ddp_gap = max(abs(r["loss"] - loss) for r, loss in zip(ddp, single_losses, strict=True))
+    assert ddp_gap <= 10 * noise, (ddp_gap, noise)
+    assert abs(metrics["val_loss"] - open_stage(reference_run, "train")["metrics"]["val_loss"]) <= 10 * noise
 
 
 # ---- bad input: exit code and one line naming the problem ----------------------------------------
