@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from pgolf import __version__
-from pgolf.errors import ENVIRONMENT_ERRNOS, InvalidInput
+from pgolf.errors import ENVIRONMENT_ERRNOS, InvalidInput, named
 
 SCHEMA = 2
 MANIFEST = "manifest.json"
@@ -95,8 +95,15 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        raise named(e, path) from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def copy_file(source: Path, destination: Path) -> None:
+    """A copy written atomically (stage outputs are small: logs, results, a blob under 16 MB)."""
+    atomic_write_bytes(destination, Path(source).read_bytes())
 
 
 def atomic_write_json(path: Path, obj) -> None:

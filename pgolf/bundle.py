@@ -198,6 +198,8 @@ def submission_main(baked: dict, argv: list[str] | None = None) -> None:
             submission_eval(baked, args)
         else:
             submission_train(baked, args)
+        if dist.is_initialized():
+            dist.barrier()  # tear the group down together (as `pgolf eval`: a rank leaving early aborts gloo)
     except PgolfError as e:  # one line and the documented exit code, as `pgolf` prints them
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)

@@ -88,7 +88,10 @@ def check_tensors(path: Path, state_dict: dict[str, torch.Tensor], config: Model
     if config.num_layers > max(blocks, default=-1) + 1:  # before building even a meta model of that depth
         raise InvalidInput(f"{path}: tensors hold blocks {describe_blocks(blocks)}, the model config has "
                            f"{config.num_layers} layers")
-    shapes = expected_shapes(config)
+    try:
+        shapes = expected_shapes(config)
+    except (RuntimeError, ValueError, OverflowError) as e:
+        raise InvalidInput(f"{path}: the model config describes no buildable model ({e})") from None
     missing = sorted(set(shapes) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(shapes))
     if missing or unexpected:

@@ -37,3 +37,8 @@ class ComplianceError(PgolfError):
     """A legality check (C1-C4) failed (exit 5)."""
 
     exit_code = 5
+
+
+def named(error: OSError, path) -> OSError:
+    """The same OSError naming `path` (a failed write() carries no file name), for the one-line report."""
+    return error if error.filename else type(error)(error.errno, error.strerror, str(path))

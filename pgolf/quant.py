@@ -19,7 +19,6 @@ as fp16/fp32 (or unchanged when it is not floating point). plan.json records eac
 
 import json
 import math
-import os
 from pathlib import Path
 
 import torch
@@ -27,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
+from pgolf.artifacts import atomic_write_bytes
 from pgolf.errors import InvalidInput
 from pgolf.gptq import GPTQ_BLOCK, GPTQ_DAMP, gptq_levels, hessian_error
 
@@ -328,7 +328,7 @@ def check_finite_tensor(tensor: torch.Tensor, name: str, where: str) -> None:
 
 
 def save_quantized(directory: Path, tensors: dict[str, torch.Tensor], plan: dict) -> tuple[Path, Path]:
-    """Write quantized.safetensors and plan.json into `directory` (each to a temporary name, then renamed)."""
+    """Write quantized.safetensors and plan.json into `directory` (each atomically)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     contiguous = {name: tensor.contiguous() for name, tensor in tensors.items()}
@@ -339,12 +339,7 @@ def save_quantized(directory: Path, tensors: dict[str, torch.Tensor], plan: dict
         directory / PLAN_FILE: (json.dumps(plan, indent=1, sort_keys=True) + "\n").encode(),
     }
     for path, data in files.items():
-        temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            temporary.write_bytes(data)
-            os.replace(temporary, path)
-        finally:
-            temporary.unlink(missing_ok=True)
+        atomic_write_bytes(path, data)
     return directory / QUANTIZED_FILE, directory / PLAN_FILE
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from pgolf.artifacts import MANIFEST, read_manifest, sha256_file
-from pgolf.errors import InvalidInput
+from pgolf.errors import InvalidInput, named
 
 MAGIC = 20240520
 VERSION = 1
@@ -90,16 +90,22 @@ class ShardFile:
         tokens = np.asarray(tokens)
         if tokens.size and (tokens.min() < 0 or tokens.max() >= MAX_VOCAB):
             raise InvalidInput(f"{self.path}: token id outside uint16 range")
-        self.file.write(tokens.astype("<u2", copy=False).tobytes())
+        try:
+            self.file.write(tokens.astype("<u2", copy=False).tobytes())
+        except OSError as e:
+            raise named(e, self.path) from None
         self.n_tokens += int(tokens.size)
 
     def close(self) -> None:
-        self.file.seek(0)
-        self.file.write(header_bytes(self.n_tokens))
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        os.replace(self.tmp, self.path)
+        try:
+            self.file.seek(0)
+            self.file.write(header_bytes(self.n_tokens))
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            os.replace(self.tmp, self.path)
+        except OSError as e:
+            raise named(e, self.path) from None
 
     def discard(self) -> None:
         self.file.close()

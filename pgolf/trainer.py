@@ -25,7 +25,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch.nn.parallel import DistributedDataParallel
 
 from pgolf.artifacts import atomic_write_bytes
-from pgolf.errors import InvalidInput, PgolfError, UsageError
+from pgolf.errors import InvalidInput, PgolfError, UsageError, named
 from pgolf.loader import TrainLoader
 from pgolf.model import GPT, CastedLinear, ModelConfig, param_groups, set_qat_enabled, set_qat_plan
 from pgolf.optim import Muon, build_optimizers, zeropower_via_newtonschulz5
@@ -248,16 +248,22 @@ class TrainLog:
     def line(self, text: str) -> None:
         if not self.enabled:
             return
-        with open(self.human, "a") as f:
-            f.write(text + "\n")
+        try:
+            with open(self.human, "a") as f:
+                f.write(text + "\n")
+        except OSError as e:
+            raise named(e, self.human) from None
         if self.on_line:
             self.on_line(text)
 
     def record(self, record: dict) -> None:
         if not self.enabled:
             return
-        with open(self.jsonl, "a") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
+        try:
+            with open(self.jsonl, "a") as f:
+                f.write(json.dumps(record, sort_keys=True) + "\n")
+        except OSError as e:
+            raise named(e, self.jsonl) from None
         if self.on_record:
             self.on_record(record)
 

@@ -8,7 +8,6 @@ train_gpt.py is the counted code file: `pgolf verify-size BUNDLE_DIR` counts exa
 
 import dataclasses
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from pgolf.artifacts import (
     StageOutput,
     atomic_write_bytes,
     atomic_write_json,
+    copy_file,
     open_stage,
     output_path,
     output_sha256,
@@ -177,45 +177,46 @@ def bundle(
     _, plan = read_blob(blob_path)
     evaluation = open_eval(eval_dir, compress)
     baked = baked_settings(train, quantize, compress, plan, evaluation)
-    source = bundle_source(baked, f"{name}: Parameter Golf submission by {author or github_id}")
-    if compress_code:  # the shipped program is the minified one: comments and docstrings are counted bytes
-        source = minified_source(source)
-    code = self_extracting(source) if compress_code else source
-    if compress_code and extracted_source(code) != source:
-        raise RuntimeError("self-extracting script does not reproduce the bundled source (a bundler bug)")
-    bytes_model, bytes_code = blob_path.stat().st_size, len(code.encode())
-    if bytes_model + bytes_code > ARTIFACT_BYTE_LIMIT:
-        raise OverBudget(f"{blob_dir}: model {bytes_model:,} + code {bytes_code:,} bytes exceed the "
-                         f"{ARTIFACT_BYTE_LIMIT:,}-byte cap by {bytes_model + bytes_code - ARTIFACT_BYTE_LIMIT:,}")
-    submission = {
-        "name": name, "author": author or github_id, "github_id": github_id, "blurb": blurb,
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "track": TRACK,
-        "val_loss": None, "val_bpb": None,
-        **scores(train, evaluation, report_dir),
-        "bytes_total": bytes_model + bytes_code, "bytes_code": bytes_code, "bytes_model": bytes_model,
-        "hardware": train.get("environment", {}).get("gpu"),
-        "pytorch_version": train.get("environment", {}).get("torch"),
-    }
-    if submission["val_bpb"] is None:
-        log.warn("no --eval or --report: submission.json has no post-quantization score yet")
-    command = "torchrun --standalone --nproc_per_node=8 train_gpt.py train --data DATA_DIR"
     config = {"baked": baked, "compress_code": compress_code}
     inputs = [train_dir, quantize_dir, blob_dir] + [p for p in (eval_dir, report_dir) if p is not None]
     with StageOutput(out, "bundle", config=config, force=force, inputs=inputs) as stage:
+        source = bundle_source(baked, f"{name}: Parameter Golf submission by {author or github_id}")
+        if compress_code:  # the shipped program is the minified one: comments and docstrings are counted bytes
+            source = minified_source(source)
+        code = self_extracting(source) if compress_code else source
+        if compress_code and extracted_source(code) != source:
+            raise RuntimeError("self-extracting script does not reproduce the bundled source (a bundler bug)")
+        bytes_model, bytes_code = blob_path.stat().st_size, len(code.encode())
+        if bytes_model + bytes_code > ARTIFACT_BYTE_LIMIT:
+            raise OverBudget(f"{blob_dir}: model {bytes_model:,} + code {bytes_code:,} bytes exceed the "
+                             f"{ARTIFACT_BYTE_LIMIT:,}-byte cap by "
+                             f"{bytes_model + bytes_code - ARTIFACT_BYTE_LIMIT:,}")
+        submission = {
+            "name": name, "author": author or github_id, "github_id": github_id, "blurb": blurb,
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "track": TRACK,
+            "val_loss": None, "val_bpb": None,
+            **scores(train, evaluation, report_dir),
+            "bytes_total": bytes_model + bytes_code, "bytes_code": bytes_code, "bytes_model": bytes_model,
+            "hardware": train.get("environment", {}).get("gpu"),
+            "pytorch_version": train.get("environment", {}).get("torch"),
+        }
+        if submission["val_bpb"] is None:
+            log.warn("no --eval or --report: submission.json has no post-quantization score yet")
+        command = "torchrun --standalone --nproc_per_node=8 train_gpt.py train --data DATA_DIR"
         for directory, role in ((train_dir, "train"), (quantize_dir, "quantize"), (blob_dir, "compress"),
                                 (eval_dir, "eval"), (report_dir, "report")):
             if directory is not None:
                 stage.add_input(directory / MANIFEST, role)
         atomic_write_bytes(stage.add_output("train_gpt.py", "code"), code.encode())
-        shutil.copyfile(blob_path, stage.add_output(SUBMISSION_BLOB, "blob"))
+        copy_file(blob_path, stage.add_output(SUBMISSION_BLOB, "blob"))
         atomic_write_json(stage.add_output("submission.json", "submission"), submission)
         readme = readme_text(submission, baked, command)
         atomic_write_bytes(stage.add_output("README.md", "readme"), readme.encode())
         for role, file_name in (("log", "train.log"), ("log_jsonl", "train_log.jsonl")):
-            shutil.copyfile(output_path(train, train_dir, role), stage.add_output(file_name, role))
+            copy_file(output_path(train, train_dir, role), stage.add_output(file_name, role))
         if evaluation is not None:
-            shutil.copyfile(output_path(evaluation, eval_dir, "results"),
-                            stage.add_output("eval_results.json", "eval_results"))
+            copy_file(output_path(evaluation, eval_dir, "results"), stage.add_output("eval_results.json",
+                                                                                     "eval_results"))
         stage.metrics = {key: submission[key] for key in ("bytes_total", "bytes_code", "bytes_model",
                                                           "val_loss", "val_bpb")}
         stage.check("fits_cap", True, f"{bytes_model + bytes_code:,} <= {ARTIFACT_BYTE_LIMIT:,} bytes")

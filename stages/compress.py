@@ -43,21 +43,21 @@ def compress(
     """
     config, _ = resolve(CompressConfig, kind="compress", config_file=config_file,
                         overrides={"codec": codec, "level": level, "shuffle": shuffle, "bitpack": bitpack})
-    tensors, plan, manifest = load_quantize_output(quantized_dir)
-    codecs = CODECS if config.codec == "auto" else (config.codec,)
-    log.info(f"compressing {len(tensors)} tensors with {', '.join(codecs)} "
-             f"(shuffle {config.shuffle}, bitpack {config.bitpack})")
-    rows = blob_candidates(tensors, plan, codecs, shuffle=SWITCHES[config.shuffle],
-                           bitpack=SWITCHES[config.bitpack], level=config.level,
-                           progress=lambda row: log.info(f"  {layout_name(row)}: {row['bytes']:,} B "
-                                                         f"({row['seconds']:.2f} s)"))
-    best = rows[0]
-    restored, restored_plan = unpack_blob(best["blob"])
-    if not tensors_bit_equal(restored, tensors) or restored_plan != plan:
-        raise RuntimeError("blob round trip is not bit-exact (a codecs bug); nothing written")
-    raw_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
     inputs = [quantized_dir] + ([config_file] if config_file else [])
     with StageOutput(out, "compress", config=to_dict(config), force=force, inputs=inputs) as stage:
+        tensors, plan, manifest = load_quantize_output(quantized_dir)
+        codecs = CODECS if config.codec == "auto" else (config.codec,)
+        log.info(f"compressing {len(tensors)} tensors with {', '.join(codecs)} "
+                 f"(shuffle {config.shuffle}, bitpack {config.bitpack})")
+        rows = blob_candidates(tensors, plan, codecs, shuffle=SWITCHES[config.shuffle],
+                               bitpack=SWITCHES[config.bitpack], level=config.level,
+                               progress=lambda row: log.info(f"  {layout_name(row)}: {row['bytes']:,} B "
+                                                             f"({row['seconds']:.2f} s)"))
+        best = rows[0]
+        restored, restored_plan = unpack_blob(best["blob"])
+        if not tensors_bit_equal(restored, tensors) or restored_plan != plan:
+            raise RuntimeError("blob round trip is not bit-exact (a codecs bug); nothing written")
+        raw_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
         for role in ("quantized", "plan"):
             stage.add_input(output_path(manifest, quantized_dir, role), role)
         atomic_write_bytes(stage.add_output("model.blob", "blob"), best["blob"])

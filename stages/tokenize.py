@@ -8,7 +8,7 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from pgolf import log
-from pgolf.artifacts import StageOutput, sha256_file
+from pgolf.artifacts import StageOutput, atomic_write_bytes, sha256_file
 from pgolf.bpb import check_tokenizer, load_tokenizer
 from pgolf.config import resolve, to_dict
 from pgolf.corpus import Corpus
@@ -88,7 +88,7 @@ def tokenize(
         stage.check("tokenizer_fit_for_bpb", not problems, "; ".join(problems))
         vocab = load_tokenizer_bytes(model_proto).GetPieceSize()
         model_path = stage.add_output(f"fineweb_{vocab}_bpe.model", "tokenizer")
-        model_path.write_bytes(model_proto)
+        atomic_write_bytes(model_path, model_proto)
         for path in corpus.files:
             stage.add_input(path, "corpus")
         if tokenizer:

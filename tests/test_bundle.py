@@ -275,3 +275,61 @@ def test_refuses_a_blob_from_another_run(pipeline, tiny_checkpoint_dir, tmp_path
                      "--name", "x", "--github-id", "y", "--out", pipeline / "plain")
     assert exists.returncode == 3 and "--force" in exists.stderr
     assert not (tmp_path / "b").exists()
+
+
+def data_with_tokenizer(tiny_data_dir: Path, directory: Path, model: bytes) -> Path:
+    """The val/train shards of the tiny data, manifest-less, beside another tokenizer file."""
+    directory.mkdir()
+    for shard in sorted(tiny_data_dir.glob("fineweb_*.bin")):
+        (directory / shard.name).write_bytes(shard.read_bytes())
+    (directory / "fineweb_bpe.model").write_bytes(model)
+    return directory
+
+
+def test_bundled_eval_checks_the_tokenizer_against_the_blob_itself(pipeline, tiny_data_dir, tmp_path):
+    from pgolf.tokenizer import train_tokenizer
+    from tests.shared_data import SP8192, fineweb_docs, need
+
+    sp8192 = data_with_tokenizer(tiny_data_dir, tmp_path / "sp8192", need(SP8192).read_bytes())
+    result = isolated_python(pipeline / "packed", "train_gpt.py", "eval", "--data", sp8192)
+    assert result.returncode == 3, result.stderr
+    assert result.stderr.strip().splitlines()[-1].endswith(
+        "tokenizer vocabulary is 8192 but the model's vocab_size is 1024 (wrong --data or --tokenizer for this "
+        "artifact?)")
+    other_1024 = train_tokenizer(fineweb_docs()[100:], 1024, threads=1)
+    lookalike = data_with_tokenizer(tiny_data_dir, tmp_path / "other1024", other_1024)
+    result = isolated_python(pipeline / "packed", "train_gpt.py", "eval", "--data", lookalike)
+    assert result.returncode == 3 and "differs from the tokenizer the model was trained with" in result.stderr
+    assert not RESULT_LINE.search(result.stdout)
+
+
+def test_bundled_eval_refuses_a_crafted_blob_in_one_line(pipeline, tiny_data_dir, tmp_path):
+    blob = bytearray((pipeline / "blob" / "model.blob").read_bytes())
+    blob[40] ^= 0xFF
+    (tmp_path / "bad.blob").write_bytes(bytes(blob))
+    (tmp_path / "junk.blob").write_bytes(b"PGLF" + bytes(100))
+    for name in ("bad.blob", "junk.blob"):
+        result = isolated_python(pipeline / "packed", "train_gpt.py", "eval", "--data", tiny_data_dir,
+                                 "--blob", tmp_path / name)
+        assert result.returncode == 3 and "Traceback" not in result.stderr, result.stderr
+        assert result.stderr.strip().startswith(f"error: {tmp_path / name}: ")
+
+
+def test_bundle_follows_the_blob_s_own_lineage_from_any_directory(pipeline, tmp_path, monkeypatch, capsys):
+    """Relative --out paths used to be recorded as given: run from another directory holding a decoy `q`,
+    bundle baked the decoy's clip setting. Inputs are recorded resolved and found again by digest."""
+    run_dir, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    run_dir.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(run_dir)
+    assert run_main("quantize", pipeline / "train", "--plan", "int6", "--clip", "percentile", "--out", "q") == 0
+    assert run_main("compress", "q", "--codec", "zlib", "--out", "blob") == 0
+    monkeypatch.chdir(elsewhere)
+    assert run_main("quantize", pipeline / "train", "--plan", "int6", "--clip", "gptq-lite", "--out", "q") == 0
+    result = run_cli(capsys, "bundle", "--train", pipeline / "train", "--blob", run_dir / "blob", "--name", "x",
+                     "--github-id", "y", "--out", tmp_path / "bundle")
+    assert result.returncode == 0, result.stderr
+    baked = read_manifest(tmp_path / "bundle")["config"]["baked"]["quantize"]
+    assert baked["clip"] == "percentile"
+    inputs = {record["role"]: record["path"] for record in read_manifest(tmp_path / "bundle")["inputs"]}
+    assert inputs["quantize"] == str((run_dir / "q" / "manifest.json").resolve())

@@ -1,6 +1,7 @@
 """`pgolf --help`, `pgolf data check` and `pgolf verify` through a real subprocess: exit codes and one-line errors."""
 
 import json
+import resource
 import shutil
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import pytest
 
 from pgolf.bpb import build_byte_tables, load_tokenizer
 from pgolf.shards import ShardWriter, write_shard
-from tests.shared_data import SP1024, fineweb_docs, need
+from tests.shared_data import DOCS200, SP1024, fineweb_docs, need
 
 
 def pgolf(*args, cwd=None):
@@ -94,3 +95,89 @@ def test_long_log_lines_stay_whole_in_a_pipe():
     result = subprocess.run([sys.executable, "-c", f"from pgolf import log; log.info({message!r}); "
                              f"log.warn({message!r})"], capture_output=True, text=True, check=True)
     assert result.stderr.splitlines() == [message, f"warning: {message}"]
+
+
+# ---- a full disk, in every stage: one line naming the file, exit 3, nothing left that looks like an output ----
+def limited_file_size(limit_bytes: int):
+    """A real write failure without root: files cannot grow past `limit_bytes` (EFBIG, like a full disk)."""
+    def apply():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+    return apply
+
+
+@pytest.fixture(scope="module")
+def chain(tiny_data_dir, tmp_path_factory):
+    """train -> quantize -> compress -> eval outputs of a few tiny steps, each stage's input for the next."""
+    root = tmp_path_factory.mktemp("chain")
+    for args in (("train", tiny_data_dir, "--preset", "tiny", "--iterations", 4, "--out", root / "train"),
+                 ("quantize", root / "train", "--plan", "int6", "--keep-float-numel", "1024", "--out",
+                  root / "q"),
+                 ("compress", root / "q", "--codec", "zlib", "--out", root / "blob"),
+                 ("eval", root / "blob", "--data", tiny_data_dir, "--out", root / "eval")):
+        assert pgolf(*args).returncode == 0, args
+    return root
+
+
+def stage_commands(data, chain, out):
+    train = chain / "train"
+    return {
+        "tokenize": ["tokenize", need(DOCS200), "--tokenizer", SP1024, "--val-docs", 10, "--out", out],
+        "train": ["train", data, "--preset", "tiny", "--iterations", 2, "--out", out],
+        "quantize": ["quantize", train, "--plan", "int6", "--out", out],
+        "compress": ["compress", chain / "q", "--codec", "zlib", "--out", out],
+        "eval": ["eval", chain / "blob", "--data", data, "--out", out],
+        "bundle": ["bundle", "--train", train, "--blob", chain / "blob", "--name", "x", "--github-id", "y",
+                   "--out", out],
+        "report": ["report", chain / "eval", "--out", out],
+    }
+
+
+@pytest.mark.parametrize("stage", ["tokenize", "train", "quantize", "compress", "eval", "bundle", "report"])
+def test_a_full_disk_is_one_line_naming_the_file(stage, tiny_data_dir, chain, tmp_path):
+    out = tmp_path / "out"
+    command = stage_commands(tiny_data_dir, chain, out)[stage]
+    # 64 bytes: the lock file's pid fits, every output does not (train's model, eval's results.json, ...).
+    result = subprocess.run([sys.executable, "-m", "pgolf", *map(str, command)], capture_output=True, text=True,
+                            preexec_fn=limited_file_size(64))
+    assert result.returncode == 3, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "cannot write (File too large)" in last and str(tmp_path) in last
+    assert "Traceback" not in result.stderr
+    assert not out.exists() and not (tmp_path / ".out.lock").exists()
+    # Only train keeps its staging directory (what --resume continues from); every other stage removes it.
+    assert (tmp_path / ".out.partial").exists() == (stage == "train")
+
+
+def test_data_check_refuses_an_empty_shard(shard_dir, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(shard_dir, bad)
+    empty = bad / f"fineweb_train_{len(list(bad.glob('fineweb_train_*.bin'))):06d}.bin"
+    write_shard(empty, np.zeros(0, dtype=np.uint16))
+    result = pgolf("data", "check", bad)
+    assert result.returncode == 3 and result.stderr.strip() == f"error: {empty}: holds 0 tokens (an empty " \
+        "shard; remove it or re-run tokenize)"
+
+
+def tree(directory):
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("case", ["cwd", "own input", "data dir", "ancestor of input"])
+def test_force_never_deletes_what_the_issue_saw_deleted(case, chain, tiny_data_dir, tmp_path):
+    """Each of these used to be emptied by --force (exit 0 or a traceback)."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("mine")
+    commands = {
+        "cwd": (["compress", chain / "q", "--out", ".", "--force"], work, "is the current directory"),
+        "own input": (["compress", chain / "q", "--out", chain / "q", "--force"], chain / "q", "is an input"),
+        "data dir": (["eval", chain / "blob", "--data", tiny_data_dir, "--out", tiny_data_dir, "--force"],
+                     tiny_data_dir, "is an input"),
+        "ancestor of input": (["compress", chain / "q", "--out", chain, "--force"], chain, "holds an input"),
+    }
+    args, watched, message = commands[case]
+    before = tree(watched)
+    result = subprocess.run([sys.executable, "-m", "pgolf", *map(str, args)], capture_output=True, text=True,
+                            cwd=work)
+    assert result.returncode == 3 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert tree(watched) == before

@@ -3,6 +3,7 @@ refused, and `pgolf compress` end to end on a quantize output directory."""
 
 import dataclasses
 import json
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pgolf.artifacts import StageOutput, read_manifest
 from pgolf.cli import main
@@ -17,6 +20,7 @@ from pgolf.codecs import (
     BLOB_HEADER,
     CODECS,
     build_payload,
+    encode_blob,
     pack_bits,
     pack_blob,
     read_blob,
@@ -27,6 +31,7 @@ from pgolf.codecs import (
     unshuffle_bytes,
 )
 from pgolf.errors import InvalidInput
+from pgolf.loading import load_blob_model
 from pgolf.model import GPT, ModelConfig
 from pgolf.quant import PLAN_FILE, QUANTIZED_FILE, quantize_state, save_quantized
 
@@ -248,3 +253,84 @@ def test_compress_refuses_a_tampered_quantize_dir(quantize_dir, tmp_path, capsys
     result = run_cli(capsys, "compress", bad, "--codec", "zlib", "--out", tmp_path / "blob")
     assert result.returncode == 3 and "plan.json" in result.stderr and "sha256" in result.stderr
     assert not (tmp_path / "blob").exists()
+
+
+# ---- crafted blobs: refused with one InvalidInput, never half-loaded, never another exception ---------------
+def reencoded(tensors: dict, plan: dict, header_change=None, payload_change=None) -> bytes:
+    """A blob whose payload (header JSON and/or bytes) was altered after packing, with a valid CRC, so only
+    the payload checks can catch it."""
+    payload = build_payload(tensors, plan, shuffle=False, bitpack=True)
+    if header_change is not None:
+        (length,) = struct.unpack_from("<I", payload)
+        header = json.loads(payload[4 : 4 + length])
+        header_change(header)
+        encoded = json.dumps(header).encode()
+        payload = struct.pack("<I", len(encoded)) + encoded + payload[4 + length:]
+    if payload_change is not None:
+        payload = payload_change(payload)
+    return encode_blob(payload, "zlib", 9, False, True)
+
+
+def first_entry(name: str):
+    def change(header):
+        return next(entry for entry in header["tensors"] if entry[0] == name)
+    return change
+
+
+CRAFTED = {
+    "negative shape": lambda h: first_entry("tok_emb.weight")(h).__setitem__(2, [-4, 64]),
+    "shape of strings": lambda h: first_entry("tok_emb.weight")(h).__setitem__(2, ["a"]),
+    "unknown dtype": lambda h: first_entry("tok_emb.weight")(h).__setitem__(1, "complex64"),
+    "unknown encoding": lambda h: first_entry("tok_emb.weight")(h).__setitem__(3, "rle"),
+    "bit width 9": lambda h: next(e for e in h["tensors"] if isinstance(e[3], list)).__setitem__(3, ["pack", 9, 0]),
+    "entries not a list": lambda h: h.__setitem__("tensors", 5),
+    "plan not an object": lambda h: h.__setitem__("plan", [1]),
+    "tensor listed twice": lambda h: h["tensors"].append(h["tensors"][0]),
+    "record without shape": lambda h: h["plan"]["tensors"]["tok_emb.weight"].pop("shape"),
+    "unknown scheme": lambda h: h["plan"]["tensors"]["tok_emb.weight"].__setitem__("scheme", "int3"),
+    "a million layers": lambda h: h["plan"]["model_config"].__setitem__("num_layers", 10**6),
+    "layers as text": lambda h: h["plan"]["model_config"].__setitem__("num_layers", "eleven"),
+    "huge width": lambda h: h["plan"]["model_config"].__setitem__("model_dim", 10**12),
+    "no model config": lambda h: h["plan"].pop("model_config"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CRAFTED))
+def test_a_crafted_blob_is_refused_with_one_line(state, tmp_path, case):
+    tensors, plan = state
+    path = tmp_path / "model.blob"
+    path.write_bytes(reencoded(tensors, plan, header_change=CRAFTED[case]))
+    with pytest.raises(InvalidInput):
+        load_blob_model(path)
+
+
+def test_non_finite_values_in_a_blob_are_refused(state, tmp_path):
+    tensors, plan = state
+    scales = {**tensors, "tok_emb.weight.scale": tensors["tok_emb.weight.scale"].clone()}
+    scales["tok_emb.weight.scale"][2] = float("inf")
+    vector = next(name for name, record in plan["tensors"].items() if record["scheme"] == "fp16")
+    passthrough = {**tensors, vector: tensors[vector].clone()}
+    passthrough[vector].view(-1)[0] = float("nan")
+    for bad, message in ((scales, "'tok_emb.weight.scale' holds 1 NaN/Inf"), (passthrough, f"'{vector}' holds 1")):
+        path = tmp_path / "model.blob"
+        path.write_bytes(pack_blob(bad, plan, "zlib"))
+        with pytest.raises(InvalidInput, match=message):
+            read_blob(path)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.data())
+def test_random_payload_corruption_raises_only_invalid_input(state, tmp_path, data):
+    tensors, plan = state
+    payload = bytearray(build_payload(tensors, plan, shuffle=True, bitpack=True))
+    for _ in range(data.draw(st.integers(1, 8))):
+        position = data.draw(st.integers(0, len(payload) - 1))
+        payload[position] = data.draw(st.integers(0, 255))
+    if data.draw(st.booleans()):
+        del payload[data.draw(st.integers(0, len(payload) - 1)):]
+    path = tmp_path / "model.blob"
+    path.write_bytes(encode_blob(bytes(payload), "zlib", 1, True, True))
+    try:
+        load_blob_model(path)
+    except InvalidInput:
+        pass

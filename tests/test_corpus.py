@@ -116,3 +116,32 @@ def test_sources_that_name_no_corpus(tmp_path):
         corpus_files(tmp_path / "x.json")
     with pytest.raises(InvalidInput, match="pattern matches no"):
         corpus_files(str(tmp_path / "*.jsonl"))
+
+
+def test_a_zstd_file_cut_at_a_block_boundary_is_refused_not_read_short(docs, tmp_path):
+    """Flushing a block after every document makes block boundaries land between lines; a file cut at one
+    decodes cleanly to fewer documents, which only the frame's missing end gives away."""
+    compressor = zstandard.ZstdCompressor(level=3).compressobj()
+    whole, cut = b"", None
+    for index, text in enumerate(docs[:50]):
+        whole += compressor.compress((json.dumps({"text": text}) + "\n").encode())
+        whole += compressor.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+        if index == 29:
+            cut = len(whole)
+    whole += compressor.flush()
+    complete, truncated = tmp_path / "all.jsonl.zst", tmp_path / "cut.jsonl.zst"
+    complete.write_bytes(whole)
+    truncated.write_bytes(whole[:cut])
+    assert read_all(complete) == docs[:50]
+    with pytest.raises(InvalidInput, match=r"cut.jsonl.zst: zstd stream is truncated .*after line 30"):
+        read_all(truncated)
+    (tmp_path / "empty.jsonl.zst").write_bytes(b"")
+    with pytest.raises(InvalidInput, match="zstd stream is empty"):
+        read_all(tmp_path / "empty.jsonl.zst")
+
+
+def test_concatenated_zstd_frames_are_one_corpus(docs, tmp_path):
+    frames = b"".join(zstandard.ZstdCompressor().compress("".join(json.dumps({"text": t}) + "\n" for t in part)
+                                                          .encode()) for part in (docs[:3], docs[3:7]))
+    (tmp_path / "frames.jsonl.zst").write_bytes(frames)
+    assert read_all(tmp_path / "frames.jsonl.zst") == docs[:7]

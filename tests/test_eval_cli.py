@@ -216,3 +216,36 @@ def test_eval_speed_benchmark_runs_and_reports_each_measurement(tiny_checkpoint_
     assert lines["flat"]["targets"] == lines["sliding"]["targets"] == 2999
     assert lines["sliding"]["gain_bpb_vs_flat"] > 0 and lines["ngram_best"]["gain_bpb_vs_sliding"] > 0
     assert len(lines["ngram_sweep"]["points"]) == 4 and lines["ttt"]["steps"] > 0
+
+
+def test_default_outputs_are_one_directory_per_mode_and_settings(tiny_checkpoint_dir, tiny_data_dir, tmp_path,
+                                                                 monkeypatch, capsys):
+    artifact = tmp_path / "train"
+    shutil.copytree(tiny_checkpoint_dir, artifact)
+    runs = {"flat": [], "sliding": ["--sliding-stride", "64"], "ngram": ["--ngram-order", "2", "--alpha", "0.3"]}
+    written = {}
+    for name, flags in runs.items():
+        code, out, err = pgolf_eval(artifact, "--data", tiny_data_dir, *flags, "--json", monkeypatch=monkeypatch,
+                                    capsys=capsys)
+        assert code == 0, err
+        written[name] = Path(json.loads(out)["out"])
+        assert json.loads((written[name] / "manifest.json").read_text())["stage"] == "eval"
+    assert [path.parent for path in written.values()] == [tmp_path] * 3
+    assert written["flat"].name.startswith("eval-flat-") and written["sliding"].name.startswith("eval-sliding64-")
+    assert written["ngram"].name.startswith("eval-flat-ngram2-a0.3-")
+    code, _, err = pgolf_eval(artifact, "--data", tiny_data_dir, "--sliding-stride", "64",
+                              monkeypatch=monkeypatch, capsys=capsys)  # the same settings: the same directory
+    assert code == 3 and f"{written['sliding']}: output directory already exists (pass --force" in err
+
+
+def test_a_shard_the_data_manifest_does_not_list_is_never_scored(tiny_checkpoint_dir, tiny_data_dir, tmp_path,
+                                                                 monkeypatch, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data_dir, data)
+    shards = sorted(data.glob("fineweb_val_*.bin"))
+    extra = data / f"fineweb_val_{len(shards):06d}.bin"
+    shutil.copy(shards[0], extra)  # the kind of copy that would double the scored tokens
+    code, _, err = pgolf_eval(tiny_checkpoint_dir, "--data", data, "--out", tmp_path / "eval",
+                              monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 3 and f"{extra}: a shard {data / 'manifest.json'} does not list" in err
+    assert not (tmp_path / "eval").exists()

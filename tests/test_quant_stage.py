@@ -355,3 +355,38 @@ def test_exit_codes_through_the_real_entry_point(trained_dir, tmp_path):
     )
     assert result.returncode == 2 and result.stderr.strip().startswith("error: unknown plan 'int4'")
     assert "Traceback" not in result.stderr
+
+
+def test_a_fit_with_nothing_to_demote_exits_4_instead_of_writing_an_oversized_plan(trained_dir, capsys,
+                                                                                  tmp_path):
+    """With the challenge's keep-float size every matrix of this 64-wide model stays float: no block can be
+    demoted, which the fit used to take as done (exit 0 over the target)."""
+    result = run_cli(capsys, "quantize", trained_dir, "--plan", "center-out-int5", "--target-bytes", 50_000,
+                     "--out", tmp_path / "q")
+    assert result.returncode == 4 and "target 50,000 bytes is out of reach" in result.stderr
+    assert "(0 demotable blocks)" in result.stderr and not (tmp_path / "q").exists()
+
+
+def test_non_finite_weights_are_refused_before_anything_is_written(trained_dir, capsys, tmp_path):
+    state, config, metadata = load_checkpoint(trained_dir / "model.safetensors")
+    state["blocks.1.mlp.fc.weight"][3, 5] = float("nan")
+    state["blocks.0.attn.c_q.weight"][0, 0] = float("inf")
+    broken = tmp_path / "train"
+    with StageOutput(broken, "train", argv=["test"]) as stage:
+        save_checkpoint(stage.add_output("model.safetensors", "checkpoint"), state, config, metadata)
+        stage.finalize()
+    result = run_cli(capsys, "quantize", broken, "--plan", "int6", "--out", tmp_path / "q")
+    assert result.returncode == 3 and "NaN/Inf values (a diverged or corrupt run)" in result.stderr
+    assert "blocks.0.attn.c_q.weight holds 1 " in result.stderr and not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("plan_text, message", [
+    ('default = ["int6"]\n', "default = 'list' is not a string"),
+    ('[tensors]\n"blocks.*" = 5\n', "'tensors' must map name patterns to scheme names"),
+    ("tensors = 3\n", "'tensors' must map name patterns to scheme names"),
+])
+def test_non_scalar_plan_values_are_one_usage_line(trained_dir, capsys, tmp_path, plan_text, message):
+    plan = tmp_path / "plan.toml"
+    plan.write_text(plan_text)
+    result = run_cli(capsys, "quantize", trained_dir, "--plan", plan, "--out", tmp_path / "q")
+    assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -80,8 +80,9 @@ def write_stage(out, stage, config, metrics, inputs=(), files=None):
     return out
 
 
-def eval_run(root, seed: int, val_loss: float, blob_bytes: int = 15_000_000):
-    """train -> quantize -> compress -> eval directories, each manifest's inputs naming the one before."""
+def eval_run(root, seed: int, val_loss: float, blob_bytes: int = 15_000_000, val_shard=None, config=None):
+    """train -> quantize -> compress -> eval directories, each manifest's inputs naming the one before (and
+    the eval's naming `val_shard`, when given, as what it scored)."""
     train = write_stage(root / "train", "train", {"train": {"seed": seed}},
                         {"val_loss": val_loss - 0.01, "val_bpb": (val_loss - 0.01) * RATIO, "steps": 820,
                          "ms_per_step": 366.0}, files={"model.safetensors": "checkpoint"})
@@ -89,8 +90,9 @@ def eval_run(root, seed: int, val_loss: float, blob_bytes: int = 15_000_000):
                            {"quantized.safetensors": "quantized"})
     blob = write_stage(root / "blob", "compress", {}, {"bytes": blob_bytes},
                        [(quantize / "quantized.safetensors", "quantized")], {"model.blob": "blob"})
-    return write_stage(root / "eval", "eval", {}, {"val_loss": val_loss, "val_bpb": val_loss * RATIO},
-                       [(blob / "model.blob", "blob")])
+    scored = [(val_shard, "val_shard")] if val_shard else []
+    return write_stage(root / "eval", "eval", config or {}, {"val_loss": val_loss, "val_bpb": val_loss * RATIO},
+                       [(blob / "model.blob", "blob"), *scored])
 
 
 @pytest.fixture(scope="module")
@@ -145,3 +147,56 @@ def test_report_on_train_dirs_and_refusals(runs, tmp_path, capsys):
     assert missing.returncode == 3 and "val_bpb is None" in missing.stderr
     wrong_stage = write_stage(tmp_path / "blob", "compress", {}, {})
     assert run_cli(capsys, "report", wrong_stage).returncode == 3
+
+
+def test_report_refuses_runs_that_are_not_independent_samples_of_one_measurement(runs, tmp_path, capsys):
+    twice = run_cli(capsys, "report", runs[0], runs[1], runs[0])
+    assert twice.returncode == 2 and "given twice in RUN_DIRs" in twice.stderr
+    same_seed = eval_run(tmp_path / "again", 1337, 2.00)
+    result = run_cli(capsys, "report", runs[0], same_seed)
+    assert result.returncode == 3 and "has seed 1337, as" in result.stderr and "not independent" in result.stderr
+    val_a, val_b = tmp_path / "val_a.bin", tmp_path / "val_b.bin"
+    val_a.write_bytes(b"validation A")
+    val_b.write_bytes(b"validation B")
+    on_a = eval_run(tmp_path / "a", 1, 2.0, val_shard=val_a)
+    on_b = eval_run(tmp_path / "b", 2, 2.0, val_shard=val_b)
+    result = run_cli(capsys, "report", on_a, on_b)
+    assert result.returncode == 3 and "were scored on different validation data or tokenizers" in result.stderr
+    result = run_cli(capsys, "report", runs[0], runs[1], "--reference-runs", on_a, "--reference-runs", on_b)
+    assert result.returncode == 3  # the reference group itself mixes validation sets
+    sliding = eval_run(tmp_path / "s", 3, 2.0, config={"eval": {"sliding_stride": 64}})
+    result = run_cli(capsys, "report", runs[0], sliding)
+    assert result.returncode == 3 and "were evaluated with different settings" in result.stderr
+    overlap = run_cli(capsys, "report", runs[0], runs[1], "--reference-runs", runs[1], "--reference-runs", runs[2])
+    assert overlap.returncode == 2 and "is both a RUN_DIR and a --reference-runs entry" in overlap.stderr
+
+
+@pytest.mark.parametrize("flags, message", [(("--reference", "nan"), "--reference must be a positive number"),
+                                            (("--reference", "inf"), "--reference must be a positive number"),
+                                            (("--reference-nats", "-1"), "--reference-nats must be a positive"),
+                                            (("--significance", "1.5"), "--significance must be in (0, 1)")])
+def test_report_refuses_meaningless_references(runs, capsys, flags, message):
+    result = run_cli(capsys, "report", *runs, *flags)
+    assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_report_states_a_verdict_at_the_significance_level(runs, capsys):
+    passed = run_cli(capsys, "report", *runs, "--reference-nats", 2.2, "--json")
+    verdict = json.loads(passed.stdout)["verdict"]
+    assert verdict["passed"] is True and verdict["significance"] == 0.01 and verdict["p_value"] < 0.01
+    assert "verdict: PASS (nats test: p = " in passed.stderr and "< 0.01" in passed.stderr
+    failed = run_cli(capsys, "report", *runs, "--reference-nats", 2.03, "--json")
+    assert json.loads(failed.stdout)["verdict"]["passed"] is False and "verdict: FAIL" in failed.stderr
+    loose = run_cli(capsys, "report", *runs, "--reference-nats", 2.045, "--significance", 0.2, "--json")
+    p_value = json.loads(loose.stdout)["verdict"]["p_value"]
+    assert 0.01 < p_value < 0.2 and json.loads(loose.stdout)["verdict"]["passed"] is True
+    single = run_cli(capsys, "report", runs[0], "--reference-nats", 2.2, "--json")
+    assert json.loads(single.stdout)["verdict"]["passed"] is None and "verdict: undecided" in single.stderr
+
+
+def test_equal_scores_give_a_decided_test_without_infinities(tmp_path, capsys):
+    equal = [eval_run(tmp_path / f"r{seed}", seed, 2.0) for seed in (1, 2)]
+    result = run_cli(capsys, "report", *equal, "--reference-nats", 2.2, "--out", tmp_path / "report", "--json")
+    assert result.returncode == 0, result.stderr
+    nats = json.loads(result.stdout)["tests"]["nats"]
+    assert nats["t"] is None and nats["p_value"] == 0.0 and "t = infinite (no spread)" in result.stderr

@@ -85,3 +85,45 @@ def test_dataset_reads_the_challenge_layout(tmp_path):
 
 def test_header_constants():
     assert HEADER_BYTES == 1024 and MAGIC == 20240520 and len(header_bytes(7)) == 1024
+
+
+def tokenize_like(directory, shards: dict) -> None:
+    """A tokenize-shaped output listing `shards` (name -> tokens) and a tokenizer file."""
+    from pgolf.artifacts import StageOutput
+
+    with StageOutput(directory, "tokenize") as stage:
+        for name, tokens in shards.items():
+            write_shard(stage.add_output(name, f"{name.split('_')[1]}_shard"), np.asarray(tokens))
+        stage.add_output("fineweb_1024_bpe.model", "tokenizer").write_bytes(b"model")
+        stage.metrics = {"tokenizer_sha256": "0" * 64}
+        stage.finalize()
+
+
+def test_a_manifest_lists_exactly_the_shards_that_are_read(tmp_path):
+    data = tmp_path / "data"
+    tokenize_like(data, {"fineweb_val_000000.bin": [1, 5, 6], "fineweb_train_000000.bin": [1, 7, 8]})
+    dataset = open_dataset(data)
+    assert dataset.tokenizer == data / "fineweb_1024_bpe.model" and dataset.manifest["stage"] == "tokenize"
+    extra = data / "fineweb_val_000001.bin"
+    write_shard(extra, np.array([1, 9, 9]))  # scored as validation if it were read: double the tokens
+    with pytest.raises(InvalidInput, match="fineweb_val_000001.bin: a shard .*manifest.json does not list"):
+        open_dataset(data)
+    extra.unlink()
+    write_shard(data / "fineweb_train_000000.bin", np.array([1, 7, 9]))  # same size, other tokens
+    with pytest.raises(InvalidInput, match="fineweb_train_000000.bin: sha256 does not match"):
+        open_dataset(data)
+    open_dataset(data, verify=("val",))  # eval reads only val: train shards are not hashed for it
+    (data / "fineweb_train_000000.bin").unlink()
+    with pytest.raises(InvalidInput, match="fineweb_train_000000.bin: listed in .* but missing"):
+        open_dataset(data, verify=())
+
+
+def test_an_empty_shard_is_refused_wherever_shards_are_read(tmp_path):
+    from pgolf.loader import TokenStream
+
+    write_shard(tmp_path / "fineweb_val_000000.bin", np.array([1, 2, 3]))
+    write_shard(tmp_path / "fineweb_train_000000.bin", np.zeros(0, dtype=np.uint16))
+    with pytest.raises(InvalidInput, match="fineweb_train_000000.bin: holds 0 tokens"):
+        open_dataset(tmp_path)
+    with pytest.raises(InvalidInput, match="the train shards hold no tokens"):  # the loop that used to spin
+        TokenStream([tmp_path / "fineweb_train_000000.bin"], vocab_size=1024).take(10)

@@ -411,3 +411,14 @@ def test_benchmark_corpus_counts_match_the_readme(capsys, tmp_path):
     tables = build_byte_tables(spm.SentencePieceProcessor(model_file=str(SP1024)))
     assert tables.count_bytes(load_split(list_shards(out, "val"))) == 12_623_248
     assert pgolf(capsys, "data", "check", out)[0] == 0
+
+
+@pytest.mark.parametrize("val_docs, warning", [
+    (None, "the train split is empty: all 200 documents went to validation (--val-docs 50,000)"),
+    (0, "the validation split is empty (--val-docs 0); nothing here can be scored"),
+])
+def test_an_empty_split_is_warned_about(capsys, tmp_path, val_docs, warning):
+    flags = [] if val_docs is None else ["--val-docs", val_docs]
+    code, _, err = pgolf(capsys, "tokenize", need(DOCS200), "--tokenizer", need(SP1024), *flags,
+                         "--out", tmp_path / "out")
+    assert code == 0 and f"warning: {tmp_path / 'out'}: {warning}" in " ".join(err.split())

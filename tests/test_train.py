@@ -451,3 +451,72 @@ def test_train_quality_protocol_chains_the_shipped_commands(tiny_data_dir, tmp_p
     row = json.loads(result.stdout.splitlines()[-1])
     assert row["preset"] == "tiny" and row["steps"] > 0 and row["blob_bytes"] < 16_000_000
     assert row["roundtrip_val_bpb"] == pytest.approx(row["val_bpb"], abs=0.05)
+
+
+def test_list_presets_prints_the_listing_on_stdout(capsys):
+    code, out, err = run_cli(capsys, "train", "--list-presets")
+    assert code == 0 and not err.strip()
+    assert {line.split()[0] for line in out.splitlines()} >= {"baseline", "seed-11l", "seed-11l-300s", "tiny"}
+
+
+@pytest.mark.parametrize("flags, code, message", [
+    (("--wallclock", "inf"), 2, "wallclock_seconds = inf is not a finite number"),
+    (("--wallclock", "nan"), 2, "wallclock_seconds = nan is not a finite number"),
+    (("--seed", str(2**64)), 2, "seed = 18446744073709551616: must be in [0, 9223372036854775807]"),
+])
+def test_out_of_range_settings_are_one_usage_line(tiny_data_dir, tmp_path, capsys, flags, code, message):
+    assert_fails(capsys, code, message, tiny_data_dir, "--preset", "tiny", "--out", tmp_path / "o", *flags)
+    assert not (tmp_path / "o").exists()
+
+
+def test_out_naming_a_file_is_refused(tiny_data_dir, tmp_path, capsys):
+    (tmp_path / "o").write_text("not a directory")
+    assert_fails(capsys, 3, "o: is a file, not a directory", tiny_data_dir, "--preset", "tiny",
+                 "--iterations", 2, "--out", tmp_path / "o")
+    assert (tmp_path / "o").read_text() == "not a directory"
+
+
+def test_a_diverged_run_writes_no_output_and_keeps_its_logs(tiny_data_dir, tmp_path, capsys):
+    with mock.patch.dict("os.environ", {"PGOLF_MATRIX_LR": "1e30", "PGOLF_TIED_EMBED_LR": "1e30"}):
+        code, _, err = run_cli(capsys, "train", tiny_data_dir, "--preset", "tiny", "--iterations", 3,
+                               "--out", tmp_path / "o")
+    last = err.strip().splitlines()[-1]
+    assert code == 3 and last.startswith("error: ") and "training diverged (val_loss nan after 3 steps)" in last
+    assert not (tmp_path / "o").exists()
+    assert "step 3" in (tmp_path / ".o.partial" / "train.log").read_text()
+
+
+def write_resume_checkpoint(data_dir: Path, out: Path) -> Path:
+    """A resume checkpoint of the tiny preset at step 0, where `pgolf train ... --out out --resume` reads it."""
+    from pgolf.shards import dataset_fingerprint, open_dataset
+
+    trainer = tiny_trainer(data_dir)
+    trainer.data_fingerprint = dataset_fingerprint(open_dataset(data_dir))
+    path = out.parent / f".{out.name}.partial" / RESUME_FILE
+    path.parent.mkdir(parents=True)
+    trainer.save_resume(path)
+    return path
+
+
+def test_resume_on_other_data_or_from_a_truncated_checkpoint_is_refused(tiny_data_dir, broken_data, tmp_path,
+                                                                        capsys):
+    out = tmp_path / "o"
+    checkpoint = write_resume_checkpoint(tiny_data_dir, out)
+    val = list_shards(broken_data, "val")[0]
+    tokens = np.array(load_shard(val))
+    tokens[3] = (tokens[3] + 1) % 1024
+    write_shard(val, tokens)
+    assert_fails(capsys, 3, "was written training on other data", broken_data, "--preset", "tiny",
+                 "--out", out, "--resume")
+    checkpoint.write_bytes(checkpoint.read_bytes()[:5000])
+    assert_fails(capsys, 3, "not a readable resume checkpoint", tiny_data_dir, "--preset", "tiny",
+                 "--out", out, "--resume")
+    assert not out.exists() and checkpoint.is_file()
+
+
+def test_a_zero_token_train_shard_is_refused_instead_of_hanging(broken_data, tmp_path, capsys):
+    for path in list_shards(broken_data, "train"):
+        path.unlink()
+    write_shard(broken_data / "fineweb_train_000000.bin", np.zeros(0, dtype=np.uint16))
+    assert_fails(capsys, 3, "fineweb_train_000000.bin: holds 0 tokens", broken_data, "--preset", "tiny",
+                 "--out", tmp_path / "o")
