@@ -5,7 +5,7 @@
     python benchmarks/eval_speed.py --data /tmp/data --artifact /tmp/train --device cpu --val-tokens 4000 \\
         --stride 32 --orders 2,3 --alphas 0.2,0.4 --buckets 1024 --ttt-chunk-tokens 1024   # CPU smoke run
 
-Every pass runs pgolf.evaluate.run_eval exactly as `pgolf eval` does (one EvalModel, compiled on CUDA and
+Every pass runs pgolf.scoring.score_stream exactly as `pgolf eval` does (one EvalModel, compiled on CUDA and
 warmed up once on random tokens; its warm-up seconds are reported, not counted in any pass). One JSON line per
 measurement on stdout:
   flat / sliding   targets/s, eval seconds, val_bpb; sliding adds its gain over flat and its time ratio
@@ -30,11 +30,11 @@ import torch
 
 from pgolf.bpb import build_byte_tables, load_tokenizer
 from pgolf.config import load_preset
-from pgolf.evaluate import EvalModel, EvalPlan, ngram_name, run_eval, warm_up
-from pgolf.loading import build_model, load_artifact
 from pgolf.model import GPT, ModelConfig
 from pgolf.ngram import NgramConfig
+from pgolf.scoring import EvalModel, EvalPlan, ngram_name, score_stream, warm_up
 from pgolf.shards import load_split, open_dataset
+from pgolf.stage_model import build_model, load_stage_model
 from pgolf.ttt import TTTConfig
 
 FULL_VAL_TOKENS = {1024: 62_021_632, 8192: 40_540_160}  # REFERENCE.md
@@ -50,7 +50,7 @@ def emit(record: dict, context: dict) -> None:
 
 def load_model(artifact, device) -> tuple[GPT, str]:
     if artifact:
-        state, config, info = load_artifact(artifact)
+        state, config, info = load_stage_model(artifact)
         return build_model(state, config, device), f"{info['kind']} artifact {artifact}"
     torch.manual_seed(0)
     config = ModelConfig(**load_preset("train", "seed-11l")["model"])
@@ -58,7 +58,7 @@ def load_model(artifact, device) -> tuple[GPT, str]:
 
 
 def timed_pass(model: EvalModel, tokens, plan, tables, device, **options) -> tuple[dict, float]:
-    result = run_eval(model, tokens, plan, tables, device, **options)
+    result = score_stream(model, tokens, plan, tables, device, **options)
     return result.totals, result.eval_seconds
 
 
@@ -144,7 +144,7 @@ def main() -> None:
             settings["chunk_tokens"] = args.ttt_chunk_tokens
         ttt_config = TTTConfig(**settings)
         started = time.perf_counter()
-        result = run_eval(eval_model, tokens, sliding_plan, tables, device, ttt_config=ttt_config)
+        result = score_stream(eval_model, tokens, sliding_plan, tables, device, ttt_config=ttt_config)
         totals = result.totals["model"]
         emit({"measurement": "ttt", "stride": args.stride, "ttt": dataclasses.asdict(ttt_config),
               "val_bpb": totals.val_bpb, "gain_bpb_vs_sliding": plain_bpb - totals.val_bpb,

@@ -20,7 +20,6 @@ import time
 from pgolf.artifacts import open_stage
 from pgolf.checkpoint import load_checkpoint
 from pgolf.codecs import parallel_workers
-from pgolf.loading import TRAIN_WEIGHTS, train_checkpoint
 from pgolf.plans import (
     ArtifactSizer,
     PlanQuantizer,
@@ -31,6 +30,7 @@ from pgolf.plans import (
     load_plan,
     quantized_plan,
 )
+from pgolf.stage_model import TRAIN_WEIGHTS, train_checkpoint
 
 
 def fit(state, model_config, args, workers: int) -> dict:

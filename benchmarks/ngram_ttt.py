@@ -14,7 +14,7 @@ peak CUDA memory, and the projected seconds for the challenge's full val split (
 40,540,160 at sp8192). Tokens are random unless --data names shards (their val split is then used).
 
 eval: one pass of the plain model, then one pass with the n-gram grid (--orders x --alphas, fixed; plus
---entropy-alphas with alpha_mode entropy) through pgolf.evaluate.run_eval as `pgolf eval` runs it, then
+--entropy-alphas with alpha_mode entropy) through pgolf.scoring.score_stream as `pgolf eval` runs it, then
 one pass per --ttt mode (score-first TTT, model only). One JSON line per variant: val_bpb, delta_bpb against
 the plain model, eval_seconds and its ratio to the plain pass, targets/s, and for TTT the train/score seconds
 and steps. Warm-up uses random tokens, never validation tokens.
@@ -30,10 +30,10 @@ import torch
 
 from pgolf.bpb import build_byte_tables, load_tokenizer
 from pgolf.config import resolve
-from pgolf.evaluate import EvalModel, EvalPlan, ngram_name, run_eval, warm_up
-from pgolf.loading import build_model, load_artifact
 from pgolf.ngram import NgramConfig, NgramMixer
+from pgolf.scoring import EvalModel, EvalPlan, ngram_name, score_stream, warm_up
 from pgolf.shards import load_split, open_dataset
+from pgolf.stage_model import build_model, load_stage_model
 from pgolf.ttt import TTTConfig
 
 FULL_VAL_TOKENS = {1024: 62_021_632, 8192: 40_540_160}  # REFERENCE.md
@@ -144,7 +144,7 @@ def eval_row(name: str, passed, totals_name: str, base, env: dict) -> dict:
 def run_evals(args) -> None:
     device = torch.device(args.device)
     dataset = open_dataset(args.data)
-    state, config, _ = load_artifact(args.artifact, dataset.tokenizer)
+    state, config, _ = load_stage_model(args.artifact, dataset.tokenizer)
     tokens = val_tokens(args.data, args.val_tokens).astype(np.int64)
     tables = build_byte_tables(load_tokenizer(dataset.tokenizer), config.vocab_size)
     seq_len = args.seq_len or config.max_seq_len
@@ -155,7 +155,7 @@ def run_evals(args) -> None:
     log(f"{args.artifact}: {len(tokens):,} val tokens, seq_len {plan.seq_len}, stride {plan.stride}, "
         f"{device}")
 
-    plain = run_eval(model, tokens, plan, tables, device)
+    plain = score_stream(model, tokens, plan, tables, device)
     base = eval_row("model", plain, "model", None, env)
     print(json.dumps(base), flush=True)
     log(f"model: val_bpb {base['val_bpb']:.5f}, {base['eval_seconds']:.1f} s")
@@ -165,7 +165,7 @@ def run_evals(args) -> None:
     grid += [NgramConfig(order, alpha, "entropy", args.buckets) for order in ints(args.orders)
              for alpha in floats(args.entropy_alphas)]
     if grid:
-        swept = run_eval(model, tokens, plan, tables, device, ngram=grid)
+        swept = score_stream(model, tokens, plan, tables, device, ngram=grid)
         for point in grid:
             row = eval_row(ngram_name(point), swept, ngram_name(point), base, env)
             row["grid_points"] = len(grid)  # eval_seconds is the whole grid's single pass
@@ -176,7 +176,7 @@ def run_evals(args) -> None:
     settings = dict(part.split("=", 1) for part in args.ttt_set)
     for mode in [m for m in args.ttt.split(",") if m]:
         ttt_config, _ = resolve(TTTConfig, kind="ttt", env={}, overrides={**settings, "mode": mode})
-        adapted = run_eval(model, tokens, plan, tables, device, ttt_config=ttt_config)
+        adapted = score_stream(model, tokens, plan, tables, device, ttt_config=ttt_config)
         row = eval_row(f"ttt-{mode}", adapted, "model", base, env)
         result = adapted.ttt
         row.update(ttt_train_seconds=result.train_seconds, ttt_score_seconds=result.score_seconds,

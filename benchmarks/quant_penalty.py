@@ -7,8 +7,8 @@
         --val-tokens 20000 --device cpu                                  # CPU smoke run on a tiny model
 
 Each row runs the shipped command (`pgolf quantize ... --json` in a subprocess, so GPTQ, sensitivity and the
---target-bytes fit are exactly what users get), loads the output as `pgolf eval` does (pgolf.loading), and
-scores the validation split with pgolf.evaluate (flat windows of the model's max_seq_len unless --stride).
+--target-bytes fit are exactly what users get), loads the output as `pgolf eval` does (pgolf.stage_model), and
+scores the validation split with pgolf.scoring (flat windows of the model's max_seq_len unless --stride).
 The float checkpoint is scored once first. Calibration (GPTQ, sensitivity) reads only the train shards.
 
 One JSON line per row on stdout: plan, clip, artifact_bytes (blob + --code-bytes), blob_bytes, demoted blocks,
@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 
 from pgolf.bpb import build_byte_tables, load_tokenizer
-from pgolf.evaluate import EvalModel, EvalPlan, run_eval, warm_up
-from pgolf.loading import build_model, load_artifact
 from pgolf.plans import load_plan
+from pgolf.scoring import EvalModel, EvalPlan, score_stream, warm_up
 from pgolf.shards import load_split, open_dataset
+from pgolf.stage_model import build_model, load_stage_model
 
 PLANS = ("int8", "int6", "int6-fp16emb", "center-out-int5", "sensitivity-int5")
 CLIPS = ("percentile", "gptq-lite", "gptq")
@@ -61,13 +61,13 @@ def log(message: str) -> None:
 
 def score(artifact: Path, tokens, tables, args) -> dict:
     """val_loss / val_bpb of a train or quantize output, as pgolf eval scores it (model only, no n-gram)."""
-    state, config, _ = load_artifact(artifact)
+    state, config, _ = load_stage_model(artifact)
     device = torch.device(args.device)
     model = EvalModel(build_model(state, config, device), compile=device.type == "cuda")
     seq_len = config.max_seq_len
     plan = EvalPlan(seq_len, args.stride or seq_len, False, args.batch_seqs)
     warm_up(model, config.vocab_size, seq_len, args.batch_seqs, device)
-    totals = run_eval(model, tokens, plan, tables, device).totals["model"]
+    totals = score_stream(model, tokens, plan, tables, device).totals["model"]
     return {"val_loss": totals.val_loss, "val_bpb": totals.val_bpb, "targets": totals.targets}
 
 

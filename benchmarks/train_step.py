@@ -10,7 +10,7 @@ DDP when under torchrun): ms/step, tokens/s and MFU after warm-up, as one JSON l
 
 `--val` then times the trainer's validation pass over the whole val split three ways: through the compiled
 training model (its first call compiles a forward-only graph, a second call shows the steady cost) and with the
-plain module, as `Trainer.evaluate` runs it.
+plain module, as `Trainer.validate` runs it.
 
 Target on one H100 (baseline, 524,288 tokens/step, seq 1024): <= 311 ms/step; the challenge's train_gpt.py
 runs 366 ms/step there (../shared/data/README.md). MFU counts 6 x matmul parameters (tied head included,
@@ -26,10 +26,11 @@ import time
 import torch
 
 from pgolf.bpb import build_byte_tables, load_tokenizer
+from pgolf.dist import init_distributed
 from pgolf.model import GPT, CastedLinear
 from pgolf.shards import load_split, open_dataset
 from pgolf.train_config import COMPILE_MODES, resolve_configs
-from pgolf.trainer import Trainer, evaluate, init_distributed
+from pgolf.trainer import Trainer, flat_val
 
 
 def flops_per_token(model: GPT, seq_len: int) -> float:
@@ -79,9 +80,9 @@ def time_validation(trainer: Trainer, dataset) -> dict:
         trainer.synchronize()
         started = time.perf_counter()
         if model is None:
-            metrics = trainer.evaluate(val_tokens, byte_tables)
+            metrics = trainer.validate(val_tokens, byte_tables)
         else:
-            metrics = evaluate(model, val_tokens, trainer.config.seq_len, batch_seqs, byte_tables, trainer.dist,
+            metrics = flat_val(model, val_tokens, trainer.config.seq_len, batch_seqs, byte_tables, trainer.dist,
                                trainer.autocast)
         trainer.synchronize()
         result[f"val_{name}_s"] = round(time.perf_counter() - started, 2)
@@ -111,7 +112,7 @@ def main() -> None:
     overrides = dict(batch_tokens=args.batch_tokens, micro_batch_tokens=args.micro_batch_tokens,
                      seq_len=args.seq_len, compile=args.compile, warmup_steps=args.warmup)
     model_config, config, _ = resolve_configs(args.preset, train_overrides=overrides)
-    dist_info = init_distributed()
+    dist_info = init_distributed(fast_math=True)
     dataset = open_dataset(args.data_dir)
     trainer = Trainer(model_config, config, dataset.train, dist_info)
     started = time.perf_counter()

@@ -328,6 +328,11 @@ def upstream(manifest: dict, directory: Path, stage: str, depth: int = UPSTREAM_
 # Writing a stage output
 
 
+def staging_path(out: Path) -> Path:
+    """Where a stage builds `out` before swapping it into place (train keeps it for --resume)."""
+    return Path(out).parent / f".{Path(out).name}.partial"
+
+
 def is_relative(path: Path, other: Path) -> bool:
     return path == other or path.is_relative_to(other)
 
@@ -442,7 +447,7 @@ class StageOutput:
         self.metrics: dict = {}
         self.checks: list[dict] = []
         self.started = time.time()
-        self.dir = self.out.parent / f".{self.out.name}.partial"
+        self.dir = staging_path(self.out)
         self.aside = self.out.parent / f".{self.out.name}.replaced"
         self.check_target(self.protected)
         self.out.parent.mkdir(parents=True, exist_ok=True)

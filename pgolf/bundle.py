@@ -34,15 +34,16 @@ import torch.distributed as dist
 from pgolf.artifacts import atomic_write_bytes
 from pgolf.bpb import build_byte_tables, load_tokenizer
 from pgolf.codecs import pack_blob
+from pgolf.dist import init_distributed
 from pgolf.errors import InvalidInput, PgolfError
-from pgolf.evaluate import EvalConfig, EvalModel, EvalPlan, ngram_name, run_eval, warm_up
 from pgolf.gptq import calibration_batches, calibration_windows
-from pgolf.loading import build_model, check_tokenizer_match, load_blob_model
 from pgolf.model import ModelConfig
 from pgolf.plans import PlanQuantizer, gptq_hessians, load_plan_model
+from pgolf.scoring import EvalConfig, EvalModel, EvalPlan, ngram_name, score_stream, warm_up
 from pgolf.shards import load_split, open_dataset
+from pgolf.stage_model import build_model, check_tokenizer_match, load_blob_model
 from pgolf.train_config import TrainConfig
-from pgolf.trainer import StopSignal, Trainer, TrainLog, init_distributed
+from pgolf.trainer import StopSignal, Trainer, TrainLog
 from pgolf.ttt import TTTConfig
 
 SUBMISSION_BLOB = "final_model.blob"
@@ -133,7 +134,7 @@ def submission_evaluate(blob_path: Path, val_tokens: np.ndarray, tables, setting
     grid = config.ngram_grid()
     eval_model = EvalModel(model, compile=config.compile and device.type == "cuda")
     warm_up(eval_model, model_config.vocab_size, seq_len, config.batch_seqs, device)
-    passed = run_eval(eval_model, val_tokens, eval_plan, tables, device, ngram=grid, ttt_config=ttt,
+    passed = score_stream(eval_model, val_tokens, eval_plan, tables, device, ngram=grid, ttt_config=ttt,
                       rank=dist_info.rank, world_size=dist_info.world_size)
     return passed.totals[ngram_name(grid[0])] if grid else passed.totals["model"]
 
@@ -144,7 +145,7 @@ def submission_result_line(totals) -> str:
 
 
 def submission_train(baked: dict, args: argparse.Namespace) -> None:
-    dist_info = init_distributed()
+    dist_info = init_distributed(fast_math=True)
     model_config = submission_config(ModelConfig, baked["model"])
     overrides = {"iterations": args.iterations, "wallclock_seconds": args.wallclock, "checkpoint_every": 0}
     train_config = dataclasses.replace(submission_config(TrainConfig, baked["train"]),

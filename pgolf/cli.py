@@ -10,6 +10,7 @@ import typer
 
 from pgolf import __version__
 from pgolf.config import ENV_PREFIX
+from pgolf.dist import finish_distributed
 from pgolf.errors import ENVIRONMENT_ERRNOS, PgolfError, UsageError
 from pgolf.log import console
 
@@ -56,8 +57,8 @@ def fail(message: str, code: int) -> None:
 def env_settings() -> set[str]:
     """Every PGOLF_* name some stage reads: PGOLF_<FIELD> of each config, PGOLF_TTT_<FIELD> of TTT's."""
     from pgolf.codecs import CompressConfig
-    from pgolf.evaluate import EvalConfig
     from pgolf.model import ModelConfig
+    from pgolf.scoring import EvalConfig
     from pgolf.stages.evaluate import TTT_ENV_PREFIX
     from pgolf.stages.quantize import QuantizeConfig
     from pgolf.tokenizer import TokenizeConfig
@@ -80,12 +81,22 @@ def check_env(env=os.environ) -> None:
 
 
 def main() -> None:
+    """Run one command; under torchrun, the process group the stages started is torn down here, together
+    after a command that completed."""
+    completed = False
     try:
-        check_env()
-        app(prog_name="pgolf")
+        try:
+            check_env()
+            app(prog_name="pgolf")
+        except SystemExit as e:
+            completed = e.code in (0, None)
+            raise
+        completed = True
     except PgolfError as e:
         fail(str(e), e.exit_code)
     except OSError as e:
         if e.errno not in ENVIRONMENT_ERRNOS:
             raise
         fail(f"{e.filename or 'a file'}: {e.strerror}", 3)
+    finally:
+        finish_distributed(completed)

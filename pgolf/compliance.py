@@ -2,7 +2,7 @@
 
 The eval runs on a short token prefix in float64 on the CPU (a copy of the model; the scored pass is
 untouched) with the same plan, n-gram grid and TTT settings, recording every score, every full distribution
-and every score/update event (pgolf.evaluate.Trace). Then:
+and every score/update event (pgolf.scoring.Trace). Then:
 - C1 causality: for several cut points t the tokens after t are replaced by random ones (a BOS at t + 1,
   then sparse to dense BOSes) and the run repeated; every score and distribution of the targets at
   positions <= t must be bit-identical.
@@ -21,8 +21,8 @@ import torch
 
 from pgolf.bpb import ByteTables
 from pgolf.errors import ComplianceError
-from pgolf.evaluate import EvalModel, EvalPlan, Trace, run_eval
 from pgolf.ngram import NgramConfig
+from pgolf.scoring import EvalModel, EvalPlan, Trace, score_stream
 from pgolf.shards import BOS_ID
 from pgolf.ttt import TTTConfig
 
@@ -43,7 +43,7 @@ def trace_eval(model, tokens: np.ndarray, plan: EvalPlan, tables: ByteTables,
                ngram: list[NgramConfig] = (), ttt_config: TTTConfig | None = None) -> Trace:
     """One traced run of the eval on `tokens`, on the CPU in the model's dtype (the caller's float64 copy)."""
     trace = Trace()
-    run_eval(EvalModel(model), tokens, plan, tables, torch.device("cpu"), ngram=ngram, ttt_config=ttt_config,
+    score_stream(EvalModel(model), tokens, plan, tables, torch.device("cpu"), ngram=ngram, ttt_config=ttt_config,
              trace=trace)
     return trace
 

@@ -1,20 +1,17 @@
 """Logging to stderr (rank 0 only under torchrun); stdout is reserved for `--json` results."""
 
 import json
-import os
 import sys
 
 from rich.console import Console
 
+from pgolf.dist import env_rank
+
 console = Console(stderr=True, highlight=False)
 
 
-def rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
 def is_main_process() -> bool:
-    return rank() == 0
+    return env_rank() == 0
 
 
 # soft_wrap: a long line stays one line in a log file or pipe (rich would break it at 80 columns, splitting the

@@ -11,11 +11,9 @@ import copy
 import dataclasses
 import json
 import math
-import os
 import signal
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,11 +23,12 @@ from safetensors.torch import save as safetensors_bytes
 from torch.nn.parallel import DistributedDataParallel
 
 from pgolf.artifacts import atomic_write_bytes
+from pgolf.dist import Distributed
 from pgolf.errors import InvalidInput, PgolfError, UsageError, named
-from pgolf.loader import TrainLoader
 from pgolf.model import GPT, CastedLinear, ModelConfig, param_groups, set_qat_enabled, set_qat_plan
 from pgolf.optim import Muon, build_optimizers, zeropower_via_newtonschulz5
 from pgolf.train_config import TrainConfig
+from pgolf.train_loader import TrainLoader
 
 RESUME_FILE = "resume.safetensors"
 RESUME_FORMAT = "pgolf-train-resume"
@@ -45,45 +44,6 @@ class TrainingInterrupted(PgolfError):
                          f"resumable checkpoint saved (continue with --resume)")
         self.exit_code = 128 + signum
         self.step = step
-
-
-@dataclass(frozen=True)
-class Distributed:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed() -> Distributed:
-    """One process, or torchrun's RANK/WORLD_SIZE/LOCAL_RANK: NCCL on CUDA, gloo on CPU."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-        configure_cuda()
-    else:
-        device = torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            dist.init_process_group(backend="nccl", device_id=device)
-        else:
-            dist.init_process_group(backend="gloo")
-    return Distributed(rank, world_size, local_rank, device)
-
-
-def configure_cuda() -> None:
-    """The challenge's fast-math settings: TF32 for fp32 matmuls, flash attention (no cuDNN/mem-efficient)."""
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    torch.backends.cuda.enable_flash_sdp(True)
-    torch.backends.cuda.enable_cudnn_sdp(False)
-    torch.backends.cuda.enable_mem_efficient_sdp(False)
 
 
 class Schedule:
@@ -189,7 +149,7 @@ def compile_model(model: torch.nn.Module, mode: str) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def evaluate(model, val_tokens: torch.Tensor, seq_len: int, batch_seqs: int, byte_tables,
+def flat_val(model, val_tokens: torch.Tensor, seq_len: int, batch_seqs: int, byte_tables,
              dist_info: Distributed, autocast) -> dict:
     """Exact val loss and bpb over the val split's non-overlapping seq_len windows (the challenge's protocol:
     the tail shorter than one window is not scored). bpb = sum NLL / (ln 2 * sum bytes), bytes from the
@@ -413,11 +373,11 @@ class Trainer:
             value /= self.dist.world_size
         return value.item()
 
-    def evaluate(self, val_tokens, byte_tables) -> dict:
+    def validate(self, val_tokens, byte_tables) -> dict:
         """Validation runs the plain module: through the compiled one, torch.compile would build a second,
         forward-only graph, which cost more on the H100 than the val pass itself (benchmarks/train_step.py --val)."""
         batch_seqs = max(self.config.micro_tokens(self.dist.world_size) // self.config.seq_len, 1)
-        return evaluate(self.model, val_tokens, self.config.seq_len, batch_seqs, byte_tables, self.dist,
+        return flat_val(self.model, val_tokens, self.config.seq_len, batch_seqs, byte_tables, self.dist,
                         self.autocast)
 
     # ---- resume state -------------------------------------------------------------------------------------
@@ -525,7 +485,7 @@ class Trainer:
                 config.val_every > 0 and self.step % config.val_every == 0 and self.step > 0)
             if validate and last_val_step != self.step:
                 pause()
-                final_val = self.evaluate(val_tokens, byte_tables)
+                final_val = self.validate(val_tokens, byte_tables)
                 last_val_step = self.step
                 log.record({"event": "val", "step": self.step, "train_ms": round(self.train_ms, 1),
                             **final_val})
@@ -598,7 +558,7 @@ class Trainer:
         """Val metrics of the EMA weights; the model holds master weights again afterwards."""
         master = {name: t.detach().clone() for name, t in self.model.state_dict().items()}
         self.model.load_state_dict(self.ema_state())
-        metrics = self.evaluate(val_tokens, byte_tables)
+        metrics = self.validate(val_tokens, byte_tables)
         self.model.load_state_dict(master)
         return metrics
 

@@ -36,7 +36,7 @@ from pgolf.bundle import (
 )
 from pgolf.codecs import read_blob
 from pgolf.errors import InvalidInput, OverBudget, UsageError
-from pgolf.evaluate import EvalConfig
+from pgolf.scoring import EvalConfig
 from pgolf.stages.common import FORCE_OPTION, JSON_OPTION, out_option, report
 
 TRACK = "10min_16mb"

@@ -24,9 +24,9 @@ from pgolf.bpb import build_byte_tables, load_tokenizer
 from pgolf.compliance import check_eval, require
 from pgolf.config import resolve, to_dict
 from pgolf.errors import ComplianceError, InvalidInput, UsageError
-from pgolf.evaluate import EvalConfig, EvalModel, EvalPlan, ngram_name, run_eval, warm_up
-from pgolf.loading import build_model, load_artifact
+from pgolf.scoring import EvalConfig, EvalModel, EvalPlan, ngram_name, score_stream, warm_up
 from pgolf.shards import BOS_ID, load_split, open_dataset
+from pgolf.stage_model import build_model, load_stage_model
 from pgolf.stages.common import FORCE_OPTION, JSON_OPTION, report
 from pgolf.ttt import TTTConfig
 
@@ -233,7 +233,7 @@ def run(artifact: Path, data: Path, tokenizer: Path | None, config: EvalConfig, 
         weights: str = "export") -> tuple[dict, list[tuple[Path, str]]]:
     """Load, check, warm up and score; returns (result, input files)."""
     dataset = open_val_data(data, tokenizer)
-    state, model_config, info = load_artifact(artifact, dataset.tokenizer, weights)
+    state, model_config, info = load_stage_model(artifact, dataset.tokenizer, weights)
     tokens = load_val_tokens(dataset, model_config.vocab_size)
     plan = resolve_plan(config, model_config.max_seq_len)
     mode, grid = config.mode(plan.seq_len), config.ngram_grid()
@@ -253,7 +253,7 @@ def run(artifact: Path, data: Path, tokenizer: Path | None, config: EvalConfig, 
 
     eval_model = EvalModel(model, compile=config.compile and device.type == "cuda")
     warmup_seconds = warm_up(eval_model, model_config.vocab_size, plan.seq_len, plan.batch_seqs, device)
-    passed = run_eval(eval_model, tokens, plan, tables, device, ngram=grid, ttt_config=ttt_settings,
+    passed = score_stream(eval_model, tokens, plan, tables, device, ngram=grid, ttt_config=ttt_settings,
                       rank=rank, world_size=world_size, progress=progress_logger(time.perf_counter()))
     totals = passed.totals
     primary = totals[ngram_name(grid[0])] if len(grid) == 1 else totals["model"]

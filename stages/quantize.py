@@ -14,7 +14,6 @@ from pgolf.codecs import CODECS, parallel_workers
 from pgolf.config import resolve, to_dict
 from pgolf.errors import InvalidInput, OverBudget, UsageError
 from pgolf.gptq import GPTQ_BLOCK, GPTQ_DAMP, calibration_batches, calibration_windows
-from pgolf.loading import TRAIN_WEIGHTS, train_checkpoint
 from pgolf.plans import (
     KEEP_FLOAT_MAX_NUMEL,
     ArtifactSizer,
@@ -32,6 +31,7 @@ from pgolf.plans import (
 )
 from pgolf.quant import CLIP_METHODS, PLAN_FILE, QUANTIZED_FILE, load_quantized, save_quantized
 from pgolf.shards import open_dataset
+from pgolf.stage_model import TRAIN_WEIGHTS, train_checkpoint
 from pgolf.stages.common import FORCE_OPTION, JSON_OPTION, out_option, report
 
 DEVICES = ("auto", "cpu", "cuda")

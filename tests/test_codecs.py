@@ -31,9 +31,9 @@ from pgolf.codecs import (
     unshuffle_bytes,
 )
 from pgolf.errors import InvalidInput
-from pgolf.loading import load_blob_model
 from pgolf.model import GPT, ModelConfig
 from pgolf.quant import PLAN_FILE, QUANTIZED_FILE, quantize_state, save_quantized
+from pgolf.stage_model import load_blob_model
 
 TINY = ModelConfig(vocab_size=1024, num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2)
 

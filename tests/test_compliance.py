@@ -8,12 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import pgolf.evaluate
 import pgolf.model
+import pgolf.scoring
 from pgolf.compliance import check_eval, require
 from pgolf.errors import ComplianceError
-from pgolf.evaluate import EvalPlan, document_starts, ngram_name
 from pgolf.ngram import NgramConfig, NgramMixer
+from pgolf.scoring import EvalPlan, document_starts, ngram_name
 from pgolf.shards import BOS_ID
 from pgolf.ttt import TTTConfig, TTTResult, ttt_split
 
@@ -96,7 +96,7 @@ class TargetKeyedMixer(NgramMixer):
 
 
 def test_target_keyed_ngram_lookup_fails_c2(tiny_eval_inputs, prefix, monkeypatch):
-    monkeypatch.setattr(pgolf.evaluate, "NgramMixer", TargetKeyedMixer)
+    monkeypatch.setattr(pgolf.scoring, "NgramMixer", TargetKeyedMixer)
     results = results_of(tiny_eval_inputs, prefix, EvalPlan(SEQ_LEN, STRIDE, False, 4),
                          ngram=[NgramConfig(3, 0.4, buckets=97)])
     assert not results["C2"].ok
@@ -159,7 +159,7 @@ def train_then_score(model, tokens, config, score_chunk, train_seq_len, device, 
 
 
 def test_ttt_that_trains_before_scoring_fails_c1_and_c3(tiny_eval_inputs, prefix, monkeypatch):
-    monkeypatch.setattr(pgolf.evaluate, "run_ttt", train_then_score)
+    monkeypatch.setattr(pgolf.scoring, "run_ttt", train_then_score)
     results = results_of(tiny_eval_inputs, prefix, EvalPlan(SEQ_LEN, STRIDE, False, 4),
                          ttt_config=TTTConfig(mode="sgd", chunk_tokens=100))
     assert not results["C1"].ok and not results["C3"].ok
@@ -183,7 +183,7 @@ def test_cli_check_compliance_exits_5_on_an_illegal_cache(tiny_checkpoint_dir, t
                                                           monkeypatch, capsys):
     from pgolf.cli import main
 
-    monkeypatch.setattr(pgolf.evaluate, "NgramMixer", TargetKeyedMixer)
+    monkeypatch.setattr(pgolf.scoring, "NgramMixer", TargetKeyedMixer)
     out = tmp_path / "eval"
     monkeypatch.setattr(sys, "argv", ["pgolf", "eval", str(tiny_checkpoint_dir), "--data", str(tiny_data_dir),
                                       "--ngram-order", "3", "--ngram-buckets", "97", "--check-compliance",

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from pgolf.errors import ComplianceError
-from pgolf.evaluate import (
+from pgolf.ngram import NgramConfig, NgramMixer
+from pgolf.scoring import (
     ByteCounter,
     EvalConfig,
     EvalModel,
@@ -19,11 +20,10 @@ from pgolf.evaluate import (
     gold_nll,
     iter_logprobs,
     ngram_name,
-    run_eval,
     score,
+    score_stream,
     scored_pass,
 )
-from pgolf.ngram import NgramConfig, NgramMixer
 from pgolf.shards import BOS_ID
 from pgolf.ttt import TTTConfig
 from tests.shared_data import SP1024, fineweb_docs
@@ -34,7 +34,7 @@ CPU = torch.device("cpu")
 
 def evaluate(model, tokens, tables, stride=SEQ_LEN, doc_isolated=False, **options):
     plan = EvalPlan(SEQ_LEN, stride, doc_isolated, batch_seqs=16)
-    return run_eval(EvalModel(model), tokens, plan, tables, CPU, **options)
+    return score_stream(EvalModel(model), tokens, plan, tables, CPU, **options)
 
 
 def per_target(model, tokens, stride, doc_isolated=False):

@@ -15,11 +15,11 @@ from pgolf.checkpoint import load_checkpoint, save_checkpoint
 from pgolf.cli import main
 from pgolf.codecs import pack_blob, unpack_blob
 from pgolf.gptq import calibration_batches, calibration_windows
-from pgolf.loading import load_artifact
 from pgolf.model import GPT, ModelConfig
 from pgolf.plans import center_out_order
 from pgolf.quant import dequantize_state, load_quantized
 from pgolf.shards import list_shards
+from pgolf.stage_model import load_stage_model
 from tests.tiny_model import train_tiny_model
 
 SIZING_CODEC = "brotli"  # quantize sizes with brotli-11 unless --codec says otherwise
@@ -162,7 +162,7 @@ def test_eval_loads_the_output_and_checks_its_tokenizer(trained_dir, tiny_data_d
     quantize(capsys, trained_dir, tmp_path / "q", "--plan", "int6")
     tensors, plan_json = load_quantized(tmp_path / "q")
     assert plan_json["tokenizer_sha256"] == sha256_file(tokenizer_of(tiny_data_dir))
-    state, config, info = load_artifact(tmp_path / "q", tokenizer_of(tiny_data_dir))
+    state, config, info = load_stage_model(tmp_path / "q", tokenizer_of(tiny_data_dir))
     assert config == MODEL and info["kind"] == "quantize"
     restored = dequantize_state(tensors, plan_json)
     assert all(torch.equal(state[name], restored[name]) for name in restored)

@@ -119,7 +119,7 @@ def test_a_manifest_lists_exactly_the_shards_that_are_read(tmp_path):
 
 
 def test_an_empty_shard_is_refused_wherever_shards_are_read(tmp_path):
-    from pgolf.loader import TokenStream
+    from pgolf.train_loader import TokenStream
 
     write_shard(tmp_path / "fineweb_val_000000.bin", np.array([1, 2, 3]))
     write_shard(tmp_path / "fineweb_train_000000.bin", np.zeros(0, dtype=np.uint16))

@@ -22,10 +22,11 @@ from pgolf.artifacts import open_stage
 from pgolf.bpb import build_byte_tables, load_tokenizer
 from pgolf.checkpoint import load_checkpoint
 from pgolf.cli import main
+from pgolf.dist import init_distributed
 from pgolf.model import GPT
 from pgolf.shards import list_shards, load_shard, load_split, write_shard
 from pgolf.train_config import resolve_configs
-from pgolf.trainer import RESUME_FILE, StopSignal, Trainer, TrainLog, evaluate, init_distributed
+from pgolf.trainer import RESUME_FILE, StopSignal, Trainer, TrainLog, flat_val
 from tests.shared_data import SP1024
 
 STEPS = 24
@@ -168,7 +169,7 @@ def test_deterministic_given_a_seed_and_reads_only_train_shards(tiny_data_dir):
         opened.append(Path(path).name)
         return load_shard(path)
 
-    with mock.patch("pgolf.loader.load_shard", recording_load_shard):
+    with mock.patch("pgolf.train_loader.load_shard", recording_load_shard):
         runs = []
         for _ in range(2):
             trainer = tiny_trainer(tiny_data_dir, seed=7)
@@ -208,19 +209,19 @@ def test_qat_switches_on_mid_run_inside_torch_compile(tiny_data_dir, tmp_path, b
 
 def test_validation_compiles_no_second_graph(tiny_data_dir):
     """Through the compiled training model a no-grad val pass recompiles (55 s of a seed-11l run on the H100,
-    benchmarks/RESULTS.md); Trainer.evaluate runs the plain module and scores the same."""
+    benchmarks/RESULTS.md); Trainer.validate runs the plain module and scores the same."""
     trainer = tiny_trainer(tiny_data_dir, compile="aot_eager", warmup_steps=1, val_every=0, checkpoint_every=0)
     trainer.warmup()
     val_tokens = torch.from_numpy(load_split(list_shards(tiny_data_dir, "val"))[:4097].astype(np.int32))
     tables = build_byte_tables(load_tokenizer(tiny_data_dir / SP1024.name)).torch()
     batch_seqs = trainer.config.micro_tokens() // trainer.config.seq_len
     with torch._dynamo.config.patch(error_on_recompile=True):
-        metrics = trainer.evaluate(val_tokens, tables)
+        metrics = trainer.validate(val_tokens, tables)
         with pytest.raises(Exception, match="[Rr]ecompil"):
-            evaluate(trainer.compiled, val_tokens, trainer.config.seq_len, batch_seqs, tables, trainer.dist,
+            flat_val(trainer.compiled, val_tokens, trainer.config.seq_len, batch_seqs, tables, trainer.dist,
                      trainer.autocast)
     torch._dynamo.reset()
-    compiled = evaluate(trainer.compiled, val_tokens, trainer.config.seq_len, batch_seqs, tables, trainer.dist,
+    compiled = flat_val(trainer.compiled, val_tokens, trainer.config.seq_len, batch_seqs, tables, trainer.dist,
                         trainer.autocast)
     assert metrics["val_tokens"] == compiled["val_tokens"] == 4096
     assert metrics["val_bpb"] == pytest.approx(compiled["val_bpb"], rel=1e-5)

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from pgolf.errors import InvalidInput, UsageError
-from pgolf.loader import TokenStream, TrainLoader
 from pgolf.model import GPT, ModelConfig, param_groups
 from pgolf.optim import Muon, build_optimizers, zeropower_via_newtonschulz5
 from pgolf.shards import write_shard
 from pgolf.train_config import TrainConfig, resolve_configs
+from pgolf.train_loader import TokenStream, TrainLoader
 from pgolf.trainer import Schedule, TrainLog, bf16_training_dtypes
 
 # ---- Muon and the optimizer groups ---------------------------------------------------------------

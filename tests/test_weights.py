@@ -9,7 +9,7 @@ import torch
 
 from pgolf.artifacts import open_stage, output_path
 from pgolf.checkpoint import load_checkpoint
-from pgolf.loading import load_artifact
+from pgolf.stage_model import load_stage_model
 
 
 def pgolf(*args, env=None):
@@ -34,8 +34,8 @@ def sha_of(manifest: dict, role: str) -> str:
 
 def test_load_artifact_picks_the_weight_set(ema_run):
     manifest = open_stage(ema_run, "train")
-    exported, _, _ = load_artifact(ema_run)
-    master, _, _ = load_artifact(ema_run, weights="master")
+    exported, _, _ = load_stage_model(ema_run)
+    master, _, _ = load_stage_model(ema_run, weights="master")
     master_file, _, _ = load_checkpoint(output_path(manifest, ema_run, "checkpoint_master"))
     assert all(torch.equal(master[name], tensor.float()) for name, tensor in master_file.items())
     assert any(not torch.equal(exported[name], master[name]) for name in master)  # the EMA lags the master

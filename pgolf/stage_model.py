@@ -39,7 +39,7 @@ def plan_model_config(plan: dict, where: Path) -> ModelConfig:
         raise InvalidInput(f"{where}: plan has no valid model_config ({e})") from None
 
 
-def load_artifact(
+def load_stage_model(
     directory: Path, tokenizer: Path | None = None, weights: str = "export"
 ) -> tuple[dict, ModelConfig, dict]:
     """(float32 state dict, ModelConfig, info) of a train, quantize or compress output directory; `weights`

@@ -466,7 +466,7 @@ def all_reduce_totals(totals: dict[str, Totals], device) -> dict[str, Totals]:
     return {n: Totals(row[0], int(row[1]), int(row[2])) for n, row in zip(names, sums.tolist(), strict=True)}
 
 
-def run_eval(
+def score_stream(
     model: EvalModel, tokens_np: np.ndarray, plan: EvalPlan, tables: ByteTables, device, *,
     ngram: list[NgramConfig] = (), ttt_config: TTTConfig | None = None,
     rank: int = 0, world_size: int = 1, trace: Trace | None = None, progress=None,

@@ -1,0 +1,206 @@
+"""The train stage: a GPT trained on a shard directory, written as a stage output (checkpoint, logs, manifest).
+
+`pgolf train` and the bundled train_gpt.py both run `train()`. One process, or torchrun's ranks (DDP; the global
+batch is the same at any world size): rank 0 writes the output; the caller tears the process group down
+(pgolf.dist.finish_distributed).
+"""
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from pgolf.artifacts import StageOutput, file_record, staging_path
+from pgolf.bpb import build_byte_tables, load_tokenizer
+from pgolf.checkpoint import save_checkpoint
+from pgolf.dist import PlainLog, init_distributed
+from pgolf.errors import InvalidInput, UsageError
+from pgolf.model import ModelConfig
+from pgolf.shards import dataset_fingerprint, load_shard, open_dataset, read_header
+from pgolf.train_config import TrainConfig
+from pgolf.trainer import RESUME_FILE, StopSignal, Trainer, TrainLog
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    metrics: dict  # steps, tokens, timers, val_loss/val_bpb of the exported weights, ... (the manifest's)
+
+
+@dataclass
+class TrainingData:
+    """A validated shard directory: its shards, tokenizer, val tokens and byte tables."""
+
+    directory: Path
+    train: list[Path]
+    val: list[Path]
+    tokenizer: Path
+    tokenizer_sha256: str
+    manifest: dict | None
+    val_tokens: torch.Tensor
+    byte_tables: object
+    fingerprint: str  # pgolf.shards.dataset_fingerprint: what a resumed run must read again
+
+
+def load_training_data(directory: Path, tokenizer: Path | None, vocab_size: int,
+                       seq_len: int) -> TrainingData:
+    """Check shards, tokenizer and val split against the configs; a one-line InvalidInput (exit 3) if not."""
+    directory = Path(directory)
+    dataset = open_dataset(directory, tokenizer)
+    if not dataset.train:
+        raise InvalidInput(f"{directory}: no train shards (fineweb_train_*.bin)")
+    if not dataset.val:
+        raise InvalidInput(f"{directory}: no val shards (fineweb_val_*.bin)")
+    if dataset.tokenizer is None:
+        raise InvalidInput(f"{directory}: no tokenizer (*.model) next to the shards or in ../../tokenizers "
+                           f"(pass --tokenizer)")
+    sp = load_tokenizer(dataset.tokenizer)
+    if sp.GetPieceSize() != vocab_size:
+        raise InvalidInput(f"{dataset.tokenizer}: tokenizer has {sp.GetPieceSize()} pieces but the model's "
+                           f"vocab_size is {vocab_size} (set [model] vocab_size or VOCAB_SIZE)")
+    splits = []
+    for path in dataset.val:
+        tokens = np.asarray(load_shard(path))
+        if len(tokens) and int(tokens.max()) >= vocab_size:
+            raise InvalidInput(f"{path}: token {int(tokens.max())} >= vocab_size {vocab_size} "
+                               f"(shards were made with another tokenizer)")
+        splits.append(tokens)
+    val = np.concatenate(splits)
+    if len(val) < seq_len + 1:
+        raise InvalidInput(f"{directory}: the val split has {len(val)} tokens, fewer than seq_len + 1 = "
+                           f"{seq_len + 1}")
+    return TrainingData(directory, dataset.train, dataset.val, dataset.tokenizer, dataset.tokenizer_sha256(),
+                        dataset.manifest, torch.from_numpy(val.astype(np.int32)),
+                        build_byte_tables(sp, vocab_size), dataset_fingerprint(dataset))
+
+
+def input_records(data: TrainingData, train_tokens_read: int) -> list[dict]:
+    """Tokenizer, val shards and the train shards training read; digests from the tokenize manifest when there
+    is one (open_dataset verified them), else hashed now."""
+    known = {}
+    for out in (data.manifest or {}).get("outputs", []):
+        known[(data.directory / out["path"]).resolve()] = out
+    records = []
+
+    def add(path: Path, role: str) -> None:
+        resolved = Path(path).resolve()
+        if resolved in known:
+            records.append({**known[resolved], "path": str(resolved), "role": role})
+        else:
+            records.append(file_record(path, role))
+
+    add(data.tokenizer, "tokenizer")
+    for path in data.val:
+        add(path, "val_shard")
+    for path in train_shards_read(data.train, train_tokens_read):
+        add(path, "train_shard")
+    return records
+
+
+def train_shards_read(paths: list[Path], tokens_read: int) -> list[Path]:
+    """The prefix of the (in-order, wrapping) train stream that `tokens_read` tokens touched."""
+    used, total = [], 0
+    for path in paths:
+        if total >= tokens_read:
+            break
+        used.append(path)
+        total += read_header(path)
+    return used
+
+
+def run_training(trainer: Trainer, data: TrainingData, resume: bool, resume_path: Path, work_dir: Path,
+                 started: float, log, on_step) -> dict:
+    """Warm up and train; the metrics carry wall-clock `timers` of this process's phases (the challenge counts
+    only train_seconds, but a device call or a job limit pays for all of them)."""
+    config = trainer.config
+    train_log = TrainLog(work_dir, trainer.dist.is_main, on_line=log.info)
+    if resume:
+        trainer.load_resume(resume_path)
+        if on_step:
+            on_step(trainer.step, trainer.train_ms)
+        train_log.truncate_after(trainer.step)
+        train_log.line(f"resumed at step {trainer.step} ({trainer.train_ms / 1000:.1f}s of training)")
+    train_log.line(f"model: {trainer.param_count:,} parameters; world size {trainer.dist.world_size} on "
+                   f"{trainer.device}, {trainer.accumulation} micro-batches/step of "
+                   f"{config.micro_tokens(trainer.dist.world_size):,} tokens")
+    train_log.line(f"warm-up: {config.warmup_steps} steps (compile {config.compile}), then restored")
+    ready = time.perf_counter()
+    trainer.warmup()
+    warmed, resumed_ms = time.perf_counter(), trainer.train_ms
+    with StopSignal() as stop:
+        metrics = trainer.run(data.val_tokens, data.byte_tables.torch(trainer.device), train_log, resume_path,
+                              stop, on_step)
+    trained_here = (trainer.train_ms - resumed_ms) / 1000.0
+    metrics["timers"] = {"setup_seconds": ready - started, "warmup_seconds": warmed - ready,
+                         "train_seconds": trained_here,
+                         "validation_checkpoint_seconds": max(0.0, time.perf_counter() - warmed - trained_here)}
+    exported = metrics.get("ema") or metrics["master"]
+    metrics |= {"val_loss": exported["val_loss"], "val_bpb": exported["val_bpb"],
+                "val_tokens": exported["val_tokens"], "val_bytes": exported["val_bytes"],
+                "weights": "ema" if "ema" in metrics else "master",
+                "tokenizer_sha256": data.tokenizer_sha256, "vocab_size": trainer.model_config.vocab_size,
+                "train_tokens_read": trainer.train_tokens_read()}
+    return metrics
+
+
+def write_outputs(stage: StageOutput, trainer: Trainer, data: TrainingData, metrics: dict) -> None:
+    if not all(math.isfinite(metrics[key]) for key in ("val_loss", "val_bpb")):
+        raise InvalidInput(f"{stage.out}: training diverged (val_loss {metrics['val_loss']} after "
+                           f"{metrics['steps']} steps); nothing written, the logs are in {stage.dir}")
+    saving = time.perf_counter()
+    checkpoint_metadata = {"vocab_size": str(trainer.model_config.vocab_size),
+                           "tokenizer_sha256": data.tokenizer_sha256, "step": str(metrics["steps"])}
+    if metrics["weights"] == "ema":
+        save_checkpoint(stage.add_output("model.safetensors", "checkpoint"), trainer.ema_state(),
+                        trainer.model_config, checkpoint_metadata | {"weights": "ema"})
+        save_checkpoint(stage.add_output("master.safetensors", "checkpoint_master"), trainer.master_state(),
+                        trainer.model_config, checkpoint_metadata | {"weights": "master"})
+    else:
+        save_checkpoint(stage.add_output("model.safetensors", "checkpoint"), trainer.master_state(),
+                        trainer.model_config, checkpoint_metadata | {"weights": "master"})
+    metrics["timers"]["save_seconds"] = time.perf_counter() - saving
+    stage.add_output("train_log.jsonl", "log_jsonl")
+    stage.add_output("train.log", "log")
+    stage.path(RESUME_FILE).unlink(missing_ok=True)
+    stage.inputs = input_records(data, metrics["train_tokens_read"])
+    stage.metrics = metrics
+    stage.finalize()
+
+
+def train(model_config: ModelConfig, train_config: TrainConfig, data_dir: Path, out: Path, *,
+          tokenizer: Path | None = None, resume: bool = False, force: bool = False, preset: str | None = None,
+          config_file: Path | None = None, log=PlainLog, on_step=None) -> TrainResult:
+    """Train on `data_dir`'s train shards, validate on its val shards, and write `out` (rank 0). `on_step(step,
+    train_ms)` follows progress; SIGTERM/SIGINT save a resumable checkpoint in the staging directory and raise
+    TrainingInterrupted (exit 143/130), which `resume=True` continues."""
+    if resume and force:
+        raise UsageError("--resume and --force contradict each other (--force starts over)")
+    started = time.perf_counter()
+    data = load_training_data(data_dir, tokenizer, model_config.vocab_size, train_config.seq_len)
+    out = Path(out)
+    work_dir = staging_path(out)
+    resume_path = work_dir / RESUME_FILE
+    if resume and not resume_path.is_file():
+        raise UsageError(f"{work_dir}: no resumable checkpoint to continue (run without --resume)")
+    if not resume and resume_path.is_file() and not out.exists():
+        log.warn(f"{work_dir}: discarding an interrupted run (pass --resume to continue it)")
+    dist_info = init_distributed(fast_math=True)
+    trainer = Trainer(model_config, train_config, data.train, dist_info, data_fingerprint=data.fingerprint)
+    configs = {"preset": preset, **trainer.configs_json()}
+    stage = None
+    if dist_info.is_main:
+        inputs = [data_dir, data.tokenizer] + ([config_file] if config_file else [])
+        stage = StageOutput(out, "train", config=configs, force=force, resume=resume, keep_partial=True,
+                            inputs=inputs)
+    if dist_info.world_size > 1:
+        dist.barrier()
+    with stage or nullcontext():
+        metrics = run_training(trainer, data, resume, resume_path, work_dir, started, log, on_step)
+        if stage is not None:
+            write_outputs(stage, trainer, data, metrics)
+    return TrainResult(out, metrics)
