@@ -27,7 +27,7 @@ from pgolf.codecs import (
     tensors_bit_equal,
     unpack_blob,
 )
-from pgolf.quant import load_quantized
+from pgolf.quantized import load_quantized
 
 
 def timed(function, *args):

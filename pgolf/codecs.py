@@ -27,7 +27,7 @@ import torch
 import zstandard
 
 from pgolf.errors import InvalidInput
-from pgolf.quant import check_quantized
+from pgolf.quantized import check_quantized
 
 CODECS = ("zlib", "zstd", "lzma", "brotli")  # the index of a name is its codec id in the blob header
 DEFAULT_LEVELS = {"zlib": 9, "zstd": 22, "lzma": 9, "brotli": 11}

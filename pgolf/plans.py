@@ -24,24 +24,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pgolf.clips import CLIP_METHODS
 from pgolf.codecs import CODECS, blob_candidates
 from pgolf.config import PRESETS, coerce, field_types, preset_names, read_toml
 from pgolf.errors import OverBudget, UsageError
 from pgolf.gptq import GPTQ_BLOCK, GPTQ_DAMP, collect_hessians
 from pgolf.model import GPT
-from pgolf.quant import (
-    CLIP_METHODS,
-    FLOAT_SCHEMES,
-    INT_SCHEMES,
-    RAW_SCHEME,
-    SCALE_FLOORS,
-    SCALE_SUFFIX,
-    dequantize_rows,
-    quantize_entry,
-)
+from pgolf.quant import SCALE_FLOORS
+from pgolf.quantized import QUANTIZED_FORMAT_VERSION, quantize_entry
+from pgolf.schemes import INTEGER_SCHEMES, PLAN_SCHEMES, RAW_SCHEME, SCHEMES, is_quantizable
 
 PLAN_KIND = "plans"
-PLAN_SCHEMES = (*INT_SCHEMES, *FLOAT_SCHEMES)
 DEMOTE_MODES = ("center-out", "sensitivity")
 KEEP_FLOAT_MAX_NUMEL = 65_536  # the challenge's INT8_KEEP_FLOAT_MAX_NUMEL
 # Substrings of control-tensor names (the challenge's list plus pgolf.model's gates and mixes): kept fp32.
@@ -94,8 +87,8 @@ class PlanSpec:
             raise ValueError(f"scale_floor = {self.scale_floor!r}: must be one of {', '.join(SCALE_FLOORS)}")
         if self.demote is not None and self.demote not in DEMOTE_MODES:
             raise ValueError(f"demote = {self.demote!r}: must be one of {', '.join(DEMOTE_MODES)}")
-        if self.demote is not None and self.demote_to not in INT_SCHEMES:
-            raise ValueError(f"demote_to = {self.demote_to!r}: must be one of {', '.join(INT_SCHEMES)}")
+        if self.demote is not None and self.demote_to not in INTEGER_SCHEMES:
+            raise ValueError(f"demote_to = {self.demote_to!r}: must be one of {', '.join(INTEGER_SCHEMES)}")
 
     def to_dict(self) -> dict:
         spec = dataclasses.asdict(self)
@@ -161,11 +154,6 @@ def tensor_block_index(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def is_quantizable(tensor: torch.Tensor, keep_float_numel: int) -> bool:
-    """Whether the challenge's export would quantize it: a >= 2-D float tensor above the keep-float size."""
-    return tensor.is_floating_point() and tensor.dim() >= 2 and tensor.numel() > keep_float_numel
-
-
 def export_default_scheme(name: str, tensor: torch.Tensor, spec: PlanSpec, keep_float_numel: int) -> str:
     """The challenge export's rule for a tensor no plan pattern names."""
     if not tensor.is_floating_point():
@@ -180,9 +168,7 @@ def export_default_scheme(name: str, tensor: torch.Tensor, spec: PlanSpec, keep_
 def rule_applies(scheme: str, tensor: torch.Tensor, keep_float_numel: int) -> bool:
     """Integer rules reach only quantizable tensors, float rules any float tensor; so "blocks.0.*" = "int8"
     leaves block 0's gains and mixes in float."""
-    if scheme in INT_SCHEMES:
-        return is_quantizable(tensor, keep_float_numel)
-    return tensor.is_floating_point()
+    return SCHEMES[scheme].applies(tensor, keep_float_numel)
 
 
 def assign_schemes(spec: PlanSpec, state_dict: dict, keep_float_numel: int = KEEP_FLOAT_MAX_NUMEL) -> dict:
@@ -219,7 +205,7 @@ def demotable_blocks(schemes: dict) -> dict[int, list[str]]:
     blocks: dict[int, list[str]] = {}
     for name, scheme in schemes.items():
         index = tensor_block_index(name)
-        if index is not None and scheme in INT_SCHEMES:
+        if index is not None and SCHEMES[scheme].integer:
             blocks.setdefault(index, []).append(name)
     return dict(sorted(blocks.items()))
 
@@ -230,8 +216,8 @@ def demote_blocks(schemes: dict, blocks: list[int], scheme: str) -> dict:
     for name, current in schemes.items():
         if (
             tensor_block_index(name) in blocks
-            and current in INT_SCHEMES
-            and INT_SCHEMES[current] > INT_SCHEMES[scheme]
+            and SCHEMES[current].integer
+            and SCHEMES[current].level_bits > SCHEMES[scheme].level_bits
         ):
             out[name] = scheme
     return out
@@ -290,9 +276,7 @@ class PlanQuantizer:
 
     def restored(self, name: str, scheme: str) -> torch.Tensor:
         stored, _ = self.entry(name, scheme)
-        if scheme in INT_SCHEMES:
-            return dequantize_rows(stored[name], stored[name + SCALE_SUFFIX])
-        return stored[name].float() if stored[name].is_floating_point() else stored[name]
+        return SCHEMES[scheme].restore(name, stored)
 
     def dequantized(self, schemes: dict) -> dict:
         """The float state dict the quantized tensors restore to."""
@@ -322,7 +306,7 @@ def gptq_hessians(model: GPT, quantizer: PlanQuantizer, schemes: dict, batches: 
     modules = dict(model.named_modules())
     params = dict(model.named_parameters())
     tied_head = "tok_emb.weight" if model.lm_head is None else None
-    targets = [name for name, scheme in schemes.items() if scheme in INT_SCHEMES]
+    targets = [name for name, scheme in schemes.items() if SCHEMES[scheme].integer]
     num_layers = len(model.blocks)
     for group in sorted({gptq_group(name, num_layers) for name in targets}):
         names = [name for name in targets if gptq_group(name, num_layers) == group]
@@ -456,6 +440,7 @@ def quantized_plan(
     """plan.json: {"model_config", "tokenizer_sha256", "source", "plan", "tensors"} (docs/INTERNALS.md); the
     tokenizer digest (from the checkpoint's metadata) lets eval refuse a mismatched tokenizer."""
     return {
+        "format_version": QUANTIZED_FORMAT_VERSION,
         "model_config": model_config,
         "tokenizer_sha256": tokenizer_sha256,
         "source": source,

@@ -14,7 +14,7 @@ from pgolf.checkpoint import check_tensors, load_checkpoint, model_config_from_j
 from pgolf.codecs import read_blob
 from pgolf.errors import InvalidInput, UsageError
 from pgolf.model import GPT, ModelConfig
-from pgolf.quant import dequantize_state, load_quantized
+from pgolf.quantized import dequantize_state, load_quantized
 
 ARTIFACT_STAGES = ("train", "quantize", "compress")
 # Which weights of a train output: "export" = model.safetensors (the EMA weights when EMA was on), "master" = the

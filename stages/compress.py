@@ -9,7 +9,7 @@ from pgolf import log
 from pgolf.artifacts import StageOutput, atomic_write_bytes, open_stage, output_path
 from pgolf.codecs import CODECS, SWITCHES, CompressConfig, blob_candidates, tensors_bit_equal, unpack_blob
 from pgolf.config import resolve, to_dict
-from pgolf.quant import load_quantized
+from pgolf.quantized import load_quantized
 from pgolf.stages.common import FORCE_OPTION, JSON_OPTION, out_option, report
 
 

@@ -10,6 +10,7 @@ import typer
 from pgolf import log
 from pgolf.artifacts import ARTIFACT_BYTE_LIMIT, StageOutput, open_stage
 from pgolf.checkpoint import load_checkpoint
+from pgolf.clips import CLIP_METHODS, CLIPS
 from pgolf.codecs import CODECS, parallel_workers
 from pgolf.config import resolve, to_dict
 from pgolf.errors import InvalidInput, OverBudget, UsageError
@@ -29,7 +30,7 @@ from pgolf.plans import (
     plan_names,
     quantized_plan,
 )
-from pgolf.quant import CLIP_METHODS, PLAN_FILE, QUANTIZED_FILE, load_quantized, save_quantized
+from pgolf.quantized import PLAN_FILE, QUANTIZED_FILE, load_quantized, save_quantized
 from pgolf.shards import open_dataset
 from pgolf.stage_model import TRAIN_WEIGHTS, train_checkpoint
 from pgolf.stages.common import FORCE_OPTION, JSON_OPTION, out_option, report
@@ -239,9 +240,9 @@ def quantize(
     clip_method = config.clip or spec.clip
     manifest = open_stage(train_dir, "train")
     checkpoint = train_checkpoint(manifest, train_dir, config.weights)
-    needs_data = clip_method == "gptq" or spec.demote == "sensitivity"
+    needs_data = CLIPS[clip_method].needs_calibration or spec.demote == "sensitivity"
     if needs_data and data is None:
-        why = "--clip gptq" if clip_method == "gptq" else f"plan '{spec.name}'"
+        why = f"--clip {clip_method}" if CLIPS[clip_method].needs_calibration else f"plan '{spec.name}'"
         raise UsageError(f"{why} needs --data DIR (its train shards calibrate; e.g. --data artifacts/sp1024)")
     target = config.target_bytes or (ARTIFACT_BYTE_LIMIT if spec.demote else None)
     inputs = [train_dir] + [path for path in (data, config_file) if path is not None]
@@ -259,7 +260,7 @@ def quantize(
             device=run_device,
         )
         batches = calibration_data(data, config, model_config, run_device) if needs_data else None
-        if clip_method == "gptq":
+        if CLIPS[clip_method].needs_calibration:
             gptq_hessians(
                 load_plan_model(model_config, state, run_device), quantizer, schemes, batches, log.info
             )

@@ -32,7 +32,7 @@ from pgolf.codecs import (
 )
 from pgolf.errors import InvalidInput
 from pgolf.model import GPT, ModelConfig
-from pgolf.quant import PLAN_FILE, QUANTIZED_FILE, quantize_state, save_quantized
+from pgolf.quantized import PLAN_FILE, QUANTIZED_FILE, quantize_state, save_quantized
 from pgolf.stage_model import load_blob_model
 
 TINY = ModelConfig(vocab_size=1024, num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2)

@@ -17,7 +17,7 @@ import torch
 from pgolf.artifacts import StageOutput, sha256_file
 from pgolf.checkpoint import load_checkpoint
 from pgolf.codecs import pack_blob
-from pgolf.quant import quantize_state, save_quantized
+from pgolf.quantized import quantize_state, save_quantized
 from tests.shared_data import SP8192, need
 
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}

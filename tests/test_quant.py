@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from pgolf.clips import quantize_matrix
 from pgolf.errors import InvalidInput, OverBudget, UsageError
 from pgolf.gptq import hessian_error
 from pgolf.model import GPT, ModelConfig
@@ -18,15 +19,8 @@ from pgolf.plans import (
     load_plan,
     plan_names,
 )
-from pgolf.quant import (
-    QUANT_RANGES,
-    check_quantized,
-    dequantize_state,
-    load_quantized,
-    quantize_matrix,
-    quantize_state,
-    save_quantized,
-)
+from pgolf.quant import QUANT_RANGES
+from pgolf.quantized import check_quantized, dequantize_state, load_quantized, quantize_state, save_quantized
 
 
 def heavy_tailed(rows: int, cols: int, seed: int) -> torch.Tensor:

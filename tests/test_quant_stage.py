@@ -17,7 +17,7 @@ from pgolf.codecs import pack_blob, unpack_blob
 from pgolf.gptq import calibration_batches, calibration_windows
 from pgolf.model import GPT, ModelConfig
 from pgolf.plans import center_out_order
-from pgolf.quant import dequantize_state, load_quantized
+from pgolf.quantized import dequantize_state, load_quantized
 from pgolf.shards import list_shards
 from pgolf.stage_model import load_stage_model
 from tests.tiny_model import train_tiny_model

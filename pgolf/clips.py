@@ -1,0 +1,137 @@
+"""Clip methods: how an integer scheme picks each row's clip value (hence its scale) and rounds the row.
+
+Every method maps a float [rows, cols] matrix to (levels int8 [rows, cols], scales fp16 [rows], the method's
+name as recorded), levels in the scheme's [qmin, qmax] and scale = clip / qmax per row.
+
+    percentile  the challenge baseline's rule: clip at the 99.99984th percentile of |w|, levels from the
+                float32 scale, scale stored as fp16
+    gptq-lite   try several percentiles (and the baseline's), keep each row's lowest squared reconstruction
+                error
+    gptq        GPTQ error feedback (pgolf.gptq) for each gptq-lite candidate, keep each row's lowest
+                Hessian-weighted error; a tensor without a Hessian falls back to gptq-lite
+
+Adding a method = one ClipMethod subclass registered in CLIPS, plus its tests; plans, `pgolf quantize` and the
+bundled script find it here by name.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from pgolf.gptq import GPTQ_BLOCK, GPTQ_DAMP, gptq_levels, hessian_error
+from pgolf.quant import dequantize_rows, quant_range, quantize_rows, row_quantiles, row_scales, scale_floor_value
+
+CHALLENGE_CLIP_PERCENTILE = 99.99984
+GPTQ_LITE_PERCENTILES = (99.9, 99.95, 99.99, 99.999, 100.0)
+
+
+@dataclass(frozen=True)
+class ClipOptions:
+    """What a clip method may read beyond the matrix: the scale floor and GPTQ's settings and Hessian."""
+
+    floor: float  # smallest scale (pgolf.quant.scale_floor_value)
+    hessian: torch.Tensor | None = None  # E[x x^T] of the layer's inputs (clip methods that need calibration)
+    gptq_damp: float = GPTQ_DAMP
+    gptq_block: int = GPTQ_BLOCK
+
+
+class ClipMethod:
+    name = ""
+    needs_calibration = False  # True: uses Hessians from train data, so quantize needs --data
+
+    def quantize(self, rows: torch.Tensor, bits: int, options: ClipOptions):
+        """(levels int8 [rows, cols], scales fp16 [rows], name of the method that produced them)."""
+        raise NotImplementedError
+
+
+def percentile_rows(rows: torch.Tensor, bits: int, floor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The challenge baseline's export rule: weights clamped to the clip first and rounded with the float32
+    scale; only the stored scale is fp16."""
+    qmin, qmax = quant_range(bits)
+    clip = row_quantiles(rows.abs(), [CHALLENGE_CLIP_PERCENTILE])[0]
+    clipped = torch.maximum(torch.minimum(rows, clip[:, None]), -clip[:, None])
+    scales = row_scales(rows, bits, clip, floor)
+    levels = torch.clamp(torch.round(clipped / scales[:, None]), qmin, qmax).to(torch.int8)
+    return levels, scales.to(torch.float16)
+
+
+def clip_candidates(rows: torch.Tensor, bits: int, floor: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(levels, fp16 scales) for the baseline's percentile rule and for each GPTQ-lite percentile."""
+    candidates = [percentile_rows(rows, bits, floor)]
+    for clip in row_quantiles(rows.abs(), list(GPTQ_LITE_PERCENTILES)):
+        scales = row_scales(rows, bits, clip, floor).to(torch.float16)
+        candidates.append((quantize_rows(rows, bits, scales.float()), scales))
+    return candidates
+
+
+def candidate_diffs(rows: torch.Tensor, candidates: list) -> torch.Tensor:
+    """[candidates, rows, cols] reconstruction errors w - levels * scale."""
+    return rows[None] - torch.stack([dequantize_rows(levels, scales) for levels, scales in candidates])
+
+
+def best_per_row(candidates: list, errors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's (levels, scale) from its lowest-error candidate (errors: [candidates, rows]; first wins)."""
+    best = errors.argmin(dim=0)
+    levels = torch.stack([c[0] for c in candidates])[best, torch.arange(best.numel(), device=best.device)]
+    scales = torch.stack([c[1] for c in candidates]).gather(0, best[None])[0]
+    return levels, scales
+
+
+class PercentileClip(ClipMethod):
+    name = "percentile"
+
+    def quantize(self, rows, bits, options):
+        return (*percentile_rows(rows, bits, options.floor), self.name)
+
+
+class GptqLiteClip(ClipMethod):
+    name = "gptq-lite"
+
+    def quantize(self, rows, bits, options):
+        candidates = clip_candidates(rows, bits, options.floor)
+        return (*best_per_row(candidates, candidate_diffs(rows, candidates).square().sum(dim=-1)), self.name)
+
+
+class GptqClip(ClipMethod):
+    """GPTQ for every gptq-lite candidate's scales (stacked as rows of one solve), plus the round-to-nearest
+    candidates themselves; each row keeps whichever has the lowest Hessian-weighted error, so the result is
+    never worse on that measure than gptq-lite."""
+
+    name = "gptq"
+    needs_calibration = True
+
+    def quantize(self, rows, bits, options):
+        if options.hessian is None:
+            return CLIPS["gptq-lite"].quantize(rows, bits, options)
+        qmin, qmax = quant_range(bits)
+        hessian = options.hessian.to(rows.device).float()
+        plain = clip_candidates(rows, bits, options.floor)
+        stacked_scales = torch.cat([scales for _, scales in plain])
+        stacked = gptq_levels(rows.repeat(len(plain), 1), hessian, stacked_scales.float(), qmin, qmax,
+                              options.gptq_damp, options.gptq_block)
+        solved = list(zip(stacked.split(rows.size(0)), stacked_scales.split(rows.size(0)), strict=True))
+        candidates = plain + solved
+        diffs = candidate_diffs(rows, candidates)
+        errors = hessian_error(diffs.reshape(-1, rows.size(1)), hessian).reshape(len(candidates), -1)
+        return (*best_per_row(candidates, errors), self.name)
+
+
+CLIPS: dict[str, ClipMethod] = {method.name: method for method in (PercentileClip(), GptqLiteClip(), GptqClip())}
+CLIP_METHODS = tuple(CLIPS)
+
+
+def clip_method(name: str) -> ClipMethod:
+    if name not in CLIPS:
+        raise ValueError(f"clip must be one of {', '.join(CLIPS)}, got {name!r}")
+    return CLIPS[name]
+
+
+def quantize_matrix(tensor: torch.Tensor, bits: int, clip: str = "percentile", scale_floor: str = "none",
+                    **options) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """(levels int8 in the tensor's shape, fp16 per-row scales, clip method used) of a >= 2-D float tensor;
+    `options`: hessian, gptq_damp, gptq_block (ClipOptions)."""
+    method = clip_method(clip)
+    rows = tensor.detach().reshape(tensor.size(0), -1).float()
+    floor = scale_floor_value(bits, scale_floor)
+    levels, scales, used = method.quantize(rows, bits, ClipOptions(floor, **options))
+    return levels.reshape(tensor.shape).contiguous(), scales.contiguous(), used
