@@ -20,16 +20,9 @@ import time
 from pgolf.artifacts import open_stage
 from pgolf.checkpoint import load_checkpoint
 from pgolf.codecs import parallel_workers
-from pgolf.plans import (
-    ArtifactSizer,
-    PlanQuantizer,
-    assign_schemes,
-    center_out_order,
-    demotable_blocks,
-    fit_plan_to_target,
-    load_plan,
-    quantized_plan,
-)
+from pgolf.fit import ArtifactSizer, fit_plan_to_target
+from pgolf.model import block_layout
+from pgolf.plans import PlanQuantizer, assign_schemes, demotable_blocks, load_plan, quantized_plan
 from pgolf.stage_model import TRAIN_WEIGHTS, train_checkpoint
 
 
@@ -46,10 +39,12 @@ def fit(state, model_config, args, workers: int) -> dict:
         plan = quantized_plan(dataclasses.asdict(model_config), {}, spec, spec.clip, records)
         return sizer(tensors, json.loads(json.dumps(plan)))
 
-    blocks = demotable_blocks(schemes)
-    order = [block for block in center_out_order(model_config.num_layers) if block in blocks]
+    layout = block_layout(model_config)
+    blocks = demotable_blocks(schemes, layout)
+    order = [block for block in layout.center_out() if block in blocks]
     started = time.perf_counter()
-    _, steps = fit_plan_to_target(schemes, order, spec.demote_to, size_of, args.target_bytes, workers=workers)
+    _, steps = fit_plan_to_target(schemes, order, spec.demote_to, size_of, args.target_bytes, layout,
+                                  workers=workers)
     return {"workers": workers, "seconds": round(time.perf_counter() - started, 1), "sizings": len(sizings),
             "demoted": steps[-1]["demoted"], "bytes": steps[-1]["bytes"]}
 

@@ -30,10 +30,11 @@ import torch
 
 from pgolf.bpb import build_byte_tables, load_tokenizer
 from pgolf.config import resolve
+from pgolf.model import build_model
 from pgolf.ngram import NgramConfig, NgramMixer
 from pgolf.scoring import EvalModel, EvalPlan, ngram_name, score_stream, warm_up
 from pgolf.shards import load_split, open_dataset
-from pgolf.stage_model import build_model, load_stage_model
+from pgolf.stage_model import load_stage_model
 from pgolf.ttt import TTTConfig
 
 FULL_VAL_TOKENS = {1024: 62_021_632, 8192: 40_540_160}  # REFERENCE.md

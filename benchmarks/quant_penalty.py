@@ -26,10 +26,11 @@ from pathlib import Path
 import torch
 
 from pgolf.bpb import build_byte_tables, load_tokenizer
+from pgolf.model import build_model
 from pgolf.plans import load_plan
 from pgolf.scoring import EvalModel, EvalPlan, score_stream, warm_up
 from pgolf.shards import load_split, open_dataset
-from pgolf.stage_model import build_model, load_stage_model
+from pgolf.stage_model import load_stage_model
 
 PLANS = ("int8", "int6", "int6-fp16emb", "center-out-int5", "sensitivity-int5")
 CLIPS = ("percentile", "gptq-lite", "gptq")

@@ -36,12 +36,13 @@ from pgolf.bpb import build_byte_tables, load_tokenizer
 from pgolf.codecs import pack_blob
 from pgolf.dist import init_distributed
 from pgolf.errors import InvalidInput, PgolfError
-from pgolf.gptq import calibration_batches, calibration_windows
-from pgolf.model import ModelConfig
-from pgolf.plans import PlanQuantizer, gptq_hessians, load_plan_model
+from pgolf.gptq import calibration_batches, calibration_windows, gptq_hessians
+from pgolf.model import ModelConfig, build_model
+from pgolf.plans import PlanQuantizer
+from pgolf.schemes import SCHEMES
 from pgolf.scoring import EvalConfig, EvalModel, EvalPlan, ngram_name, score_stream, warm_up
 from pgolf.shards import load_split, open_dataset
-from pgolf.stage_model import build_model, check_tokenizer_match, load_blob_model
+from pgolf.stage_model import check_tokenizer_match, load_blob_model
 from pgolf.train_config import TrainConfig
 from pgolf.trainer import StopSignal, Trainer, TrainLog
 from pgolf.ttt import TTTConfig
@@ -113,7 +114,8 @@ def submission_quantize(settings: dict, state: dict, model_config: ModelConfig, 
         seq_len = settings["calib_seq_len"] or model_config.max_seq_len
         windows = calibration_windows(train_paths, settings["calib_tokens"], seq_len)
         batches = calibration_batches(windows, device)
-        gptq_hessians(load_plan_model(model_config, state, device), quantizer, settings["schemes"], batches,
+        integer = [name for name, scheme in settings["schemes"].items() if SCHEMES[scheme].integer]
+        gptq_hessians(build_model(state, model_config, device), quantizer, settings["schemes"], integer, batches,
                       print)
     tensors, records = quantizer.quantize(settings["schemes"])
     plan = {**settings["plan"], "model_config": dataclasses.asdict(model_config), "tensors": records,

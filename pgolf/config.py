@@ -181,3 +181,16 @@ def resolve(
 
 def to_dict(config) -> dict:
     return dataclasses.asdict(config)
+
+
+def from_dict(cls, values: Mapping, source: str):
+    """The inverse of to_dict: `cls` from a dict that went through JSON (lists back to tuples, each value checked
+    as its field's type); UsageError naming `source` for unknown or invalid fields."""
+    types_ = field_types(cls)
+    unknown = sorted(set(values) - set(types_))
+    if unknown:
+        raise UsageError(f"{source}: unknown setting '{unknown[0]}' (valid: {', '.join(sorted(types_))})")
+    try:
+        return cls(**{name: coerce(value, types_[name], name, source) for name, value in values.items()})
+    except ValueError as e:
+        raise UsageError(f"{source}: {e}") from None

@@ -147,3 +147,29 @@ def gptq_levels(
             errors[:, col : col + 1] = error
         work[:, last:] -= errors @ inverse[first:last, last:]
     return levels[:, torch.argsort(order)].to(torch.int8)
+
+
+@torch.no_grad()
+def gptq_hessians(model: nn.Module, quantizer, schemes: dict, targets: list[str], batches: list,
+                  progress=None) -> dict:
+    """Sequential GPTQ calibration of the `targets` (names of integer-quantized tensors) of a GPT: for each group
+    of layers in forward order (model.layout.forward_group), collect the Hessians of its inputs with every
+    earlier group already quantized, then quantize the group (standard GPTQ). A block the forward runs several
+    times gathers its inputs from every run. Fills quantizer.hessians (pgolf.plans.PlanQuantizer: reused when
+    demotion re-quantizes a block at fewer bits) and returns them."""
+    modules = dict(model.named_modules())
+    params = dict(model.named_parameters())
+    tied_head = "tok_emb.weight" if model.lm_head is None else None
+    layout = model.layout
+    groups = sorted({layout.forward_group(name) for name in targets})
+    for group in groups:
+        names = [name for name in targets if layout.forward_group(name) == group]
+        linear = [name for name in names if isinstance(modules.get(name.removesuffix(".weight")), nn.Linear)]
+        head = tied_head if tied_head in names else None
+        if linear or head:
+            quantizer.hessians.update(collect_hessians(model, linear, batches, head))
+        for name in names:
+            params[name].copy_(quantizer.restored(name, schemes[name]).to(params[name].device))
+        if progress:
+            progress(f"gptq: group {group}/{len(layout.execution) + 1}: {len(names)} tensors quantized")
+    return quantizer.hessians

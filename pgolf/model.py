@@ -108,6 +108,65 @@ class ModelConfig:
         return range(first, self.num_layers)
 
 
+BLOCK_PREFIX = "blocks."
+HEAD_PREFIXES = ("tok_emb.", "lm_head.")  # the output head: lm_head, or the tied token embedding
+
+
+def block_index(name: str) -> int | None:
+    """The block a parameter name belongs to (`blocks.<i>.` ...), or None for inputs, skips and the head."""
+    if not name.startswith(BLOCK_PREFIX):
+        return None
+    index = name[len(BLOCK_PREFIX):].split(".", 1)[0]
+    return int(index) if index.isdigit() else None
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockLayout:
+    """The model's own description of its blocks: which parameters belong to which logical block, and the order
+    the forward runs the blocks in (`execution`; a block run more than once appears more than once). Plans
+    demote whole blocks, GPTQ calibrates in forward order, the center-out fit starts in the middle and TTT
+    freezes the first blocks, all through this one description."""
+
+    num_blocks: int
+    execution: tuple[int, ...]
+
+    def block_of(self, name: str) -> int | None:
+        index = block_index(name)
+        return index if index is not None and index < self.num_blocks else None
+
+    def prefix(self, block: int) -> str:
+        return f"{BLOCK_PREFIX}{block}."
+
+    def runs(self, block: int) -> int:
+        """How many times one forward executes `block`."""
+        return self.execution.count(block)
+
+    def first_blocks(self, count: int) -> list[int]:
+        """The first `count` distinct blocks the forward runs."""
+        return list(dict.fromkeys(self.execution))[:count]
+
+    def center_out(self) -> list[int]:
+        """The middle block first, then alternately one below and one above, outward: 9 -> 4 3 5 2 6 1 7 0 8."""
+        center = self.num_blocks // 2
+        order = [center]
+        for distance in range(1, self.num_blocks):
+            order += [b for b in (center - distance, center + distance) if 0 <= b < self.num_blocks]
+        return order
+
+    def forward_group(self, name: str) -> int:
+        """Calibration order of a parameter: 0 for the inputs read before any block, 1 + the position of its
+        block's first run, and last the output head (the tied embedding counts as the head)."""
+        block = self.block_of(name)
+        if block is not None:
+            return 1 + self.execution.index(block)
+        return len(self.execution) + 1 if name.startswith(HEAD_PREFIXES) else 0
+
+
+def block_layout(config: ModelConfig) -> BlockLayout:
+    """The layout GPT(config) runs (a pure function of the config: plans read it without building a model)."""
+    return BlockLayout(config.num_layers, tuple(range(config.num_layers)))
+
+
 class CastedLinear(nn.Linear):
     """A linear layer whose fp32 weight is cast to the input's dtype at matmul time (bf16 compute, fp32
     master weights).
@@ -324,6 +383,7 @@ class GPT(nn.Module):
         self.num_encoder_layers = config.num_layers // 2 if config.unet_skips else 0
         num_skips = min(self.num_encoder_layers, config.num_layers - self.num_encoder_layers)
         self.skip_weights = nn.Parameter(torch.ones(num_skips, config.model_dim)) if num_skips else None
+        self.layout = block_layout(config)
         self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.num_layers))
         self.lm_head = None
         if not config.tie_embeddings:
@@ -371,7 +431,8 @@ class GPT(nn.Module):
         cos, sin = self.rope_cos[None, None, :seq_len], self.rope_sin[None, None, :seq_len]
         x0 = self.embed(input_ids)
         x, v0, skips = x0, None, []
-        for layer, block in enumerate(self.blocks):
+        for layer, index in enumerate(self.layout.execution):
+            block = self.blocks[index]
             if layer >= self.num_encoder_layers and skips:
                 skip_weight = self.skip_weights[layer - self.num_encoder_layers]
                 x = x + skip_weight.to(x.dtype)[None, None, :] * skips.pop()
@@ -455,3 +516,10 @@ def set_qat_enabled(model: nn.Module, on: bool) -> None:
     for module in model.modules():
         if isinstance(module, CastedLinear):
             module.qat_on.fill_(bool(on))
+
+
+def build_model(state: dict, config: ModelConfig, device, dtype=torch.float32) -> GPT:
+    """GPT(config) with exactly these weights (shapes were checked on load), on `device`, in eval mode."""
+    model = GPT(config, init_weights=False)
+    model.load_state_dict(state, strict=True)
+    return model.to(device=device, dtype=dtype).eval()

@@ -1,4 +1,5 @@
-"""Quantization plans: which scheme each tensor of a checkpoint gets, and fitting a plan under a byte target.
+"""Quantization plans: which scheme each tensor of a checkpoint gets, and demoting whole blocks (pgolf.fit
+searches how many blocks a byte target needs).
 
 A plan is a named preset (pgolf/presets/plans/<name>.toml) or a TOML/JSON plan file with the same keys:
     default = "int6"            scheme of every large >= 2-D float tensor no pattern matches
@@ -17,19 +18,15 @@ weights) and fp16 for the rest; larger ones get `embedding` or `default`.
 import dataclasses
 import fnmatch
 import json
-import re
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from pgolf.clips import CLIP_METHODS
-from pgolf.codecs import CODECS, blob_candidates
 from pgolf.config import PRESETS, coerce, field_types, preset_names, read_toml
-from pgolf.errors import OverBudget, UsageError
-from pgolf.gptq import GPTQ_BLOCK, GPTQ_DAMP, collect_hessians
-from pgolf.model import GPT
+from pgolf.errors import UsageError
+from pgolf.gptq import GPTQ_BLOCK, GPTQ_DAMP
+from pgolf.model import BlockLayout
 from pgolf.quant import SCALE_FLOORS
 from pgolf.quantized import QUANTIZED_FORMAT_VERSION, quantize_entry
 from pgolf.schemes import INTEGER_SCHEMES, PLAN_SCHEMES, RAW_SCHEME, SCHEMES, is_quantizable
@@ -51,7 +48,6 @@ QUANT_CONTROL_PATTERNS = (
     "bigram.scale",
 )
 EMBEDDING_PREFIXES = ("tok_emb.", "lm_head.", "bigram.embed.")
-BLOCK_NAME = re.compile(r"^blocks\.(\d+)\.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,11 +145,6 @@ def is_embedding_tensor(name: str) -> bool:
     return name.startswith(EMBEDDING_PREFIXES)
 
 
-def tensor_block_index(name: str) -> int | None:
-    match = BLOCK_NAME.match(name)
-    return int(match.group(1)) if match else None
-
-
 def export_default_scheme(name: str, tensor: torch.Tensor, spec: PlanSpec, keep_float_numel: int) -> str:
     """The challenge export's rule for a tensor no plan pattern names."""
     if not tensor.is_floating_point():
@@ -200,36 +191,27 @@ def assign_schemes(spec: PlanSpec, state_dict: dict, keep_float_numel: int = KEE
     return schemes
 
 
-def demotable_blocks(schemes: dict) -> dict[int, list[str]]:
+def demotable_blocks(schemes: dict, layout: BlockLayout) -> dict[int, list[str]]:
     """{block index: its integer-quantized tensor names}: the units demotion works on."""
     blocks: dict[int, list[str]] = {}
     for name, scheme in schemes.items():
-        index = tensor_block_index(name)
+        index = layout.block_of(name)
         if index is not None and SCHEMES[scheme].integer:
             blocks.setdefault(index, []).append(name)
     return dict(sorted(blocks.items()))
 
 
-def demote_blocks(schemes: dict, blocks: list[int], scheme: str) -> dict:
+def demote_blocks(schemes: dict, blocks: list[int], scheme: str, layout: BlockLayout) -> dict:
     """A copy of `schemes` with the integer tensors of `blocks` at `scheme` (never promoted)."""
     out = dict(schemes)
     for name, current in schemes.items():
         if (
-            tensor_block_index(name) in blocks
+            layout.block_of(name) in blocks
             and SCHEMES[current].integer
             and SCHEMES[current].level_bits > SCHEMES[scheme].level_bits
         ):
             out[name] = scheme
     return out
-
-
-def center_out_order(num_layers: int) -> list[int]:
-    """L//2 first, then alternately one below and one above, expanding outward: 9 -> 4 3 5 2 6 1 7 0 8."""
-    center = num_layers // 2
-    order = [center]
-    for distance in range(1, num_layers):
-        order += [layer for layer in (center - distance, center + distance) if 0 <= layer < num_layers]
-    return order
 
 
 class PlanQuantizer:
@@ -281,152 +263,6 @@ class PlanQuantizer:
     def dequantized(self, schemes: dict) -> dict:
         """The float state dict the quantized tensors restore to."""
         return {name: self.restored(name, scheme) for name, scheme in schemes.items()}
-
-
-def load_plan_model(model_config, state: dict, device) -> GPT:
-    model = GPT(model_config, init_weights=False).to(device)
-    model.load_state_dict(state)
-    model.eval()
-    return model
-
-
-def gptq_group(name: str, num_layers: int) -> int:
-    """Calibration order: inputs before the blocks, each block, then the output head."""
-    block = tensor_block_index(name)
-    if block is not None:
-        return block + 1
-    return num_layers + 1 if name.startswith(("tok_emb.", "lm_head.")) else 0
-
-
-@torch.no_grad()
-def gptq_hessians(model: GPT, quantizer: PlanQuantizer, schemes: dict, batches: list, progress=None) -> dict:
-    """Sequential GPTQ calibration: for each group of layers in forward order, collect the Hessians of its
-    inputs with every earlier group already quantized, then quantize the group (standard GPTQ). Fills
-    quantizer.hessians (reused when demotion re-quantizes a block at fewer bits) and returns them."""
-    modules = dict(model.named_modules())
-    params = dict(model.named_parameters())
-    tied_head = "tok_emb.weight" if model.lm_head is None else None
-    targets = [name for name, scheme in schemes.items() if SCHEMES[scheme].integer]
-    num_layers = len(model.blocks)
-    for group in sorted({gptq_group(name, num_layers) for name in targets}):
-        names = [name for name in targets if gptq_group(name, num_layers) == group]
-        linear = [name for name in names if isinstance(modules.get(name.removesuffix(".weight")), nn.Linear)]
-        head = tied_head if tied_head in names else None
-        if linear or head:
-            quantizer.hessians.update(collect_hessians(model, linear, batches, head))
-        for name in names:
-            params[name].copy_(quantizer.restored(name, schemes[name]).to(params[name].device))
-        if progress:
-            progress(f"gptq: group {group}/{num_layers + 1}: {len(names)} tensors quantized")
-    return quantizer.hessians
-
-
-@torch.no_grad()
-def calibration_loss(model: GPT, batches: list) -> float:
-    losses = [model(inputs, targets).item() for inputs, targets in batches]
-    return sum(losses) / len(losses)
-
-
-def block_sensitivity(
-    model_config, quantizer: PlanQuantizer, schemes: dict, scheme: str, batches: list, progress=None
-) -> dict[int, float]:
-    """{block: calibration-loss increase when that block alone is demoted to `scheme`}; the rest as
-    planned."""
-    device = quantizer.device
-    model = load_plan_model(model_config, quantizer.dequantized(schemes), device)
-    base = calibration_loss(model, batches)
-    sensitivity = {}
-    for block in demotable_blocks(schemes):
-        model.load_state_dict(quantizer.dequantized(demote_blocks(schemes, [block], scheme)))
-        sensitivity[block] = calibration_loss(model, batches) - base
-        if progress:
-            progress(f"sensitivity: block {block} at {scheme}: loss {sensitivity[block]:+.5f}")
-    return sensitivity
-
-
-class ArtifactSizer:
-    """Counted bytes of a quantized state: its blob (pgolf.codecs, as `pgolf compress` writes it) + the code
-    allowance. The first sizing tries every codec x shuffle x bitpack layout asked for; later ones reuse the
-    winner, since a challenge-scale model takes seconds per compression and a fit sizes it several times
-    (`pgolf compress --codec auto` tries every layout again, so the shipped blob can only be smaller)."""
-
-    def __init__(self, codec: str, code_bytes: int):
-        self.codecs = CODECS if codec == "auto" else (codec,)
-        self.code_bytes = code_bytes
-        self.layout: dict = {}
-
-    def __call__(self, tensors: dict, plan: dict) -> int:
-        best = blob_candidates(tensors, plan, self.codecs, **self.layout)[0]
-        self.codecs = (best["codec"],)
-        self.layout = {"shuffle": best["shuffle"], "bitpack": best["bitpack"]}
-        return best["bytes"] + self.code_bytes
-
-    def every_layout(self, tensors: dict, plan: dict) -> int:
-        """Counted bytes in the best shuffle x bitpack layout of the chosen codec, as `pgolf compress` would
-        pick it: the winner can change as blocks are demoted (on an H100-trained seed-11l checkpoint, byte
-        shuffling lost at no demotion and won by 83 KB with 10 of 11 blocks at int5)."""
-        return blob_candidates(tensors, plan, self.codecs)[0]["bytes"] + self.code_bytes
-
-
-def fit_plan_to_target(schemes: dict, order: list[int], scheme: str, size_of, target: int, progress=None,
-                       workers: int = 1, confirm=None):
-    """Demote the first k blocks of `order` to `scheme` for the smallest k with size_of(schemes) <= target.
-
-    Each size_of call compresses the whole model (seconds at challenge scale), so k is found by a search over
-    the demotion count (the size falls as blocks are demoted) that sizes up to `workers` counts at once on
-    threads: bisection for one worker, about three rounds for eight. size_of(undemoted) runs first and alone
-    (ArtifactSizer picks its layout there), later calls must be thread-safe. `confirm` (optional) is a
-    thorough sizing, never larger than size_of (ArtifactSizer.every_layout): once the search settles, the
-    count below the answer is sized again with it, stepping down while that fits. Returns (schemes, steps):
-    every size measured, by demotion count (the smaller of the two sizings), each naming the blocks demoted;
-    the last step is the chosen plan. OverBudget (exit 4) with the smallest achievable size when even every
-    block demoted does not fit.
-    """
-    sizes: dict[int, int] = {}
-
-    def size(count: int) -> int:
-        return size_of(demote_blocks(schemes, order[:count], scheme))
-
-    def measure(counts: list[int]) -> None:
-        with ThreadPoolExecutor(max_workers=max(1, min(workers, len(counts)))) as pool:
-            for count, measured in zip(counts, pool.map(size, counts), strict=True):
-                sizes[count] = measured
-                if progress:
-                    progress(f"fit: {order[:count]} at {scheme}: {measured:,} bytes (target {target:,})")
-
-    measure([0])
-    too_big, fits = 0, len(order)  # sizes[too_big] > target; the answer lies in (too_big, fits]
-    while sizes[0] > target:
-        counts = [] if fits in sizes else [fits]
-        inner = min(max(workers, 1) - len(counts), fits - too_big - 1)
-        if inner > 0:
-            counts += sorted({too_big + (fits - too_big) * (i + 1) // (inner + 1) for i in range(inner)})
-        if not counts:
-            break
-        measure(counts)
-        if sizes[len(order)] > target:
-            raise OverBudget(
-                f"target {target:,} bytes is out of reach: with every block at {scheme} the artifact is "
-                f"{sizes[len(order)]:,} bytes, the smallest this plan can make"
-            )
-        fits = min(count for count, measured in sizes.items() if measured <= target)
-        too_big = max(count for count, measured in sizes.items() if measured > target and count < fits)
-    chosen = 0 if sizes[0] <= target else fits
-    if sizes.get(chosen, sizes[0]) > target:  # nothing to demote (every tensor stays float), or nothing fits
-        smallest = min(sizes.values())
-        raise OverBudget(f"target {target:,} bytes is out of reach: the smallest artifact this plan can make is "
-                         f"{smallest:,} bytes ({len(order)} demotable blocks)")
-    while confirm is not None and chosen > 0:
-        count = chosen - 1
-        measured = confirm(demote_blocks(schemes, order[:count], scheme))
-        sizes[count] = min(sizes.get(count, measured), measured)
-        if progress:
-            progress(f"fit: {order[:count]} at {scheme}, every layout: {measured:,} bytes (target {target:,})")
-        if sizes[count] > target:
-            break
-        chosen = count
-    steps = [{"demoted": order[:count], "bytes": sizes[count]} for count in sorted(sizes) if count <= chosen]
-    return demote_blocks(schemes, order[:chosen], scheme), steps
 
 
 def quantized_plan(

@@ -6,14 +6,12 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
 from pgolf.artifacts import open_stage, output_path, sha256_file
 from pgolf.bpb import load_tokenizer
 from pgolf.checkpoint import check_tensors, load_checkpoint, model_config_from_json
 from pgolf.codecs import read_blob
 from pgolf.errors import InvalidInput, UsageError
-from pgolf.model import GPT, ModelConfig
+from pgolf.model import ModelConfig
 from pgolf.quantized import dequantize_state, load_quantized
 
 ARTIFACT_STAGES = ("train", "quantize", "compress")
@@ -96,10 +94,3 @@ def check_tokenizer_match(model_vocab_size: int, recorded_sha256: str | None, to
     if recorded_sha256 and sha256_file(tokenizer) != recorded_sha256:
         raise InvalidInput(f"{tokenizer}: sha256 {sha256_file(tokenizer)[:12]}... differs from the tokenizer "
                            f"the model was trained with ({recorded_sha256[:12]}...)")
-
-
-def build_model(state: dict, config: ModelConfig, device, dtype=torch.float32) -> GPT:
-    """GPT(config) with exactly these weights (shapes were checked on load), on `device`, in eval mode."""
-    model = GPT(config, init_weights=False)
-    model.load_state_dict(state, strict=True)
-    return model.to(device=device, dtype=dtype).eval()

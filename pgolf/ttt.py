@@ -295,7 +295,8 @@ def ttt_row_batches(rows: list[tuple[int, int, int]], batch_seqs: int) -> list[l
 
 def ttt_full_model(session: TTTSession) -> None:
     config, model = session.config, session.model
-    frozen = tuple(f"blocks.{i}." for i in range(config.freeze_blocks))
+    layout = model.layout
+    frozen = tuple(layout.prefix(block) for block in layout.first_blocks(config.freeze_blocks))
     params = [p for name, p in model.named_parameters() if not name.startswith(frozen)]
     for p in params:
         p.requires_grad_(True)
@@ -388,8 +389,8 @@ def run_ttt(model: nn.Module, tokens: torch.Tensor, config: TTTConfig, score_chu
     max_seq_len = model.config.max_seq_len
     if not 1 <= train_seq_len <= max_seq_len:
         raise UsageError(f"train_seq_len {train_seq_len}: must be in [1, max_seq_len {max_seq_len}]")
-    if config.freeze_blocks > len(model.blocks):
-        raise UsageError(f"freeze_blocks {config.freeze_blocks} > the model's {len(model.blocks)} blocks")
+    if config.freeze_blocks > model.layout.num_blocks:
+        raise UsageError(f"freeze_blocks {config.freeze_blocks} > the model's {model.layout.num_blocks} blocks")
     session = TTTSession(model, tokens, config, score_chunk, train_seq_len, device, progress)
     if config.mode in ("sgd", "adamw"):
         ttt_full_model(session)

@@ -24,9 +24,10 @@ from pgolf.bpb import build_byte_tables, load_tokenizer
 from pgolf.compliance import check_eval, require
 from pgolf.config import resolve, to_dict
 from pgolf.errors import ComplianceError, InvalidInput, UsageError
+from pgolf.model import build_model
 from pgolf.scoring import EvalConfig, EvalModel, EvalPlan, ngram_name, score_stream, warm_up
 from pgolf.shards import BOS_ID, load_split, open_dataset
-from pgolf.stage_model import build_model, load_stage_model
+from pgolf.stage_model import load_stage_model
 from pgolf.stages.common import FORCE_OPTION, JSON_OPTION, report
 from pgolf.ttt import TTTConfig
 

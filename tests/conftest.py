@@ -71,7 +71,8 @@ def tiny_checkpoint_dir(tiny_data_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_eval_inputs(tiny_data_dir, tiny_checkpoint_dir):
     """(model on the CPU, val tokens, byte tables) of the tiny checkpoint and data."""
-    from pgolf.stage_model import build_model, load_stage_model
+    from pgolf.model import build_model
+    from pgolf.stage_model import load_stage_model
 
     state, config, _ = load_stage_model(tiny_checkpoint_dir, tiny_data_dir / SP1024.name)
     tokens = np.asarray(load_split(list_shards(tiny_data_dir, "val")), dtype=np.int64)

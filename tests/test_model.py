@@ -11,8 +11,10 @@ from torch._dynamo.utils import counters
 from pgolf.model import (
     BOS_ID,
     GPT,
+    BlockLayout,
     CastedLinear,
     ModelConfig,
+    block_layout,
     casted_linear_names,
     param_groups,
     set_qat_enabled,
@@ -96,6 +98,32 @@ def test_state_dict_names_are_stable_for_ttt_and_quantization():
     assert "blocks.0.attn.v_mix" not in names  # layer 0 is the source of the value residual
     assert not any("rope" in name or "qat" in name for name in names)  # tables and switches are not weights
     assert "blocks.2.mlp.fc" in casted_linear_names(GPT(TINY))
+
+
+def test_block_layout_describes_the_model_it_belongs_to():
+    model = GPT(tiny(**ALL_ON))
+    layout = model.layout
+    assert layout == block_layout(model.config) and layout.execution == (0, 1, 2)
+    for name in model.state_dict():
+        block = layout.block_of(name)
+        if name.startswith("blocks."):
+            assert name.startswith(layout.prefix(block)) and layout.runs(block) == 1
+        else:
+            assert block is None
+    groups = {name: layout.forward_group(name) for name in model.state_dict()}
+    assert groups["bigram.embed.weight"] == groups["smear.gate"] == 0  # read before the first block
+    assert [groups[f"blocks.{i}.mlp.fc.weight"] for i in range(3)] == [1, 2, 3]
+    assert groups["lm_head.weight"] == groups["tok_emb.weight"] == 4  # the head, after every block
+    assert layout.first_blocks(2) == [0, 1] and layout.center_out() == [1, 0, 2]
+    assert layout.block_of("blocks.7.mlp.fc.weight") is None  # no such block in this model
+
+
+def test_a_looped_layout_runs_a_block_twice_and_orders_it_by_its_first_run():
+    looped = BlockLayout(4, (0, 1, 2, 1, 2, 3))
+    assert looped.runs(1) == looped.runs(2) == 2 and looped.runs(3) == 1
+    assert looped.first_blocks(3) == [0, 1, 2]
+    assert [looped.forward_group(f"blocks.{i}.attn.c_q.weight") for i in range(4)] == [1, 2, 3, 6]
+    assert looped.forward_group("lm_head.weight") == 7
 
 
 def test_param_groups_partition_parameters_like_the_challenge():

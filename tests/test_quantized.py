@@ -1,4 +1,5 @@
-"""pgolf.quantized: the quantized state's format version, its metadata, and refusing what it cannot read."""
+"""pgolf.quantized: every scheme round-trips through the files bit-exactly; the format version, its metadata,
+and refusing what it cannot read."""
 
 import json
 
@@ -7,16 +8,19 @@ import torch
 from safetensors.torch import save_file
 
 from pgolf.errors import InvalidInput
+from pgolf.quant import QUANT_RANGES
 from pgolf.quantized import (
     PLAN_FILE,
     QUANTIZED_FILE,
     QUANTIZED_FORMAT_VERSION,
     check_quantized,
+    dequantize_state,
     load_quantized,
     quantize_state,
     safetensors_metadata,
     save_quantized,
 )
+from tests.matrices import heavy_tailed
 
 
 def small_state():
@@ -77,3 +81,46 @@ def test_a_plan_naming_an_unknown_scheme_or_storing_extra_tensors_is_refused():
         check_quantized({**tensors, "stray": torch.zeros(1)}, plan_of(records), "q")
     with pytest.raises(InvalidInput, match=r"q: 'w' is not int8 levels with fp16 per-row scales"):
         check_quantized({**tensors, "w.scale": tensors["w.scale"].float()}, plan_of(records), "q")
+
+
+@pytest.mark.parametrize("scheme", ["int5", "int6", "int7", "int8", "fp16", "fp32"])
+@pytest.mark.parametrize("clip", ["percentile", "gptq-lite"])
+def test_every_scheme_round_trips_bit_exactly(scheme, clip, tmp_path):
+    state = {"blocks.0.mlp.fc.weight": heavy_tailed(48, 80, seed=2), "blocks.0.attn_scale": torch.rand(80)}
+    schemes = {"blocks.0.mlp.fc.weight": scheme, "blocks.0.attn_scale": "fp32"}
+    tensors, records = quantize_state(state, schemes, clip=clip, scale_floor="none")
+    save_quantized(tmp_path, tensors, {"model_config": {}, "tensors": records})
+    loaded, plan = load_quantized(tmp_path)
+    assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[n], t) for n, t in tensors.items())
+    restored = dequantize_state(loaded, plan)
+    name = "blocks.0.mlp.fc.weight"
+    if scheme.startswith("int"):
+        low, high = QUANT_RANGES[int(scheme[3:])]
+        levels, scales = loaded[name], loaded[name + ".scale"]
+        assert levels.dtype == torch.int8 and scales.dtype == torch.float16 and scales.shape == (48,)
+        assert low <= int(levels.min()) and int(levels.max()) <= high
+        assert torch.equal(restored[name], levels.float() * scales.float()[:, None])
+        assert plan["tensors"][name]["bits"] == int(scheme[3:])
+        assert plan["tensors"][name]["bytes"] == (48 * 80 * int(scheme[3:]) + 7) // 8 + 48 * 2
+    else:
+        stored_dtype = torch.float16 if scheme == "fp16" else torch.float32
+        assert torch.equal(restored[name], state[name].to(stored_dtype).float())
+    assert torch.equal(restored["blocks.0.attn_scale"], state["blocks.0.attn_scale"])
+    assert restored[name].dtype == torch.float32
+    record = plan["tensors"][name]
+    expected_error = (state[name] - restored[name]).norm() / state[name].norm()
+    assert record["rel_error"] == pytest.approx(expected_error.item(), rel=1e-6)
+
+
+def test_loading_refuses_levels_outside_the_scheme(tmp_path):
+    state = {"w": heavy_tailed(16, 32, seed=3)}
+    tensors, records = quantize_state(state, {"w": "int5"})
+    check_quantized(tensors, {"tensors": records}, "q")
+    tensors["w"][0, 0] = 16
+    save_quantized(tmp_path, tensors, {"tensors": records})
+    with pytest.raises(InvalidInput, match=r"safetensors: 'w' has levels outside int5's \[-16, 15\]"):
+        load_quantized(tmp_path)
+    tensors["w"][0, 0] = 15
+    save_quantized(tmp_path, tensors, {"tensors": {**records, "ghost": records["w"]}})
+    with pytest.raises(InvalidInput, match="no stored tensor 'ghost'"):
+        load_quantized(tmp_path)

@@ -1,12 +1,11 @@
-"""pgolf.schemes and pgolf.clips: every registered scheme and clip method honours the interface the rest of
-pgolf relies on (quantize -> restore -> validate -> bytes), so a new one is checked by these tests too."""
+"""pgolf.schemes: every registered scheme honours the interface the rest of pgolf relies on (quantize ->
+restore -> validate -> bytes), so a new scheme is checked by these tests too."""
 
 import math
 
 import pytest
 import torch
 
-from pgolf.clips import CLIPS, ClipOptions, clip_method
 from pgolf.errors import InvalidInput
 from pgolf.quant import QUANT_RANGES
 from pgolf.quantized import check_quantized, quantize_entry
@@ -55,23 +54,3 @@ def test_scheme_rules_reach_only_the_tensors_they_can_store():
         quantize_entry("t", ids.reshape(5, 1), "int6")
     with pytest.raises(ValueError, match=r"unknown scheme 'int4' \(valid: int5, int6, int7, int8, fp16"):
         get_scheme("int4")
-
-
-@pytest.mark.parametrize("name", list(CLIPS))
-def test_every_clip_method_returns_in_range_levels_and_fp16_scales(name):
-    rows = weight(32, 64, seed=1)
-    hessian = rows.T @ rows / 32 + torch.eye(64) if CLIPS[name].needs_calibration else None
-    for bits, (qmin, qmax) in QUANT_RANGES.items():
-        levels, scales, used = CLIPS[name].quantize(rows, bits, ClipOptions(1e-12, hessian=hessian))
-        assert used == name and levels.dtype == torch.int8 and scales.dtype == torch.float16
-        assert levels.shape == rows.shape and scales.shape == (32,)
-        assert qmin <= int(levels.min()) and int(levels.max()) <= qmax
-        error = (rows - levels.float() * scales.float()[:, None]).norm() / rows.norm()
-        assert error < 2.0 ** (3 - bits)
-
-
-def test_gptq_without_a_hessian_falls_back_to_gptq_lite_and_says_so():
-    assert CLIPS["gptq"].needs_calibration and not CLIPS["gptq-lite"].needs_calibration
-    assert CLIPS["gptq"].quantize(weight(), 6, ClipOptions(1e-12))[2] == "gptq-lite"
-    with pytest.raises(ValueError, match="clip must be one of percentile, gptq-lite, gptq, got 'sd'"):
-        clip_method("sd")

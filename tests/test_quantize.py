@@ -15,8 +15,7 @@ from pgolf.checkpoint import load_checkpoint, save_checkpoint
 from pgolf.cli import main
 from pgolf.codecs import pack_blob, unpack_blob
 from pgolf.gptq import calibration_batches, calibration_windows
-from pgolf.model import GPT, ModelConfig
-from pgolf.plans import center_out_order
+from pgolf.model import GPT, ModelConfig, block_layout
 from pgolf.quantized import dequantize_state, load_quantized
 from pgolf.shards import list_shards
 from pgolf.stage_model import load_stage_model
@@ -212,7 +211,7 @@ def test_center_out_demotes_middle_blocks_first_until_it_fits(trained_dir, capsy
         "--target-bytes",
         roomy["artifact_bytes"] - 1,
     )
-    assert one["fit"]["order"] == center_out_order(4) == [2, 1, 3, 0]
+    assert one["fit"]["order"] == block_layout(MODEL).center_out() == [2, 1, 3, 0]
     assert one["fit"]["demoted"] == [2] and one["artifact_bytes"] < roomy["artifact_bytes"]
     # The fit sizes its answer in the layout of the first sizing; compress (and the fit's step-down check) tries
     # every layout, so one block fits nowhere below the smallest of them.
@@ -223,7 +222,7 @@ def test_center_out_demotes_middle_blocks_first_until_it_fits(trained_dir, capsy
     )
     steps = two["fit"]["steps"]
     demoted = two["fit"]["demoted"]
-    assert len(demoted) >= 2 and demoted == center_out_order(4)[: len(demoted)]
+    assert len(demoted) >= 2 and demoted == block_layout(MODEL).center_out()[: len(demoted)]
     assert steps[-1]["bytes"] <= target < steps[-2]["bytes"] and two["artifact_bytes"] == steps[-1]["bytes"]
     _, plan_json = load_quantized(tmp_path / "two")
     for block in range(4):

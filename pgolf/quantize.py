@@ -1,0 +1,266 @@
+"""The quantize stage: a checkpoint's tensors under a plan's schemes, optionally fitted under a byte target.
+
+`quantize_model` is the flow both `pgolf quantize` and the bundled train_gpt.py run: assign schemes, calibrate
+on train tokens when the clip method or the plan needs it (never on validation tokens), GPTQ in forward order,
+then demote blocks (center-out or by measured sensitivity) until the artifact fits. `quantize` wraps it as a
+stage: it reads a train output and writes quantized.safetensors + plan.json with a manifest.
+"""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from pgolf.artifacts import ARTIFACT_BYTE_LIMIT, StageOutput, open_stage
+from pgolf.checkpoint import load_checkpoint
+from pgolf.clips import CLIP_METHODS, CLIPS
+from pgolf.codecs import CODECS, parallel_workers
+from pgolf.config import to_dict
+from pgolf.dist import DEVICE_CHOICES, PlainLog, pick_device
+from pgolf.errors import InvalidInput, OverBudget, UsageError
+from pgolf.fit import ArtifactSizer, fit_plan_to_target
+from pgolf.gptq import GPTQ_BLOCK, GPTQ_DAMP, calibration_batches, calibration_windows, gptq_hessians
+from pgolf.model import ModelConfig, block_layout, build_model
+from pgolf.plans import (
+    KEEP_FLOAT_MAX_NUMEL,
+    PlanQuantizer,
+    PlanSpec,
+    assign_schemes,
+    demotable_blocks,
+    demote_blocks,
+    load_plan,
+    quantized_plan,
+)
+from pgolf.quantized import PLAN_FILE, QUANTIZED_FILE, load_quantized, save_quantized
+from pgolf.schemes import SCHEMES
+from pgolf.shards import open_dataset
+from pgolf.stage_model import TRAIN_WEIGHTS, train_checkpoint
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeConfig:
+    plan: str = "int8"  # plan preset name or a .toml/.json plan file
+    clip: str | None = None  # a clip method (pgolf.clips: percentile | gptq-lite | gptq); None = the plan's
+    target_bytes: int | None = None  # artifact cap; demote plans default to 16,000,000, others are only checked
+    code_bytes: int = 100_000  # allowance for the counted code file, added to the blob when sizing
+    codec: str = "brotli"  # sizing codec: brotli-11 packed smallest on H100 checkpoints, so fewest blocks demoted
+    keep_float_numel: int = KEEP_FLOAT_MAX_NUMEL  # tensors of at most this many elements stay float
+    calib_tokens: int = 131_072  # train-shard tokens for GPTQ Hessians and block sensitivity
+    calib_seq_len: int = 0  # calibration window length; 0 = the model's max_seq_len
+    gptq_damp: float = GPTQ_DAMP  # GPTQ dampening, a fraction of the Hessian's mean diagonal
+    gptq_block: int = GPTQ_BLOCK  # GPTQ lazy-update block width (columns)
+    device: str = "auto"  # auto (cuda when available) | cpu | cuda
+    weights: str = "export"  # train weights to quantize: export (model.safetensors: EMA when on) | master
+
+    def __post_init__(self):
+        def need(ok: bool, field: str, allowed: str):
+            if not ok:
+                raise ValueError(f"{field} = {getattr(self, field)!r}: must be {allowed}")
+
+        need(self.weights in TRAIN_WEIGHTS, "weights", f"one of {', '.join(TRAIN_WEIGHTS)}")
+        need(self.clip is None or self.clip in CLIP_METHODS, "clip", f"one of {', '.join(CLIP_METHODS)}")
+        need(self.target_bytes is None or self.target_bytes >= 1, "target_bytes", ">= 1")
+        need(self.code_bytes >= 0, "code_bytes", ">= 0")
+        need(self.codec in (*CODECS, "auto"), "codec", f"one of {', '.join(CODECS)}, auto")
+        need(self.keep_float_numel >= 0, "keep_float_numel", ">= 0")
+        need(self.calib_tokens >= 1, "calib_tokens", ">= 1")
+        need(self.calib_seq_len >= 0, "calib_seq_len", ">= 0 (0 = the model's max_seq_len)")
+        need(0.0 < self.gptq_damp <= 1.0, "gptq_damp", "in (0, 1]")
+        need(self.gptq_block >= 1, "gptq_block", ">= 1")
+        need(self.device in DEVICE_CHOICES, "device", f"one of {', '.join(DEVICE_CHOICES)}")
+
+    def target(self, spec: PlanSpec) -> int | None:
+        """The byte target: the one given, else the challenge's cap for a demote plan; none otherwise."""
+        return self.target_bytes or (ARTIFACT_BYTE_LIMIT if spec.demote else None)
+
+
+@dataclasses.dataclass
+class QuantizedModel:
+    """What quantize_model made: the stored tensors and plan.json, and how the plan was fitted."""
+
+    tensors: dict[str, torch.Tensor]
+    plan: dict  # plan.json, exactly as it reads back
+    schemes: dict[str, str]  # tensor name -> scheme, after any demotion
+    clip: str
+    artifact_bytes: int  # sized blob + code allowance
+    target: int | None
+    fit: dict | None  # demotion order and every size measured (demote plans)
+    sensitivity: dict | None  # per-block calibration-loss increase (sensitivity plans)
+
+
+def require_calibration_data(spec: PlanSpec, clip: str, have_data: bool) -> bool:
+    """Whether quantizing under `spec` reads train tokens (GPTQ's Hessians, or measured block sensitivity);
+    UsageError (exit 2) when it does and there are none."""
+    calibrate = CLIPS[clip].needs_calibration or spec.demote == "sensitivity"
+    if calibrate and not have_data:
+        why = f"--clip {clip}" if CLIPS[clip].needs_calibration else f"plan '{spec.name}'"
+        raise UsageError(f"{why} needs --data DIR (its train shards calibrate; e.g. --data artifacts/sp1024)")
+    return calibrate
+
+
+def calibration_data(train_shards: list[Path], where: str, config: QuantizeConfig, model_config: ModelConfig,
+                     device, log) -> list:
+    """Calibration batches from train shards (validation is never read); `where` names them in errors."""
+    if not train_shards:
+        raise InvalidInput(f"{where}: no fineweb_train_*.bin shards (calibration never uses validation)")
+    seq_len = config.calib_seq_len or model_config.max_seq_len
+    if seq_len > model_config.max_seq_len:
+        raise UsageError(f"--calib-seq-len {seq_len} exceeds the model's max_seq_len {model_config.max_seq_len}")
+    try:
+        windows = calibration_windows(train_shards, config.calib_tokens, seq_len)
+    except ValueError as e:
+        raise InvalidInput(f"{where}: {e}") from None
+    if int(windows.max()) >= model_config.vocab_size:
+        raise InvalidInput(f"{where}: token id {int(windows.max())} >= the checkpoint's vocab_size "
+                           f"{model_config.vocab_size} (data from another tokenizer?)")
+    log.info(f"calibration: {windows.numel() - len(windows):,} train tokens in {len(windows)} windows of {seq_len}")
+    return calibration_batches(windows, device)
+
+
+@torch.no_grad()
+def calibration_loss(model, batches: list) -> float:
+    losses = [model(inputs, targets).item() for inputs, targets in batches]
+    return sum(losses) / len(losses)
+
+
+def block_sensitivity(model_config: ModelConfig, quantizer: PlanQuantizer, schemes: dict, scheme: str,
+                      batches: list, log) -> dict[int, float]:
+    """{block: calibration-loss increase when that block alone is demoted to `scheme`}; the rest as planned."""
+    model = build_model(quantizer.dequantized(schemes), model_config, quantizer.device)
+    base = calibration_loss(model, batches)
+    sensitivity = {}
+    for block in demotable_blocks(schemes, model.layout):
+        model.load_state_dict(quantizer.dequantized(demote_blocks(schemes, [block], scheme, model.layout)))
+        sensitivity[block] = calibration_loss(model, batches) - base
+        log.info(f"sensitivity: block {block} at {scheme}: loss {sensitivity[block]:+.5f}")
+    return sensitivity
+
+
+def demotion_order(spec: PlanSpec, schemes: dict, model_config: ModelConfig, quantizer: PlanQuantizer,
+                   batches, log) -> tuple[list[int], dict | None]:
+    """Blocks in the order the plan demotes them, and the measured sensitivities (sensitivity plans only)."""
+    layout = block_layout(model_config)
+    blocks = demotable_blocks(schemes, layout)
+    if spec.demote == "center-out":
+        return [b for b in layout.center_out() if b in blocks], None
+    sensitivity = block_sensitivity(model_config, quantizer, schemes, spec.demote_to, batches, log)
+    return sorted(sensitivity, key=lambda block: (sensitivity[block], block)), sensitivity
+
+
+def scheme_counts(schemes: dict) -> str:
+    return ", ".join(f"{list(schemes.values()).count(s)} {s}" for s in sorted(set(schemes.values())))
+
+
+def quantize_model(state: dict, model_config: ModelConfig, spec: PlanSpec, config: QuantizeConfig, *,
+                   train_shards: list[Path] | None = None, data_name: str = "--data", where: str = "quantize",
+                   tokenizer_sha256=None, source: dict | None = None, log=PlainLog) -> QuantizedModel:
+    """Quantize `state` under `spec` with `config`'s settings: the whole flow of `pgolf quantize`.
+
+    `train_shards` (of `data_name`) calibrate when the clip method or the plan needs it; `where` names the run
+    in errors. OverBudget (exit 4) when a demote plan cannot reach its target, or another plan's artifact is
+    over it."""
+    clip = config.clip or spec.clip
+    target = config.target(spec)
+    calibrate = require_calibration_data(spec, clip, train_shards is not None)
+    schemes = assign_schemes(spec, state, config.keep_float_numel)
+    log.info(f"plan {spec.name}: {scheme_counts(schemes)}")
+    device = pick_device(config.device)
+    quantizer = PlanQuantizer(state, clip=clip, scale_floor=spec.scale_floor, gptq_damp=config.gptq_damp,
+                              gptq_block=config.gptq_block, device=device)
+    batches = calibration_data(train_shards, data_name, config, model_config, device, log) if calibrate else None
+    if CLIPS[clip].needs_calibration:
+        integer = [name for name, scheme in schemes.items() if SCHEMES[scheme].integer]
+        gptq_hessians(build_model(state, model_config, device), quantizer, schemes, integer, batches, log.info)
+
+    def build(assignment: dict) -> tuple[dict, dict]:
+        tensors, records = quantizer.quantize(assignment)
+        plan = quantized_plan(dataclasses.asdict(model_config), source or {}, spec, clip, records,
+                              tokenizer_sha256)
+        return tensors, json.loads(json.dumps(plan))  # exactly what plan.json will read back as
+
+    sizer = ArtifactSizer(config.codec, config.code_bytes)
+    allowance = f"{config.codec} blob + {config.code_bytes:,}-byte code allowance, --code-bytes"
+    fit = sensitivity = None
+    if not spec.demote:
+        artifact = sizer(*build(schemes))
+        if target is not None and artifact > target:
+            raise OverBudget(f"{where}: plan '{spec.name}' makes a {artifact:,}-byte artifact ({allowance}), over "
+                             f"--target-bytes {target:,}; a demote plan such as center-out-int5 can fit it")
+    else:
+        order, sensitivity = demotion_order(spec, schemes, model_config, quantizer, batches, log)
+        try:
+            schemes, steps = fit_plan_to_target(
+                schemes, order, spec.demote_to, lambda assignment: sizer(*build(assignment)), target,
+                block_layout(model_config), log.info, workers=parallel_workers(len(order) + 1),
+                confirm=lambda assignment: sizer.every_layout(*build(assignment)))
+        except OverBudget as e:
+            raise OverBudget(f"{where}: {e} ({allowance})") from None
+        fit = {"order": order, "steps": steps, "demoted": steps[-1]["demoted"]}
+        artifact = steps[-1]["bytes"]
+    tensors, plan = build(schemes)
+    return QuantizedModel(tensors, plan, schemes, clip, artifact, target, fit, sensitivity)
+
+
+def scheme_totals(records: dict) -> dict:
+    """Per scheme and overall: tensors, parameters, raw bytes; plus the parameter-weighted mean rel_error."""
+    by_scheme: dict[str, dict] = {}
+    for record in records.values():
+        row = by_scheme.setdefault(record["scheme"], {"tensors": 0, "parameters": 0, "bytes": 0})
+        row["tensors"] += 1
+        row["parameters"] += int(torch.Size(record["shape"]).numel())
+        row["bytes"] += record["bytes"]
+    parameters = sum(row["parameters"] for row in by_scheme.values())
+    weighted = sum(r["rel_error"] * torch.Size(r["shape"]).numel() for r in records.values())
+    return {
+        "tensors": len(records),
+        "parameters": parameters,
+        "raw_bytes": sum(row["bytes"] for row in by_scheme.values()),
+        "mean_rel_error": weighted / max(parameters, 1),
+        "by_scheme": dict(sorted(by_scheme.items())),
+    }
+
+
+@dataclasses.dataclass
+class QuantizeResult:
+    out: Path
+    metrics: dict  # plan, clip, artifact/blob bytes, fit, per-scheme totals, per-tensor records (the manifest's)
+
+
+def quantize(config: QuantizeConfig, train_dir: Path, out: Path, *, data: Path | None = None,
+             config_file: Path | None = None, force: bool = False, log=PlainLog) -> QuantizeResult:
+    """Quantize a train output's checkpoint (config.weights) into `out`: quantized.safetensors + plan.json."""
+    spec = load_plan(config.plan)
+    manifest = open_stage(train_dir, "train")
+    checkpoint = train_checkpoint(manifest, train_dir, config.weights)
+    require_calibration_data(spec, config.clip or spec.clip, data is not None)
+    inputs = [train_dir] + [path for path in (data, config_file) if path is not None]
+    with StageOutput(out, "quantize", config=to_dict(config), force=force, inputs=inputs) as stage:
+        state, model_config, metadata = load_checkpoint(checkpoint)
+        stage.add_input(checkpoint, "checkpoint")
+        train_shards = open_dataset(data, verify=("train",)).train if data is not None else None
+        source = {"train_dir": str(Path(train_dir).resolve()), "checkpoint": checkpoint.name,
+                  "sha256": stage.inputs[0]["sha256"], "data": str(Path(data).resolve()) if data else None}
+        made = quantize_model(state, model_config, spec, config, train_shards=train_shards, data_name=str(data),
+                              where=str(train_dir), tokenizer_sha256=metadata.get("tokenizer_sha256"),
+                              source=source, log=log)
+        save_quantized(stage.dir, made.tensors, made.plan)
+        stage.add_output(QUANTIZED_FILE, "quantized")
+        stage.add_output(PLAN_FILE, "plan")
+        reloaded, _ = load_quantized(stage.dir)
+        stage.check("round_trip", reloaded.keys() == made.tensors.keys()
+                    and all(torch.equal(reloaded[n], t) for n, t in made.tensors.items()),
+                    "quantized.safetensors reads back bit-exactly")
+        stage.check("fits_target", made.target is None or made.artifact_bytes <= made.target,
+                    f"{made.artifact_bytes:,} bytes (blob + {config.code_bytes:,} code allowance) vs target "
+                    f"{made.target}")
+        stage.metrics = {
+            "plan": spec.name, "clip": made.clip, "scale_floor": spec.scale_floor, "codec": config.codec,
+            "code_bytes": config.code_bytes, "artifact_bytes": made.artifact_bytes,
+            "blob_bytes": made.artifact_bytes - config.code_bytes, "target_bytes": made.target,
+            "fit": made.fit, "sensitivity": made.sensitivity, "totals": scheme_totals(made.plan["tensors"]),
+            "tensors": {name: {key: r[key] for key in ("scheme", "bits", "clip", "rel_error", "bytes")}
+                        for name, r in made.plan["tensors"].items()},
+        }
+        stage.finalize()
+    return QuantizeResult(Path(out), stage.metrics)

@@ -1,0 +1,96 @@
+"""pgolf.clips: the challenge's int8 rule bit for bit, the clip search, GPTQ error feedback, and the contract
+every registered clip method honours (so a new one is checked by these tests too)."""
+
+import pytest
+import torch
+
+from pgolf.clips import CLIPS, ClipOptions, clip_method, quantize_matrix
+from pgolf.gptq import hessian_error
+from pgolf.quant import QUANT_RANGES
+from tests.matrices import heavy_tailed
+
+
+def weight(rows=24, cols=40, seed=0):
+    return torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
+
+
+def challenge_int8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The challenge's train_gpt.py int8 export for a 2-D tensor, restated independently from its rule:
+    per-row clip at quantile 0.9999984 of |w|, clamp, scale = max(clip / 127, 1 / 127), round, clamp to +-127,
+    scale stored fp16."""
+    clip = torch.quantile(t.abs(), 99.99984 / 100.0, dim=1)
+    clamped = torch.maximum(torch.minimum(t, clip[:, None]), -clip[:, None])
+    scale = (clip / 127.0).clamp_min(1.0 / 127.0)
+    return torch.clamp(torch.round(clamped / scale[:, None]), -127, 127).to(torch.int8), scale.half()
+
+
+def test_int8_percentile_matches_the_challenge_export_bit_for_bit():
+    weight = heavy_tailed(64, 300, seed=1)
+    weight[3] = 0.0  # an all-zero row: the floor keeps the scale finite
+    weight[5] *= 1e-3  # a row far under 1.0: the challenge's 1/127 floor decides its scale
+    levels, scales, clip = quantize_matrix(weight, 8, "percentile", "challenge")
+    expected_levels, expected_scales = challenge_int8(weight)
+    assert clip == "percentile"
+    assert torch.equal(levels, expected_levels) and torch.equal(scales, expected_scales)
+    assert scales.dtype == torch.float16 and scales[3] == torch.tensor(1 / 127).half()
+    # Without the challenge's floor, a small row keeps its own scale (and far more levels).
+    levels_free, scales_free, _ = quantize_matrix(weight, 8, "percentile", "none")
+    assert scales_free[5] < scales[5] and levels_free[5].abs().max() > levels[5].abs().max()
+
+
+def test_int5_uses_minus_16_to_15():
+    assert QUANT_RANGES[5] == (-16, 15)
+    # A row whose negative tail reaches past the clip gets level -16 from gptq-lite's clipped candidates.
+    row = torch.cat([torch.linspace(-1.0, 1.0, 999), torch.tensor([-1.5])])[None]
+    levels, scales, _ = quantize_matrix(row, 5, "gptq-lite")
+    assert int(levels.min()) == -16 and int(levels.max()) <= 15
+
+
+@pytest.mark.parametrize("bits", [5, 6, 8])
+def test_gptq_lite_is_never_worse_than_percentile_on_any_row(bits):
+    weight = heavy_tailed(128, 256, seed=4)
+    errors = {}
+    for clip in ("percentile", "gptq-lite"):
+        levels, scales, _ = quantize_matrix(weight, bits, clip)
+        errors[clip] = (weight - levels.float() * scales.float()[:, None]).square().sum(dim=1)
+    assert torch.all(errors["gptq-lite"] <= errors["percentile"])
+    assert errors["gptq-lite"].sum() < errors["percentile"].sum()  # and strictly better overall
+
+
+def test_gptq_lowers_the_output_error_below_round_to_nearest():
+    generator = torch.Generator().manual_seed(5)
+    # Correlated inputs (a random mixing of a few strong directions): where error feedback pays off.
+    inputs = torch.randn(4096, 16, generator=generator) @ torch.randn(16, 96, generator=generator)
+    inputs += 0.1 * torch.randn(4096, 96, generator=generator)
+    hessian = inputs.T @ inputs / len(inputs)
+    weight = heavy_tailed(64, 96, seed=6)
+    output_error = {}
+    for clip in ("percentile", "gptq-lite", "gptq"):
+        levels, scales, used = quantize_matrix(weight, 5, clip, hessian=hessian)
+        assert used == clip
+        diff = weight - levels.float() * scales.float()[:, None]
+        output_error[clip] = hessian_error(diff, hessian)
+    assert torch.all(output_error["gptq"] <= output_error["gptq-lite"] + 1e-6)
+    assert output_error["gptq"].sum() < 0.8 * output_error["percentile"].sum()
+    # Without a Hessian, gptq falls back to gptq-lite and says so.
+    assert quantize_matrix(weight, 5, "gptq")[2] == "gptq-lite"
+
+
+@pytest.mark.parametrize("name", list(CLIPS))
+def test_every_clip_method_returns_in_range_levels_and_fp16_scales(name):
+    rows = weight(32, 64, seed=1)
+    hessian = rows.T @ rows / 32 + torch.eye(64) if CLIPS[name].needs_calibration else None
+    for bits, (qmin, qmax) in QUANT_RANGES.items():
+        levels, scales, used = CLIPS[name].quantize(rows, bits, ClipOptions(1e-12, hessian=hessian))
+        assert used == name and levels.dtype == torch.int8 and scales.dtype == torch.float16
+        assert levels.shape == rows.shape and scales.shape == (32,)
+        assert qmin <= int(levels.min()) and int(levels.max()) <= qmax
+        error = (rows - levels.float() * scales.float()[:, None]).norm() / rows.norm()
+        assert error < 2.0 ** (3 - bits)
+
+
+def test_gptq_without_a_hessian_falls_back_to_gptq_lite_and_says_so():
+    assert CLIPS["gptq"].needs_calibration and not CLIPS["gptq-lite"].needs_calibration
+    assert CLIPS["gptq"].quantize(weight(), 6, ClipOptions(1e-12))[2] == "gptq-lite"
+    with pytest.raises(ValueError, match="clip must be one of percentile, gptq-lite, gptq, got 'sd'"):
+        clip_method("sd")

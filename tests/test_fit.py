@@ -1,0 +1,82 @@
+"""pgolf.fit: the search for the fewest demoted blocks whose artifact fits a byte target, serial and on
+threads, with the step-down check in every layout; and the center-out order it demotes in."""
+
+import pytest
+
+from pgolf.errors import OverBudget
+from pgolf.fit import fit_plan_to_target
+from pgolf.model import BlockLayout
+from pgolf.plans import demote_blocks
+
+
+def layout(num_blocks: int) -> BlockLayout:
+    return BlockLayout(num_blocks, tuple(range(num_blocks)))
+
+
+def test_center_out_order_starts_in_the_middle_and_alternates_outward():
+    assert layout(9).center_out() == [4, 3, 5, 2, 6, 1, 7, 0, 8]
+    assert layout(10).center_out() == [5, 4, 6, 3, 7, 2, 8, 1, 9, 0]
+    assert layout(11).center_out() == [5, 4, 6, 3, 7, 2, 8, 1, 9, 0, 10]
+    assert layout(1).center_out() == [0]
+
+
+def test_fit_demotes_the_fewest_blocks_that_fit_in_center_out_order():
+    schemes = {f"blocks.{i}.mlp.fc.weight": "int6" for i in range(9)} | {"tok_emb.weight": "int8"}
+    # A size model that is exact for raw levels: 1000 params per block matrix, 1000 in the embedding.
+    size_of = lambda s: sum(1000 * int(scheme[3:]) // 8 for scheme in s.values())  # noqa: E731
+    blocks = layout(9)
+    order = blocks.center_out()
+    fitted, steps = fit_plan_to_target(schemes, order, "int5", size_of, size_of(schemes) - 300, blocks)
+    # Each demotion saves 125 bytes: three blocks fit, two do not (both measured by the bisection).
+    assert steps[-1]["demoted"] == [4, 3, 5] and steps[-2]["demoted"] == [4, 3]
+    assert steps[-1]["bytes"] <= size_of(schemes) - 300 < steps[-2]["bytes"]
+    assert steps[0] == {"demoted": [], "bytes": size_of(schemes)} and len(steps) < len(order)
+    assert fitted == demote_blocks(schemes, [4, 3, 5], "int5", blocks) and fitted["tok_emb.weight"] == "int8"
+    unchanged, steps = fit_plan_to_target(schemes, order, "int5", size_of, 10**9, blocks)
+    assert unchanged == schemes and len(steps) == 1
+    smallest = size_of(demote_blocks(schemes, order, "int5", blocks))
+    with pytest.raises(OverBudget, match=f"{smallest:,} bytes, the smallest this plan can make"):
+        fit_plan_to_target(schemes, order, "int5", size_of, smallest - 1, blocks)
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3, 8, 16])
+def test_parallel_fit_finds_what_a_linear_scan_finds(workers):
+    schemes = {f"blocks.{i}.mlp.fc.weight": "int6" for i in range(11)}
+    # Uneven savings per block, so every count is a distinct size.
+    size_of = lambda s: sum(100 + 7 * int(n.split(".")[1]) for n, sc in s.items() if sc == "int6")  # noqa: E731
+    blocks = layout(11)
+    order = blocks.center_out()
+    sizes = [size_of(demote_blocks(schemes, order[:k], "int5", blocks)) for k in range(12)]
+    for target in range(sizes[-1], sizes[0] + 2):
+        expected = next(k for k in range(12) if sizes[k] <= target)
+        fitted, steps = fit_plan_to_target(schemes, order, "int5", size_of, target, blocks, workers=workers)
+        assert fitted == demote_blocks(schemes, order[:expected], "int5", blocks)
+        assert steps[-1] == {"demoted": order[:expected], "bytes": sizes[expected]}
+        if expected > 0:  # the count just below the answer was measured and is over the target
+            assert steps[-2]["demoted"] == order[: expected - 1] and steps[-2]["bytes"] > target
+
+
+def test_fit_confirms_the_count_below_its_answer_in_every_layout():
+    schemes = {f"blocks.{i}.mlp.fc.weight": "int6" for i in range(9)}
+    best_layout = lambda s: sum(1000 * int(scheme[3:]) // 8 for scheme in s.values())  # noqa: E731
+    # The layout frozen at the undemoted sizing loses 150 bytes once any block is int5 (a byte-shuffle flip).
+    frozen = lambda s: best_layout(s) + (150 if "int5" in s.values() else 0)  # noqa: E731
+    confirmed = []
+
+    def confirm(s):
+        confirmed.append(sorted(n for n, scheme in s.items() if scheme == "int5"))
+        return best_layout(s)
+
+    blocks = layout(9)
+    order = blocks.center_out()
+    target = best_layout(schemes) - 300  # 125 bytes per demoted block: 3 fit in the best layout, 4 when frozen
+    fitted, steps = fit_plan_to_target(schemes, order, "int5", frozen, target, blocks, confirm=confirm)
+    assert fitted == demote_blocks(schemes, order[:3], "int5", blocks)
+    assert steps[-1] == {"demoted": order[:3], "bytes": best_layout(fitted)} and steps[-1]["bytes"] <= target
+    assert steps[-2]["demoted"] == order[:2] and steps[-2]["bytes"] > target
+    assert len(confirmed) == 2  # 3 blocks (fits: step down), then 2 (over: stop)
+    without, _ = fit_plan_to_target(schemes, order, "int5", frozen, target, blocks)
+    assert without == demote_blocks(schemes, order[:4], "int5", blocks)
+    confirmed.clear()
+    fit_plan_to_target(schemes, order, "int5", frozen, 10**9, blocks, confirm=confirm)
+    assert confirmed == []  # nothing demoted: nothing to confirm
