@@ -305,23 +305,33 @@ def input_source(record: dict, directory: Path) -> tuple[Path, dict] | None:
     return None
 
 
-def upstream(manifest: dict, directory: Path, stage: str, depth: int = UPSTREAM_DEPTH) -> tuple[Path, dict] | None:
-    """(directory, manifest) of the nearest `stage` output that `manifest` (of `directory`) was made from,
-    following its input records through each stage's own inputs; every hop is digest-checked."""
+def lineage(manifest: dict, directory: Path, depth: int = UPSTREAM_DEPTH,
+            wanted: tuple[str, ...] = ()) -> dict[str, tuple[Path, dict]]:
+    """{stage: (directory, manifest)} of the nearest output of each stage that `manifest` (of `directory`) was
+    made from, following input records through each stage's own inputs (breadth first, so the nearest wins;
+    it stops once every `wanted` stage is found); every hop is digest-checked (InvalidInput when an upstream
+    changed since)."""
+    found: dict[str, tuple[Path, dict]] = {}
     frontier, seen = [(Path(directory), manifest)], {Path(directory).resolve()}
     for _ in range(depth):
+        if wanted and all(stage in found for stage in wanted):
+            break
         following = []
         for current_dir, current in frontier:
             for record in current["inputs"]:
-                found = input_source(record, current_dir)
-                if found is None or found[0].resolve() in seen:
+                source = input_source(record, current_dir)
+                if source is None or source[0].resolve() in seen:
                     continue
-                seen.add(found[0].resolve())
-                if found[1]["stage"] == stage:
-                    return found
-                following.append(found)
+                seen.add(source[0].resolve())
+                found.setdefault(source[1]["stage"], source)
+                following.append(source)
         frontier = following
-    return None
+    return found
+
+
+def upstream(manifest: dict, directory: Path, stage: str, depth: int = UPSTREAM_DEPTH) -> tuple[Path, dict] | None:
+    """(directory, manifest) of the nearest `stage` output that `manifest` (of `directory`) was made from."""
+    return lineage(manifest, directory, depth, wanted=(stage,)).get(stage)
 
 
 # ---------------------------------------------------------------------------------------------------------

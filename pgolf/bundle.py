@@ -14,205 +14,42 @@ Inlining puts every module in one namespace, which is why core modules' top-leve
 cannot be assumed to have.
 """
 
-import argparse
 import ast
 import base64
 import dataclasses
 import io
 import json
 import lzma
-import os
 import sys
+import time
 import tokenize
 import zlib
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.distributed as dist
+from pgolf.artifacts import (
+    ARTIFACT_BYTE_LIMIT,
+    MANIFEST,
+    StageOutput,
+    atomic_write_bytes,
+    atomic_write_json,
+    copy_file,
+    lineage,
+    open_stage,
+    output_path,
+    output_sha256,
+)
+from pgolf.codecs import read_blob
+from pgolf.config import from_dict
+from pgolf.dist import PlainLog
+from pgolf.errors import InvalidInput, OverBudget, UsageError
+from pgolf.evaluate import EvalConfig
+from pgolf.submission import SUBMISSION_BLOB, SUBMISSION_CONFIGS
 
-from pgolf.artifacts import atomic_write_bytes
-from pgolf.bpb import build_byte_tables, load_tokenizer
-from pgolf.codecs import pack_blob
-from pgolf.dist import init_distributed
-from pgolf.errors import InvalidInput, PgolfError
-from pgolf.gptq import calibration_batches, calibration_windows, gptq_hessians
-from pgolf.model import ModelConfig, build_model
-from pgolf.plans import PlanQuantizer
-from pgolf.schemes import SCHEMES
-from pgolf.scoring import EvalConfig, EvalModel, EvalPlan, ngram_name, score_stream, warm_up
-from pgolf.shards import load_split, open_dataset
-from pgolf.stage_model import check_tokenizer_match, load_blob_model
-from pgolf.train_config import TrainConfig
-from pgolf.trainer import StopSignal, Trainer, TrainLog
-from pgolf.ttt import TTTConfig
-
-SUBMISSION_BLOB = "final_model.blob"
 SUBMISSION_ENTRY = "submission_main"
+SUBMISSION_MODULE = "submission"
 PGOLF_DIR = Path(__file__).resolve().parent
 # Third-party packages a submission machine has (the challenge's requirements); all else must be stdlib.
 SUBMISSION_PACKAGES = ("torch", "numpy", "sentencepiece", "safetensors", "zstandard", "brotli")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The submission's entry point (inlined)
-
-
-def submission_arguments(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="train_gpt.py", description="Retrain and export this submission, or evaluate its model blob. "
-        "With no command it trains (torchrun --standalone --nproc_per_node=8 train_gpt.py).")
-    commands = parser.add_subparsers(dest="command")
-    for name, text in (("train", "train, quantize, compress, then evaluate the round trip"),
-                       ("eval", "evaluate a model blob on the validation split")):
-        command = commands.add_parser(name, help=text)
-        command.add_argument("--data", default=os.environ.get("DATA_PATH"), help="Shard directory "
-                             "(fineweb_{train,val}_*.bin; default $DATA_PATH).")
-        command.add_argument("--tokenizer", default=os.environ.get("TOKENIZER_PATH"),
-                             help="SentencePiece model (default $TOKENIZER_PATH, else next to the shards).")
-    commands.choices["train"].add_argument("--out", default=".", help="Where the blob and logs go.")
-    commands.choices["train"].add_argument("--iterations", type=int, default=os.environ.get("ITERATIONS"),
-                                           help="Override the baked step limit (default $ITERATIONS).")
-    commands.choices["train"].add_argument("--wallclock", type=float,
-                                           default=os.environ.get("MAX_WALLCLOCK_SECONDS"),
-                                           help="Override the baked training-time cap in seconds.")
-    commands.choices["eval"].add_argument("--blob", default=SUBMISSION_BLOB, help="The model blob.")
-    args = parser.parse_args(argv or ["train"])
-    if args.data is None:
-        parser.error("--data DIR (or $DATA_PATH) is required")
-    return args
-
-
-def submission_config(cls, values: dict):
-    """A config dataclass from JSON-read values (JSON turns tuple fields into lists)."""
-    return cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in values.items()})
-
-
-def submission_data(data: str, tokenizer: str | None, vocab_size: int, tokenizer_sha256: str | None = None,
-                    verify: tuple[str, ...] = ("train", "val")):
-    """(dataset, val tokens, bpb byte tables) of a shard directory, refused unless its tokenizer is the model's:
-    the same vocabulary size and, when the model records one, the same sha256."""
-    dataset = open_dataset(Path(data), tokenizer, verify=verify)
-    if dataset.tokenizer is None:
-        raise InvalidInput(f"{data}: no tokenizer next to the shards (pass --tokenizer or $TOKENIZER_PATH)")
-    check_tokenizer_match(vocab_size, tokenizer_sha256, dataset.tokenizer)
-    if not dataset.val:
-        raise InvalidInput(f"{data}: no validation shards (fineweb_val_*.bin)")
-    val_tokens = load_split(dataset.val)
-    if len(val_tokens) < 2 or int(val_tokens.max()) >= vocab_size:
-        raise InvalidInput(f"{data}: the val split needs at least 2 tokens, all < the model's vocab {vocab_size}")
-    return dataset, val_tokens, build_byte_tables(load_tokenizer(dataset.tokenizer), vocab_size)
-
-
-def submission_quantize(settings: dict, state: dict, model_config: ModelConfig, train_paths: list, device,
-                        tokenizer_sha256: str | None = None):
-    """(tensors, plan) of `state` under the run's final per-tensor schemes and clip method."""
-    quantizer = PlanQuantizer(state, clip=settings["clip"], scale_floor=settings["scale_floor"],
-                              gptq_damp=settings["gptq_damp"], gptq_block=settings["gptq_block"],
-                              device=device)
-    if settings["clip"] == "gptq":  # calibration reads train shards only, as `pgolf quantize` does
-        seq_len = settings["calib_seq_len"] or model_config.max_seq_len
-        windows = calibration_windows(train_paths, settings["calib_tokens"], seq_len)
-        batches = calibration_batches(windows, device)
-        integer = [name for name, scheme in settings["schemes"].items() if SCHEMES[scheme].integer]
-        gptq_hessians(build_model(state, model_config, device), quantizer, settings["schemes"], integer, batches,
-                      print)
-    tensors, records = quantizer.quantize(settings["schemes"])
-    plan = {**settings["plan"], "model_config": dataclasses.asdict(model_config), "tensors": records,
-            "tokenizer_sha256": tokenizer_sha256}
-    return tensors, json.loads(json.dumps(plan))  # exactly what a blob's plan reads back as
-
-
-def submission_evaluate(blob_path: Path, val_tokens: np.ndarray, tables, settings: dict, dist_info):
-    """Totals (val_loss, val_bpb, ...) of the blob's model on the validation stream, scored as `pgolf eval`
-    scores it with the run's eval settings (windows, n-gram cache, TTT)."""
-    state, model_config, _ = load_blob_model(blob_path)
-    device = dist_info.device
-    model = build_model(state, model_config, device)
-    config = submission_config(EvalConfig, settings["eval"])
-    ttt = submission_config(TTTConfig, settings["ttt"]) if settings["ttt"] else None
-    seq_len = config.seq_len or model_config.max_seq_len
-    eval_plan = EvalPlan(seq_len, config.stride(seq_len), config.doc_isolated, config.batch_seqs)
-    grid = config.ngram_grid()
-    eval_model = EvalModel(model, compile=config.compile and device.type == "cuda")
-    warm_up(eval_model, model_config.vocab_size, seq_len, config.batch_seqs, device)
-    passed = score_stream(eval_model, val_tokens, eval_plan, tables, device, ngram=grid, ttt_config=ttt,
-                      rank=dist_info.rank, world_size=dist_info.world_size)
-    return passed.totals[ngram_name(grid[0])] if grid else passed.totals["model"]
-
-
-def submission_result_line(totals) -> str:
-    return (f"final_roundtrip_exact val_loss:{totals.val_loss:.8f} val_bpb:{totals.val_bpb:.8f} "
-            f"val_tokens:{totals.targets} val_bytes:{totals.bytes}")
-
-
-def submission_train(baked: dict, args: argparse.Namespace) -> None:
-    dist_info = init_distributed(fast_math=True)
-    model_config = submission_config(ModelConfig, baked["model"])
-    overrides = {"iterations": args.iterations, "wallclock_seconds": args.wallclock, "checkpoint_every": 0}
-    train_config = dataclasses.replace(submission_config(TrainConfig, baked["train"]),
-                                       **{k: v for k, v in overrides.items() if v is not None})
-    dataset, val_tokens, tables = submission_data(args.data, args.tokenizer, model_config.vocab_size,
-                                                  baked.get("tokenizer_sha256"))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(model_config, train_config, dataset.train, dist_info)
-    log = TrainLog(out, dist_info.is_main, on_line=print)
-    log.line(f"model: {trainer.param_count:,} parameters; world size {dist_info.world_size}; "
-             f"{train_config.iterations} steps at most, wallclock cap {train_config.wallclock_seconds}s")
-    trainer.warmup()
-    with StopSignal() as stop:
-        val_tensor = torch.from_numpy(val_tokens.astype(np.int32))
-        metrics = trainer.run(val_tensor, tables.torch(trainer.device), log, out / "resume.safetensors", stop)
-    blob_path = out / SUBMISSION_BLOB
-    if dist_info.is_main:
-        use_ema = "ema" in metrics and baked["quantize"]["weights"] == "export"  # as `pgolf quantize --weights`
-        state = trainer.ema_state() if use_ema else trainer.master_state()
-        tensors, plan = submission_quantize(baked["quantize"], state, model_config, dataset.train,
-                                            trainer.device, dataset.tokenizer_sha256())
-        blob = pack_blob(tensors, plan, **baked["compress"])
-        atomic_write_bytes(blob_path, blob)
-        code_bytes = Path(__file__).stat().st_size
-        log.line(f"Serialized model {baked['compress']['codec']}: {len(blob)} bytes")
-        log.line(f"Code size: {code_bytes} bytes")
-        log.line(f"Total submission size: {len(blob) + code_bytes} bytes")
-    if dist_info.world_size > 1:
-        dist.barrier()
-    log.line(submission_result_line(submission_evaluate(blob_path, val_tokens, tables, baked["eval"],
-                                                        dist_info)))
-
-
-def submission_eval(baked: dict, args: argparse.Namespace) -> None:
-    """Score a blob: the tokenizer is checked against the blob's own model config and recorded digest, not
-    against this bundle's settings (the blob may come from another run)."""
-    dist_info = init_distributed()
-    _, model_config, plan = load_blob_model(Path(args.blob))
-    _, val_tokens, tables = submission_data(args.data, args.tokenizer, model_config.vocab_size,
-                                            plan.get("tokenizer_sha256"), verify=("val",))
-    totals = submission_evaluate(Path(args.blob), val_tokens, tables, baked["eval"], dist_info)
-    if dist_info.is_main:
-        print(submission_result_line(totals))
-
-
-def submission_main(baked: dict, argv: list[str] | None = None) -> None:
-    args = submission_arguments(sys.argv[1:] if argv is None else argv)
-    try:
-        if args.command == "eval":
-            submission_eval(baked, args)
-        else:
-            submission_train(baked, args)
-        if dist.is_initialized():
-            dist.barrier()  # tear the group down together (as `pgolf eval`: a rank leaving early aborts gloo)
-    except PgolfError as e:  # one line and the documented exit code, as `pgolf` prints them
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The bundler (not inlined: nothing above calls it)
 
 
 @dataclasses.dataclass
@@ -294,6 +131,78 @@ def referenced_names(node: ast.AST) -> set[str]:
     return {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
 
 
+SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef, ast.ListComp, ast.SetComp, ast.DictComp,
+          ast.GeneratorExp)
+
+
+def scope_parts(scope: ast.AST) -> tuple[list[ast.AST], list[ast.AST]]:
+    """(nodes evaluated where the scope is defined, nodes inside the scope): a def's decorators, defaults and
+    annotations run in the enclosing scope, its body in its own; a comprehension's first iterable runs outside."""
+    if isinstance(scope, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+        args = scope.args
+        every_arg = [*args.posonlyargs, *args.args, *args.kwonlyargs, *filter(None, (args.vararg, args.kwarg))]
+        outside = [*getattr(scope, "decorator_list", []), *args.defaults, *filter(None, args.kw_defaults),
+                   *filter(None, (a.annotation for a in every_arg)), *filter(None, [getattr(scope, "returns", None)])]
+        inside = [scope.body] if isinstance(scope, ast.Lambda) else list(scope.body)
+        return outside, inside
+    if isinstance(scope, ast.ClassDef):
+        return [*scope.decorator_list, *scope.bases, *scope.keywords], list(scope.body)
+    first, *rest = scope.generators
+    parts = [first.target, *first.ifs, *(part for g in rest for part in (g.target, g.iter, *g.ifs))]
+    elements = [scope.key, scope.value] if isinstance(scope, ast.DictComp) else [scope.elt]
+    return [first.iter], parts + elements
+
+
+def direct_nodes(roots: list[ast.AST]):
+    """Every node under `roots` outside nested scopes, and the nested scopes themselves."""
+    stack = list(roots)
+    while stack:
+        node = stack.pop()
+        yield node
+        if isinstance(node, SCOPES):
+            stack.extend(scope_parts(node)[0])
+            continue
+        stack.extend(ast.iter_child_nodes(node))
+
+
+def free_names(scope: ast.AST) -> set[str]:
+    """Names a function, class or comprehension reads from enclosing scopes (in the bundle: module globals), by
+    Python's rule that a name bound anywhere in a function body is local to it. Class bodies do not enclose
+    their methods."""
+    _, inside = scope_parts(scope)
+    if isinstance(scope, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+        args = scope.args
+        bound = {a.arg for a in (*args.posonlyargs, *args.args, *args.kwonlyargs,
+                                 *filter(None, (args.vararg, args.kwarg)))}
+    else:
+        bound = set()
+    loads, declared_global = set(), set()
+    for node in direct_nodes(inside):
+        if isinstance(node, ast.Name):
+            (loads if isinstance(node.ctx, ast.Load) else bound).add(node.id)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            bound.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            bound |= {(alias.asname or alias.name).split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            bound.add(node.name)
+        elif isinstance(node, ast.Global):
+            declared_global |= set(node.names)
+        if isinstance(node, SCOPES) and node is not scope:
+            loads |= free_names(node)
+    if isinstance(scope, ast.ClassDef):
+        return loads  # class-level names are looked up in the class, then globally: keep every read
+    return (loads - bound) | (loads & declared_global)
+
+
+def statement_references(node: ast.stmt) -> set[str]:
+    """Global names a top-level statement reads when it runs or when what it defines is called."""
+    if isinstance(node, SCOPES):
+        outside, _ = scope_parts(node)
+        return free_names(node) | {name for part in outside for name in referenced_names(part)}
+    return referenced_names(node)
+
+
 def is_main_guard(node: ast.stmt) -> bool:
     return isinstance(node, ast.If) and "__name__" in referenced_names(node.test)
 
@@ -368,7 +277,7 @@ def reachable_statements(modules: list[CoreModule], entry: str) -> set[int]:
             names = bound_names(node)
             if not names or names & needed:
                 kept.add(id(node))
-                needed |= referenced_names(node)
+                needed |= statement_references(node)
                 changed = True
     return kept
 
@@ -382,7 +291,7 @@ def statement_lines(module: CoreModule, node: ast.stmt) -> list[str]:
     return lines[first : node.end_lineno]
 
 
-def bundle_source(baked: dict, title: str, entry: str = SUBMISSION_ENTRY, entry_module: str = "bundle",
+def bundle_source(baked: dict, title: str, entry: str = SUBMISSION_ENTRY, entry_module: str = SUBMISSION_MODULE,
                   directory: Path = PGOLF_DIR) -> str:
     """Text of a self-contained train_gpt.py: the pruned core, then the baked settings and a main guard."""
     modules = modules_in_order(entry_module, directory)
@@ -472,3 +381,170 @@ def extracted_source(script: str) -> str:
     codec = header.split(",")[1]
     encoded = call.split('"')[1]
     return {"lzma": lzma, "zlib": zlib}[codec].decompress(base64.b85decode(encoded)).decode()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The bundle stage: a records-style submission folder from a train run and its blob
+
+TRACK = "10min_16mb"
+SUBMISSION_FIELDS = ("val_loss", "val_bpb", "val_loss_std", "val_bpb_std", "p_value", "n_seeds", "seeds",
+                     "seed_results")
+
+
+def bundle_lineage(train_dir: Path, blob_dir: Path) -> tuple[dict, dict, dict, Path]:
+    """(train, quantize, compress manifests, quantize dir), checking by digest that the blob was made from this
+    train run's checkpoint."""
+    train = open_stage(train_dir, "train")
+    compress = open_stage(blob_dir, "compress")
+    found = lineage(compress, blob_dir, depth=1).get("quantize")
+    if found is None:
+        raise InvalidInput(f"{blob_dir}: its manifest names no quantize output that still exists")
+    quantize_dir = found[0]
+    quantize = open_stage(quantize_dir, "quantize")
+    checkpoint = next((i for i in quantize["inputs"] if i["role"] == "checkpoint"), None)
+    train_weights = {out["sha256"] for out in train["outputs"] if out["role"] in ("checkpoint", "checkpoint_master")}
+    if checkpoint is None or checkpoint["sha256"] not in train_weights:
+        raise InvalidInput(f"{blob_dir}: was not made from {train_dir}'s checkpoint (via {quantize_dir})")
+    return train, quantize, compress, quantize_dir
+
+
+def open_eval(eval_dir: Path | None, compress: dict) -> dict | None:
+    """The eval manifest, checked to be an evaluation of this very blob."""
+    if eval_dir is None:
+        return None
+    evaluation = open_stage(eval_dir, "eval")
+    evaluated = lineage(evaluation, eval_dir, depth=1).get("compress")
+    if evaluated is None or output_sha256(evaluated[1], "blob") != output_sha256(compress, "blob"):
+        raise InvalidInput(f"{eval_dir}: is not an evaluation of this blob")
+    return evaluation
+
+
+def baked_settings(train: dict, quantize: dict, compress: dict, plan: dict, evaluation: dict | None) -> dict:
+    """BAKED: every config the run's stages recorded in their manifests (each config's to_dict, as it ran) plus
+    the resolved plan, so `python train_gpt.py train` runs what pgolf ran. Eval settings: the given eval's, else
+    `pgolf eval`'s defaults. Each is parsed back here, so a manifest pgolf cannot read fails now, not on the
+    submission machine."""
+    eval_config = evaluation["config"] if evaluation is not None else {"eval": dataclasses.asdict(EvalConfig()),
+                                                                      "ttt": None}
+    baked = {
+        "tokenizer_sha256": train["metrics"].get("tokenizer_sha256"),
+        "model": train["config"]["model"], "train": train["config"]["train"],
+        "quantize": quantize["config"], "plan": plan["plan"], "compress": compress["config"],
+        "eval": eval_config["eval"], "ttt": eval_config.get("ttt"),
+    }
+    configs = {key: from_dict(cls, baked[key], f"manifest config '{key}'") if baked[key] is not None else None
+               for key, cls in SUBMISSION_CONFIGS.items()}
+    if len(configs["eval"].ngram_grid()) > 1:
+        raise UsageError("--eval: that run swept an n-gram grid; bundle the eval of a single setting")
+    return baked
+
+
+def scores(train: dict, evaluation: dict | None, report_dir: Path | None) -> dict:
+    """Score fields: a multi-seed report's, else this blob's eval, else none (pre-quant ones kept apart)."""
+    fields = {"pre_quant_val_loss": train["metrics"].get("val_loss"),
+              "pre_quant_val_bpb": train["metrics"].get("val_bpb")}
+    if evaluation is not None:
+        fields |= {key: evaluation["metrics"][key] for key in ("val_loss", "val_bpb")}
+    if report_dir is not None:
+        submission = output_path(open_stage(report_dir, "report"), report_dir, "submission")
+        fields |= {key: value for key, value in json.loads(submission.read_text()).items()
+                   if key in SUBMISSION_FIELDS}
+    return fields
+
+
+def readme_text(submission: dict, baked: dict, command: str) -> str:
+    score = (f"val_bpb **{submission['val_bpb']:.8f}** (val_loss {submission['val_loss']:.8f})"
+             if submission.get("val_bpb") is not None else "not evaluated after quantization yet")
+    model, train = baked["model"], baked["train"]
+    lines = [
+        f"# {submission['name']}", "",
+        submission.get("blurb") or "Built with pgolf (train -> quantize -> compress -> bundle).", "",
+        "## Results", "",
+        f"- Score: {score}",
+        f"- Pre-quantization: val_bpb {submission['pre_quant_val_bpb']:.4f}",
+        f"- Artifact: {submission['bytes_total']:,} bytes = model {submission['bytes_model']:,} "
+        f"({baked['compress']['codec']}) + code {submission['bytes_code']:,}",
+    ]
+    if submission.get("seed_results"):
+        lines += ["", "| Seed | val_loss | val_bpb |", "|------|----------|---------|"]
+        lines += [f"| {seed} | {r['val_loss']:.8f} | {r['val_bpb']:.8f} |"
+                  for seed, r in submission["seed_results"].items()]
+        if submission.get("p_value") is not None:
+            lines.append(f"\nOne-sided t-test p-value: {submission['p_value']:.3g}")
+    lines += [
+        "", "## Configuration", "",
+        f"- Model: {model['num_layers']} layers x {model['model_dim']}, {model['num_heads']} heads / "
+        f"{model['num_kv_heads']} KV, MLP {model['mlp_mult']}x, vocab {model['vocab_size']}",
+        f"- Training: {train['batch_tokens']:,} tokens/step, seq {train['seq_len']}, at most "
+        f"{train['iterations']} steps / {train['wallclock_seconds']} s, seed {train['seed']}",
+        f"- Quantization: plan {baked['plan']['name']}, clip {baked['plan']['clip']}",
+        "", "```bash", command, "```", "",
+        "## Included files", "",
+        "- `train_gpt.py`: the counted code (`python train_gpt.py train|eval --help`)",
+        f"- `{SUBMISSION_BLOB}`: the counted model blob", "- `submission.json`",
+        "- `train.log`, `train_log.jsonl` (and `eval_results.json` when the blob was evaluated)",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+@dataclasses.dataclass
+class BundleResult:
+    out: Path
+    metrics: dict  # bytes_total, bytes_code, bytes_model, val_loss, val_bpb (the manifest's)
+
+
+def bundle(train_dir: Path, blob_dir: Path, out: Path, *, name: str, github_id: str, author: str | None = None,
+           blurb: str = "", eval_dir: Path | None = None, report_dir: Path | None = None,
+           compress_code: bool = False, force: bool = False, log=PlainLog) -> BundleResult:
+    """Write a records-style folder: train_gpt.py (the counted code), final_model.blob, README.md,
+    submission.json and the train logs. OverBudget (exit 4) when model + code exceed the cap."""
+    train, quantize, compress, quantize_dir = bundle_lineage(train_dir, blob_dir)
+    blob_path = output_path(compress, blob_dir, "blob")
+    _, plan = read_blob(blob_path)
+    evaluation = open_eval(eval_dir, compress)
+    baked = baked_settings(train, quantize, compress, plan, evaluation)
+    config = {"baked": baked, "compress_code": compress_code}
+    inputs = [train_dir, quantize_dir, blob_dir] + [p for p in (eval_dir, report_dir) if p is not None]
+    with StageOutput(out, "bundle", config=config, force=force, inputs=inputs) as stage:
+        source = bundle_source(baked, f"{name}: Parameter Golf submission by {author or github_id}")
+        if compress_code:  # the shipped program is the minified one: comments and docstrings are counted bytes
+            source = minified_source(source)
+        code = self_extracting(source) if compress_code else source
+        if compress_code and extracted_source(code) != source:
+            raise RuntimeError("self-extracting script does not reproduce the bundled source (a bundler bug)")
+        bytes_model, bytes_code = blob_path.stat().st_size, len(code.encode())
+        if bytes_model + bytes_code > ARTIFACT_BYTE_LIMIT:
+            raise OverBudget(f"{blob_dir}: model {bytes_model:,} + code {bytes_code:,} bytes exceed the "
+                             f"{ARTIFACT_BYTE_LIMIT:,}-byte cap by "
+                             f"{bytes_model + bytes_code - ARTIFACT_BYTE_LIMIT:,}")
+        submission = {
+            "name": name, "author": author or github_id, "github_id": github_id, "blurb": blurb,
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "track": TRACK,
+            "val_loss": None, "val_bpb": None,
+            **scores(train, evaluation, report_dir),
+            "bytes_total": bytes_model + bytes_code, "bytes_code": bytes_code, "bytes_model": bytes_model,
+            "hardware": train.get("environment", {}).get("gpu"),
+            "pytorch_version": train.get("environment", {}).get("torch"),
+        }
+        if submission["val_bpb"] is None:
+            log.warn("no --eval or --report: submission.json has no post-quantization score yet")
+        command = "torchrun --standalone --nproc_per_node=8 train_gpt.py train --data DATA_DIR"
+        for directory, role in ((train_dir, "train"), (quantize_dir, "quantize"), (blob_dir, "compress"),
+                                (eval_dir, "eval"), (report_dir, "report")):
+            if directory is not None:
+                stage.add_input(directory / MANIFEST, role)
+        atomic_write_bytes(stage.add_output("train_gpt.py", "code"), code.encode())
+        copy_file(blob_path, stage.add_output(SUBMISSION_BLOB, "blob"))
+        atomic_write_json(stage.add_output("submission.json", "submission"), submission)
+        readme = readme_text(submission, baked, command)
+        atomic_write_bytes(stage.add_output("README.md", "readme"), readme.encode())
+        for role, file_name in (("log", "train.log"), ("log_jsonl", "train_log.jsonl")):
+            copy_file(output_path(train, train_dir, role), stage.add_output(file_name, role))
+        if evaluation is not None:
+            copy_file(output_path(evaluation, eval_dir, "results"), stage.add_output("eval_results.json",
+                                                                                     "eval_results"))
+        stage.metrics = {key: submission[key] for key in ("bytes_total", "bytes_code", "bytes_model",
+                                                          "val_loss", "val_bpb")}
+        stage.check("fits_cap", True, f"{bytes_model + bytes_code:,} <= {ARTIFACT_BYTE_LIMIT:,} bytes")
+        stage.finalize()
+    return BundleResult(Path(out), stage.metrics)

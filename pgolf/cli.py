@@ -56,10 +56,10 @@ def fail(message: str, code: int) -> None:
 
 def env_settings() -> set[str]:
     """Every PGOLF_* name some stage reads: PGOLF_<FIELD> of each config, PGOLF_TTT_<FIELD> of TTT's."""
-    from pgolf.codecs import CompressConfig
+    from pgolf.compress import CompressConfig
+    from pgolf.evaluate import EvalConfig
     from pgolf.model import ModelConfig
     from pgolf.quantize import QuantizeConfig
-    from pgolf.scoring import EvalConfig
     from pgolf.stages.evaluate import TTT_ENV_PREFIX
     from pgolf.tokenizer import TokenizeConfig
     from pgolf.train_config import TrainConfig

@@ -18,7 +18,6 @@ import struct
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import brotli
@@ -48,25 +47,6 @@ BLOB_DTYPES = {
 }
 BLOB_DTYPE_NAMES = {dtype: name for name, dtype in BLOB_DTYPES.items()}
 SWITCHES = {"on": True, "off": False, "auto": None}  # auto = try both, keep the smaller blob
-
-
-@dataclass(frozen=True)
-class CompressConfig:
-    codec: str = "auto"  # zlib, zstd, lzma, brotli, or auto (try every codec, keep the smallest blob)
-    level: int | None = None  # codec level; None = the codec's densest (zlib 9, zstd 22, lzma 9, brotli 11)
-    shuffle: str = "auto"  # split multi-byte tensors (fp16 scales) into byte planes: on, off or auto
-    bitpack: str = "auto"  # store int5-int7 levels in 5-7 bits instead of int8 containers: on, off or auto
-
-    def __post_init__(self):
-        if self.codec not in (*CODECS, "auto"):
-            raise ValueError(f"codec must be one of {', '.join(CODECS)}, auto; got '{self.codec}'")
-        if self.level is not None:
-            if self.codec == "auto":
-                raise ValueError("level needs a named codec (levels differ between codecs), not codec=auto")
-            check_codec(self.codec, self.level)
-        for name in ("shuffle", "bitpack"):
-            if getattr(self, name) not in SWITCHES:
-                raise ValueError(f"{name} must be one of on, off, auto; got '{getattr(self, name)}'")
 
 
 def check_codec(codec: str, level: int | None = None) -> int:

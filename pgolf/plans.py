@@ -118,8 +118,16 @@ def load_plan(plan: str) -> PlanSpec:
         raise UsageError(
             f"unknown plan '{plan}' (valid: {', '.join(plan_names())}; or a .toml/.json plan file)"
         )
+    return plan_from_mapping(raw, source)
+
+
+def plan_from_mapping(raw, source: str) -> PlanSpec:
+    """A PlanSpec from a plan file's table, or from PlanSpec.to_dict() (a plan.json's "plan", a bundle's);
+    UsageError naming `source` for anything else."""
     if not isinstance(raw, dict):
         raise UsageError(f"{source}: a plan must be a table of settings")
+    raw = dict(raw)
+    name = raw.pop("name", source)
     fields = {f.name for f in dataclasses.fields(PlanSpec)} - {"name"}
     unknown = sorted(set(raw) - fields)
     if unknown:
@@ -127,12 +135,14 @@ def load_plan(plan: str) -> PlanSpec:
             f"{source}: unknown plan setting '{unknown[0]}' (valid: {', '.join(sorted(fields))})"
         )
     rules = raw.get("tensors", {})
+    if isinstance(rules, list) and all(isinstance(rule, list) and len(rule) == 2 for rule in rules):
+        rules = dict(rules)  # PlanSpec.to_dict's [pattern, scheme] pairs
     if not isinstance(rules, dict) or not all(isinstance(v, str) for v in rules.values()):
         raise UsageError(f"{source}: 'tensors' must map name patterns to scheme names")
     types = field_types(PlanSpec)
     values = {key: coerce(value, types[key], key, source) for key, value in raw.items() if key != "tensors"}
     try:
-        return PlanSpec(name=source, **values, tensors=tuple(rules.items()))
+        return PlanSpec(name=str(name), **values, tensors=tuple(rules.items()))
     except ValueError as e:
         raise UsageError(f"{source}: {e}") from None
 

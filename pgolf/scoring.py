@@ -31,46 +31,6 @@ from pgolf.ngram import NGRAM_BLOCK_ELEMENTS, NgramConfig, NgramMixer, ngram_mix
 from pgolf.shards import BOS_ID
 from pgolf.ttt import TTTConfig, TTTResult, run_ttt
 
-
-@dataclass(frozen=True)
-class EvalConfig:
-    seq_len: int = 0  # tokens a window reads; 0 = the model's max_seq_len
-    sliding_stride: int = 0  # targets scored per window after the first; 0 = seq_len (flat chunks)
-    doc_isolated: bool = False  # a window never reads tokens before its target's document's BOS
-    batch_seqs: int = 32  # windows per forward pass (padded to this: one compiled shape)
-    compile: bool = True  # torch.compile the forward on CUDA (never on CPU)
-    ngram_order: tuple[int, ...] = ()  # n-gram cache orders (several = a sweep); empty = no cache
-    alpha: tuple[float, ...] = (0.4,)  # n-gram weights (several = a sweep); the ceiling in entropy mode
-    alpha_mode: str = "fixed"  # fixed | entropy (weight rises with the model's entropy)
-    ngram_buckets: int = 65536  # hashed context rows per order
-    ttt: bool = False  # score-first test-time training (settings: --ttt-* / the ttt config)
-
-    def __post_init__(self):
-        if self.seq_len < 0:
-            raise ValueError(f"seq_len = {self.seq_len}: must be >= 0 (0 = the model's max_seq_len)")
-        if self.sliding_stride < 0 or (self.seq_len and self.sliding_stride > self.seq_len):
-            raise ValueError(f"sliding_stride = {self.sliding_stride}: must be in [0, seq_len] (0 = flat)")
-        if self.batch_seqs < 1:
-            raise ValueError(f"batch_seqs = {self.batch_seqs}: must be >= 1")
-        if not self.alpha:
-            raise ValueError("alpha: must list at least one value")
-        for order in self.ngram_order:
-            for alpha in self.alpha:  # NgramConfig checks each grid point's ranges
-                NgramConfig(order, alpha, self.alpha_mode, self.ngram_buckets)
-
-    def stride(self, seq_len: int) -> int:
-        return self.sliding_stride or seq_len
-
-    def mode(self, seq_len: int) -> str:
-        if self.doc_isolated:
-            return "doc"
-        return "sliding" if self.stride(seq_len) < seq_len else "flat"
-
-    def ngram_grid(self) -> list[NgramConfig]:
-        return [NgramConfig(order, alpha, self.alpha_mode, self.ngram_buckets)
-                for order in self.ngram_order for alpha in self.alpha]
-
-
 # -------------------------------------------------------------------------------------------------------
 # Window planning
 

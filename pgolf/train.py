@@ -113,11 +113,15 @@ def train_shards_read(paths: list[Path], tokens_read: int) -> list[Path]:
     return used
 
 
-def run_training(trainer: Trainer, data: TrainingData, resume: bool, resume_path: Path, work_dir: Path,
-                 started: float, log, on_step) -> dict:
-    """Warm up and train; the metrics carry wall-clock `timers` of this process's phases (the challenge counts
-    only train_seconds, but a device call or a job limit pays for all of them)."""
+def train_model(trainer: Trainer, data: TrainingData, work_dir: Path, *, resume: bool = False, log=PlainLog,
+                on_step=None, started: float | None = None) -> dict:
+    """Warm up and train (logs and the resumable checkpoint in `work_dir`): the flow `pgolf train` and the bundled
+    train_gpt.py share. The metrics carry wall-clock `timers` of this process's phases (the challenge counts
+    only train_seconds, but a device call or a job limit pays for all of them) and the exported weights'
+    val_loss / val_bpb."""
+    started = time.perf_counter() if started is None else started
     config = trainer.config
+    resume_path = Path(work_dir) / RESUME_FILE
     train_log = TrainLog(work_dir, trainer.dist.is_main, on_line=log.info)
     if resume:
         trainer.load_resume(resume_path)
@@ -148,7 +152,13 @@ def run_training(trainer: Trainer, data: TrainingData, resume: bool, resume_path
     return metrics
 
 
-def write_outputs(stage: StageOutput, trainer: Trainer, data: TrainingData, metrics: dict) -> None:
+def exported_state(trainer: Trainer, metrics: dict, weights: str = "export") -> dict:
+    """The weights a train output exports (pgolf.stage_model.TRAIN_WEIGHTS): "export" = the EMA when EMA was on,
+    else the master weights; "master" = the master weights."""
+    return trainer.ema_state() if metrics["weights"] == "ema" and weights == "export" else trainer.master_state()
+
+
+def write_train_outputs(stage: StageOutput, trainer: Trainer, data: TrainingData, metrics: dict) -> None:
     if not all(math.isfinite(metrics[key]) for key in ("val_loss", "val_bpb")):
         raise InvalidInput(f"{stage.out}: training diverged (val_loss {metrics['val_loss']} after "
                            f"{metrics['steps']} steps); nothing written, the logs are in {stage.dir}")
@@ -200,7 +210,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data_dir: Path, 
     if dist_info.world_size > 1:
         dist.barrier()
     with stage or nullcontext():
-        metrics = run_training(trainer, data, resume, resume_path, work_dir, started, log, on_step)
+        metrics = train_model(trainer, data, work_dir, resume=resume, log=log, on_step=on_step, started=started)
         if stage is not None:
-            write_outputs(stage, trainer, data, metrics)
+            write_train_outputs(stage, trainer, data, metrics)
     return TrainResult(out, metrics)

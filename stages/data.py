@@ -1,38 +1,14 @@
-"""`pgolf data check DIR`: validate every shard of a data directory and summarize each split."""
+"""`pgolf data check DIR`: parse, run pgolf.data.check_data, print."""
 
 from pathlib import Path
 
-import numpy as np
 import typer
 
-from pgolf.bpb import build_byte_tables, load_tokenizer
-from pgolf.errors import InvalidInput
-from pgolf.shards import BOS_ID, SPLITS, load_shard, open_dataset
+from pgolf.data import check_data
+from pgolf.shards import SPLITS
 from pgolf.stages.common import JSON_OPTION, report
 
 data_app = typer.Typer(help="Inspect token shard directories.", no_args_is_help=True)
-
-
-def check_split(paths: list[Path], vocab_size: int | None, tables) -> dict:
-    """Validate one split's shards in order; the first bad shard raises InvalidInput naming it."""
-    tokens = documents = byte_count = 0
-    prev_last = None
-    for index, path in enumerate(paths):
-        shard = load_shard(path)
-        if index == 0 and len(shard) and shard[0] != BOS_ID:
-            raise InvalidInput(f"{path}: first token is {int(shard[0])}, expected BOS ({BOS_ID})")
-        if vocab_size is not None and len(shard) and int(shard.max()) >= vocab_size:
-            bad = int(np.argmax(shard >= vocab_size))
-            raise InvalidInput(f"{path}: token {int(shard[bad])} at position {bad} >= tokenizer vocab {vocab_size}")
-        documents += int(np.count_nonzero(shard == BOS_ID))
-        if tables is not None and len(shard):
-            byte_count += tables.count_bytes(shard)
-            if prev_last is not None:
-                byte_count += int(tables.token_bytes([prev_last], [shard[0]])[0])
-            prev_last = int(shard[-1])
-        tokens += len(shard)
-    return {"shards": len(paths), "tokens": tokens, "documents": documents,
-            "bytes": byte_count if tables is not None else None}
 
 
 def check(
@@ -45,24 +21,10 @@ def check(
 
     Example: pgolf data check artifacts/sp1024
     """
-    dataset = open_dataset(directory, tokenizer)  # headers, no empty shard; a manifest's listing and digests
-    manifest = dataset.manifest
-    tables = vocab_size = None
-    if dataset.tokenizer is not None:
-        sp = load_tokenizer(dataset.tokenizer)
-        vocab_size = sp.GetPieceSize()
-        tables = build_byte_tables(sp)
-    result = {"directory": str(directory), "tokenizer": str(dataset.tokenizer) if dataset.tokenizer else None}
+    result = check_data(directory, tokenizer)
     lines = []
     for split in SPLITS:
-        summary = check_split(dataset.split(split), vocab_size, tables)
-        expected = manifest["metrics"][split]["documents"] if manifest else None
-        if expected is not None and summary["documents"] != expected:
-            raise InvalidInput(
-                f"{directory}: {split} split has {summary['documents']} BOS tokens but the manifest lists "
-                f"{expected} documents"
-            )
-        result[split] = summary
+        summary = result[split]
         byte_text = f", {summary['bytes']:,} bytes" if summary["bytes"] is not None else ""
         lines.append(f"{split}: {summary['shards']} shards, {summary['tokens']:,} tokens, "
                      f"{summary['documents']:,} documents{byte_text}")

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
+import pgolf.bundle as bundle_core
 from pgolf.artifacts import read_manifest
 from pgolf.bundle import SUBMISSION_BLOB, bundle_source, extracted_source, minified_source, modules_in_order
 from pgolf.codecs import read_blob, read_blob_header
 from pgolf.errors import InvalidInput
-from pgolf.stages import bundle as bundle_stage
 from tests.test_codecs import run_cli, run_main
 
 RESULT_LINE = re.compile(r"final_roundtrip_exact val_loss:(\S+) val_bpb:(\S+)")
@@ -261,7 +261,7 @@ def test_report_fields_and_the_cap(pipeline, tmp_path, capsys, monkeypatch):
     assert submission["n_seeds"] == 1 and list(submission["seed_results"]) == ["1337"]
     assert submission["val_bpb"] == read_manifest(pipeline / "eval")["metrics"]["val_bpb"]
 
-    monkeypatch.setattr(bundle_stage, "ARTIFACT_BYTE_LIMIT", submission["bytes_model"])  # no room left for the code
+    monkeypatch.setattr(bundle_core, "ARTIFACT_BYTE_LIMIT", submission["bytes_model"])  # no room left for the code
     over = run_cli(capsys, "bundle", "--train", pipeline / "train", "--blob", pipeline / "blob",
                    "--name", "x", "--github-id", "y", "--out", tmp_path / "over")
     assert over.returncode == 4 and "exceed the" in over.stderr and not (tmp_path / "over").exists()

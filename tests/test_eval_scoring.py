@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from pgolf.errors import ComplianceError
+from pgolf.evaluate import EvalConfig
 from pgolf.ngram import NgramConfig, NgramMixer
 from pgolf.scoring import (
     ByteCounter,
-    EvalConfig,
     EvalModel,
     EvalPlan,
     NgramSweep,

@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pgolf.scoring import EvalConfig, plan_windows, split_for_rank
+from pgolf.evaluate import EvalConfig
+from pgolf.scoring import plan_windows, split_for_rank
 from pgolf.shards import BOS_ID
 
 

@@ -60,11 +60,11 @@ def test_quantize_and_eval_use_the_master_weights_when_asked(ema_run, tiny_data_
 
 
 def test_bundle_lineage_accepts_a_blob_of_the_master_weights(ema_run, tmp_path):
-    from pgolf.stages.bundle import lineage
+    from pgolf.bundle import bundle_lineage
 
     assert pgolf("quantize", ema_run, "--plan", "int8", "--weights", "master", "--out", tmp_path / "q").returncode == 0
     assert pgolf("compress", tmp_path / "q", "--codec", "zlib", "--out", tmp_path / "blob").returncode == 0
-    _, quantize, _, _ = lineage(ema_run, tmp_path / "blob")
+    _, quantize, _, _ = bundle_lineage(ema_run, tmp_path / "blob")
     assert quantize["config"]["weights"] == "master"
 
 

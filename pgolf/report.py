@@ -1,0 +1,171 @@
+"""The report stage: several seeds' scores -> mean, std and a one-sided t-test against a reference.
+
+The challenge's bar for a record: beat the previous score by >= 0.005 nats at p < 0.01. Tests run in nats
+(val_loss) and in bpb (val_bpb); converting between them uses the runs' own bpb-per-nat ratio (tokens per
+byte / ln 2 on the validation set), so a bpb reference needs no separate nats figure. The submission's
+`p_value` is the nats test's, the challenge's criterion.
+"""
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from pgolf.artifacts import MANIFEST, StageOutput, atomic_write_json, lineage, open_stage, sha256_json
+from pgolf.errors import InvalidInput, UsageError
+from pgolf.stats import mean_and_std, one_sample_t_test, welch_t_test
+
+RUN_STAGES = ("eval", "train")
+SEED_FIELDS = ("val_loss", "val_bpb", "steps", "ms_per_step", "bytes_model")
+DATA_ROLES = ("tokenizer", "val_shard")  # the inputs that fix what a score measures
+
+
+def read_run(directory: Path) -> dict:
+    """One run's scores and provenance from an eval (post-quant) or train (pre-quant) output: its seed and train
+    figures from the train run it came from (found by digest), and what it was scored on."""
+    manifest = open_stage(directory, RUN_STAGES)
+    metrics = manifest["metrics"]
+    scores = {key: metrics.get(key) for key in ("val_loss", "val_bpb")}
+    for key, value in scores.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+            raise InvalidInput(f"{directory}: manifest metric {key} is {value!r}, not a positive number")
+    found = lineage(manifest, directory, wanted=("train", "compress") if manifest["stage"] == "eval" else ())
+    train = manifest if manifest["stage"] == "train" else found.get("train", (None, {}))[1]
+    compress = found.get("compress", (None, {}))[1]
+    train_metrics = train.get("metrics", {})
+    scored_on = sorted((record["role"], record["sha256"]) for record in manifest["inputs"]
+                       if record["role"] in DATA_ROLES)
+    return {
+        "dir": str(Path(directory).resolve()), "stage": manifest["stage"], **scores,
+        "seed": train.get("config", {}).get("train", {}).get("seed"),
+        "steps": train_metrics.get("steps"), "ms_per_step": train_metrics.get("ms_per_step"),
+        "bytes_model": compress.get("metrics", {}).get("bytes"),
+        "scored_on": sha256_json(scored_on),
+        "eval_settings": sha256_json(manifest["config"]) if manifest["stage"] == "eval" else None,
+    }
+
+
+def read_runs(directories: list[Path], what: str) -> list[dict]:
+    """The runs of one group: distinct outputs of one kind, distinct seeds, one validation set, one eval."""
+    resolved = [Path(d).resolve() for d in directories]
+    for index, path in enumerate(resolved):
+        if path in resolved[:index]:
+            raise UsageError(f"{directories[index]}: given twice in {what}; each run counts once")
+    runs = [read_run(Path(d)) for d in directories]
+    if len({run["stage"] for run in runs}) > 1:
+        raise UsageError(f"{what} mix eval (post-quant) and train (pre-quant) outputs; compare like "
+                         f"with like")
+    seen: dict = {}
+    for run in runs:
+        if run["seed"] is not None and run["seed"] in seen:
+            raise InvalidInput(f"{run['dir']}: has seed {run['seed']}, as {seen[run['seed']]} has; runs of one "
+                               f"seed are not independent samples")
+        seen[run["seed"]] = run["dir"]
+    require_same(runs, "scored_on", "were scored on different validation data or tokenizers")
+    require_same(runs, "eval_settings", "were evaluated with different settings (mode, stride, n-gram, TTT)")
+    return runs
+
+
+def require_same(runs: list[dict], key: str, problem: str) -> None:
+    for run in runs[1:]:
+        if run[key] != runs[0][key]:
+            raise InvalidInput(f"{run['dir']} and {runs[0]['dir']} {problem}; their scores do not compare")
+
+
+def bpb_per_nat(runs: list[dict]) -> float:
+    """val_bpb / val_loss, fixed by the validation set and tokenizer (read_runs made sure they agree)."""
+    ratios = [run["val_bpb"] / run["val_loss"] for run in runs]
+    return sum(ratios) / len(ratios)
+
+
+def significance(runs, reference_runs, reference_bpb, reference_nats, min_improvement_nats) -> dict:
+    """Tests in nats and bpb: Welch against reference runs, else one-sample against a reference value."""
+    ratio = bpb_per_nat(runs)
+    losses, bpbs = [r["val_loss"] for r in runs], [r["val_bpb"] for r in runs]
+    if reference_runs:
+        return {
+            "nats": welch_t_test(losses, [r["val_loss"] for r in reference_runs], min_improvement_nats),
+            "bpb": welch_t_test(bpbs, [r["val_bpb"] for r in reference_runs], min_improvement_nats * ratio),
+        }
+    if reference_bpb is None and reference_nats is None:
+        return {}
+    reference_nats = reference_nats if reference_nats is not None else reference_bpb / ratio
+    reference_bpb = reference_bpb if reference_bpb is not None else reference_nats * ratio
+    return {
+        "nats": one_sample_t_test(losses, reference_nats, min_improvement_nats),
+        "bpb": one_sample_t_test(bpbs, reference_bpb, min_improvement_nats * ratio),
+    }
+
+
+def submission_fields(runs: list[dict], tests: dict) -> dict:
+    """The challenge's submission.json score fields (records/*/submission.json)."""
+    loss_mean, loss_std = mean_and_std([r["val_loss"] for r in runs])
+    bpb_mean, bpb_std = mean_and_std([r["val_bpb"] for r in runs])
+    seed_results = {}
+    for run in runs:
+        key = str(run["seed"]) if run["seed"] is not None else Path(run["dir"]).name
+        seed_results[key] = {k: run[k] for k in SEED_FIELDS}
+    return {
+        "val_loss": loss_mean, "val_bpb": bpb_mean, "val_loss_std": loss_std, "val_bpb_std": bpb_std,
+        "p_value": tests.get("nats", {}).get("p_value"), "n_seeds": len(runs),
+        "seeds": [run["seed"] for run in runs], "seed_results": seed_results,
+    }
+
+
+def verdict(tests: dict, level: float) -> dict | None:
+    """The challenge's criterion, on the nats test: pass when its one-sided p is below `level`."""
+    test = tests.get("nats")
+    if test is None:
+        return None
+    p_value = test["p_value"]
+    passed = None if p_value is None else p_value < level
+    return {"significance": level, "p_value": p_value, "passed": passed}
+
+
+@dataclass
+class ReportResult:
+    out: Path | None
+    metrics: dict  # submission fields, tests, verdict, runs, min_improvement_nats (the manifest's, with --out)
+
+
+def report(run_dirs: list[Path], *, reference: float | None = None, reference_nats: float | None = None,
+           reference_runs: list[Path] = (), min_improvement_nats: float = 0.005, significance_level: float = 0.01,
+           out: Path | None = None, force: bool = False) -> ReportResult:
+    """Mean, std and one-sided t-tests (H1: mean < reference - margin) of the runs, in nats and bpb, and the
+    verdict at `significance_level`; with `out`, submission.json and a manifest there."""
+    reference_runs = list(reference_runs or [])
+    if reference_runs and (reference is not None or reference_nats is not None):
+        raise UsageError("give either --reference/--reference-nats or --reference-runs, not both")
+    for flag, value in (("--reference", reference), ("--reference-nats", reference_nats)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise UsageError(f"{flag} must be a positive number, got {value}")
+    if not (math.isfinite(min_improvement_nats) and min_improvement_nats >= 0):
+        raise UsageError(f"--min-improvement-nats must be a number >= 0, got {min_improvement_nats}")
+    if not 0 < significance_level < 1:
+        raise UsageError(f"--significance must be in (0, 1), got {significance_level}")
+    runs = read_runs(run_dirs, "RUN_DIRs")
+    baseline = read_runs(reference_runs, "--reference-runs") if reference_runs else []
+    if baseline:
+        if baseline[0]["stage"] != runs[0]["stage"]:
+            raise UsageError("--reference-runs must be the same kind of output (eval or train) as the RUN_DIRs")
+        shared = {run["dir"] for run in runs} & {run["dir"] for run in baseline}
+        if shared:
+            raise UsageError(f"{sorted(shared)[0]}: is both a RUN_DIR and a --reference-runs entry")
+        if baseline[0]["scored_on"] != runs[0]["scored_on"]:
+            raise InvalidInput(f"{baseline[0]['dir']}: the reference runs were scored on other validation data "
+                               f"or another tokenizer than {runs[0]['dir']}; their scores do not compare")
+    tests = significance(runs, baseline, reference, reference_nats, min_improvement_nats)
+    fields = submission_fields(runs, tests)
+    decision = verdict(tests, significance_level)
+    result = {"submission": fields, "tests": tests, "verdict": decision, "runs": runs,
+              "min_improvement_nats": min_improvement_nats}
+    if out is not None:
+        config = {"reference": reference, "reference_nats": reference_nats, "min_improvement_nats":
+                  min_improvement_nats, "significance": significance_level,
+                  "reference_runs": [str(Path(p).resolve()) for p in reference_runs]}
+        with StageOutput(out, "report", config=config, force=force, inputs=[*run_dirs, *reference_runs]) as stage:
+            for run in runs + baseline:
+                stage.add_input(Path(run["dir"]) / MANIFEST, "run")
+            atomic_write_json(stage.add_output("submission.json", "submission"), fields)
+            stage.metrics = result
+            stage.finalize()
+    return ReportResult(Path(out) if out is not None else None, result)
