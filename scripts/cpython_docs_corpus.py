@@ -22,14 +22,19 @@ def module_docstrings(path: Path) -> str:
     return "\n\n".join(d for d in docs if d and len(d) > 40)
 
 
-def main(max_docs: int) -> None:
-    documents = [text for _, text in sorted(topics.items())]
+def documents(max_docs: int = 10_000) -> list[str]:
+    """The corpus, in order: the help() topics, then each standard-library module's docstrings."""
+    texts = [text for _, text in sorted(topics.items())]
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     for path in sorted(stdlib.glob("*.py")):
         text = module_docstrings(path)
         if len(text) > 200:
-            documents.append(text)
-    for text in documents[:max_docs]:
+            texts.append(text)
+    return texts[:max_docs]
+
+
+def main(max_docs: int) -> None:
+    for text in documents(max_docs):
         sys.stdout.write(json.dumps({"text": text}) + "\n")
 
 

@@ -1,7 +1,8 @@
-"""Shared session fixtures built from real data (skipped when ../shared/data is absent).
+"""Shared session fixtures built from the suite's own real data (tests/demo_data.py: no ../shared needed).
 
-- `tiny_data_dir`: a `tokenize`-shaped output (manifest included) of docs-200 with the real sp1024
-  tokenizer: documents 1-10 are the val split (about 23k tokens, two shards), the others train.
+- `tiny_data_dir`: a `tokenize`-shaped output (manifest included) of the demo corpus with a 1024-piece tokenizer
+  trained on its train split: ten documents of 1.3k-3.9k tokens are the val split (about 24k tokens, two
+  shards), the others train.
 - `tiny_checkpoint_dir`: a `train`-shaped output holding a small GPT (2 layers x 64, max_seq_len 128)
   trained for 120 AdamW steps on that train split (seed 0, deterministic, one thread), with the tokenizer's
   sha256 in the checkpoint metadata.
@@ -16,10 +17,8 @@ import torch
 from pgolf.artifacts import StageOutput, sha256_file
 from pgolf.bpb import build_byte_tables, load_tokenizer
 from pgolf.shards import BOS_ID, ShardWriter, list_shards, load_split
-from tests.shared_data import SP1024, fineweb_docs, need
+from tests.demo_data import TOKENIZER_NAME, demo_splits, write_demo_tokenizer
 from tests.tiny_model import train_tiny_model
-
-VAL_DOCS = slice(1, 11)  # document 0 alone is 21k tokens; these ten are 1k-4k each
 
 
 def _write_split(directory, split, token_docs, shard_tokens):
@@ -31,14 +30,13 @@ def _write_split(directory, split, token_docs, shard_tokens):
 
 @pytest.fixture(scope="session")
 def tiny_data_dir(tmp_path_factory):
-    sp = load_tokenizer(need(SP1024))
+    tokenizer = write_demo_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+    sp = load_tokenizer(tokenizer)
     tables = build_byte_tables(sp)
-    docs = fineweb_docs()
     out = tmp_path_factory.mktemp("data") / "sp1024"
-    metrics = {"tokenizer_sha256": sha256_file(SP1024), "vocab_size": sp.GetPieceSize()}
+    metrics = {"tokenizer_sha256": sha256_file(tokenizer), "vocab_size": sp.GetPieceSize()}
     with StageOutput(out, "tokenize", argv=["conftest"]) as stage:
-        val_texts = docs[VAL_DOCS]
-        train_texts = [text for text in docs if text not in val_texts]
+        val_texts, train_texts = demo_splits()
         for split, texts, shard_tokens in (("val", val_texts, 15_000), ("train", train_texts, 200_000)):
             paths = _write_split(stage.dir, split, [sp.encode(text) for text in texts], shard_tokens)
             for path in paths:
@@ -47,7 +45,7 @@ def tiny_data_dir(tmp_path_factory):
             text_bytes = sum(len(text.encode()) for text in texts)
             metrics[split] = {"documents": len(texts), "tokens": len(tokens),
                               "bytes": tables.count_bytes(tokens), "text_bytes": text_bytes}
-        shutil.copy(SP1024, stage.add_output(SP1024.name, "tokenizer"))
+        shutil.copy(tokenizer, stage.add_output(TOKENIZER_NAME, "tokenizer"))
         metrics["tokens_per_byte"] = metrics["val"]["tokens"] / metrics["val"]["bytes"]
         stage.metrics = metrics
         stage.finalize()
@@ -60,7 +58,7 @@ def tiny_checkpoint_dir(tiny_data_dir, tmp_path_factory):
 
     model, config = train_tiny_model(tiny_data_dir)
     out = tmp_path_factory.mktemp("run") / "train"
-    metadata = {"vocab_size": str(config.vocab_size), "tokenizer_sha256": sha256_file(SP1024)}
+    metadata = {"vocab_size": str(config.vocab_size), "tokenizer_sha256": sha256_file(tiny_data_dir / TOKENIZER_NAME)}
     with StageOutput(out, "train", argv=["conftest"]) as stage:
         checkpoint = stage.add_output("model.safetensors", "checkpoint")
         save_checkpoint(checkpoint, model.state_dict(), config, metadata)
@@ -74,9 +72,9 @@ def tiny_eval_inputs(tiny_data_dir, tiny_checkpoint_dir):
     from pgolf.model import build_model
     from pgolf.stage_model import load_stage_model
 
-    state, config, _ = load_stage_model(tiny_checkpoint_dir, tiny_data_dir / SP1024.name)
+    state, config, _ = load_stage_model(tiny_checkpoint_dir, tiny_data_dir / TOKENIZER_NAME)
     tokens = np.asarray(load_split(list_shards(tiny_data_dir, "val")), dtype=np.int64)
-    tables = build_byte_tables(load_tokenizer(tiny_data_dir / SP1024.name), config.vocab_size)
+    tables = build_byte_tables(load_tokenizer(tiny_data_dir / TOKENIZER_NAME), config.vocab_size)
     return build_model(state, config, "cpu"), tokens, tables
 
 

@@ -17,6 +17,7 @@ from pgolf.artifacts import read_manifest
 from pgolf.bundle import SUBMISSION_BLOB, bundle_source, extracted_source, minified_source, modules_in_order
 from pgolf.codecs import read_blob, read_blob_header
 from pgolf.errors import InvalidInput
+from tests.demo_data import demo_tokenizer_bytes
 from tests.test_codecs import run_cli, run_main
 
 RESULT_LINE = re.compile(r"final_roundtrip_exact val_loss:(\S+) val_bpb:(\S+)")
@@ -287,16 +288,13 @@ def data_with_tokenizer(tiny_data_dir: Path, directory: Path, model: bytes) -> P
 
 
 def test_bundled_eval_checks_the_tokenizer_against_the_blob_itself(pipeline, tiny_data_dir, tmp_path):
-    from pgolf.tokenizer import train_tokenizer
-    from tests.shared_data import SP8192, fineweb_docs, need
-
-    sp8192 = data_with_tokenizer(tiny_data_dir, tmp_path / "sp8192", need(SP8192).read_bytes())
-    result = isolated_python(pipeline / "packed", "train_gpt.py", "eval", "--data", sp8192)
+    sp512 = data_with_tokenizer(tiny_data_dir, tmp_path / "sp512", demo_tokenizer_bytes(512))
+    result = isolated_python(pipeline / "packed", "train_gpt.py", "eval", "--data", sp512)
     assert result.returncode == 3, result.stderr
     assert result.stderr.strip().splitlines()[-1].endswith(
-        "tokenizer vocabulary is 8192 but the model's vocab_size is 1024 (wrong --data or --tokenizer for this "
+        "tokenizer vocabulary is 512 but the model's vocab_size is 1024 (wrong --data or --tokenizer for this "
         "artifact?)")
-    other_1024 = train_tokenizer(fineweb_docs()[100:], 1024, threads=1)
+    other_1024 = demo_tokenizer_bytes(1024, skip_train_docs=100)  # the same vocabulary, other documents
     lookalike = data_with_tokenizer(tiny_data_dir, tmp_path / "other1024", other_1024)
     result = isolated_python(pipeline / "packed", "train_gpt.py", "eval", "--data", lookalike)
     assert result.returncode == 3 and "differs from the tokenizer the model was trained with" in result.stderr

@@ -11,24 +11,27 @@ import pytest
 
 from pgolf.bpb import build_byte_tables, load_tokenizer
 from pgolf.shards import ShardWriter, write_shard
-from tests.shared_data import DOCS200, SP1024, fineweb_docs, need
+from tests.demo_data import TOKENIZER_NAME, demo_documents, write_demo_tokenizer
 
 
 def pgolf(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "pgolf", *map(str, args)], capture_output=True, text=True, cwd=cwd)
 
 
+VAL = 20  # documents in shard_dir's val split
+
+
 @pytest.fixture(scope="module")
 def shard_dir(tmp_path_factory):
-    sp = load_tokenizer(need(SP1024))
+    """A manifest-less shard directory of the demo corpus (several train shards) with its tokenizer."""
     directory = tmp_path_factory.mktemp("sp1024")
-    docs = fineweb_docs()
-    for split, texts in (("val", docs[:20]), ("train", docs[20:])):
+    sp = load_tokenizer(write_demo_tokenizer(directory))
+    docs = demo_documents()
+    for split, texts in (("val", docs[:VAL]), ("train", docs[VAL:])):
         writer = ShardWriter(directory, split, shard_tokens=50_000)
         for text in texts:
             writer.write(np.array([1, *sp.encode(text)]))
         writer.close()
-    shutil.copy(SP1024, directory / SP1024.name)
     return directory
 
 
@@ -43,13 +46,13 @@ def test_data_check_reports_split_counts_and_exact_bytes(shard_dir):
     result = pgolf("data", "check", shard_dir, "--json")
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
-    sp = load_tokenizer(SP1024)
-    docs = fineweb_docs()
-    assert summary["val"]["documents"] == 20 and summary["train"]["documents"] == 180
-    assert summary["val"]["tokens"] == sum(1 + len(sp.encode(t)) for t in docs[:20])
+    sp = load_tokenizer(shard_dir / TOKENIZER_NAME)
+    docs = demo_documents()
+    assert summary["val"]["documents"] == VAL and summary["train"]["documents"] == len(docs) - VAL
+    assert summary["val"]["tokens"] == sum(1 + len(sp.encode(t)) for t in docs[:VAL])
     assert summary["train"]["shards"] > 1
     # The bpb denominator equals the UTF-8 bytes of the decoded documents.
-    assert summary["val"]["bytes"] == sum(len(sp.decode(sp.encode(t)).encode()) for t in docs[:20])
+    assert summary["val"]["bytes"] == sum(len(sp.decode(sp.encode(t)).encode()) for t in docs[:VAL])
     assert build_byte_tables(sp).size == 1024
 
 
@@ -109,6 +112,7 @@ def limited_file_size(limit_bytes: int):
 def chain(tiny_data_dir, tmp_path_factory):
     """train -> quantize -> compress -> eval outputs of a few tiny steps, each stage's input for the next."""
     root = tmp_path_factory.mktemp("chain")
+    (root / "corpus.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in demo_documents()[:60]))
     for args in (("train", tiny_data_dir, "--preset", "tiny", "--iterations", 4, "--out", root / "train"),
                  ("quantize", root / "train", "--plan", "int6", "--keep-float-numel", "1024", "--out",
                   root / "q"),
@@ -121,7 +125,8 @@ def chain(tiny_data_dir, tmp_path_factory):
 def stage_commands(data, chain, out):
     train = chain / "train"
     return {
-        "tokenize": ["tokenize", need(DOCS200), "--tokenizer", SP1024, "--val-docs", 10, "--out", out],
+        "tokenize": ["tokenize", chain / "corpus.jsonl", "--tokenizer", data / TOKENIZER_NAME, "--val-docs", 10,
+                     "--out", out],
         "train": ["train", data, "--preset", "tiny", "--iterations", 2, "--out", out],
         "quantize": ["quantize", train, "--plan", "int6", "--out", out],
         "compress": ["compress", chain / "q", "--codec", "zlib", "--out", out],

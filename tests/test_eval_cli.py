@@ -18,7 +18,7 @@ from pgolf.artifacts import StageOutput, sha256_file
 from pgolf.checkpoint import load_checkpoint
 from pgolf.codecs import pack_blob
 from pgolf.quantized import quantize_state, save_quantized
-from tests.shared_data import SP8192, need
+from tests.demo_data import write_demo_tokenizer
 
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 LOG_LINE = re.compile(r"^final_(\w+) val_loss:(\d+\.\d{4}) val_bpb:(\d+\.\d{4}) eval_time:\d+ms$", re.M)
@@ -154,7 +154,7 @@ def broken_inputs(tiny_checkpoint_dir, tiny_data_dir, tmp_path):
 
 
 @pytest.mark.parametrize("case, args, code, message", [
-    ("vocab", ["--tokenizer", "SP8192"], 3, "vocabulary is 8192 but the model's vocab_size is 1024"),
+    ("vocab", ["--tokenizer", "SP512"], 3, "vocabulary is 512 but the model's vocab_size is 1024"),
     ("no val", ["--data", "no_val"], 3, "no val shards"),
     ("digest", ["ARTIFACT=tampered"], 3, "sha256 does not match"),
     ("not an artifact", ["ARTIFACT=data"], 3, "is a 'tokenize' output, expected"),
@@ -169,7 +169,7 @@ def broken_inputs(tiny_checkpoint_dir, tiny_data_dir, tmp_path):
 def test_bad_input_exits_with_its_code_and_one_line(case, args, code, message, broken_inputs,
                                                     tiny_checkpoint_dir, tiny_data_dir, tmp_path, monkeypatch,
                                                     capsys):
-    places = {**broken_inputs, "SP8192": need(SP8192), "data": tiny_data_dir}
+    places = {**broken_inputs, "SP512": write_demo_tokenizer(tmp_path, 512), "data": tiny_data_dir}
     artifact = tiny_checkpoint_dir
     resolved = []
     for arg in args:

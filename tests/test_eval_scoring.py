@@ -26,7 +26,7 @@ from pgolf.scoring import (
 )
 from pgolf.shards import BOS_ID
 from pgolf.ttt import TTTConfig
-from tests.shared_data import SP1024, fineweb_docs
+from tests.demo_data import TOKENIZER_NAME, demo_splits
 
 SEQ_LEN = 128
 CPU = torch.device("cpu")
@@ -110,9 +110,9 @@ def test_bytes_are_the_decoded_utf8_of_the_val_documents(tiny_eval_inputs, tiny_
 
     model, tokens, tables = tiny_eval_inputs
     totals = evaluate(model, tokens, tables, stride=64, doc_isolated=True).totals["model"]
-    sp = load_tokenizer(SP1024)
+    sp = load_tokenizer(tiny_data_dir / TOKENIZER_NAME)
     manifest = json.loads((tiny_data_dir / "manifest.json").read_text())
-    documents = fineweb_docs()[1:11]
+    documents = demo_splits()[0]
     assert totals.bytes == tables.count_bytes(tokens) == manifest["metrics"]["val"]["bytes"]
     assert totals.bytes == sum(len(sp.decode(sp.encode(text)).encode("utf-8")) for text in documents)
     assert totals.val_bpb == pytest.approx(totals.nll_sum / (math.log(2) * totals.bytes))

@@ -21,7 +21,7 @@ from pgolf.model import (
     set_qat_plan,
 )
 from pgolf.quant import fake_quantize
-from tests.shared_data import SP1024, fineweb_docs, need
+from tests.demo_data import demo_documents, demo_tokenizer_bytes
 
 TINY = ModelConfig(vocab_size=64, num_layers=3, model_dim=32, num_heads=4, num_kv_heads=2, max_seq_len=64)
 ALL_ON = dict(
@@ -354,9 +354,9 @@ def test_qat_gradient_is_straight_through():
 @pytest.mark.parametrize("changes", [{}, ALL_ON], ids=["baseline", "all-features"])
 def test_tiny_model_overfits_a_real_batch(changes):
     sentencepiece = pytest.importorskip("sentencepiece")
-    processor = sentencepiece.SentencePieceProcessor(model_file=str(need(SP1024)))
+    processor = sentencepiece.SentencePieceProcessor(model_proto=demo_tokenizer_bytes())
     ids = [BOS_ID]
-    for text in fineweb_docs()[:3]:
+    for text in demo_documents()[:3]:
         ids += processor.encode(text)
         if len(ids) > 65:
             break

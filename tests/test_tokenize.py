@@ -19,11 +19,31 @@ from pgolf.artifacts import read_manifest, sha256_file
 from pgolf.bpb import build_byte_tables, tokenizer_problems
 from pgolf.shards import HEADER_BYTES, list_shards, load_shard, load_split
 from pgolf.tokenizer import CHALLENGE_TRAINER_SETTINGS, DocumentEncoder, train_tokenizer
+from tests.demo_data import demo_documents, write_demo_tokenizer
 from tests.shared_data import BENCH, DOCS200, SP1024, SP8192, fineweb_docs, need
 
 
 @pytest.fixture(scope="module")
 def docs():
+    """The demo corpus (tests/demo_data.py): what the tokenize stage's mechanics are tested on."""
+    return list(demo_documents())
+
+
+@pytest.fixture(scope="module")
+def corpus(docs, tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": text}) + "\n" for text in docs))
+    return path
+
+
+@pytest.fixture(scope="module")
+def sp1024(tmp_path_factory):
+    return write_demo_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture(scope="module")
+def fineweb():
+    """Real FineWeb documents, for the checks of the challenge's own tokenizers."""
     return fineweb_docs()
 
 
@@ -57,7 +77,7 @@ def assert_refused(code, err, out_dir, message):
 
 
 @pytest.mark.parametrize("model, workers", [(SP1024, 2), (SP8192, 1)])
-def test_shards_hold_bos_plus_sp_encode_val_first(capsys, tmp_path, docs, model, workers):
+def test_shards_hold_bos_plus_sp_encode_val_first(capsys, tmp_path, fineweb, model, workers):
     sp = spm.SentencePieceProcessor(model_file=str(need(model)))
     out = tmp_path / "out"
     code, stdout, err = pgolf(
@@ -77,7 +97,7 @@ def test_shards_hold_bos_plus_sp_encode_val_first(capsys, tmp_path, docs, model,
         "--json",
     )
     assert code == 0, err
-    for split, texts in (("val", docs[:30]), ("train", docs[30:])):
+    for split, texts in (("val", fineweb[:30]), ("train", fineweb[30:])):
         shards = list_shards(out, split)
         assert [s.name for s in shards] == [f"fineweb_{split}_{i:06d}.bin" for i in range(len(shards))]
         assert (
@@ -92,7 +112,7 @@ def test_shards_hold_bos_plus_sp_encode_val_first(capsys, tmp_path, docs, model,
     metrics = manifest["metrics"]
     assert json.loads(stdout) == metrics
     tables = build_byte_tables(sp)
-    for split, texts in (("val", docs[:30]), ("train", docs[30:])):
+    for split, texts in (("val", fineweb[:30]), ("train", fineweb[30:])):
         tokens = load_split(list_shards(out, split))
         assert metrics[split] == {
             "documents": len(texts),
@@ -102,7 +122,7 @@ def test_shards_hold_bos_plus_sp_encode_val_first(capsys, tmp_path, docs, model,
         }
     total_tokens = metrics["val"]["tokens"] + metrics["train"]["tokens"]
     assert metrics["tokens_per_byte"] == pytest.approx(
-        total_tokens / sum(len(t.encode()) for t in docs), abs=1e-6
+        total_tokens / sum(len(t.encode()) for t in fineweb), abs=1e-6
     )
     assert metrics["vocab_size"] == sp.GetPieceSize()
     assert metrics["tokenizer_sha256"] == sha256_file(model)
@@ -116,13 +136,13 @@ def test_shards_hold_bos_plus_sp_encode_val_first(capsys, tmp_path, docs, model,
     assert pgolf(capsys, "data", "check", out)[0] == 0
 
 
-def test_word_cache_encoder_is_exact_even_when_full(docs):
+def test_word_cache_encoder_is_exact_even_when_full(fineweb):
     sp = spm.SentencePieceProcessor(model_file=str(need(SP1024)))
-    reference = expected_tokens(sp, docs)
+    reference = expected_tokens(sp, fineweb)
     for cache_size in (1 << 20, 2000):  # 2000 words: full after the first batch, later new words are not kept
         encoder = DocumentEncoder(SP1024.read_bytes(), cache_size=cache_size)
         assert encoder.words_separable
-        batches = [encoder.encode(docs[i : i + 17]) for i in range(0, len(docs), 17)]
+        batches = [encoder.encode(fineweb[i : i + 17]) for i in range(0, len(fineweb), 17)]
         assert np.array_equal(np.concatenate([b.tokens for b in batches]), reference)
         assert (
             encoder.cached_words == min(cache_size, len(encoder.ids_length)) and encoder.cached_words >= 2000
@@ -149,14 +169,14 @@ def test_word_cache_encoder_on_odd_documents():
         assert np.array_equal(encoder.encode(texts).tokens, expected_tokens(sp, texts))
 
 
-def test_hash_collisions_cost_speed_not_correctness(docs):
+def test_hash_collisions_cost_speed_not_correctness(fineweb):
     sp = spm.SentencePieceProcessor(model_file=str(need(SP1024)))
     encoder = DocumentEncoder(SP1024.read_bytes())
     encoder.hash_words = lambda data, starts, ends: np.zeros(
         len(starts), dtype=np.uint64
     )  # every word collides
     for i in range(0, 40, 20):
-        assert np.array_equal(encoder.encode(docs[i : i + 20]).tokens, expected_tokens(sp, docs[i : i + 20]))
+        assert np.array_equal(encoder.encode(fineweb[i : i + 20]).tokens, expected_tokens(sp, fineweb[i : i + 20]))
 
 
 @pytest.mark.parametrize(
@@ -178,10 +198,10 @@ def test_models_not_encodable_word_by_word_fall_back_to_plain_encoding(docs, set
     assert np.array_equal(encoder.encode(docs).tokens, expected_tokens(sp, docs))
 
 
-def test_trains_challenge_tokenizer_on_train_split_only(capsys, tmp_path, docs):
+def test_trains_challenge_tokenizer_on_train_split_only(capsys, tmp_path, docs, corpus):
     out = tmp_path / "sp512"
     code, _, err = pgolf(
-        capsys, "tokenize", DOCS200, "--vocab-size", 512, "--val-docs", 20, "--train-docs", 150, "--out", out
+        capsys, "tokenize", corpus, "--vocab-size", 512, "--val-docs", 20, "--train-docs", 150, "--out", out
     )
     assert code == 0, err
     sp = spm.SentencePieceProcessor(model_file=str(out / "fineweb_512_bpe.model"))
@@ -200,15 +220,15 @@ def test_trains_challenge_tokenizer_on_train_split_only(capsys, tmp_path, docs):
     assert manifest["inputs"][0]["role"] == "corpus" and len(manifest["inputs"]) == 1
 
 
-def test_settings_from_env_and_contradictions(capsys, tmp_path, monkeypatch):
+def test_settings_from_env_and_contradictions(capsys, tmp_path, monkeypatch, corpus, sp1024):
     monkeypatch.setenv("PGOLF_VAL_DOCS", "7")
     code, stdout, err = pgolf(
-        capsys, "tokenize", DOCS200, "--tokenizer", need(SP1024), "--out", tmp_path / "a", "--json"
+        capsys, "tokenize", corpus, "--tokenizer", sp1024, "--out", tmp_path / "a", "--json"
     )
     assert code == 0, err
     assert json.loads(stdout)["val"]["documents"] == 7
     code, _, err = pgolf(
-        capsys, "tokenize", DOCS200, "--tokenizer", SP1024, "--vocab-size", 8192, "--out", tmp_path / "b"
+        capsys, "tokenize", corpus, "--tokenizer", sp1024, "--vocab-size", 8192, "--out", tmp_path / "b"
     )
     assert code == 2 and "contradicts --tokenizer" in err
     assert not (tmp_path / "b").exists()
@@ -220,8 +240,8 @@ def write_corpus(path, lines: list[bytes]):
 
 
 @pytest.fixture(scope="module")
-def good_lines():
-    return need(DOCS200).read_bytes().splitlines()
+def good_lines(corpus):
+    return corpus.read_bytes().splitlines()
 
 
 @pytest.mark.parametrize(
@@ -232,7 +252,7 @@ def good_lines():
         (b'{"text": "Latin-1 caf\xe9"}', "bad.jsonl:181: not valid UTF-8"),
     ],
 )
-def test_bad_lines_exit_3_leaving_no_shards(capsys, tmp_path, good_lines, bad_line, message):
+def test_bad_lines_exit_3_leaving_no_shards(capsys, tmp_path, good_lines, bad_line, message, corpus, sp1024):
     # Line 181 comes after several complete shards have been written (one process, 5,000-token shards).
     corpus = write_corpus(tmp_path / "bad.jsonl", good_lines[:180] + [bad_line] + good_lines[180:])
     out = tmp_path / "out"
@@ -241,7 +261,7 @@ def test_bad_lines_exit_3_leaving_no_shards(capsys, tmp_path, good_lines, bad_li
         "tokenize",
         corpus,
         "--tokenizer",
-        need(SP1024),
+        sp1024,
         "--val-docs",
         10,
         "--shard-tokens",
@@ -262,9 +282,9 @@ def test_bad_line_while_training_exits_3(capsys, tmp_path, good_lines):
 
 
 @pytest.mark.parametrize("train", [False, True])
-def test_empty_corpus_exits_3(capsys, tmp_path, train):
+def test_empty_corpus_exits_3(capsys, tmp_path, train, corpus, sp1024):
     corpus = write_corpus(tmp_path / "empty.jsonl", [])
-    model = ["--vocab-size", 512] if train else ["--tokenizer", need(SP1024)]
+    model = ["--vocab-size", 512] if train else ["--tokenizer", sp1024]
     out = tmp_path / "out"
     code, _, err = pgolf(capsys, "tokenize", corpus, *model, "--out", out)
     assert_refused(code, err, out, "empty corpus")
@@ -275,41 +295,41 @@ def test_empty_corpus_exits_3(capsys, tmp_path, train):
     [
         (70_000, "does not fit uint16 shards"),
         (200, "too small for byte fallback"),
-        (300, "too small for this corpus"),  # SentencePiece needs ~380 pieces for docs-200's characters
+        (300, "too small for this corpus"),  # the demo corpus's characters need 342 pieces
     ],
 )
-def test_vocab_sizes_the_format_or_corpus_cannot_hold(capsys, tmp_path, vocab, message):
+def test_vocab_sizes_the_format_or_corpus_cannot_hold(capsys, tmp_path, vocab, message, corpus):
     out = tmp_path / "out"
     code, _, err = pgolf(
-        capsys, "tokenize", need(DOCS200), "--vocab-size", vocab, "--val-docs", 10, "--out", out
+        capsys, "tokenize", corpus, "--vocab-size", vocab, "--val-docs", 10, "--out", out
     )
     assert_refused(code, err, out, message)
 
 
-def test_existing_output_needs_force_and_force_never_deletes_foreign_files(capsys, tmp_path):
+def test_existing_output_needs_force_and_force_never_deletes_foreign_files(capsys, tmp_path, corpus, sp1024):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("earlier results")
     for flags in ((), ("--force",)):
-        code, _, err = pgolf(capsys, "tokenize", need(DOCS200), "--tokenizer", need(SP1024), "--val-docs", 5,
+        code, _, err = pgolf(capsys, "tokenize", corpus, "--tokenizer", sp1024, "--val-docs", 5,
                              "--out", out, *flags)
         assert code == 3 and "not a pgolf stage output" in err and len(err.strip().splitlines()) == 1
         assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
         assert (out / "keep.txt").read_text() == "earlier results"
     (out / "keep.txt").unlink()
     out.rmdir()
-    assert pgolf(capsys, "tokenize", DOCS200, "--tokenizer", SP1024, "--val-docs", 4, "--out", out)[0] == 0
-    code, _, err = pgolf(capsys, "tokenize", DOCS200, "--tokenizer", SP1024, "--val-docs", 5, "--out", out)
+    assert pgolf(capsys, "tokenize", corpus, "--tokenizer", sp1024, "--val-docs", 4, "--out", out)[0] == 0
+    code, _, err = pgolf(capsys, "tokenize", corpus, "--tokenizer", sp1024, "--val-docs", 5, "--out", out)
     assert code == 3 and "already exists (pass --force" in err
     code, _, err = pgolf(
-        capsys, "tokenize", DOCS200, "--tokenizer", SP1024, "--val-docs", 5, "--out", out, "--force"
+        capsys, "tokenize", corpus, "--tokenizer", sp1024, "--val-docs", 5, "--out", out, "--force"
     )
     assert code == 0, err
     assert read_manifest(out)["metrics"]["val"]["documents"] == 5
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging, lock or aside left
 
 
-def test_tokenizer_unfit_for_bpb_needs_force(capsys, tmp_path, docs):
+def test_tokenizer_unfit_for_bpb_needs_force(capsys, tmp_path, docs, corpus):
     model = io.BytesIO()
     settings = {**CHALLENGE_TRAINER_SETTINGS, "byte_fallback": False}
     spm.SentencePieceTrainer.train(
@@ -318,9 +338,9 @@ def test_tokenizer_unfit_for_bpb_needs_force(capsys, tmp_path, docs):
     path = tmp_path / "no_bytes.model"
     path.write_bytes(model.getvalue())
     out = tmp_path / "out"
-    code, _, err = pgolf(capsys, "tokenize", DOCS200, "--tokenizer", path, "--out", out)
+    code, _, err = pgolf(capsys, "tokenize", corpus, "--tokenizer", path, "--out", out)
     assert_refused(code, err, out, "no byte fallback")
-    code, _, err = pgolf(capsys, "tokenize", DOCS200, "--tokenizer", path, "--out", out, "--force")
+    code, _, err = pgolf(capsys, "tokenize", corpus, "--tokenizer", path, "--out", out, "--force")
     assert code == 0 and "no byte fallback" in err
     assert read_manifest(out)["checks"][0] == {
         "name": "tokenizer_fit_for_bpb",
@@ -329,7 +349,7 @@ def test_tokenizer_unfit_for_bpb_needs_force(capsys, tmp_path, docs):
     }
     not_a_model = tmp_path / "junk.model"
     not_a_model.write_bytes(b"junk")
-    code, _, err = pgolf(capsys, "tokenize", DOCS200, "--tokenizer", not_a_model, "--out", tmp_path / "o2")
+    code, _, err = pgolf(capsys, "tokenize", corpus, "--tokenizer", not_a_model, "--out", tmp_path / "o2")
     assert_refused(code, err, tmp_path / "o2", "not a SentencePiece model")
 
 
@@ -414,11 +434,12 @@ def test_benchmark_corpus_counts_match_the_readme(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("val_docs, warning", [
-    (None, "the train split is empty: all 200 documents went to validation (--val-docs 50,000)"),
+    (None, "the train split is empty: all {documents:,} documents went to validation (--val-docs 50,000)"),
     (0, "the validation split is empty (--val-docs 0); nothing here can be scored"),
 ])
-def test_an_empty_split_is_warned_about(capsys, tmp_path, val_docs, warning):
+def test_an_empty_split_is_warned_about(capsys, tmp_path, val_docs, warning, docs, corpus, sp1024):
     flags = [] if val_docs is None else ["--val-docs", val_docs]
-    code, _, err = pgolf(capsys, "tokenize", need(DOCS200), "--tokenizer", need(SP1024), *flags,
+    code, _, err = pgolf(capsys, "tokenize", corpus, "--tokenizer", sp1024, *flags,
                          "--out", tmp_path / "out")
+    warning = warning.format(documents=len(docs))
     assert code == 0 and f"warning: {tmp_path / 'out'}: {warning}" in " ".join(err.split())

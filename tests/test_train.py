@@ -27,7 +27,7 @@ from pgolf.model import GPT
 from pgolf.shards import list_shards, load_shard, load_split, write_shard
 from pgolf.train_config import resolve_configs
 from pgolf.trainer import RESUME_FILE, StopSignal, Trainer, TrainLog, flat_val
-from tests.shared_data import SP1024
+from tests.demo_data import TOKENIZER_NAME
 
 STEPS = 24
 # The tiny preset shortened, with an EMA that starts halfway.
@@ -110,7 +110,7 @@ def test_manifest_metrics_and_outputs(reference_run, tiny_data_dir):
                      "log_jsonl": "train_log.jsonl", "log": "train.log"}
     assert not (reference_run / RESUME_FILE).exists()
     inputs = {Path(i["path"]).name: i["role"] for i in manifest["inputs"]}
-    assert inputs[SP1024.name] == "tokenizer"
+    assert inputs[TOKENIZER_NAME] == "tokenizer"
     val_shards = {p.name for p in list_shards(tiny_data_dir, "val")}
     assert {name for name, role in inputs.items() if role == "val_shard"} == val_shards
     assert "fineweb_train_000000.bin" in inputs
@@ -120,7 +120,7 @@ def test_manifest_metrics_and_outputs(reference_run, tiny_data_dir):
 
 def exact_val(state: dict, config, data_dir: Path, seq_len: int) -> tuple[float, float, int]:
     """val_loss and val_bpb recomputed independently: float64 NLL over full windows, numpy byte tables."""
-    tables = build_byte_tables(load_tokenizer(data_dir / SP1024.name), config.vocab_size)
+    tables = build_byte_tables(load_tokenizer(data_dir / TOKENIZER_NAME), config.vocab_size)
     tokens = load_split(list_shards(data_dir, "val")).astype(np.int64)
     windows = (len(tokens) - 1) // seq_len
     x = torch.from_numpy(tokens[: windows * seq_len]).view(windows, seq_len)
@@ -188,7 +188,7 @@ def test_qat_switches_on_mid_run_inside_torch_compile(tiny_data_dir, tmp_path, b
                            val_every=0, warmup_steps=1, checkpoint_every=0)
     trainer.warmup()
     val_tokens = torch.from_numpy(load_split(list_shards(tiny_data_dir, "val"))[:1025].astype(np.int32))
-    tables = build_byte_tables(load_tokenizer(tiny_data_dir / SP1024.name)).torch()
+    tables = build_byte_tables(load_tokenizer(tiny_data_dir / TOKENIZER_NAME)).torch()
     log = TrainLog(tmp_path, enabled=True)
     trainer.run(val_tokens, tables, log, tmp_path / RESUME_FILE, StopSignal())
     assert [r["qat"] for r in records(tmp_path)] == [False, False, True, True]
@@ -213,7 +213,7 @@ def test_validation_compiles_no_second_graph(tiny_data_dir):
     trainer = tiny_trainer(tiny_data_dir, compile="aot_eager", warmup_steps=1, val_every=0, checkpoint_every=0)
     trainer.warmup()
     val_tokens = torch.from_numpy(load_split(list_shards(tiny_data_dir, "val"))[:4097].astype(np.int32))
-    tables = build_byte_tables(load_tokenizer(tiny_data_dir / SP1024.name)).torch()
+    tables = build_byte_tables(load_tokenizer(tiny_data_dir / TOKENIZER_NAME)).torch()
     batch_seqs = trainer.config.micro_tokens() // trainer.config.seq_len
     with torch._dynamo.config.patch(error_on_recompile=True):
         metrics = trainer.validate(val_tokens, tables)
@@ -308,7 +308,7 @@ def loss_curve_in_process(data_dir: Path, run_toml: Path, work: Path, nudge: flo
                 param.copy_(torch.nextafter(param, torch.full_like(param, nudge)))
     trainer.warmup()
     val_tokens = torch.from_numpy(load_split(list_shards(data_dir, "val")).astype(np.int32))
-    tables = build_byte_tables(load_tokenizer(data_dir / SP1024.name)).torch()
+    tables = build_byte_tables(load_tokenizer(data_dir / TOKENIZER_NAME)).torch()
     work.mkdir()
     trainer.run(val_tokens, tables, TrainLog(work, enabled=True), work / RESUME_FILE, StopSignal())
     return [r["loss"] for r in records(work)]
