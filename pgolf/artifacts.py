@@ -197,6 +197,8 @@ def validate_manifest(manifest, path: Path) -> dict:
             raise InvalidInput(f"{path}: '{field}' does not match {field}_sha256 (edited after the stage ran)")
     if not isinstance(manifest.get("checks", []), list):
         raise InvalidInput(f"{path}: 'checks' must be a list")
+    if not isinstance(manifest.get("environment", {}), dict):
+        raise InvalidInput(f"{path}: 'environment' must be an object")
     check_file_records(manifest.get("outputs"), path, "outputs", absolute=False)
     check_file_records(manifest.get("inputs"), path, "inputs", absolute=True)
     directory = path.parent
@@ -211,8 +213,8 @@ def read_manifest(directory: Path) -> dict:
         raise InvalidInput(f"{directory}: no {MANIFEST} (not a pgolf stage output, or the stage did not finish)")
     try:
         manifest = json.loads(path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InvalidInput(f"{path}: not valid JSON ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise InvalidInput(f"{path}: not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
     except OSError as e:
         raise InvalidInput(f"{path}: cannot read ({e.strerror})") from None
     return validate_manifest(manifest, path)
@@ -378,7 +380,10 @@ class OutputLock:
         self.path = out.parent / f".{out.name}.lock"
         self.fd: int | None = None
         for _ in range(5):
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise InvalidInput(f"{self.path}: cannot write ({e.strerror}); nothing written to {out}") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -392,9 +397,14 @@ class OutputLock:
                 current = None
             opened = os.fstat(fd)
             if current is not None and (current.st_ino, current.st_dev) == (opened.st_ino, opened.st_dev):
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
                 self.fd = fd
+                try:
+                    os.ftruncate(fd, 0)
+                    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                except OSError as e:
+                    self.release()
+                    raise InvalidInput(f"{self.path}: cannot write ({e.strerror}); nothing written to {out}") \
+                        from None
                 return
             os.close(fd)
         raise InvalidInput(f"{out}: could not lock {self.path} (other runs keep replacing it)")
@@ -408,6 +418,37 @@ class OutputLock:
             pass
         os.close(self.fd)
         self.fd = None
+
+
+def make_parents(out: Path) -> list[Path]:
+    """Create the directories above `out` that do not exist yet; returns them, deepest first. A parent that is a
+    file, a dangling link or unwritable is InvalidInput naming `out` (nothing is left half-made)."""
+    missing = []
+    parent = out.parent
+    while not parent.exists() and not parent.is_symlink() and parent != parent.parent:
+        missing.append(parent)
+        parent = parent.parent
+    if not parent.is_dir():
+        what = "a dangling symbolic link" if parent.is_symlink() else "not a directory"
+        raise InvalidInput(f"{out}: cannot create it: {parent} is {what}")
+    made = []
+    try:
+        for directory in reversed(missing):
+            directory.mkdir()
+            made.insert(0, directory)
+    except OSError as e:
+        remove_empty(made)
+        raise InvalidInput(f"{out}: cannot create it ({e.strerror}: {e.filename})") from None
+    return made
+
+
+def remove_empty(directories: list[Path]) -> None:
+    """rmdir each (deepest first) while empty: the parents make_parents created for a run that failed."""
+    for directory in directories:
+        try:
+            directory.rmdir()
+        except OSError:
+            return
 
 
 def remove_own_directory(path: Path) -> None:
@@ -460,8 +501,12 @@ class StageOutput:
         self.dir = staging_path(self.out)
         self.aside = self.out.parent / f".{self.out.name}.replaced"
         self.check_target(self.protected)
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.lock = OutputLock(self.out)
+        made = make_parents(self.out)
+        try:
+            self.lock = OutputLock(self.out)
+        except BaseException:
+            remove_empty(made)
+            raise
         try:
             self.recover_interrupted_replace()
             self.check_target(self.protected)  # again, now that no other run can change it
@@ -479,22 +524,23 @@ class StageOutput:
         out = self.out
         if out.is_symlink():
             raise InvalidInput(f"{out}: is a symbolic link; give the directory itself as --out")
+        real = out.resolve()
+        for path in inputs:
+            source = path.resolve()
+            if source == real or is_relative(source, real) or is_relative(real, source):
+                relation = ("an input" if source == real else "inside an input" if is_relative(real, source)
+                            else "a directory that holds an input")
+                raise InvalidInput(f"{out}: is {relation} of this run ({path}); pgolf never writes there")
         if not out.exists():
             return
         if not out.is_dir():
             raise InvalidInput(f"{out}: is a file, not a directory (--out names the output directory)")
-        real, cwd = out.resolve(), Path.cwd().resolve()
+        cwd = Path.cwd().resolve()
         if real == Path(real.anchor):
             raise InvalidInput(f"{out}: is the filesystem root; pgolf never replaces it")
         if is_relative(cwd, real):
             what = "the current directory" if real == cwd else "an ancestor of the current directory"
             raise InvalidInput(f"{out}: is {what}; pgolf never replaces it (choose a new --out)")
-        for path in inputs:
-            source = path.resolve()
-            if source == real or is_relative(source, real) or is_relative(real, source):
-                relation = ("an input" if source == real else "inside an input" if is_relative(real, source)
-                            else "holds an input")
-                raise InvalidInput(f"{out}: is {relation} of this run ({path}); pgolf never replaces it")
         if not (out / MANIFEST).is_file():
             raise InvalidInput(f"{out}: already exists and is not a pgolf stage output (no {MANIFEST}); "
                                f"pgolf replaces only its own outputs, so choose another --out")
@@ -504,11 +550,16 @@ class StageOutput:
         if manifest["stage"] != self.stage:
             raise InvalidInput(f"{out}: is a '{manifest['stage']}' output; --force replaces only an earlier "
                                f"'{self.stage}' output")
-        listed = {MANIFEST} | {Path(o["path"]).parts[0] for o in manifest["outputs"]}
-        unlisted = sorted(entry.name for entry in out.iterdir() if entry.name not in listed)
+        listed = {MANIFEST} | {o["path"] for o in manifest["outputs"]}
+        entries = sorted(out.iterdir())
+        unlisted = [entry for entry in entries if entry.name not in listed]
         if unlisted:
-            raise InvalidInput(f"{out / unlisted[0]}: not an output its manifest lists; --force would delete "
-                               f"it, so move it away first")
+            raise InvalidInput(f"{unlisted[0]}: not an output its manifest lists; --force would delete it, so "
+                               f"move it away first")
+        not_files = [entry for entry in entries if entry.is_symlink() or not entry.is_file()]
+        if not_files:
+            raise InvalidInput(f"{not_files[0]}: is not the file its manifest lists (a directory or a link now); "
+                               f"--force would delete what it holds, so move it away first")
 
     def recover_interrupted_replace(self) -> None:
         """A replacement cut short between its two renames left the old output at `.<name>.replaced`."""
@@ -576,6 +627,10 @@ class StageOutput:
         self.lock.release()
         return json.loads(json.dumps(manifest, default=str))
 
+    def holds_nothing(self) -> bool:
+        """Whether the staging directory has nothing a resumed run could use (the run failed before it began)."""
+        return not self.dir.exists() or {entry.name for entry in self.dir.iterdir()} <= {STAGING_MARKER}
+
     def abort(self) -> None:
         if self.dir.exists() and (self.dir / STAGING_MARKER).is_file():
             shutil.rmtree(self.dir, ignore_errors=True)
@@ -587,7 +642,7 @@ class StageOutput:
         if exc_type is None:
             self.lock.release()
             return False
-        if not self.keep_partial:
+        if not self.keep_partial or self.holds_nothing():
             self.abort()
         self.lock.release()
         if isinstance(exc, OSError) and exc.errno in ENVIRONMENT_ERRNOS:

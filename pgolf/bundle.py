@@ -43,6 +43,7 @@ from pgolf.config import from_dict
 from pgolf.dist import PlainLog
 from pgolf.errors import InvalidInput, OverBudget, UsageError
 from pgolf.evaluate import EvalConfig
+from pgolf.report import reported_weights, run_scores
 from pgolf.submission import SUBMISSION_BLOB, SUBMISSION_CONFIGS
 
 SUBMISSION_ENTRY = "submission_main"
@@ -419,34 +420,62 @@ def open_eval(eval_dir: Path | None, compress: dict) -> dict | None:
     return evaluation
 
 
+def manifest_field(manifest: dict, stage: str, *keys: str):
+    """manifest[keys[0]][keys[1]]...; InvalidInput naming the stage and the field when it is missing."""
+    value = manifest
+    for key in keys:
+        if not isinstance(value, dict) or key not in value:
+            raise InvalidInput(f"the {stage} output's manifest has no '{'.'.join(keys)}' (made by another pgolf "
+                               f"version, or edited)")
+        value = value[key]
+    return value
+
+
 def baked_settings(train: dict, quantize: dict, compress: dict, plan: dict, evaluation: dict | None) -> dict:
     """BAKED: every config the run's stages recorded in their manifests (each config's to_dict, as it ran) plus
     the resolved plan, so `python train_gpt.py train` runs what pgolf ran. Eval settings: the given eval's, else
     `pgolf eval`'s defaults. Each is parsed back here, so a manifest pgolf cannot read fails now, not on the
     submission machine."""
-    eval_config = evaluation["config"] if evaluation is not None else {"eval": dataclasses.asdict(EvalConfig()),
-                                                                      "ttt": None}
     baked = {
-        "tokenizer_sha256": train["metrics"].get("tokenizer_sha256"),
-        "model": train["config"]["model"], "train": train["config"]["train"],
-        "quantize": quantize["config"], "plan": plan["plan"], "compress": compress["config"],
-        "eval": eval_config["eval"], "ttt": eval_config.get("ttt"),
+        "tokenizer_sha256": manifest_field(train, "train", "metrics").get("tokenizer_sha256"),
+        "model": manifest_field(train, "train", "config", "model"),
+        "train": manifest_field(train, "train", "config", "train"),
+        "quantize": manifest_field(quantize, "quantize", "config"), "plan": manifest_field(plan, "quantize", "plan"),
+        "compress": manifest_field(compress, "compress", "config"),
+        "eval": manifest_field(evaluation, "eval", "config", "eval") if evaluation is not None
+        else dataclasses.asdict(EvalConfig()),
+        "ttt": manifest_field(evaluation, "eval", "config").get("ttt") if evaluation is not None else None,
     }
-    configs = {key: from_dict(cls, baked[key], f"manifest config '{key}'") if baked[key] is not None else None
-               for key, cls in SUBMISSION_CONFIGS.items()}
+    try:
+        configs = {key: from_dict(cls, baked[key], f"manifest config '{key}'") if baked[key] is not None else None
+                   for key, cls in SUBMISSION_CONFIGS.items()}
+    except UsageError as e:  # a manifest this pgolf cannot read is bad input, not a bad flag
+        raise InvalidInput(str(e)) from None
     if len(configs["eval"].ngram_grid()) > 1:
         raise UsageError("--eval: that run swept an n-gram grid; bundle the eval of a single setting")
     return baked
 
 
-def scores(train: dict, evaluation: dict | None, report_dir: Path | None) -> dict:
-    """Score fields: a multi-seed report's, else this blob's eval, else none (pre-quant ones kept apart)."""
-    fields = {"pre_quant_val_loss": train["metrics"].get("val_loss"),
-              "pre_quant_val_bpb": train["metrics"].get("val_bpb")}
+def scores(train_dir: Path, train: dict, blob_sha256: str, eval_dir: Path | None, evaluation: dict | None,
+           report_dir: Path | None, log) -> dict:
+    """Score fields, each read from a file its manifest's digests cover (pgolf.report.run_scores): a multi-seed
+    report's (refused unless one of its runs scored this blob or this run's checkpoint), else this blob's eval,
+    else none; the train run's pre-quant score kept apart."""
+    try:
+        pre_quant = run_scores(train_dir, train)
+    except InvalidInput as e:
+        log.warn(f"no pre-quantization score in submission.json: {e}")
+        pre_quant = {"val_loss": None, "val_bpb": None}
+    fields = {"pre_quant_val_loss": pre_quant["val_loss"], "pre_quant_val_bpb": pre_quant["val_bpb"]}
     if evaluation is not None:
-        fields |= {key: evaluation["metrics"][key] for key in ("val_loss", "val_bpb")}
+        fields |= run_scores(eval_dir, evaluation)
     if report_dir is not None:
-        submission = output_path(open_stage(report_dir, "report"), report_dir, "submission")
+        report = open_stage(report_dir, "report")
+        ours = {blob_sha256, *(out["sha256"] for out in train["outputs"] if out["role"].startswith("checkpoint"))}
+        if not reported_weights(report_dir, report) & ours:
+            raise InvalidInput(f"{report_dir}: none of its runs scored this blob or {train_dir}'s weights; a "
+                               f"report's score belongs to its own runs")
+        submission = output_path(report, report_dir, "submission")
         fields |= {key: value for key, value in json.loads(submission.read_text()).items()
                    if key in SUBMISSION_FIELDS}
     return fields
@@ -461,7 +490,8 @@ def readme_text(submission: dict, baked: dict, command: str) -> str:
         submission.get("blurb") or "Built with pgolf (train -> quantize -> compress -> bundle).", "",
         "## Results", "",
         f"- Score: {score}",
-        f"- Pre-quantization: val_bpb {submission['pre_quant_val_bpb']:.4f}",
+        "- Pre-quantization: " + (f"val_bpb {submission['pre_quant_val_bpb']:.4f}"
+                                    if submission["pre_quant_val_bpb"] is not None else "not recorded"),
         f"- Artifact: {submission['bytes_total']:,} bytes = model {submission['bytes_model']:,} "
         f"({baked['compress']['codec']}) + code {submission['bytes_code']:,}",
     ]
@@ -521,7 +551,8 @@ def bundle(train_dir: Path, blob_dir: Path, out: Path, *, name: str, github_id: 
             "name": name, "author": author or github_id, "github_id": github_id, "blurb": blurb,
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "track": TRACK,
             "val_loss": None, "val_bpb": None,
-            **scores(train, evaluation, report_dir),
+            **scores(train_dir, train, output_sha256(compress, "blob"), eval_dir, evaluation, report_dir,
+                     log),
             "bytes_total": bytes_model + bytes_code, "bytes_code": bytes_code, "bytes_model": bytes_model,
             "hardware": train.get("environment", {}).get("gpu"),
             "pytorch_version": train.get("environment", {}).get("torch"),

@@ -35,6 +35,10 @@ BLOB_MAGIC = b"PGLF"
 BLOB_VERSION = 1
 BLOB_HEADER = struct.Struct("<4sBBBBII")
 FLAG_SHUFFLE, FLAG_BITPACK = 1, 2
+# Largest decompressed payload a blob may have: a 16 MB blob of int8 levels and fp16 scales restores to well under
+# 1 GB; anything larger is a crafted stream, refused before it exhausts memory.
+MAX_PAYLOAD_BYTES = 1 << 30
+BROTLI_CHUNK = 1 << 24
 
 # Raw LZMA2 (no .xz container) saves the container's ~60 bytes; the filter chain is fixed by the format.
 LZMA_FILTERS_BY_LEVEL = {level: [{"id": lzma.FILTER_LZMA2, "preset": level | lzma.PRESET_EXTREME}]
@@ -71,25 +75,39 @@ def compress_bytes(data: bytes, codec: str, level: int) -> bytes:
     return brotli.compress(data, quality=level, lgwin=24)
 
 
-def decompress_bytes(data: bytes, codec: str, level: int) -> bytes:
-    """Decompress one whole stream; InvalidInput if it is corrupt, truncated or followed by stray bytes."""
+def decompress_bytes(data: bytes, codec: str, level: int, limit: int = MAX_PAYLOAD_BYTES) -> bytes:
+    """Decompress one whole stream of at most `limit` bytes; InvalidInput if it is corrupt, truncated, followed
+    by stray bytes or larger (a crafted stream must not exhaust memory: a 16 MB blob holds far less)."""
+    too_large = InvalidInput(f"{codec} stream decompresses to more than {limit:,} bytes (not a pgolf blob)")
     try:
         if codec == "zlib":
             stream = zlib.decompressobj()
-            out = stream.decompress(data)
-            complete = stream.eof and not stream.unused_data
+            out = stream.decompress(data, limit + 1)
+            complete = stream.eof and not stream.unused_data and not stream.unconsumed_tail
         elif codec == "zstd":
+            declared = zstandard.frame_content_size(data)  # pgolf's frames always declare their size
+            if declared < 0:
+                raise InvalidInput("zstd stream does not declare its size (pgolf always writes it)")
+            if declared > limit:
+                raise too_large
             stream = zstandard.ZstdDecompressor().decompressobj()
             out = stream.decompress(data)
             complete = stream.eof and not stream.unused_data
         elif codec == "lzma":
             stream = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=LZMA_FILTERS_BY_LEVEL[level])
-            out = stream.decompress(data)
+            out = stream.decompress(data, limit + 1)
             complete = stream.eof and not stream.unused_data
         else:
-            out, complete = brotli.decompress(data), True
+            stream = brotli.Decompressor()
+            parts = [stream.process(data, output_buffer_limit=BROTLI_CHUNK)]
+            while not stream.is_finished() and not stream.can_accept_more_data() and \
+                    sum(map(len, parts)) <= limit:
+                parts.append(stream.process(b"", output_buffer_limit=BROTLI_CHUNK))
+            out, complete = b"".join(parts), stream.is_finished()
     except (zlib.error, zstandard.ZstdError, lzma.LZMAError, brotli.error) as e:
         raise InvalidInput(f"{codec} stream is corrupt ({e})") from None
+    if len(out) > limit:
+        raise too_large
     if not complete:
         raise InvalidInput(f"{codec} stream is truncated or has trailing bytes")
     return out
@@ -203,7 +221,7 @@ def parse_payload(payload: bytes) -> tuple[dict[str, torch.Tensor], dict]:
         (header_len,) = struct.unpack_from("<I", payload)
         header = json.loads(payload[4 : 4 + header_len])
         plan, entries = header["plan"], header["tensors"]
-    except (struct.error, ValueError, KeyError, TypeError) as e:
+    except (struct.error, ValueError, KeyError, TypeError, RecursionError) as e:
         raise InvalidInput(f"blob header is unreadable ({e})") from None
     if not isinstance(plan, dict) or not isinstance(entries, list):
         raise InvalidInput("blob header is malformed (plan or tensor list missing)")

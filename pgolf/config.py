@@ -186,6 +186,8 @@ def to_dict(config) -> dict:
 def from_dict(cls, values: Mapping, source: str):
     """The inverse of to_dict: `cls` from a dict that went through JSON (lists back to tuples, each value checked
     as its field's type); UsageError naming `source` for unknown or invalid fields."""
+    if not isinstance(values, Mapping):
+        raise UsageError(f"{source}: is {type(values).__name__}, not a table of settings")
     types_ = field_types(cls)
     unknown = sorted(set(values) - set(types_))
     if unknown:

@@ -124,6 +124,9 @@ def val_data(data: Path, tokenizer: Path | None, vocab_size: int, tokenizer_sha2
     and, when the model records one, the same sha256."""
     dataset = open_val_data(data, tokenizer)
     check_tokenizer_match(vocab_size, tokenizer_sha256, dataset.tokenizer)
+    if not tokenizer_sha256:
+        log.warn(f"the model records no tokenizer digest: {dataset.tokenizer} is checked by its vocabulary size "
+                 f"only, so a score with another tokenizer of that size would go unnoticed")
     tokens = load_val_tokens(dataset, vocab_size, log)
     return ValData(dataset, tokens, build_byte_tables(load_tokenizer(dataset.tokenizer), vocab_size))
 
@@ -235,9 +238,10 @@ def score_model(model, config: EvalConfig, ttt_settings: TTTConfig | None, data:
 
 def default_out(artifact: Path, config: EvalConfig, ttt_settings, weights: str, data: Path,
                 tokenizer: Path | None) -> Path:
-    """`eval-<mode>[...]-<digest>` beside ARTIFACT: one directory per mode and settings, so evaluations of one
-    artifact never collide (the digest covers every setting, the name shows the main ones)."""
-    parts = ["eval", f"sliding{config.sliding_stride}" if config.sliding_stride else "flat"]
+    """`eval-<artifact>-<mode>[...]-<digest>` beside ARTIFACT: one directory per artifact, mode and settings, so
+    evaluations never collide, not even of two artifacts in one run folder (the digest covers the artifact's
+    path and every setting, the name shows the main ones)."""
+    parts = ["eval", Path(artifact).name, f"sliding{config.sliding_stride}" if config.sliding_stride else "flat"]
     if config.seq_len:
         parts.append(f"seq{config.seq_len}")
     if config.doc_isolated:
@@ -251,8 +255,9 @@ def default_out(artifact: Path, config: EvalConfig, ttt_settings, weights: str, 
         parts.append(f"ttt-{ttt_settings.mode}")
     if weights != "export":
         parts.append(weights)
-    settings = {"eval": to_dict(config), "ttt": to_dict(ttt_settings) if ttt_settings else None,
-                "weights": weights, "data": str(Path(data).resolve()),
+    settings = {"artifact": str(Path(artifact).resolve()), "eval": to_dict(config),
+                "ttt": to_dict(ttt_settings) if ttt_settings else None, "weights": weights,
+                "data": str(Path(data).resolve()),
                 "tokenizer": str(Path(tokenizer).resolve()) if tokenizer else None}
     return Path(artifact).parent / ("-".join(parts) + "-" + sha256_json(settings)[:8])
 

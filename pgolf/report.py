@@ -6,28 +6,97 @@ byte / ln 2 on the validation set), so a bpb reference needs no separate nats fi
 `p_value` is the nats test's, the challenge's criterion.
 """
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from pgolf.artifacts import MANIFEST, StageOutput, atomic_write_json, lineage, open_stage, sha256_json
+from pgolf.artifacts import (
+    MANIFEST,
+    StageOutput,
+    atomic_write_json,
+    input_source,
+    lineage,
+    open_stage,
+    output_path,
+    output_sha256,
+    sha256_json,
+)
 from pgolf.errors import InvalidInput, UsageError
 from pgolf.stats import mean_and_std, one_sample_t_test, welch_t_test
 
 RUN_STAGES = ("eval", "train")
+SCORE_LIMIT = 1e6  # a val_loss or val_bpb this large is no score (a softcapped model stays far below)
+WEIGHT_ROLES = {"compress": "blob", "quantize": "quantized", "train": "checkpoint"}
 SEED_FIELDS = ("val_loss", "val_bpb", "steps", "ms_per_step", "bytes_model")
 DATA_ROLES = ("tokenizer", "val_shard")  # the inputs that fix what a score measures
 
 
+def check_score(value, what: str) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or \
+            not 0 < value < SCORE_LIMIT:
+        raise InvalidInput(f"{what} is {value!r}, not a score (a positive number below {SCORE_LIMIT:g})")
+    return float(value)
+
+
+def final_train_record(directory: Path, manifest: dict) -> dict:
+    """The exported weights' score from a train output's train_log.jsonl (an output the manifest's digest
+    covers); a train run of an older pgolf without that record falls back to its last master validation."""
+    records = []
+    for line in output_path(manifest, directory, "log_jsonl").read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise InvalidInput(f"{directory}/train_log.jsonl: a line is not JSON ({e})") from None
+    final = [r for r in records if isinstance(r, dict) and r.get("event") == "final"]
+    if final:
+        return final[-1]
+    if manifest["metrics"].get("weights") == "master":
+        vals = [r for r in records if isinstance(r, dict) and r.get("event") == "val"]
+        if vals:
+            return vals[-1]
+    raise InvalidInput(f"{directory}/train_log.jsonl: holds no record of the exported weights' score (made by an "
+                       f"older pgolf); re-run train")
+
+
+def run_scores(directory: Path, manifest: dict) -> dict:
+    """{val_loss, val_bpb} of an eval or train output, read from a file its manifest's digests cover
+    (results.json, train_log.jsonl) and required to agree with the manifest's metrics."""
+    if manifest["stage"] == "eval":
+        source = json.loads(output_path(manifest, directory, "results").read_text())
+        where = f"{directory}/results.json"
+    else:
+        source, where = final_train_record(directory, manifest), f"{directory}/train_log.jsonl"
+    if not isinstance(source, dict):
+        raise InvalidInput(f"{where}: is not a JSON object")
+    scores = {key: check_score(source.get(key), f"{where}: {key}") for key in ("val_loss", "val_bpb")}
+    for key, value in scores.items():
+        if manifest["metrics"].get(key) != value:
+            raise InvalidInput(f"{directory}/{MANIFEST}: metric {key} {manifest['metrics'].get(key)!r} differs from "
+                               f"{value!r} in {where} (edited after the stage ran)")
+    return scores
+
+
+def scored_weights(directory: Path, manifest: dict) -> str | None:
+    """sha256 of the weights a run scored (the blob, quantized state or checkpoint): two runs that scored the
+    same weights are one sample, whatever else differs."""
+    if manifest["stage"] == "train":
+        return output_sha256(manifest, "checkpoint")
+    artifact = next((r for r in manifest["inputs"] if r["role"] == "artifact_manifest"), None)
+    source = input_source(artifact, directory) if artifact is not None else None
+    if source is None:
+        return artifact["sha256"] if artifact is not None else None
+    stage = source[1]["stage"]
+    role = "checkpoint_master" if stage == "train" and manifest["config"].get("weights") == "master" \
+        else WEIGHT_ROLES.get(stage)
+    return output_sha256(source[1], role) or artifact["sha256"]
+
+
 def read_run(directory: Path) -> dict:
     """One run's scores and provenance from an eval (post-quant) or train (pre-quant) output: its seed and train
-    figures from the train run it came from (found by digest), and what it was scored on."""
+    figures from the train run it came from (found by digest), what it scored and what it was scored on."""
     manifest = open_stage(directory, RUN_STAGES)
-    metrics = manifest["metrics"]
-    scores = {key: metrics.get(key) for key in ("val_loss", "val_bpb")}
-    for key, value in scores.items():
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
-            raise InvalidInput(f"{directory}: manifest metric {key} is {value!r}, not a positive number")
+    scores = run_scores(Path(directory), manifest)
     found = lineage(manifest, directory, wanted=("train", "compress") if manifest["stage"] == "eval" else ())
     train = manifest if manifest["stage"] == "train" else found.get("train", (None, {}))[1]
     compress = found.get("compress", (None, {}))[1]
@@ -39,6 +108,7 @@ def read_run(directory: Path) -> dict:
         "seed": train.get("config", {}).get("train", {}).get("seed"),
         "steps": train_metrics.get("steps"), "ms_per_step": train_metrics.get("ms_per_step"),
         "bytes_model": compress.get("metrics", {}).get("bytes"),
+        "weights_sha256": scored_weights(Path(directory), manifest),
         "scored_on": sha256_json(scored_on),
         "eval_settings": sha256_json(manifest["config"]) if manifest["stage"] == "eval" else None,
     }
@@ -49,7 +119,7 @@ def read_runs(directories: list[Path], what: str) -> list[dict]:
     resolved = [Path(d).resolve() for d in directories]
     for index, path in enumerate(resolved):
         if path in resolved[:index]:
-            raise UsageError(f"{directories[index]}: given twice in {what}; each run counts once")
+            raise InvalidInput(f"{directories[index]}: given twice in {what}; each run counts once")
     runs = [read_run(Path(d)) for d in directories]
     if len({run["stage"] for run in runs}) > 1:
         raise UsageError(f"{what} mix eval (post-quant) and train (pre-quant) outputs; compare like "
@@ -60,9 +130,20 @@ def read_runs(directories: list[Path], what: str) -> list[dict]:
             raise InvalidInput(f"{run['dir']}: has seed {run['seed']}, as {seen[run['seed']]} has; runs of one "
                                f"seed are not independent samples")
         seen[run["seed"]] = run["dir"]
+    require_distinct(runs)
     require_same(runs, "scored_on", "were scored on different validation data or tokenizers")
     require_same(runs, "eval_settings", "were evaluated with different settings (mode, stride, n-gram, TTT)")
     return runs
+
+
+def require_distinct(runs: list[dict]) -> None:
+    """Refuse two runs that scored the same weights (two evals of one blob, even when its train run is gone)."""
+    scored: dict = {}
+    for run in runs:
+        other = scored.setdefault(run["weights_sha256"], run["dir"]) if run["weights_sha256"] else run["dir"]
+        if other != run["dir"]:
+            raise InvalidInput(f"{run['dir']}: scored the same weights as {other} (sha256 "
+                               f"{run['weights_sha256'][:12]}...); they are one sample, not two")
 
 
 def require_same(runs: list[dict], key: str, problem: str) -> None:
@@ -153,6 +234,10 @@ def report(run_dirs: list[Path], *, reference: float | None = None, reference_na
         if baseline[0]["scored_on"] != runs[0]["scored_on"]:
             raise InvalidInput(f"{baseline[0]['dir']}: the reference runs were scored on other validation data "
                                f"or another tokenizer than {runs[0]['dir']}; their scores do not compare")
+        if baseline[0]["eval_settings"] != runs[0]["eval_settings"]:
+            raise InvalidInput(f"{baseline[0]['dir']}: the reference runs were evaluated with other settings (mode, "
+                               f"stride, n-gram, TTT) than {runs[0]['dir']}; their scores do not compare")
+        require_distinct(runs + baseline)
     tests = significance(runs, baseline, reference, reference_nats, min_improvement_nats)
     fields = submission_fields(runs, tests)
     decision = verdict(tests, significance_level)
@@ -169,3 +254,15 @@ def report(run_dirs: list[Path], *, reference: float | None = None, reference_na
             stage.metrics = result
             stage.finalize()
     return ReportResult(Path(out) if out is not None else None, result)
+
+
+def reported_weights(report_dir: Path, manifest: dict) -> set[str]:
+    """sha256 of the weights each run of a report scored (its blobs, or checkpoints for pre-quant reports)."""
+    digests = set()
+    for record in manifest["inputs"]:
+        if record["role"] != "run":
+            continue
+        source = input_source(record, report_dir)
+        if source is not None:
+            digests.add(scored_weights(*source))
+    return digests

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from pgolf.artifacts import StageOutput, file_record, staging_path
 from pgolf.bpb import build_byte_tables, load_tokenizer
 from pgolf.checkpoint import save_checkpoint
+from pgolf.config import to_dict
 from pgolf.dist import PlainLog, init_distributed
 from pgolf.errors import InvalidInput, UsageError
 from pgolf.model import ModelConfig
@@ -144,9 +145,12 @@ def train_model(trainer: Trainer, data: TrainingData, work_dir: Path, *, resume:
                          "train_seconds": trained_here,
                          "validation_checkpoint_seconds": max(0.0, time.perf_counter() - warmed - trained_here)}
     exported = metrics.get("ema") or metrics["master"]
+    weights = "ema" if "ema" in metrics else "master"
+    # The exported weights' score in the digest-covered log too: report reads it from there.
+    train_log.record({"event": "final", "step": trainer.step, "weights": weights, **exported})
     metrics |= {"val_loss": exported["val_loss"], "val_bpb": exported["val_bpb"],
                 "val_tokens": exported["val_tokens"], "val_bytes": exported["val_bytes"],
-                "weights": "ema" if "ema" in metrics else "master",
+                "weights": weights,
                 "tokenizer_sha256": data.tokenizer_sha256, "vocab_size": trainer.model_config.vocab_size,
                 "train_tokens_read": trainer.train_tokens_read()}
     return metrics
@@ -200,16 +204,16 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data_dir: Path, 
     if not resume and resume_path.is_file() and not out.exists():
         log.warn(f"{work_dir}: discarding an interrupted run (pass --resume to continue it)")
     dist_info = init_distributed(fast_math=True)
-    trainer = Trainer(model_config, train_config, data.train, dist_info, data_fingerprint=data.fingerprint)
-    configs = {"preset": preset, **trainer.configs_json()}
+    configs = {"preset": preset, "model": to_dict(model_config), "train": to_dict(train_config)}
     stage = None
-    if dist_info.is_main:
+    if dist_info.is_main:  # before the model is built: a second run on this --out fails at once
         inputs = [data_dir, data.tokenizer] + ([config_file] if config_file else [])
         stage = StageOutput(out, "train", config=configs, force=force, resume=resume, keep_partial=True,
                             inputs=inputs)
     if dist_info.world_size > 1:
         dist.barrier()
     with stage or nullcontext():
+        trainer = Trainer(model_config, train_config, data.train, dist_info, data_fingerprint=data.fingerprint)
         metrics = train_model(trainer, data, work_dir, resume=resume, log=log, on_step=on_step, started=started)
         if stage is not None:
             write_train_outputs(stage, trainer, data, metrics)

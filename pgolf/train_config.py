@@ -187,6 +187,6 @@ def preset_summaries() -> dict[str, str]:
     """Each train preset's name -> the first comment line of its TOML (what it is for)."""
     summaries = {}
     for name in preset_names(TRAIN_PRESET_KIND):
-        first = (PRESETS / TRAIN_PRESET_KIND / f"{name}.toml").read_text().splitlines()[:1]
+        first = (PRESETS / TRAIN_PRESET_KIND / f"{name}.toml").read_text(errors="replace").splitlines()[:1]
         summaries[name] = first[0].lstrip("# ").strip() if first and first[0].startswith("#") else ""
     return summaries

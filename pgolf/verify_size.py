@@ -33,7 +33,7 @@ def counted_files(path: Path, code: list[Path], bundle: Path | None, blob_only: 
         return blob, [output_path(bundle_manifest, bundle, "code")]
     for file in code:
         if not file.is_file():
-            raise InvalidInput(f"{file}: code file not found")
+            raise InvalidInput(f"{file}: {'is a directory, not' if file.is_dir() else 'no such'} code file")
     return blob, list(code)
 
 

@@ -271,3 +271,47 @@ def test_non_finite_metrics_are_refused_before_anything_is_written(tmp_path):
             stage.metrics = {"sweep": [{"val_bpb": 1.0}, {"val_bpb": float("nan")}]}
             stage.finalize()
     assert listing(tmp_path) == []
+
+
+def test_a_new_output_inside_an_input_or_holding_one_is_refused_before_anything_is_made(tmp_path):
+    data = make_stage(tmp_path, "data")
+    with pytest.raises(InvalidInput, match=r"sub/eval: is inside an input of this run .*; pgolf never writes there"):
+        StageOutput(data / "sub" / "eval", "demo", inputs=[data])
+    assert sorted(p.name for p in data.iterdir()) == ["manifest.json", "weights.bin"]
+    with pytest.raises(InvalidInput, match="holds an input of this run"):
+        StageOutput(tmp_path, "demo", inputs=[data / "weights.bin"])
+
+
+def test_an_output_below_a_file_or_a_dangling_link_is_one_line_and_leaves_nothing(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(InvalidInput, match=r"afile/x: cannot create it: .*afile is not a directory"):
+        StageOutput(tmp_path / "afile" / "x", "demo")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(InvalidInput, match=r"cannot create it: .*dangling is a dangling symbolic link"):
+        StageOutput(tmp_path / "dangling" / "x", "demo")
+    too_long = tmp_path / "new" / "deeper" / ("n" * 300)  # the lock's name is too long: the run cannot start
+    with pytest.raises(InvalidInput, match="File name too long"):
+        StageOutput(too_long, "demo")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "dangling"]  # the parents it made are gone
+
+
+def test_force_never_deletes_what_a_listed_output_turned_into(tmp_path):
+    out = make_stage(tmp_path)
+    (out / "weights.bin").unlink()
+    (out / "weights.bin").mkdir()
+    (out / "weights.bin" / "mine.txt").write_text("keep me")
+    with pytest.raises(InvalidInput, match="weights.bin: is not the file its manifest lists"):
+        StageOutput(out, "demo", force=True)
+    assert (out / "weights.bin" / "mine.txt").read_text() == "keep me"
+
+
+def test_a_lock_that_cannot_be_written_names_its_file_and_is_not_left_behind(tmp_path):
+    """A disk with no byte left: the lock's pid cannot be written (RLIMIT_FSIZE 0 fails that write the same way)."""
+    script = ("import resource; from pgolf.artifacts import StageOutput; from pgolf.errors import InvalidInput\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))\n"
+              f"try:\n    StageOutput({str(tmp_path / 'out')!r}, 'demo')\n"
+              "except InvalidInput as e:\n    print(e)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.stdout.strip() == f"{tmp_path / '.out.lock'}: cannot write (File too large); nothing written to " \
+        f"{tmp_path / 'out'}", result.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -331,3 +331,14 @@ def test_bundle_follows_the_blob_s_own_lineage_from_any_directory(pipeline, tmp_
     assert baked["clip"] == "percentile"
     inputs = {record["role"]: record["path"] for record in read_manifest(tmp_path / "bundle")["inputs"]}
     assert inputs["quantize"] == str((run_dir / "q" / "manifest.json").resolve())
+
+
+def test_a_report_of_other_runs_is_not_this_submission_s_score(pipeline, tiny_checkpoint_dir, tiny_data_dir,
+                                                                tmp_path, capsys):
+    assert run_main("eval", tiny_checkpoint_dir, "--data", tiny_data_dir, "--out", tmp_path / "other-eval") == 0
+    assert run_main("report", tmp_path / "other-eval", "--out", tmp_path / "other-report") == 0
+    result = run_cli(capsys, "bundle", "--train", pipeline / "train", "--blob", pipeline / "blob",
+                     "--report", tmp_path / "other-report", "--name", "x", "--github-id", "y",
+                     "--out", tmp_path / "b")
+    assert result.returncode == 3 and "none of its runs scored this blob" in result.stderr
+    assert not (tmp_path / "b").exists()

@@ -20,6 +20,7 @@ from pgolf.codecs import (
     BLOB_HEADER,
     CODECS,
     build_payload,
+    decompress_bytes,
     encode_blob,
     pack_bits,
     pack_blob,
@@ -302,6 +303,22 @@ def test_a_crafted_blob_is_refused_with_one_line(state, tmp_path, case):
     path.write_bytes(reencoded(tensors, plan, header_change=CRAFTED[case]))
     with pytest.raises(InvalidInput):
         load_blob_model(path)
+
+
+def test_a_header_nested_too_deep_for_json_is_one_line(tmp_path):
+    nested = b"[" * 100_000 + b"]" * 100_000
+    path = tmp_path / "model.blob"
+    path.write_bytes(encode_blob(struct.pack("<I", len(nested)) + nested, "zlib", 9, False, False))
+    with pytest.raises(InvalidInput, match=r"model.blob: blob header is unreadable \(.*recursion"):
+        read_blob(path)
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_a_decompression_bomb_is_refused_before_it_is_expanded(codec, tmp_path):
+    """A few KB that would expand past the payload limit (lowered here to keep the test small)."""
+    bomb = encode_blob(bytes(4 << 20), codec, 1 if codec in ("zstd", "brotli") else 0, False, False)
+    with pytest.raises(InvalidInput, match=f"{codec} stream decompresses to more than 1,048,576 bytes"):
+        decompress_bytes(bomb[BLOB_HEADER.size:], codec, read_blob_header(bomb)["level"], limit=1 << 20)
 
 
 def test_non_finite_values_in_a_blob_are_refused(state, tmp_path):

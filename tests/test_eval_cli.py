@@ -214,8 +214,12 @@ def test_eval_speed_benchmark_runs_and_reports_each_measurement(tiny_checkpoint_
     lines = {json.loads(line)["measurement"]: json.loads(line) for line in result.stdout.splitlines()}
     assert list(lines) == ["flat", "sliding", "ngram_sweep", "ngram_best", "sweep_cost", "ttt"]
     assert lines["flat"]["targets"] == lines["sliding"]["targets"] == 2999
-    assert lines["sliding"]["gain_bpb_vs_flat"] > 0 and lines["ngram_best"]["gain_bpb_vs_sliding"] > 0
-    assert len(lines["ngram_sweep"]["points"]) == 4 and lines["ttt"]["steps"] > 0
+    flat, sliding = lines["flat"]["val_bpb"], lines["sliding"]["val_bpb"]
+    assert sliding != flat and lines["sliding"]["gain_bpb_vs_flat"] == pytest.approx(flat - sliding, abs=1e-12)
+    points, best = lines["ngram_sweep"]["points"], lines["ngram_best"]
+    assert len(points) == 4 and best["val_bpb"] == pytest.approx(min(points.values()), rel=1e-5)  # scored alone
+    assert best["gain_bpb_vs_sliding"] == pytest.approx(lines["sliding"]["val_bpb"] - best["val_bpb"], abs=1e-12)
+    assert lines["ttt"]["steps"] > 0
 
 
 def test_default_outputs_are_one_directory_per_mode_and_settings(tiny_checkpoint_dir, tiny_data_dir, tmp_path,
@@ -231,11 +235,18 @@ def test_default_outputs_are_one_directory_per_mode_and_settings(tiny_checkpoint
         written[name] = Path(json.loads(out)["out"])
         assert json.loads((written[name] / "manifest.json").read_text())["stage"] == "eval"
     assert [path.parent for path in written.values()] == [tmp_path] * 3
-    assert written["flat"].name.startswith("eval-flat-") and written["sliding"].name.startswith("eval-sliding64-")
-    assert written["ngram"].name.startswith("eval-flat-ngram2-a0.3-")
+    assert written["flat"].name.startswith("eval-train-flat-")
+    assert written["sliding"].name.startswith("eval-train-sliding64-")
+    assert written["ngram"].name.startswith("eval-train-flat-ngram2-a0.3-")
     code, _, err = pgolf_eval(artifact, "--data", tiny_data_dir, "--sliding-stride", "64",
                               monkeypatch=monkeypatch, capsys=capsys)  # the same settings: the same directory
     assert code == 3 and f"{written['sliding']}: output directory already exists (pass --force" in err
+    other = tmp_path / "q"  # another artifact of the same run folder: its own directory, never the train's
+    shutil.copytree(artifact, other)
+    code, out, err = pgolf_eval(other, "--data", tiny_data_dir, "--sliding-stride", "64", "--json",
+                                monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0, err
+    assert Path(json.loads(out)["out"]).name.startswith("eval-q-sliding64-")
 
 
 def test_a_shard_the_data_manifest_does_not_list_is_never_scored(tiny_checkpoint_dir, tiny_data_dir, tmp_path,
@@ -249,3 +260,17 @@ def test_a_shard_the_data_manifest_does_not_list_is_never_scored(tiny_checkpoint
                               monkeypatch=monkeypatch, capsys=capsys)
     assert code == 3 and f"{extra}: a shard {data / 'manifest.json'} does not list" in err
     assert not (tmp_path / "eval").exists()
+
+
+def test_a_model_without_a_tokenizer_digest_is_scored_with_a_warning(tiny_checkpoint_dir, tiny_data_dir, tmp_path,
+                                                                      monkeypatch, capsys):
+    from pgolf.checkpoint import save_checkpoint
+
+    state, config, _ = load_checkpoint(tiny_checkpoint_dir / "model.safetensors")
+    with StageOutput(tmp_path / "train", "train", argv=["test"]) as stage:  # as an older pgolf wrote it
+        save_checkpoint(stage.add_output("model.safetensors", "checkpoint"), state, config, {})
+        stage.finalize()
+    code, _, err = pgolf_eval(tmp_path / "train", "--data", tiny_data_dir, "--out", tmp_path / "e",
+                              monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0, err
+    assert "warning: the model records no tokenizer digest" in " ".join(err.split())

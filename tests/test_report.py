@@ -2,10 +2,11 @@
 
 import json
 import math
+import shutil
 
 import pytest
 
-from pgolf.artifacts import StageOutput, atomic_write_bytes
+from pgolf.artifacts import StageOutput, atomic_write_bytes, sha256_json
 from pgolf.stats import (
     mean_and_std,
     one_sample_t_test,
@@ -70,11 +71,14 @@ def test_welch_dof_and_symmetry():
 
 
 def write_stage(out, stage, config, metrics, inputs=(), files=None):
+    """A stage output whose files hold their own path (each one distinct), or the content given as
+    {name: (role, content)}."""
     with StageOutput(out, stage, argv=["test"], config=config) as output:
         for path, role in inputs:
             output.add_input(path, role)
         for name, role in (files or {"out.bin": "data"}).items():
-            atomic_write_bytes(output.add_output(name, role), name.encode())
+            role, content = role if isinstance(role, tuple) else (role, str(out / name))
+            atomic_write_bytes(output.add_output(name, role), content.encode())
         output.metrics = metrics
         output.finalize()
     return out
@@ -83,16 +87,20 @@ def write_stage(out, stage, config, metrics, inputs=(), files=None):
 def eval_run(root, seed: int, val_loss: float, blob_bytes: int = 15_000_000, val_shard=None, config=None):
     """train -> quantize -> compress -> eval directories, each manifest's inputs naming the one before (and
     the eval's naming `val_shard`, when given, as what it scored)."""
+    pre_quant = {"val_loss": val_loss - 0.01, "val_bpb": (val_loss - 0.01) * RATIO}
+    log = json.dumps({"event": "final", "weights": "master", **pre_quant}) + "\n"
     train = write_stage(root / "train", "train", {"train": {"seed": seed}},
-                        {"val_loss": val_loss - 0.01, "val_bpb": (val_loss - 0.01) * RATIO, "steps": 820,
-                         "ms_per_step": 366.0}, files={"model.safetensors": "checkpoint"})
+                        {**pre_quant, "weights": "master", "steps": 820, "ms_per_step": 366.0},
+                        files={"model.safetensors": "checkpoint", "train_log.jsonl": ("log_jsonl", log)})
     quantize = write_stage(root / "q", "quantize", {}, {}, [(train / "model.safetensors", "checkpoint")],
                            {"quantized.safetensors": "quantized"})
     blob = write_stage(root / "blob", "compress", {}, {"bytes": blob_bytes},
                        [(quantize / "quantized.safetensors", "quantized")], {"model.blob": "blob"})
     scored = [(val_shard, "val_shard")] if val_shard else []
-    return write_stage(root / "eval", "eval", config or {}, {"val_loss": val_loss, "val_bpb": val_loss * RATIO},
-                       [(blob / "model.blob", "blob"), *scored])
+    score = {"val_loss": val_loss, "val_bpb": val_loss * RATIO}
+    return write_stage(root / "eval", "eval", config or {}, score,
+                       [(blob / "manifest.json", "artifact_manifest"), *scored],
+                       {"results.json": ("results", json.dumps(score))})
 
 
 @pytest.fixture(scope="module")
@@ -142,16 +150,17 @@ def test_report_on_train_dirs_and_refusals(runs, tmp_path, capsys):
     both = run_cli(capsys, "report", *runs, "--reference", 1.2, "--reference-runs", runs[0])
     assert both.returncode == 2
 
-    no_score = write_stage(tmp_path / "noscore", "eval", {}, {"val_loss": 2.0})
+    no_score = write_stage(tmp_path / "noscore", "eval", {}, {"val_loss": 2.0},
+                           files={"results.json": ("results", json.dumps({"val_loss": 2.0}))})
     missing = run_cli(capsys, "report", no_score)
-    assert missing.returncode == 3 and "val_bpb is None" in missing.stderr
+    assert missing.returncode == 3 and "results.json: val_bpb is None, not a score" in missing.stderr
     wrong_stage = write_stage(tmp_path / "blob", "compress", {}, {})
     assert run_cli(capsys, "report", wrong_stage).returncode == 3
 
 
 def test_report_refuses_runs_that_are_not_independent_samples_of_one_measurement(runs, tmp_path, capsys):
     twice = run_cli(capsys, "report", runs[0], runs[1], runs[0])
-    assert twice.returncode == 2 and "given twice in RUN_DIRs" in twice.stderr
+    assert twice.returncode == 3 and "given twice in RUN_DIRs" in twice.stderr
     same_seed = eval_run(tmp_path / "again", 1337, 2.00)
     result = run_cli(capsys, "report", runs[0], same_seed)
     assert result.returncode == 3 and "has seed 1337, as" in result.stderr and "not independent" in result.stderr
@@ -169,6 +178,29 @@ def test_report_refuses_runs_that_are_not_independent_samples_of_one_measurement
     assert result.returncode == 3 and "were evaluated with different settings" in result.stderr
     overlap = run_cli(capsys, "report", runs[0], runs[1], "--reference-runs", runs[1], "--reference-runs", runs[2])
     assert overlap.returncode == 2 and "is both a RUN_DIR and a --reference-runs entry" in overlap.stderr
+    flat_reference = run_cli(capsys, "report", sliding, "--reference-runs", runs[1])
+    assert flat_reference.returncode == 3 and "were evaluated with other settings" in flat_reference.stderr
+
+
+def test_two_evaluations_of_one_blob_are_one_sample_even_without_their_train_run(runs, tmp_path, capsys):
+    run = eval_run(tmp_path / "r", 5, 2.0)
+    again = write_stage(tmp_path / "again", "eval", {}, {"val_loss": 2.0, "val_bpb": 2.0 * RATIO},
+                        [(run.parent / "blob" / "manifest.json", "artifact_manifest")],
+                        {"results.json": ("results", json.dumps({"val_loss": 2.0, "val_bpb": 2.0 * RATIO}))})
+    shutil.move(run.parent / "train", tmp_path / "moved-away")  # no seed to compare any more
+    result = run_cli(capsys, "report", run, again, "--reference", 3.0)
+    assert result.returncode == 3 and "scored the same weights as" in result.stderr and "one sample" in result.stderr
+
+
+def test_a_score_edited_in_the_manifest_with_its_digest_recomputed_is_refused(runs, tmp_path, capsys):
+    run = eval_run(tmp_path / "r", 5, 2.0)
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["metrics"]["val_bpb"] = 1.0
+    manifest["metrics_sha256"] = sha256_json(manifest["metrics"])  # a consistent-looking edit
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    result = run_cli(capsys, "report", run)
+    assert result.returncode == 3 and "metric val_bpb 1.0 differs from" in result.stderr
+    assert "results.json (edited after the stage ran)" in result.stderr
 
 
 @pytest.mark.parametrize("flags, message", [(("--reference", "nan"), "--reference must be a positive number"),

@@ -10,7 +10,7 @@ import pytest
 from pgolf.bundle import baked_settings, bundle_source
 from pgolf.compress import CompressConfig
 from pgolf.config import to_dict
-from pgolf.errors import UsageError
+from pgolf.errors import InvalidInput, UsageError
 from pgolf.evaluate import EvalConfig
 from pgolf.model import ModelConfig
 from pgolf.plans import PlanSpec, plan_from_mapping
@@ -99,8 +99,10 @@ def test_a_run_without_an_eval_bakes_eval_defaults_and_no_ttt():
 def test_a_manifest_config_pgolf_cannot_read_fails_at_bundle_time():
     train, quantize, compress, plan, evaluation = manifests()
     quantize = {"config": {**quantize["config"], "gptq_blocks": 64}}
-    with pytest.raises(UsageError, match="manifest config 'quantize': unknown setting 'gptq_blocks'"):
+    with pytest.raises(InvalidInput, match="manifest config 'quantize': unknown setting 'gptq_blocks'"):
         baked_settings(train, quantize, compress, plan, evaluation)
     sweep = {"config": {**evaluation["config"], "eval": {**evaluation["config"]["eval"], "alpha": [0.2, 0.4]}}}
     with pytest.raises(UsageError, match="swept an n-gram grid"):
         baked_settings(train, manifests()[1], compress, plan, sweep)
+    with pytest.raises(InvalidInput, match="the train output's manifest has no 'config.model'"):
+        baked_settings({"config": {}, "metrics": {}}, quantize, compress, plan, evaluation)
