@@ -1,0 +1,69 @@
+"""pgolf.train_config: the presets, the challenge's env aliases and precedence, config files and their errors."""
+
+import dataclasses
+
+import pytest
+
+from pgolf.errors import UsageError
+from pgolf.model import GPT, ModelConfig
+from pgolf.train_config import TrainConfig, resolve_configs
+
+
+def test_baseline_preset_is_the_challenge_configuration():
+    model, train, _ = resolve_configs("baseline", env={})
+    assert model == ModelConfig()
+    assert train == TrainConfig()
+    assert (train.matrix_lr, train.scalar_lr, train.tied_embed_lr, train.batch_tokens, train.seq_len,
+            train.warmup_steps, train.warmdown_iters, train.muon_momentum, train.muon_momentum_warmup_start,
+            train.muon_momentum_warmup_steps) == (0.04, 0.04, 0.05, 524_288, 1024, 20, 1200, 0.95, 0.85, 500)
+    assert train.accumulation_steps(1) == 8 and train.accumulation_steps(8) == 1
+    big_micro = dataclasses.replace(train, micro_batch_tokens=262_144)  # sized for one GPU: capped on eight
+    assert big_micro.accumulation_steps(1) == 2 and big_micro.accumulation_steps(8) == 1
+    assert big_micro.micro_tokens(8) == 65_536
+    small_batch = dataclasses.replace(big_micro, batch_tokens=65_536)  # a smaller --batch-tokens alone works
+    assert small_batch.micro_tokens(1) == 65_536 and small_batch.accumulation_steps(1) == 1
+    with pytest.raises(UsageError, match="not a multiple of world size 3"):
+        train.accumulation_steps(3)
+
+
+def test_seed_preset_uses_budget_fractions_and_the_seed_stack():
+    model, train, _ = resolve_configs("seed-11l", env={})
+    assert (model.num_layers, model.mlp_mult, model.activation, model.xsa_last_n, model.rope_dims,
+            model.bigram_buckets, model.bigram_dim) == (11, 3.0, "leaky_relu2", -1, 16, 4096, 128)
+    assert model.smear_gate and model.ln_scale and model.value_residual and model.gated_attention
+    assert min(train.warmdown_frac, train.muon_momentum_warmup_frac) > 0
+    assert min(train.ema_start_frac, train.qat_start_frac) > 0
+    assert train.ema_decay > 0 and train.qat_bits == 6 and train.muon_weight_decay > 0
+    GPT(dataclasses.replace(model, num_layers=1))  # the combination builds
+
+
+def test_short_budget_preset_is_the_seed_stack_with_the_measured_training_changes():
+    seed_model, seed_train, _ = resolve_configs("seed-11l", env={})
+    model, train, _ = resolve_configs("seed-11l-300s", env={})
+    assert model == seed_model
+    changed = {f.name for f in dataclasses.fields(train) if getattr(train, f.name) != getattr(seed_train, f.name)}
+    assert changed == {"batch_tokens", "muon_weight_decay", "ema_decay", "ema_start_frac"}
+    assert (train.batch_tokens, train.muon_weight_decay, train.ema_decay) == (131_072, 0.15, 0.0)
+    assert train.accumulation_steps(1) == 1 and train.accumulation_steps(8) == 1
+
+
+def test_challenge_env_names_and_precedence():
+    env = {"ITERATIONS": "77", "NUM_LAYERS": "3", "MAX_WALLCLOCK_SECONDS": "300", "PGOLF_SEED": "5",
+           "TRAIN_SEQ_LEN": "2048", "MATRIX_LR": "0.02"}
+    model, train, sources = resolve_configs("baseline", env=env, train_overrides={"iterations": 9})
+    assert (train.iterations, train.wallclock_seconds, train.seed, train.matrix_lr) == (9, 300.0, 5, 0.02)
+    assert model.num_layers == 3 and sources["model.num_layers"] == "env NUM_LAYERS"
+    assert model.max_seq_len == 2048  # raised to the training length
+
+
+def test_config_file_tables_and_errors(tmp_path):
+    good = tmp_path / "run.toml"
+    good.write_text("[model]\nnum_layers = 4\n[train]\nema_decay = 0.99\n")
+    model, train, _ = resolve_configs("tiny", config_file=good, env={})
+    assert model.num_layers == 4 and train.ema_decay == 0.99 and train.iterations == 60
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[modle]\nnum_layers = 4\n")
+    with pytest.raises(UsageError, match="bad.toml: unknown table"):
+        resolve_configs("tiny", config_file=bad, env={})
+    with pytest.raises(UsageError, match="warmdown_frac = 1.5: must be in"):
+        resolve_configs("tiny", env={}, train_overrides={"warmdown_frac": 1.5})
