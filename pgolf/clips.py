@@ -27,9 +27,11 @@ GPTQ_LITE_PERCENTILES = (99.9, 99.95, 99.99, 99.999, 100.0)
 
 @dataclass(frozen=True)
 class ClipOptions:
-    """What a clip method may read beyond the matrix: the scale floor and GPTQ's settings and Hessian."""
+    """What a clip method may read beyond the matrix: which tensor it is, the scale floor, GPTQ's settings and
+    Hessian."""
 
     floor: float  # smallest scale (pgolf.quant.scale_floor_value)
+    name: str = ""  # the tensor's state-dict name (a method may treat groups of tensors differently)
     hessian: torch.Tensor | None = None  # E[x x^T] of the layer's inputs (clip methods that need calibration)
     gptq_damp: float = GPTQ_DAMP
     gptq_block: int = GPTQ_BLOCK

@@ -92,7 +92,7 @@ class IntScheme(Scheme):
         return (name, name + SCALE_SUFFIX)
 
     def quantize(self, name, tensor, clip="percentile", scale_floor="none", **options):
-        levels, scales, used = quantize_matrix(tensor, self.level_bits, clip, scale_floor, **options)
+        levels, scales, used = quantize_matrix(tensor, self.level_bits, clip, scale_floor, name=name, **options)
         return {name: levels.cpu(), name + SCALE_SUFFIX: scales.cpu()}, used
 
     def restore(self, name, stored):
