@@ -9,6 +9,10 @@ name as recorded), levels in the scheme's [qmin, qmax] and scale = clip / qmax p
                 error
     gptq        GPTQ error feedback (pgolf.gptq) for each gptq-lite candidate, keep each row's lowest
                 Hessian-weighted error; a tensor without a Hessian falls back to gptq-lite
+    sdclip      the 04-16 record's standard-deviation clip: c = k * std(row) with k by tensor group (token
+                embedding 15, MLP 12, attention 13, other matrices 12.85), rounded to nearest
+    gptq-sdclip the record's export: GPTQ error feedback with the sdclip scales; a tensor without a Hessian falls
+                back to sdclip
 
 Adding a method = one ClipMethod subclass registered in CLIPS, plus its tests; plans, `pgolf quantize` and the
 bundled script find it here by name.
@@ -118,7 +122,46 @@ class GptqClip(ClipMethod):
         return (*best_per_row(candidates, errors), self.name)
 
 
-CLIPS: dict[str, ClipMethod] = {method.name: method for method in (PercentileClip(), GptqLiteClip(), GptqClip())}
+# The 04-16 record's clip widths in row standard deviations (MATRIX/EMBED/MLP/ATTN_CLIP_SIGMAS), by tensor name.
+SDCLIP_SIGMAS = {"tok_emb": 15.0, ".mlp.": 12.0, ".attn.": 13.0}
+SDCLIP_OTHER_SIGMAS = 12.85
+
+
+def sdclip_sigmas(name: str) -> float:
+    """k for a tensor: the first group whose marker its name holds, as the record tests them in order."""
+    return next((k for marker, k in SDCLIP_SIGMAS.items() if marker in name), SDCLIP_OTHER_SIGMAS)
+
+
+def sdclip_scales(rows: torch.Tensor, bits: int, options: ClipOptions) -> torch.Tensor:
+    """fp16 per-row scales k * std(row) / qmax (unbiased std, as torch's default and the record)."""
+    _, qmax = quant_range(bits)
+    return (sdclip_sigmas(options.name) * rows.std(dim=1) / qmax).clamp_min(options.floor).to(torch.float16)
+
+
+class SdClip(ClipMethod):
+    name = "sdclip"
+
+    def quantize(self, rows, bits, options):
+        scales = sdclip_scales(rows, bits, options)
+        return quantize_rows(rows, bits, scales.float()), scales, self.name
+
+
+class GptqSdClip(ClipMethod):
+    name = "gptq-sdclip"
+    needs_calibration = True
+
+    def quantize(self, rows, bits, options):
+        if options.hessian is None:
+            return CLIPS["sdclip"].quantize(rows, bits, options)
+        qmin, qmax = quant_range(bits)
+        scales = sdclip_scales(rows, bits, options)
+        levels = gptq_levels(rows, options.hessian.to(rows.device).float(), scales.float(), qmin, qmax,
+                             options.gptq_damp, options.gptq_block)
+        return levels, scales, self.name
+
+
+CLIPS: dict[str, ClipMethod] = {method.name: method for method in (
+    PercentileClip(), GptqLiteClip(), GptqClip(), SdClip(), GptqSdClip())}
 CLIP_METHODS = tuple(CLIPS)
 
 
