@@ -26,7 +26,7 @@ import time
 import torch
 
 from pgolf.bpb import build_byte_tables, load_tokenizer
-from pgolf.dist import init_distributed
+from pgolf.dist import finish_distributed, init_distributed
 from pgolf.model import GPT, CastedLinear
 from pgolf.shards import load_split, open_dataset
 from pgolf.train_config import COMPILE_MODES, resolve_configs
@@ -150,8 +150,7 @@ def main() -> None:
         if args.out:
             with open(args.out, "a") as f:
                 f.write(json.dumps(result) + "\n")
-    if dist_info.world_size > 1:
-        torch.distributed.destroy_process_group()
+    finish_distributed()
 
 
 if __name__ == "__main__":
