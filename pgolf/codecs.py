@@ -297,7 +297,7 @@ def tensors_bit_equal(restored: dict[str, torch.Tensor], original: dict[str, tor
 
 
 def read_blob(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """unpack_blob of a file, its quantized state checked against its plan (pgolf.quant.check_quantized: a
+    """unpack_blob of a file, its quantized state checked against its plan (pgolf.quantized.check_quantized: a
     crafted or corrupt blob is refused, never half-loaded); errors name the file."""
     path = Path(path)
     try:
