@@ -10,6 +10,7 @@ pgolf.compress.compress_quantized, pgolf.evaluate.score_model) with the configs 
 """
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -110,12 +111,12 @@ def submission_train(baked: dict, args: argparse.Namespace, log) -> None:
     blob_path = out / SUBMISSION_BLOB
     if dist_info.is_main:
         state = exported_state(trainer, metrics, quantize_config.weights)
+        code_bytes = Path(__file__).stat().st_size  # this very file is the counted code: size the fit with it
         made = quantize_model(state, model_config, plan_from_mapping(baked["plan"], "BAKED['plan']"),
-                              quantize_config, train_shards=data.train, data_name=args.data,
-                              tokenizer_sha256=data.tokenizer_sha256, log=log)
+                              dataclasses.replace(quantize_config, code_bytes=code_bytes), train_shards=data.train,
+                              data_name=args.data, tokenizer_sha256=data.tokenizer_sha256, log=log)
         blob = compress_quantized(made.tensors, made.plan, configs["compress"], log)[0]["blob"]
         atomic_write_bytes(blob_path, blob)
-        code_bytes = Path(__file__).stat().st_size
         log.info(f"Serialized model: {len(blob)} bytes")
         log.info(f"Code size: {code_bytes} bytes")
         log.info(f"Total submission size: {len(blob) + code_bytes} bytes")
