@@ -1,5 +1,5 @@
-"""pgolf.corpus on real FineWeb documents: every input kind yields exactly the documents, in order, streamed;
-bad input names the file (and line) and exits 3."""
+"""pgolf.corpus on real documents (the demo corpus, tests/demo_data.py): every input kind yields exactly the
+documents, in order, streamed; bad input names the file (and line) and exits 3."""
 
 import json
 
@@ -8,12 +8,20 @@ import zstandard
 
 from pgolf.corpus import Corpus, corpus_files
 from pgolf.errors import InvalidInput
-from tests.shared_data import DOCS200, fineweb_docs, need
+from tests.demo_data import demo_documents
 
 
 @pytest.fixture(scope="module")
 def docs():
-    return fineweb_docs()
+    return list(demo_documents())
+
+
+@pytest.fixture(scope="module")
+def corpus_file(docs, tmp_path_factory):
+    """The documents as a .jsonl file, one {"text": ...} per line."""
+    path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": text}) + "\n" for text in docs))
+    return path
 
 
 def write_jsonl(path, texts, field="text"):
@@ -25,14 +33,14 @@ def read_all(*sources, text_field="text"):
     return list(Corpus(list(sources), text_field).documents())
 
 
-def test_jsonl_yields_every_document_in_order(docs):
-    corpus = Corpus([need(DOCS200)])
+def test_jsonl_yields_every_document_in_order(docs, corpus_file):
+    corpus = Corpus([corpus_file])
     assert list(corpus.documents()) == docs
-    assert corpus.bytes_read == corpus.total_bytes == DOCS200.stat().st_size
+    assert corpus.bytes_read == corpus.total_bytes == corpus_file.stat().st_size
     assert list(corpus.documents()) == docs  # re-readable
 
 
-def test_zstd_with_a_long_window_needs_and_gets_the_large_window_limit(docs, tmp_path):
+def test_zstd_with_a_long_window_needs_and_gets_the_large_window_limit(docs, tmp_path, corpus_file):
     # Like the benchmark corpus: written with a 256 MiB window, which zstandard refuses by default (128 MiB).
     params = zstandard.ZstdCompressionParameters.from_level(3, window_log=28)
     path = tmp_path / "docs.jsonl.zst"
@@ -40,7 +48,7 @@ def test_zstd_with_a_long_window_needs_and_gets_the_large_window_limit(docs, tmp
         open(path, "wb") as f,
         zstandard.ZstdCompressor(compression_params=params).stream_writer(f) as writer,
     ):
-        writer.write(need(DOCS200).read_bytes())
+        writer.write(corpus_file.read_bytes())
     with pytest.raises(zstandard.ZstdError):
         zstandard.ZstdDecompressor().stream_reader(open(path, "rb")).read()
     corpus = Corpus([path])
@@ -48,8 +56,8 @@ def test_zstd_with_a_long_window_needs_and_gets_the_large_window_limit(docs, tmp
     assert corpus.bytes_read == path.stat().st_size
 
 
-def test_corrupt_zstd_names_the_file(docs, tmp_path):
-    data = zstandard.ZstdCompressor().compress(need(DOCS200).read_bytes())
+def test_corrupt_zstd_names_the_file(docs, tmp_path, corpus_file):
+    data = zstandard.ZstdCompressor().compress(corpus_file.read_bytes())
     path = tmp_path / "bad.jsonl.zst"
     path.write_bytes(data[: len(data) // 2] + bytes(64) + data[len(data) // 2 + 64 :])
     with pytest.raises(InvalidInput, match=r"bad\.jsonl\.zst.*corrupt zstd"):
