@@ -265,7 +265,7 @@ def default_out(artifact: Path, config: EvalConfig, ttt_settings, weights: str, 
 @dataclass
 class EvalResult:
     out: Path
-    metrics: dict  # results.json: val_loss, val_bpb, tokens, bytes, mode, timers, ... (None on ranks > 0)
+    metrics: dict  # results.json: val_loss, val_bpb, tokens, bytes, mode, timers, ... (every rank has the totals)
 
 
 def evaluate(config: EvalConfig, ttt_settings: TTTConfig | None, artifact: Path, data: Path,
@@ -282,7 +282,6 @@ def evaluate(config: EvalConfig, ttt_settings: TTTConfig | None, artifact: Path,
         # Before any work: a second run on this --out, or an output --force may not replace, fails now.
         inputs = [artifact, data] + [p for p in (tokenizer, *config_files) if p is not None]
         stage = StageOutput(out, "eval", config=resolved, force=force, inputs=inputs)
-    result = None
     with stage or contextlib.nullcontext():
         dist_info = init_distributed(device)
         state, model_config, info = load_stage_model(artifact, None, weights)

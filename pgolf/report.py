@@ -257,12 +257,12 @@ def report(run_dirs: list[Path], *, reference: float | None = None, reference_na
 
 
 def reported_weights(report_dir: Path, manifest: dict) -> set[str]:
-    """sha256 of the weights each run of a report scored (its blobs, or checkpoints for pre-quant reports)."""
+    """sha256 of the weights each run of a report scored (its blobs, or checkpoints for pre-quant reports); its
+    reference runs are not its runs."""
+    runs = {run.get("dir") for run in manifest["metrics"].get("runs", []) if isinstance(run, dict)}
     digests = set()
     for record in manifest["inputs"]:
-        if record["role"] != "run":
-            continue
-        source = input_source(record, report_dir)
-        if source is not None:
+        source = input_source(record, report_dir) if record["role"] == "run" else None
+        if source is not None and str(source[0].resolve()) in runs:
             digests.add(scored_weights(*source))
     return digests

@@ -342,3 +342,10 @@ def test_a_report_of_other_runs_is_not_this_submission_s_score(pipeline, tiny_ch
                      "--out", tmp_path / "b")
     assert result.returncode == 3 and "none of its runs scored this blob" in result.stderr
     assert not (tmp_path / "b").exists()
+    # This blob as the report's reference run is not one of its runs either.
+    assert run_main("report", tmp_path / "other-eval", "--reference-runs", pipeline / "eval",
+                    "--out", tmp_path / "reference-report") == 0
+    result = run_cli(capsys, "bundle", "--train", pipeline / "train", "--blob", pipeline / "blob",
+                     "--report", tmp_path / "reference-report", "--name", "x", "--github-id", "y",
+                     "--out", tmp_path / "b")
+    assert result.returncode == 3 and "none of its runs scored this blob" in result.stderr
