@@ -7,6 +7,7 @@ corpus) use tests/shared_data.py instead and skip without it.
 
 import functools
 import importlib.util
+import json
 from pathlib import Path
 
 from pgolf.tokenizer import train_tokenizer
@@ -45,4 +46,11 @@ def demo_tokenizer_bytes(vocab_size: int = 1024, skip_train_docs: int = 0) -> by
 def write_demo_tokenizer(directory: Path, vocab_size: int = 1024) -> Path:
     path = Path(directory) / f"fineweb_{vocab_size}_bpe.model"
     path.write_bytes(demo_tokenizer_bytes(vocab_size))
+    return path
+
+
+def write_demo_corpus(directory: Path, texts=None) -> Path:
+    """`texts` (default: the whole demo corpus) as docs.jsonl, one {"text": ...} per line."""
+    path = Path(directory) / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": text}) + "\n" for text in (texts or demo_documents())))
     return path

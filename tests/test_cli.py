@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.demo_data import TOKENIZER_NAME, demo_documents
+from tests.demo_data import TOKENIZER_NAME, demo_documents, write_demo_corpus
 
 
 def pgolf(*args, cwd=None):
@@ -60,7 +60,7 @@ def limited_file_size(limit_bytes: int):
 def chain(tiny_data_dir, tmp_path_factory):
     """train -> quantize -> compress -> eval outputs of a few tiny steps, each stage's input for the next."""
     root = tmp_path_factory.mktemp("chain")
-    (root / "corpus.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in demo_documents()[:60]))
+    write_demo_corpus(root, demo_documents()[:60])
     for args in (("train", tiny_data_dir, "--preset", "tiny", "--iterations", 4, "--out", root / "train"),
                  ("quantize", root / "train", "--plan", "int6", "--keep-float-numel", "1024", "--out",
                   root / "q"),
@@ -73,7 +73,7 @@ def chain(tiny_data_dir, tmp_path_factory):
 def stage_commands(data, chain, out):
     train = chain / "train"
     return {
-        "tokenize": ["tokenize", chain / "corpus.jsonl", "--tokenizer", data / TOKENIZER_NAME, "--val-docs", 10,
+        "tokenize": ["tokenize", chain / "docs.jsonl", "--tokenizer", data / TOKENIZER_NAME, "--val-docs", 10,
                      "--out", out],
         "train": ["train", data, "--preset", "tiny", "--iterations", 2, "--out", out],
         "quantize": ["quantize", train, "--plan", "int6", "--out", out],

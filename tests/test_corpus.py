@@ -8,7 +8,7 @@ import zstandard
 
 from pgolf.corpus import Corpus, corpus_files
 from pgolf.errors import InvalidInput
-from tests.demo_data import demo_documents
+from tests.demo_data import demo_documents, write_demo_corpus
 
 
 @pytest.fixture(scope="module")
@@ -17,11 +17,8 @@ def docs():
 
 
 @pytest.fixture(scope="module")
-def corpus_file(docs, tmp_path_factory):
-    """The documents as a .jsonl file, one {"text": ...} per line."""
-    path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
-    path.write_text("".join(json.dumps({"text": text}) + "\n" for text in docs))
-    return path
+def corpus_file(tmp_path_factory):
+    return write_demo_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 def write_jsonl(path, texts, field="text"):

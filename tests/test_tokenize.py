@@ -19,7 +19,7 @@ from pgolf.artifacts import read_manifest, sha256_file
 from pgolf.bpb import build_byte_tables, tokenizer_problems
 from pgolf.shards import HEADER_BYTES, list_shards, load_shard, load_split
 from pgolf.tokenizer import CHALLENGE_TRAINER_SETTINGS, DocumentEncoder, train_tokenizer
-from tests.demo_data import demo_documents, write_demo_tokenizer
+from tests.demo_data import demo_documents, write_demo_corpus, write_demo_tokenizer
 from tests.shared_data import BENCH, DOCS200, SP1024, SP8192, fineweb_docs, need
 
 
@@ -30,10 +30,8 @@ def docs():
 
 
 @pytest.fixture(scope="module")
-def corpus(docs, tmp_path_factory):
-    path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
-    path.write_text("".join(json.dumps({"text": text}) + "\n" for text in docs))
-    return path
+def corpus(tmp_path_factory):
+    return write_demo_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 @pytest.fixture(scope="module")
