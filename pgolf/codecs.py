@@ -174,6 +174,8 @@ def decode_tensor(data: np.ndarray, dtype: torch.dtype, shape: list[int], encodi
     if isinstance(encoding, list):
         _, bits, minimum = encoding
         values = unpack_bits(data, bits, numel).astype(np.int16) + minimum
+        if values.size and int(values.max()) > 127:  # the encoder never writes one; a crafted blob can
+            raise ValueError(f"bit-packed value {int(values.max())} does not fit int8")
         return torch.from_numpy(values.astype(np.int8)).reshape(shape)
     itemsize = torch.empty(0, dtype=dtype).element_size()
     raw = unshuffle_bytes(data, itemsize) if encoding == "shuffle" else data
@@ -209,7 +211,7 @@ def check_entry(entry) -> tuple[str, torch.dtype, list[int], object, int]:
     if isinstance(encoding, list):
         if (len(encoding) != 3 or encoding[0] != "pack" or dtype != torch.int8
                 or not all(isinstance(v, int) and not isinstance(v, bool) for v in encoding[1:])
-                or not 0 <= encoding[1] < 8 or not -128 <= encoding[2] <= 127 - (1 << encoding[1]) + 1):
+                or not 0 <= encoding[1] < 8 or not -128 <= encoding[2] <= 127):
             raise ValueError("bad bit-pack encoding")
     elif encoding not in ("raw", "shuffle"):
         raise ValueError("unknown encoding")
@@ -237,7 +239,10 @@ def parse_payload(payload: bytes) -> tuple[dict[str, torch.Tensor], dict]:
             raise InvalidInput(f"blob lists tensor '{name}' twice")
         if offset + size > len(buffer):
             raise InvalidInput(f"blob payload ends inside tensor '{name}'")
-        tensors[name] = decode_tensor(buffer[offset : offset + size], dtype, shape, encoding)
+        try:
+            tensors[name] = decode_tensor(buffer[offset : offset + size], dtype, shape, encoding)
+        except ValueError as e:
+            raise InvalidInput(f"blob tensor '{name}' does not decode ({e})") from None
         offset += size
     if offset != len(buffer):
         raise InvalidInput(f"blob payload has {len(buffer) - offset} unexplained trailing bytes")

@@ -305,6 +305,18 @@ def test_a_crafted_blob_is_refused_with_one_line(state, tmp_path, case):
         load_blob_model(path)
 
 
+def test_a_packed_range_that_reaches_the_top_of_int8_round_trips_and_a_crafted_overflow_is_refused():
+    """Found by the property test: [1, 65] packs in 7 bits from 1, and its top code would decode past 127."""
+    tensors = {"w": torch.tensor([1, 65, 127], dtype=torch.int8)}
+    plan = {"tensors": {"w": {"shape": [3]}}}
+    restored, _ = unpack_blob(encode_blob(build_payload(tensors, plan, False, True), "zlib", 9, False, True))
+    assert torch.equal(restored["w"], tensors["w"])
+    payload = build_payload({"w": torch.tensor([1, 65], dtype=torch.int8)}, {"tensors": {}}, False, True)
+    crafted = payload[:-2] + b"\xff\xff"  # both 7-bit codes all ones: 1 + 127 = 128
+    with pytest.raises(InvalidInput, match=r"blob tensor 'w' does not decode \(bit-packed value 128"):
+        unpack_blob(encode_blob(crafted, "zlib", 9, False, True))
+
+
 def test_a_header_nested_too_deep_for_json_is_one_line(tmp_path):
     nested = b"[" * 100_000 + b"]" * 100_000
     path = tmp_path / "model.blob"
