@@ -6,6 +6,8 @@ Module and parameter names are stable; eval's LoRA TTT, QAT plans and the quanti
     tok_emb                                  token embedding (also the output head when tied)
     bigram.embed / bigram.proj / bigram.scale   BigramHash (bigram_buckets > 0)
     smear.gate                               SmearGate (smear_gate)
+    token_smear.gate / token_smear.strength  input-dependent SmearGate (smear_gate_width > 0)
+    value_embed.embed / .proj / .scale / .layer_scales   value embeddings (value_embed_layers)
     blocks.{i}.attn.c_q / c_k / c_v / proj   attention projections (CastedLinear)
     blocks.{i}.attn.q_gain                   per-head query gain
     blocks.{i}.attn.head_gate                gated attention, per-head sigmoid gate (gated_attention)
@@ -13,12 +15,17 @@ Module and parameter names are stable; eval's LoRA TTT, QAT plans and the quanti
     blocks.{i}.attn.v_mix                    value residual mix with layer 0's values (value_residual, i >= 1)
     blocks.{i}.mlp.fc / mlp.gate / mlp.proj  MLP up / SwiGLU gate (swiglu only) / down projections
     blocks.{i}.attn_scale / mlp_scale / resid_mix   per-channel branch scales and the mix with the embedding
-    skip_weights                             U-Net skip weights (unet_skips)
+    skip_weights / skip_gates                U-Net skip weights (unet_skips) and their sigmoid gates (skip_gates)
+    parallel_resid_lambdas / parallel_post_lambdas   parallel residual lanes (parallel_start_layer > 0)
     lm_head                                  output head (untied only)
 
 Every output position depends only on inputs at or before it: attention is causal, SmearGate and BigramHash
-look one token back, and both are masked where the current token is BOS so a document never sees the previous
-one.
+look one token back, and (with bos_isolation, the default) both are masked where the current token is BOS so a
+document never sees the previous one.
+
+Depth recurrence (num_loops > 0) runs blocks loop_start..loop_end num_loops extra times; `GPT.looping` switches
+the extra runs off (training turns them on part-way, as the 04-16 record does). `block_layout(config)` lists the
+looped order, which is what the exported model runs.
 """
 
 import dataclasses
@@ -32,6 +39,8 @@ from pgolf.quant import fake_quantize, quant_range
 from pgolf.shards import BOS_ID
 
 ACTIVATIONS = ("relu2", "leaky_relu2", "swiglu")
+GATE_SOURCES = ("input", "q")  # what the attention output gate reads: the normed block input, or the q projection
+FINAL_LANES = ("mean", "attn", "mlp")  # which parallel lane (or their mean) becomes the final hidden state
 # SDPA learned enable_gqa in torch 2.5; older torch gets the KV heads repeated explicitly.
 SDPA_HAS_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
 
@@ -62,6 +71,18 @@ class ModelConfig:
     value_residual: bool = False  # layers >= 1 add a learned share of layer 0's attention values
     gated_attention: bool = False  # per-head sigmoid gate on attention output, from the block input
     attn_out_gate_width: int = 0  # per-head 2*sigmoid output gate from the first N input channels; 0 off
+    attn_out_gate_src: str = "input"  # the output gate reads the normed block input, or "q" (the q projection)
+    bos_isolation: bool = True  # SmearGate / BigramHash never look back across a BOS (False: records 03-22, 04-16)
+    smear_gate_width: int = 0  # input-dependent SmearGate x += lam*sigmoid(W x[:w])*x_prev on the raw embedding
+    value_embed_layers: tuple[int, ...] = ()  # blocks whose values add a shared token embedding (03-22's VE)
+    value_embed_dim: int = 128  # width of that shared table, projected to the KV width
+    skip_gates: bool = False  # U-Net skips blend x = lerp(w*skip, x, sigmoid(gate)) instead of adding w*skip
+    num_loops: int = 0  # depth recurrence: extra runs of blocks loop_start..loop_end (04-16: 2)
+    loop_start: int = 0  # first block of the looped segment
+    loop_end: int = 0  # last block of the looped segment (inclusive)
+    parallel_start_layer: int = 0  # decoder blocks >= this run attention and MLP on two residual lanes; 0 off
+    parallel_final_lane: str = "mean"  # the lanes' final hidden state: mean | attn | mlp
+    rope_ntk_seq_len: int = 0  # inputs longer than this scale RoPE's base by (T/this)^(d/(d-2)) (03-22); 0 off
     max_seq_len: int = 1024  # longest sequence the RoPE tables cover; longer inputs are refused
 
     def __post_init__(self):
@@ -93,6 +114,25 @@ class ModelConfig:
         need(self.bigram_dim >= 1, "bigram_dim", ">= 1")
         need(0 <= self.attn_out_gate_width <= self.model_dim, "attn_out_gate_width",
              f"in [0, model_dim = {self.model_dim}]")
+        need(self.attn_out_gate_src in GATE_SOURCES, "attn_out_gate_src", f"one of {', '.join(GATE_SOURCES)}")
+        need(0 <= self.smear_gate_width <= self.model_dim, "smear_gate_width", f"in [0, model_dim = {self.model_dim}]")
+        need(not (self.smear_gate and self.smear_gate_width), "smear_gate_width",
+             "0 when smear_gate (the per-channel SmearGate) is on: the model has one SmearGate")
+        need(all(0 <= layer < self.num_layers for layer in self.value_embed_layers)
+             and len(set(self.value_embed_layers)) == len(self.value_embed_layers), "value_embed_layers",
+             f"distinct block indices in [0, num_layers = {self.num_layers})")
+        need(self.value_embed_dim >= 1, "value_embed_dim", ">= 1")
+        need(self.num_loops >= 0, "num_loops", ">= 0")
+        if self.num_loops:
+            need(0 <= self.loop_start <= self.loop_end < self.num_layers, "loop_start",
+                 f"<= loop_end ({self.loop_end}), both in [0, num_layers = {self.num_layers})")
+        need(0 <= self.parallel_start_layer < self.num_layers, "parallel_start_layer",
+             f"0 (off) or a block index below num_layers ({self.num_layers})")
+        # A block run again after the lanes split would read the single stream the lanes replaced.
+        need(not (self.parallel_start_layer and self.num_loops) or self.parallel_start_layer > self.loop_end,
+             "parallel_start_layer", f"past the looped segment (> loop_end = {self.loop_end})")
+        need(self.parallel_final_lane in FINAL_LANES, "parallel_final_lane", f"one of {', '.join(FINAL_LANES)}")
+        need(self.rope_ntk_seq_len >= 0, "rope_ntk_seq_len", ">= 0 (0 = off)")
         need(self.max_seq_len >= 1, "max_seq_len", ">= 1")
 
     @property
@@ -162,9 +202,21 @@ class BlockLayout:
         return len(self.execution) + 1 if name.startswith(HEAD_PREFIXES) else 0
 
 
-def block_layout(config: ModelConfig) -> BlockLayout:
-    """The layout GPT(config) runs (a pure function of the config: plans read it without building a model)."""
-    return BlockLayout(config.num_layers, tuple(range(config.num_layers)))
+def block_layout(config: ModelConfig, looping: bool = True) -> BlockLayout:
+    """The layout GPT(config) runs (a pure function of the config: plans read it without building a model).
+
+    With depth recurrence the looped segment runs 1 + num_loops times: 11 blocks, loop 3..5 twice more ->
+    0 1 2 3 4 5 3 4 5 3 4 5 6 7 8 9 10. `looping=False` is the order before training turns the loops on."""
+    order = list(range(config.num_layers))
+    if config.num_loops and looping:
+        segment = order[config.loop_start : config.loop_end + 1]
+        order = order[: config.loop_start] + segment * (1 + config.num_loops) + order[config.loop_end + 1 :]
+    return BlockLayout(config.num_layers, tuple(order))
+
+
+def encoder_length(config: ModelConfig, layout: BlockLayout) -> int:
+    """How many of the layout's first block runs feed U-Net skips (half of them; none without skips)."""
+    return len(layout.execution) // 2 if config.unet_skips else 0
 
 
 class CastedLinear(nn.Linear):
@@ -234,6 +286,7 @@ class CausalSelfAttention(nn.Module):
             self.head_gate.control = True
         self.out_gate = None
         self.out_gate_width = config.attn_out_gate_width
+        self.out_gate_from_q = config.attn_out_gate_src == "q"
         if self.out_gate_width:
             self.out_gate = CastedLinear(self.out_gate_width, config.num_heads)
             self.out_gate.control = True
@@ -246,40 +299,53 @@ class CausalSelfAttention(nn.Module):
         if self.out_gate is not None:
             nn.init.zeros_(self.out_gate.weight)
 
-    def forward(self, x, cos, sin, v0):
-        """x: [B, T, D] normed block input; v0: layer 0's values (value residual) or None.
-        Returns the projected output and this layer's values."""
+    def forward(self, x, cos, sin, v0, value_embed=None, documents=None):
+        """x: [B, T, D] normed block input; v0: layer 0's values (value residual) or None; value_embed: [B, T,
+        kv_dim] added to the values or None; documents: [B, T] document index per position (attention stays
+        inside a document) or None. Returns the projected output and this layer's values."""
         batch, seq_len, dim = x.shape
-        q = self.c_q(x).view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
+        q_raw = self.c_q(x)
+        q = q_raw.view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.c_k(x).view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.c_v(x).view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.c_v(x)
+        if value_embed is not None:
+            v = v + value_embed
+        v = v.view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if self.v_mix is not None:
             v = v + torch.sigmoid(self.v_mix.to(v.dtype)) * v0
         q, k = rms_norm(q), rms_norm(k)
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q = q * self.q_gain.to(q.dtype)[None, :, None, None]
-        y = attend(q, k, v)
+        y = attend(q, k, v, documents)
         if self.xsa:
             y = remove_self_value(y, v)
         if self.head_gate is not None:
             y = y * torch.sigmoid(self.head_gate(x)).transpose(1, 2)[..., None]
         if self.out_gate is not None:
-            gate = 2.0 * torch.sigmoid(self.out_gate(x[..., : self.out_gate_width]))
+            source = q_raw if self.out_gate_from_q else x
+            gate = 2.0 * torch.sigmoid(self.out_gate(source[..., : self.out_gate_width]))
             y = y * gate.transpose(1, 2)[..., None]
         y = y.transpose(1, 2).reshape(batch, seq_len, dim)
         return self.proj(y), v
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal SDPA on [B, H, T, D] queries and [B, H_kv, T, D] keys/values."""
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal SDPA on [B, H, T, D] queries and [B, H_kv, T, D] keys/values; with `documents` ([B, T] document
+    index per position) a query sees only keys of its own document."""
     group = q.size(1) // k.size(1)
+    mask = None
+    if documents is not None:
+        seq_len = q.size(2)
+        causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=q.device).tril()
+        mask = (causal & (documents[:, :, None] == documents[:, None, :]))[:, None]
+    options = dict(is_causal=mask is None, attn_mask=mask)
     if group == 1:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, **options)
     if SDPA_HAS_GQA:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **options)
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return F.scaled_dot_product_attention(q, k, v, **options)
 
 
 def remove_self_value(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -320,30 +386,90 @@ class Block(nn.Module):
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
         self.norm_scale = 1.0 / math.sqrt(layer + 1) if config.ln_scale else None
 
-    def forward(self, x, x0, cos, sin, v0):
+    def forward(self, x, x0, cos, sin, v0, value_embed=None, documents=None):
         mix = self.resid_mix.to(x.dtype)
         x = mix[0][None, None, :] * x + mix[1][None, None, :] * x0
-        attn_out, v = self.attn(self.norm(x), cos, sin, v0)
+        attn_out, v = self.attn(self.norm(x), cos, sin, v0, value_embed, documents)
         x = x + self.attn_scale.to(x.dtype)[None, None, :] * attn_out
         x = x + self.mlp_scale.to(x.dtype)[None, None, :] * self.mlp(self.norm(x))
         return x, v
+
+    def parallel(self, lanes, x0, cos, sin, v0, value_embed, documents, resid, post):
+        """Parallel residual lanes (04-16): attention reads lane 0 (mixed with x0), the MLP reads lane 1, and
+        both outputs go to both lanes: lane_j = resid[j] * lane_j + post[0, j] * attn + post[1, j] * mlp."""
+        attn_lane, mlp_lane = lanes
+        mix = self.resid_mix.to(attn_lane.dtype)
+        attn_in = mix[0][None, None, :] * attn_lane + mix[1][None, None, :] * x0
+        attn_out, v = self.attn(self.norm(attn_in), cos, sin, v0, value_embed, documents)
+        attn_out = self.attn_scale.to(attn_out.dtype)[None, None, :] * attn_out
+        mlp_out = self.mlp_scale.to(mlp_lane.dtype)[None, None, :] * self.mlp(self.norm(mlp_lane))
+        resid, post = resid.to(attn_lane.dtype), post.to(attn_lane.dtype)
+        attn_lane = resid[0] * attn_lane + post[0, 0] * attn_out + post[1, 0] * mlp_out
+        mlp_lane = resid[1] * mlp_lane + post[0, 1] * attn_out + post[1, 1] * mlp_out
+        return (attn_lane, mlp_lane), v
 
     def norm(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x) if self.norm_scale is None else rms_norm(x) * self.norm_scale
 
 
 class SmearGate(nn.Module):
-    """x[t] <- lerp(x[t], x[t-1], sigmoid(gate)) per channel, off where token t is BOS."""
+    """x[t] <- lerp(x[t], x[t-1], sigmoid(gate)) per channel, off where token t is BOS when `bos_mask`."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, bos_mask: bool = True):
         super().__init__()
         self.gate = nn.Parameter(torch.zeros(dim))
+        self.bos_mask = bos_mask
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         previous = F.pad(x[:, :-1], (0, 0, 1, 0))
-        not_bos = (input_ids != BOS_ID)[..., None].to(x.dtype)
-        weight = torch.sigmoid(self.gate.to(x.dtype))[None, None, :] * not_bos
+        weight = torch.sigmoid(self.gate.to(x.dtype))[None, None, :]
+        if self.bos_mask:
+            weight = weight * (input_ids != BOS_ID)[..., None].to(x.dtype)
         return x + weight * (previous - x)
+
+
+class TokenSmearGate(nn.Module):
+    """Input-dependent SmearGate (modded-nanogpt; the 04-16 record), on the raw token embedding:
+    x[t] += strength * sigmoid(gate(x[t][:width])) * x[t-1] for t >= 1, off where token t is BOS when `bos_mask`.
+    Zero-initialised (strength 0), so it starts as the identity."""
+
+    def __init__(self, width: int, bos_mask: bool):
+        super().__init__()
+        self.width, self.bos_mask = width, bos_mask
+        self.gate = CastedLinear(width, 1)
+        self.gate.control = True
+        self.gate.zero_init = True
+        self.strength = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        weight = self.strength.to(x.dtype) * torch.sigmoid(self.gate(x[:, 1:, : self.width]))
+        if self.bos_mask:
+            weight = weight * (input_ids[:, 1:, None] != BOS_ID).to(x.dtype)
+        return torch.cat((x[:, :1], x[:, 1:] + weight * x[:, :-1]), dim=1)
+
+
+class ValueEmbedding(nn.Module):
+    """A token embedding added to the attention values of some blocks (03-22's VE): one shared table projected
+    to the KV width and scaled, times a learned scale per block."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        kv_dim = config.num_kv_heads * config.head_dim
+        self.layers = config.value_embed_layers
+        self.embed = nn.Embedding(config.vocab_size, config.value_embed_dim)
+        self.proj = CastedLinear(config.value_embed_dim, kv_dim)
+        self.proj.zero_init = True
+        self.scale = nn.Parameter(torch.tensor(0.1))
+        self.layer_scales = nn.Parameter(torch.ones(len(self.layers)))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        shared = self.proj(self.embed(input_ids))
+        return shared * self.scale.to(shared.dtype)
+
+    def for_block(self, shared: torch.Tensor, block: int) -> torch.Tensor | None:
+        if block not in self.layers:
+            return None
+        return shared * self.layer_scales[self.layers.index(block)].to(shared.dtype)
 
 
 class BigramHash(nn.Module):
@@ -352,9 +478,9 @@ class BigramHash(nn.Module):
     The last row stands for "no previous token": the first position, and every BOS (documents stay apart).
     """
 
-    def __init__(self, buckets: int, dim: int, model_dim: int):
+    def __init__(self, buckets: int, dim: int, model_dim: int, bos_mask: bool = True):
         super().__init__()
-        self.buckets = buckets
+        self.buckets, self.bos_mask = buckets, bos_mask
         self.embed = nn.Embedding(buckets, dim)
         self.proj = CastedLinear(dim, model_dim)
         self.scale = nn.Parameter(torch.tensor(0.05))
@@ -363,7 +489,8 @@ class BigramHash(nn.Module):
         previous = F.pad(input_ids[:, :-1], (1, 0))
         hashed = torch.bitwise_xor(36313 * input_ids, 27191 * previous) % (self.buckets - 1)
         first = torch.arange(input_ids.size(1), device=input_ids.device) == 0
-        return torch.where((input_ids == BOS_ID) | first, self.buckets - 1, hashed)
+        fresh = (input_ids == BOS_ID) | first if self.bos_mask else first
+        return torch.where(fresh, self.buckets - 1, hashed)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         projected = self.proj(self.embed(self.bucket_ids(input_ids)))
@@ -377,13 +504,23 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.model_dim)
-        self.bigram = BigramHash(config.bigram_buckets, config.bigram_dim, config.model_dim) \
+        self.bigram = BigramHash(config.bigram_buckets, config.bigram_dim, config.model_dim, config.bos_isolation) \
             if config.bigram_buckets else None
-        self.smear = SmearGate(config.model_dim) if config.smear_gate else None
-        self.num_encoder_layers = config.num_layers // 2 if config.unet_skips else 0
-        num_skips = min(self.num_encoder_layers, config.num_layers - self.num_encoder_layers)
-        self.skip_weights = nn.Parameter(torch.ones(num_skips, config.model_dim)) if num_skips else None
+        self.smear = SmearGate(config.model_dim, config.bos_isolation) if config.smear_gate else None
+        self.token_smear = TokenSmearGate(config.smear_gate_width, config.bos_isolation) \
+            if config.smear_gate_width else None
+        self.value_embed = ValueEmbedding(config) if config.value_embed_layers else None
         self.layout = block_layout(config)
+        self.looping = True  # run the looped segment's extra passes (training turns this on part-way)
+        encoder = encoder_length(config, self.layout)
+        num_skips = min(encoder, len(self.layout.execution) - encoder)
+        self.skip_weights = nn.Parameter(torch.ones(num_skips, config.model_dim)) if num_skips else None
+        self.skip_gates = nn.Parameter(torch.zeros(num_skips, config.model_dim)) \
+            if num_skips and config.skip_gates else None
+        self.parallel_resid_lambdas = self.parallel_post_lambdas = None
+        if config.parallel_start_layer:
+            self.parallel_resid_lambdas = nn.Parameter(torch.full((config.num_layers, 2), 1.1))
+            self.parallel_post_lambdas = nn.Parameter(torch.ones(config.num_layers, 2, 2))
         self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.num_layers))
         self.lm_head = None
         if not config.tie_embeddings:
@@ -401,11 +538,15 @@ class GPT(nn.Module):
             nn.init.normal_(self.tok_emb.weight, mean=0.0, std=config.tied_embed_init_std)
         if self.bigram is not None:
             nn.init.zeros_(self.bigram.embed.weight)
+        if self.value_embed is not None:
+            nn.init.normal_(self.value_embed.embed.weight, std=0.01)
         for name, module in self.named_modules():
-            if not isinstance(module, CastedLinear) or module.control:
+            if not isinstance(module, CastedLinear):
                 continue
             if module.zero_init:
                 nn.init.zeros_(module.weight)
+            elif module.control:
+                continue
             elif config.orthogonal_init and min(module.weight.shape) >= 64:
                 nn.init.orthogonal_(module.weight)
                 if name == "bigram.proj":  # an extra input branch: keep its start small, as the seed did
@@ -414,33 +555,72 @@ class GPT(nn.Module):
             block.attn.reset_gates()
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """x0: the normed token (+ bigram) embedding, smeared with the previous position when enabled."""
+        """x0: the normed token (+ bigram) embedding, smeared with the previous position when enabled (the
+        input-dependent SmearGate before the norm, the per-channel one after it)."""
         x = self.tok_emb(input_ids)
         if self.bigram is not None:
             x = x + self.bigram(input_ids)
+        if self.token_smear is not None:
+            x = self.token_smear(x, input_ids)
         x = rms_norm(x)
         if self.smear is not None:
             x = self.smear(x, input_ids)
         return x
 
-    def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Final-normed hidden states [B, T, model_dim]."""
-        seq_len = input_ids.size(1)
-        if seq_len > self.config.max_seq_len:
-            raise ValueError(f"sequence length {seq_len} exceeds max_seq_len {self.config.max_seq_len}")
-        cos, sin = self.rope_cos[None, None, :seq_len], self.rope_sin[None, None, :seq_len]
+    def rotary(self, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [1, 1, T, rotated / 2]; past rope_ntk_seq_len the base is rescaled for this length."""
+        config = self.config
+        if seq_len > config.max_seq_len:
+            raise ValueError(f"sequence length {seq_len} exceeds max_seq_len {config.max_seq_len}")
+        if config.rope_ntk_seq_len and seq_len > config.rope_ntk_seq_len:
+            dims = config.rope_dims or config.head_dim
+            base = config.rope_base * (seq_len / config.rope_ntk_seq_len) ** (dims / (dims - 2))
+            cos, sin = rotary_tables(dataclasses.replace(config, rope_base=base, max_seq_len=seq_len))
+            return cos.to(self.rope_cos.device)[None, None], sin.to(self.rope_sin.device)[None, None]
+        return self.rope_cos[None, None, :seq_len], self.rope_sin[None, None, :seq_len]
+
+    def hidden(self, input_ids: torch.Tensor, isolate_documents: bool = False) -> torch.Tensor:
+        """Final-normed hidden states [B, T, model_dim]. `isolate_documents`: attention never crosses a BOS
+        (document-packed training; scoring always attends across the whole window)."""
+        config = self.config
+        cos, sin = self.rotary(input_ids.size(1))
+        documents = torch.cumsum(input_ids == BOS_ID, dim=1) if isolate_documents else None
+        layout = self.layout if self.looping else block_layout(config, looping=False)
+        encoder = encoder_length(config, layout)
         x0 = self.embed(input_ids)
-        x, v0, skips = x0, None, []
-        for layer, index in enumerate(self.layout.execution):
+        shared_values = self.value_embed(input_ids) if self.value_embed is not None else None
+        x, v0, skips, lanes = x0, None, [], None
+        for position, index in enumerate(layout.execution):
             block = self.blocks[index]
-            if layer >= self.num_encoder_layers and skips:
-                skip_weight = self.skip_weights[layer - self.num_encoder_layers]
-                x = x + skip_weight.to(x.dtype)[None, None, :] * skips.pop()
-            x, v = block(x, x0, cos, sin, v0)
-            if layer == 0 and self.config.value_residual:
+            decoder = position - encoder
+            parallel = decoder >= 0 and 0 < config.parallel_start_layer <= index
+            if parallel and lanes is None:
+                lanes = (x, x)
+            if decoder >= 0 and skips and decoder < self.skip_weights.size(0):
+                stream = lanes[0] if parallel else x
+                skip = self.skip_weights[decoder].to(stream.dtype)[None, None, :] * skips.pop()
+                if self.skip_gates is not None:
+                    gate = torch.sigmoid(self.skip_gates[decoder].to(stream.dtype))[None, None, :]
+                    stream = torch.lerp(skip, stream, gate)
+                else:
+                    stream = stream + skip
+                if parallel:
+                    lanes = (stream, lanes[1])
+                else:
+                    x = stream
+            value_embed = self.value_embed.for_block(shared_values, index) if shared_values is not None else None
+            if parallel:
+                lanes, v = block.parallel(lanes, x0, cos, sin, v0, value_embed, documents,
+                                          self.parallel_resid_lambdas[index], self.parallel_post_lambdas[index])
+            else:
+                x, v = block(x, x0, cos, sin, v0, value_embed, documents)
+            if position == 0 and config.value_residual:
                 v0 = v
-            if layer < self.num_encoder_layers:
+            if position < encoder:
                 skips.append(x)
+        if lanes is not None:
+            x = {"mean": lambda: 0.5 * (lanes[0] + lanes[1]), "attn": lambda: lanes[0],
+                 "mlp": lambda: lanes[1]}[config.parallel_final_lane]()
         return rms_norm(x)
 
     def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -457,15 +637,17 @@ class GPT(nn.Module):
         """Softcapped logits [B, T, vocab_size], float32 (float64 for a float64 model)."""
         return self.logits_from_hidden(self.hidden(input_ids))
 
-    def forward(self, input_ids: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, target_ids: torch.Tensor,
+                isolate_documents: bool = False) -> torch.Tensor:
         """Mean cross-entropy (nats, float32) of target_ids given input_ids; both int64 [B, T]."""
-        logits = self.logits(input_ids)
+        logits = self.logits_from_hidden(self.hidden(input_ids, isolate_documents))
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), target_ids.reshape(-1), reduction="mean")
 
 
 def param_groups(model: GPT) -> dict[str, list[nn.Parameter]]:
-    """Optimizer groups: "matrix" (block and bigram projection matrices: Muon), "embed" (token and bigram
-    tables), "scalar" (vectors, gains, mixes, skip weights and small gate matrices), "head" (untied only)."""
+    """Optimizer groups: "matrix" (block, bigram and value-embedding projection matrices: Muon), "embed" (token,
+    bigram and value-embedding tables), "scalar" (vectors, gains, mixes, skip weights and gates, lane lambdas and
+    small gate matrices), "head" (untied only)."""
     matrices = {
         id(module.weight)
         for name, module in model.named_modules()
@@ -474,6 +656,8 @@ def param_groups(model: GPT) -> dict[str, list[nn.Parameter]]:
     embeds = {id(model.tok_emb.weight)}
     if model.bigram is not None:
         embeds.add(id(model.bigram.embed.weight))
+    if model.value_embed is not None:
+        embeds.add(id(model.value_embed.embed.weight))
     groups: dict[str, list[nn.Parameter]] = {"matrix": [], "embed": [], "scalar": []}
     if model.lm_head is not None:
         groups["head"] = [model.lm_head.weight]

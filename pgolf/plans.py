@@ -46,6 +46,11 @@ QUANT_CONTROL_PATTERNS = (
     "out_gate",
     "v_mix",
     "bigram.scale",
+    "skip_gates",
+    "parallel_",
+    "token_smear.",
+    "value_embed.scale",
+    "value_embed.layer_scales",
 )
 EMBEDDING_PREFIXES = ("tok_emb.", "lm_head.", "bigram.embed.")
 
