@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Source on the GPU machine before a protocol run: installs the carried wheels (.whl) and pgolf (no network),
-# then tokenizes the benchmark corpus (../shared/data/README.md protocol) into artifacts/bench-data once.
+# then tokenizes the benchmark corpus (../shared/data/README.md protocol) into artifacts/bench-data once (VOCAB=8192:
+# artifacts/bench-data-sp8192).
 # The corpus and tokenizer travel in a git-ignored .devdata/ folder: copy them from ../shared/data and carry it.
 export PYTHONUNBUFFERED=1
 # Two protocol runs share a 2-GPU host's 32 cores: cap each process's OpenMP threads (oversubscribed OpenMP spins;
@@ -16,10 +17,12 @@ if ! python3 -c "import zstandard, brotli, pgolf.stages" 2>/dev/null; then
 fi
 SETUP=artifacts/setup; mkdir -p $SETUP
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee $SETUP/gpu.txt
-DATA=${DATA:-artifacts/bench-data}  # override to smoke-test the scripts on other shards
+# VOCAB=8192 tokenizes the same corpus with the sp8192 tokenizer (the SP8192 record stack's) instead.
+VOCAB=${VOCAB:-1024}
+if [ "$VOCAB" = 1024 ]; then DATA=${DATA:-artifacts/bench-data}; else DATA=${DATA:-artifacts/bench-data-sp$VOCAB}; fi
 if [ ! -f $DATA/manifest.json ]; then
   /usr/bin/time -f "tokenize wall %e s" python3 -m pgolf tokenize .devdata/blogs-125MB.jsonl.zst \
-    --tokenizer .devdata/fineweb_1024_bpe.model --val-docs 10000 --out $DATA --force --json \
+    --tokenizer .devdata/fineweb_${VOCAB}_bpe.model --val-docs 10000 --out $DATA --force --json \
     > $SETUP/tokenize.json 2> $SETUP/tokenize.log || { tail -3 $SETUP/tokenize.log; return 1; }
   tail -1 $SETUP/tokenize.log
 fi

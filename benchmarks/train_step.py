@@ -34,12 +34,18 @@ from pgolf.trainer import Trainer, flat_val
 
 
 def flops_per_token(model: GPT, seq_len: int) -> float:
-    config = model.config
-    matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, CastedLinear))
+    """Training FLOPs per token: 6 x the matmul parameters each forward runs (a looped block counts once per run;
+    tied head included, embedding and bigram lookups not) + causal attention 6 x block runs x width x seq_len."""
+    config, layout = model.config, model.layout
+    matmul = 0
+    for name, module in model.named_modules():
+        if isinstance(module, CastedLinear):
+            block = layout.block_of(name + ".weight")
+            matmul += module.weight.numel() * (layout.runs(block) if block is not None else 1)
     if config.tie_embeddings:
         matmul += model.tok_emb.weight.numel()
     # (QK^T + AV) x 2 FLOPs x 3 passes (forward + backward), half of it masked out by causality.
-    attention = 6 * config.num_layers * config.model_dim * seq_len
+    attention = 6 * len(layout.execution) * config.model_dim * seq_len
     return 6 * matmul + attention
 
 

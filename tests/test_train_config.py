@@ -47,6 +47,24 @@ def test_short_budget_preset_is_the_seed_stack_with_the_measured_training_change
     assert train.accumulation_steps(1) == 1 and train.accumulation_steps(8) == 1
 
 
+def test_record_presets_are_the_04_16_stack():
+    """record-0416: 35,945,671 parameters (the record's 35.9 M), 17 block runs once the loops are on, the record's
+    per-GPU micro-batch; record-1790 differs in the output gate's width only."""
+    model, train, _ = resolve_configs("record-0416", env={})
+    built = GPT(model, init_weights=False)
+    assert sum(p.numel() for p in built.parameters()) == 35_945_671
+    assert built.layout.execution == (0, 1, 2, 3, 4, 5, 3, 4, 5, 3, 4, 5, 6, 7, 8, 9, 10)
+    assert built.skip_weights.shape == built.skip_gates.shape == (8, 512)
+    assert (model.vocab_size, model.mlp_mult, model.qk_gain_init, model.smear_gate_width, model.attn_out_gate_width,
+            model.parallel_start_layer, model.bos_isolation) == (8192, 4.0, 5.25, 12, 12, 8, False)
+    assert (train.batch_tokens, train.micro_tokens(1), train.seq_len, train.warmdown_frac, train.ema_decay,
+            train.muon_weight_decay, train.grad_clip_norm) == (786_432, 98_304, 2048, 0.75, 0.9965, 0.095, 0.3)
+    assert train.accumulation_steps(1) == 8 and train.accumulation_steps(8) == 1
+    model_1790, train_1790, _ = resolve_configs("record-1790", env={})
+    assert train_1790 == train
+    assert dataclasses.replace(model_1790, attn_out_gate_width=12) == model and model_1790.attn_out_gate_width == 24
+
+
 def test_challenge_env_names_and_precedence():
     env = {"ITERATIONS": "77", "NUM_LAYERS": "3", "MAX_WALLCLOCK_SECONDS": "300", "PGOLF_SEED": "5",
            "TRAIN_SEQ_LEN": "2048", "MATRIX_LR": "0.02"}
