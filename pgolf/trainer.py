@@ -442,7 +442,7 @@ class Trainer:
         self.loader = self._loader(tuple(loop["loader_position"]))
 
     def _check_same_configs(self, path: Path, saved: dict) -> None:
-        current = self.configs_json()
+        current = json.loads(json.dumps(self.configs_json()))  # as saved: a tuple field reads back as a list
         for table in ("model", "train"):
             for name, value in current[table].items():
                 if saved[table].get(name) != value and name not in RESUME_FREE_FIELDS:
