@@ -17,6 +17,7 @@ from pathlib import Path
 from pgolf.config import PRESETS, load_preset, preset_names, read_toml, resolve
 from pgolf.errors import UsageError
 from pgolf.model import ModelConfig
+from pgolf.optim import ORTHOGONALIZERS, POLAR_EXPRESS_COEFFS
 
 TRAIN_PRESET_KIND = "train"
 TRAIN_CONFIG_TABLES = ("model", "train")
@@ -57,6 +58,11 @@ TRAIN_ALIASES = {
     "MUON_MOMENTUM_WARMUP_STEPS": "muon_momentum_warmup_steps",
     "MUON_BACKEND_STEPS": "muon_backend_steps",
     "WEIGHT_DECAY": "muon_weight_decay",
+    # The 04-16 record's names.
+    "MUON_WD": "muon_weight_decay",
+    "MUON_ROW_NORMALIZE": "muon_row_normalize",
+    "EMBED_WD": "embed_weight_decay",
+    "ADAM_WD": "scalar_weight_decay",
     "BETA1": "adam_beta1",
     "BETA2": "adam_beta2",
     "ADAM_EPS": "adam_eps",
@@ -89,6 +95,10 @@ class TrainConfig:
     muon_momentum_warmup_frac: float = 0.0  # if > 0: momentum warm-up over this fraction of the budget
     muon_backend_steps: int = 5  # Newton-Schulz iterations
     muon_weight_decay: float = 0.0  # decoupled weight decay of Muon matrices (p *= 1 - lr * wd)
+    muon_row_normalize: bool = False  # MuonEq-R: divide each Muon update by its row L2 norms before Newton-Schulz
+    muon_ns_coefficients: str = "standard"  # Newton-Schulz: standard (3.4445, -4.775, 2.0315) | polar-express
+    embed_weight_decay: float = 0.0  # AdamW decoupled weight decay of the embedding group; 0 = Adam
+    scalar_weight_decay: float = 0.0  # AdamW decoupled weight decay of the scalar group; 0 = Adam
     adam_beta1: float = 0.9  # Adam beta1
     adam_beta2: float = 0.95  # Adam beta2
     adam_eps: float = 1e-8  # Adam epsilon
@@ -130,6 +140,12 @@ class TrainConfig:
         need(self.muon_momentum_warmup_steps >= 0, "muon_momentum_warmup_steps", ">= 0")
         need(self.muon_backend_steps >= 1, "muon_backend_steps", ">= 1")
         need(self.muon_weight_decay >= 0, "muon_weight_decay", ">= 0")
+        need(self.muon_ns_coefficients in ORTHOGONALIZERS, "muon_ns_coefficients",
+             f"one of {', '.join(ORTHOGONALIZERS)}")
+        need(self.muon_ns_coefficients != "polar-express" or self.muon_backend_steps <= len(POLAR_EXPRESS_COEFFS),
+             "muon_backend_steps", f"<= {len(POLAR_EXPRESS_COEFFS)} with polar-express (its published schedule)")
+        for name in ("embed_weight_decay", "scalar_weight_decay"):
+            need(getattr(self, name) >= 0, name, ">= 0 (0 = Adam)")
         need(self.adam_eps > 0, "adam_eps", "> 0")
         need(self.grad_clip_norm >= 0, "grad_clip_norm", ">= 0 (0 = off)")
         need(0.0 <= self.ema_decay < 1.0, "ema_decay", "in [0, 1) (0 = off)")

@@ -26,7 +26,7 @@ from pgolf.artifacts import atomic_write_bytes
 from pgolf.dist import Distributed
 from pgolf.errors import InvalidInput, PgolfError, UsageError, named
 from pgolf.model import GPT, CastedLinear, ModelConfig, param_groups, set_qat_enabled, set_qat_plan
-from pgolf.optim import Muon, build_optimizers, zeropower_via_newtonschulz5
+from pgolf.optim import ORTHOGONALIZERS, Muon, build_optimizers
 from pgolf.train_config import TrainConfig
 from pgolf.train_loader import TrainLoader
 
@@ -278,9 +278,9 @@ class Trainer:
         if dist_info.world_size > 1:
             device_ids = [dist_info.local_rank] if self.device.type == "cuda" else None
             self.ddp = DistributedDataParallel(self.compiled, device_ids=device_ids, broadcast_buffers=False)
-        orthogonalize = zeropower_via_newtonschulz5
+        orthogonalize = ORTHOGONALIZERS[config.muon_ns_coefficients]
         if self.device.type == "cuda" and config.compile != "off":
-            orthogonalize = torch.compile(zeropower_via_newtonschulz5, backend=config.compile, dynamic=False)
+            orthogonalize = torch.compile(orthogonalize, backend=config.compile, dynamic=False)
         self.optimizers = build_optimizers(self.model, config, fused=self.device.type == "cuda",
                                            orthogonalize=orthogonalize)
         self.muon = [opt for opt in self.optimizers if isinstance(opt, Muon)]
@@ -442,11 +442,15 @@ class Trainer:
         self.loader = self._loader(tuple(loop["loader_position"]))
 
     def _check_same_configs(self, path: Path, saved: dict) -> None:
+        """A field the checkpoint's pgolf did not have yet counts as its default (what that pgolf ran)."""
         current = json.loads(json.dumps(self.configs_json()))  # as saved: a tuple field reads back as a list
+        defaults = json.loads(json.dumps({"model": dataclasses.asdict(ModelConfig()),
+                                          "train": dataclasses.asdict(TrainConfig())}))
         for table in ("model", "train"):
             for name, value in current[table].items():
-                if saved[table].get(name) != value and name not in RESUME_FREE_FIELDS:
-                    raise UsageError(f"{path}: was written with {table} {name} = {saved[table].get(name)!r}, "
+                was = saved[table].get(name, defaults[table][name])
+                if was != value and name not in RESUME_FREE_FIELDS:
+                    raise UsageError(f"{path}: was written with {table} {name} = {was!r}, "
                                      f"this run has {value!r} (resume with the same settings)")
 
     # ---- the loop ---------------------------------------------------------------------------------------

@@ -1,15 +1,20 @@
 """pgolf.trainer on its own: the CUDA dtypes, budget-aware schedules (fractions, wallclock-aware warm-down, EMA
-and QAT switches) and the resumable train log."""
+and QAT switches), the resumable train log and resume checkpoints."""
 
 import dataclasses
 import json
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
+from pgolf.dist import init_distributed
+from pgolf.errors import UsageError
 from pgolf.model import GPT, ModelConfig
-from pgolf.train_config import TrainConfig
-from pgolf.trainer import Schedule, TrainLog, bf16_training_dtypes
+from pgolf.shards import list_shards
+from pgolf.train_config import TrainConfig, resolve_configs
+from pgolf.trainer import RESUME_FILE, Schedule, Trainer, TrainLog, bf16_training_dtypes
 
 
 def test_cuda_dtypes_are_the_challenges():
@@ -99,3 +104,21 @@ def test_resumed_log_keeps_what_happened_before_the_checkpoint(tmp_path):
     assert kept == [("train", 7), ("val", 7), ("train", 8)]
 
 
+
+
+def test_resume_reads_a_setting_missing_from_an_older_checkpoint_as_its_default(tiny_data_dir, tmp_path):
+    """A checkpoint written before a TrainConfig field existed ran that field's default."""
+    model_config, train_config, _ = resolve_configs("tiny", env={})
+    trainer = Trainer(model_config, train_config, list_shards(tiny_data_dir, "train"), init_distributed())
+    path = tmp_path / RESUME_FILE
+    trainer.save_resume(path)
+    with safe_open(str(path), framework="pt") as f:
+        metadata, tensors = f.metadata(), {name: f.get_tensor(name) for name in f.keys()}
+    loop = json.loads(metadata["loop"])
+    del loop["configs"]["train"]["muon_row_normalize"]
+    save_file(tensors, path, metadata=metadata | {"loop": json.dumps(loop)})
+    trainer.load_resume(path)
+    changed = Trainer(model_config, dataclasses.replace(train_config, muon_row_normalize=True),
+                      list_shards(tiny_data_dir, "train"), init_distributed())
+    with pytest.raises(UsageError, match="was written with train muon_row_normalize = False, this run has True"):
+        changed.load_resume(path)
