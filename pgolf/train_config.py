@@ -8,6 +8,8 @@ Schedules come in two kinds. The challenge's: momentum warm-up over `muon_moment
 warm-down of `warmdown_iters` steps which, under a wallclock cap, starts when the remaining time falls below
 warmdown_iters x the measured ms/step. Or fractions of the budget (`*_frac` > 0): progress is the larger of
 step / iterations and train time / wallclock, so a preset tuned for one budget keeps its shape on another.
+`min_lr` floors the lr multiplier of either warm-down; `enable_looping_at` (depth recurrence) is a fraction of
+the same progress.
 """
 
 import dataclasses
@@ -63,6 +65,9 @@ TRAIN_ALIASES = {
     "MUON_ROW_NORMALIZE": "muon_row_normalize",
     "EMBED_WD": "embed_weight_decay",
     "ADAM_WD": "scalar_weight_decay",
+    "MIN_LR": "min_lr",
+    "WARMDOWN_FRAC": "warmdown_frac",
+    "ENABLE_LOOPING_AT": "enable_looping_at",
     "BETA1": "adam_beta1",
     "BETA2": "adam_beta2",
     "ADAM_EPS": "adam_eps",
@@ -99,6 +104,8 @@ class TrainConfig:
     muon_ns_coefficients: str = "standard"  # Newton-Schulz: standard (3.4445, -4.775, 2.0315) | polar-express
     embed_weight_decay: float = 0.0  # AdamW decoupled weight decay of the embedding group; 0 = Adam
     scalar_weight_decay: float = 0.0  # AdamW decoupled weight decay of the scalar group; 0 = Adam
+    min_lr: float = 0.0  # floor of the lr multiplier during warm-down (warmdown_frac or warmdown_iters)
+    enable_looping_at: float = 0.0  # depth recurrence (num_loops > 0) runs its loops from this budget fraction on
     adam_beta1: float = 0.9  # Adam beta1
     adam_beta2: float = 0.95  # Adam beta2
     adam_eps: float = 1e-8  # Adam epsilon
@@ -146,6 +153,8 @@ class TrainConfig:
              "muon_backend_steps", f"<= {len(POLAR_EXPRESS_COEFFS)} with polar-express (its published schedule)")
         for name in ("embed_weight_decay", "scalar_weight_decay"):
             need(getattr(self, name) >= 0, name, ">= 0 (0 = Adam)")
+        need(0.0 <= self.min_lr <= 1.0, "min_lr", "in [0, 1]")
+        need(0.0 <= self.enable_looping_at <= 1.0, "enable_looping_at", "in [0, 1]")
         need(self.adam_eps > 0, "adam_eps", "> 0")
         need(self.grad_clip_norm >= 0, "grad_clip_norm", ">= 0 (0 = off)")
         need(0.0 <= self.ema_decay < 1.0, "ema_decay", "in [0, 1) (0 = off)")
