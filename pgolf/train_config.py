@@ -8,6 +8,8 @@ Schedules come in two kinds. The challenge's: momentum warm-up over `muon_moment
 warm-down of `warmdown_iters` steps which, under a wallclock cap, starts when the remaining time falls below
 warmdown_iters x the measured ms/step. Or fractions of the budget (`*_frac` > 0): progress is the larger of
 step / iterations and train time / wallclock, so a preset tuned for one budget keeps its shape on another.
+`min_lr` floors the lr multiplier of either warm-down; `enable_looping_at` (depth recurrence) is a fraction of
+the same progress.
 """
 
 import dataclasses
@@ -17,6 +19,7 @@ from pathlib import Path
 from pgolf.config import PRESETS, load_preset, preset_names, read_toml, resolve
 from pgolf.errors import UsageError
 from pgolf.model import ModelConfig
+from pgolf.optim import ORTHOGONALIZERS, POLAR_EXPRESS_COEFFS
 
 TRAIN_PRESET_KIND = "train"
 TRAIN_CONFIG_TABLES = ("model", "train")
@@ -57,6 +60,14 @@ TRAIN_ALIASES = {
     "MUON_MOMENTUM_WARMUP_STEPS": "muon_momentum_warmup_steps",
     "MUON_BACKEND_STEPS": "muon_backend_steps",
     "WEIGHT_DECAY": "muon_weight_decay",
+    # The 04-16 record's names.
+    "MUON_WD": "muon_weight_decay",
+    "MUON_ROW_NORMALIZE": "muon_row_normalize",
+    "EMBED_WD": "embed_weight_decay",
+    "ADAM_WD": "scalar_weight_decay",
+    "MIN_LR": "min_lr",
+    "WARMDOWN_FRAC": "warmdown_frac",
+    "ENABLE_LOOPING_AT": "enable_looping_at",
     "BETA1": "adam_beta1",
     "BETA2": "adam_beta2",
     "ADAM_EPS": "adam_eps",
@@ -89,6 +100,12 @@ class TrainConfig:
     muon_momentum_warmup_frac: float = 0.0  # if > 0: momentum warm-up over this fraction of the budget
     muon_backend_steps: int = 5  # Newton-Schulz iterations
     muon_weight_decay: float = 0.0  # decoupled weight decay of Muon matrices (p *= 1 - lr * wd)
+    muon_row_normalize: bool = False  # MuonEq-R: divide each Muon update by its row L2 norms before Newton-Schulz
+    muon_ns_coefficients: str = "standard"  # Newton-Schulz: standard (3.4445, -4.775, 2.0315) | polar-express
+    embed_weight_decay: float = 0.0  # AdamW decoupled weight decay of the embedding group; 0 = Adam
+    scalar_weight_decay: float = 0.0  # AdamW decoupled weight decay of the scalar group; 0 = Adam
+    min_lr: float = 0.0  # floor of the lr multiplier during warm-down (warmdown_frac or warmdown_iters)
+    enable_looping_at: float = 0.0  # depth recurrence (num_loops > 0) runs its loops from this budget fraction on
     adam_beta1: float = 0.9  # Adam beta1
     adam_beta2: float = 0.95  # Adam beta2
     adam_eps: float = 1e-8  # Adam epsilon
@@ -130,6 +147,14 @@ class TrainConfig:
         need(self.muon_momentum_warmup_steps >= 0, "muon_momentum_warmup_steps", ">= 0")
         need(self.muon_backend_steps >= 1, "muon_backend_steps", ">= 1")
         need(self.muon_weight_decay >= 0, "muon_weight_decay", ">= 0")
+        need(self.muon_ns_coefficients in ORTHOGONALIZERS, "muon_ns_coefficients",
+             f"one of {', '.join(ORTHOGONALIZERS)}")
+        need(self.muon_ns_coefficients != "polar-express" or self.muon_backend_steps <= len(POLAR_EXPRESS_COEFFS),
+             "muon_backend_steps", f"<= {len(POLAR_EXPRESS_COEFFS)} with polar-express (its published schedule)")
+        for name in ("embed_weight_decay", "scalar_weight_decay"):
+            need(getattr(self, name) >= 0, name, ">= 0 (0 = Adam)")
+        need(0.0 <= self.min_lr <= 1.0, "min_lr", "in [0, 1]")
+        need(0.0 <= self.enable_looping_at <= 1.0, "enable_looping_at", "in [0, 1]")
         need(self.adam_eps > 0, "adam_eps", "> 0")
         need(self.grad_clip_norm >= 0, "grad_clip_norm", ">= 0 (0 = off)")
         need(0.0 <= self.ema_decay < 1.0, "ema_decay", "in [0, 1) (0 = off)")

@@ -1,10 +1,16 @@
 """The training loop of `pgolf train`: the challenge's train_gpt.py loop, plus budget-aware schedules, EMA,
-QAT, DDP with gradient accumulation, periodic/signal checkpoints and exact resume.
+QAT, the depth-recurrence switch, DDP with gradient accumulation, periodic/signal checkpoints and exact resume.
 
 Timing follows the challenge: compile warm-up steps run first and are undone (model, optimizer and data are
 restored), and the wallclock cap counts only training steps (validation and checkpoint writes pause the
 clock). Under torchrun, ranks agree on the clock once per step (the max of their elapsed times), so every rank
 takes the same schedule values and stops at the same step.
+
+Depth recurrence (model num_loops > 0) with enable_looping_at > 0 trains without the loops (GPT.looping False)
+until that fraction of the budget, as the 04-16 record does. The exported model always loops (GPT builds with
+looping on, and that is what quantize, eval and the submission run), so a run whose budget ends before the switch
+turns the loops on for its final validation, which then scores the exported model. With num_loops 0 the setting
+does nothing.
 """
 
 import copy
@@ -26,7 +32,7 @@ from pgolf.artifacts import atomic_write_bytes
 from pgolf.dist import Distributed
 from pgolf.errors import InvalidInput, PgolfError, UsageError, named
 from pgolf.model import GPT, CastedLinear, ModelConfig, param_groups, set_qat_enabled, set_qat_plan
-from pgolf.optim import Muon, build_optimizers, zeropower_via_newtonschulz5
+from pgolf.optim import ORTHOGONALIZERS, Muon, build_optimizers
 from pgolf.train_config import TrainConfig
 from pgolf.train_loader import TrainLoader
 
@@ -47,7 +53,7 @@ class TrainingInterrupted(PgolfError):
 
 
 class Schedule:
-    """Learning-rate scale, Muon momentum, EMA and QAT switches as functions of (step, train ms).
+    """Learning-rate scale, Muon momentum, EMA, QAT and looping switches as functions of (step, train ms).
 
     Fraction-of-budget settings use progress = max(step / iterations, train_ms / wallclock_ms); the
     challenge's settings (warmdown_iters, muon_momentum_warmup_steps) are used when the fractions are 0.
@@ -64,6 +70,11 @@ class Schedule:
         return min(progress, 1.0)
 
     def lr_scale(self, step: int, elapsed_ms: float) -> float:
+        """The lr multiplier: 1, then the warm-down's linear fall, never below min_lr (the 04-16 record's
+        max((1 - progress) / warmdown_frac, min_lr); the same floor holds under warmdown_iters)."""
+        return max(self._warmdown_scale(step, elapsed_ms), self.config.min_lr)
+
+    def _warmdown_scale(self, step: int, elapsed_ms: float) -> float:
         config = self.config
         if config.warmdown_frac > 0:
             return min(1.0, max(0.0, (1.0 - self.progress(step, elapsed_ms)) / config.warmdown_frac))
@@ -92,6 +103,10 @@ class Schedule:
 
     def qat_on(self, step: int, elapsed_ms: float) -> bool:
         return self.config.qat_bits > 0 and self.progress(step, elapsed_ms) >= self.config.qat_start_frac
+
+    def looping_on(self, step: int, elapsed_ms: float) -> bool:
+        """Whether depth recurrence runs its loops in this step (the trainer asks only when the model loops)."""
+        return self.progress(step, elapsed_ms) >= self.config.enable_looping_at
 
 
 class WeightEMA:
@@ -191,8 +206,9 @@ class TrainLog:
         self.enabled, self.on_line, self.on_record = enabled, on_line, on_record
 
     def truncate_after(self, step: int) -> None:
-        """Keep train records up to `step` and val records before it (the checkpoint at `step` is written
-        before that step's validation, which the resumed run repeats); drop a line cut short by a crash."""
+        """Keep train records up to `step` and other records before it (the checkpoint at `step` is written
+        before that step's validation and loop switch, which the resumed run repeats); drop a line cut short by
+        a crash."""
         if not self.enabled or not self.jsonl.is_file():
             return
         kept = []
@@ -201,7 +217,7 @@ class TrainLog:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if record["step"] < step or (record["step"] == step and record["event"] != "val"):
+            if record["step"] < step or (record["step"] == step and record["event"] == "train"):
                 kept.append(line)
         atomic_write_bytes(self.jsonl, "".join(line + "\n" for line in kept).encode())
 
@@ -278,15 +294,20 @@ class Trainer:
         if dist_info.world_size > 1:
             device_ids = [dist_info.local_rank] if self.device.type == "cuda" else None
             self.ddp = DistributedDataParallel(self.compiled, device_ids=device_ids, broadcast_buffers=False)
-        orthogonalize = zeropower_via_newtonschulz5
+        orthogonalize = ORTHOGONALIZERS[config.muon_ns_coefficients]
         if self.device.type == "cuda" and config.compile != "off":
-            orthogonalize = torch.compile(zeropower_via_newtonschulz5, backend=config.compile, dynamic=False)
+            orthogonalize = torch.compile(orthogonalize, backend=config.compile, dynamic=False)
         self.optimizers = build_optimizers(self.model, config, fused=self.device.type == "cuda",
                                            orthogonalize=orthogonalize)
         self.muon = [opt for opt in self.optimizers if isinstance(opt, Muon)]
         self.schedule = Schedule(config)
         self.ema = WeightEMA(config.ema_decay) if config.ema_decay > 0 else None
         self.step, self.train_ms, self.qat_active = 0, 0.0, False
+        # Depth recurrence: loops off until enable_looping_at; the step they came on (None: not yet, or no loops).
+        self.looping_enabled_step = None
+        if model_config.num_loops:
+            self.model.looping = config.enable_looping_at == 0
+            self.looping_enabled_step = 0 if self.model.looping else None
         self.loader = self._loader((0, 0))
 
     @property
@@ -339,14 +360,22 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
 
     def warmup(self) -> None:
-        """Compile and warm up on real steps, then restore the model, optimizers and data position."""
+        """Compile and warm up on real steps, then restore the model, optimizers and data position.
+
+        A run that will switch depth recurrence on later warms both graphs, warmup_steps each (loops off, then
+        on, as the 04-16 record does), so the switch costs no compile inside the timed loop. (At
+        enable_looping_at 1 the loops come on only for the final validation, which runs the plain module.)"""
         if self.config.warmup_steps <= 0:
             return
         model_state = {name: t.detach().clone() for name, t in self.model.state_dict().items()}
         optimizer_states = [copy.deepcopy(opt.state_dict()) for opt in self.optimizers]
-        position = self.loader.position
-        for _ in range(self.config.warmup_steps):
-            self.train_step(1.0, self.schedule.muon_momentum(0, 0.0))
+        position, looping = self.loader.position, self.model.looping
+        switches_later = not looping and self.config.enable_looping_at < 1.0
+        for graph in (False, True) if switches_later else (looping,):
+            self.model.looping = graph
+            for _ in range(self.config.warmup_steps):
+                self.train_step(1.0, self.schedule.muon_momentum(0, 0.0))
+        self.model.looping = looping
         self.model.load_state_dict(model_state)
         for opt, state in zip(self.optimizers, optimizer_states, strict=True):
             opt.load_state_dict(state)
@@ -357,6 +386,15 @@ class Trainer:
         if on != self.qat_active:
             set_qat_enabled(self.model, on)
             self.qat_active = on
+
+    def enable_looping(self, log: TrainLog, progress: float, why: str) -> None:
+        """Turn depth recurrence's loops on from the next step (GPT.looping: torch.compile guards on it, so the
+        compiled module switches to the looped graph that warmup() built)."""
+        self.model.looping = True
+        self.looping_enabled_step = self.step
+        order = " ".join(map(str, self.model.layout.execution))
+        log.record({"event": "looping", "step": self.step, "progress": progress, "train_ms": round(self.train_ms, 1)})
+        log.line(f"step {self.step}: depth recurrence on at progress {progress:.3f} ({why}); blocks run {order}")
 
     def _agree(self, elapsed_ms: float, signaled: bool) -> tuple[float, bool]:
         """Every rank takes the largest elapsed time and any rank's stop signal (one small all-reduce)."""
@@ -399,6 +437,7 @@ class Trainer:
         tensors["rng.cpu"] = torch.get_rng_state()
         loop = {"step": self.step, "train_ms": self.train_ms, "loader_position": list(self.loader.position),
                 "ema_updates": self.ema.updates if self.ema else 0, "optimizer_groups": groups,
+                "looping": self.model.looping, "looping_enabled_step": self.looping_enabled_step,
                 "world_size": self.dist.world_size, "configs": self.configs_json(),
                 "data_fingerprint": self.data_fingerprint}
         tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
@@ -439,14 +478,21 @@ class Trainer:
             opt.load_state_dict({"state": state, "param_groups": groups})
         torch.set_rng_state(tensors["rng.cpu"])
         self.step, self.train_ms = loop["step"], loop["train_ms"]
+        # Checkpoints from before the looping switch existed were written by models that always looped.
+        self.model.looping = loop.get("looping", True)
+        self.looping_enabled_step = loop.get("looping_enabled_step", 0 if self.model_config.num_loops else None)
         self.loader = self._loader(tuple(loop["loader_position"]))
 
     def _check_same_configs(self, path: Path, saved: dict) -> None:
-        current = self.configs_json()
+        """A field the checkpoint's pgolf did not have yet counts as its default (what that pgolf ran)."""
+        current = json.loads(json.dumps(self.configs_json()))  # as saved: a tuple field reads back as a list
+        defaults = json.loads(json.dumps({"model": dataclasses.asdict(ModelConfig()),
+                                          "train": dataclasses.asdict(TrainConfig())}))
         for table in ("model", "train"):
             for name, value in current[table].items():
-                if saved[table].get(name) != value and name not in RESUME_FREE_FIELDS:
-                    raise UsageError(f"{path}: was written with {table} {name} = {saved[table].get(name)!r}, "
+                was = saved[table].get(name, defaults[table][name])
+                if was != value and name not in RESUME_FREE_FIELDS:
+                    raise UsageError(f"{path}: was written with {table} {name} = {was!r}, "
                                      f"this run has {value!r} (resume with the same settings)")
 
     # ---- the loop ---------------------------------------------------------------------------------------
@@ -481,6 +527,8 @@ class Trainer:
                 stop_reason = stop_reason or "iterations"
             elif wallclock_ms > 0 and elapsed_ms >= wallclock_ms:
                 stop_reason = stop_reason or "wallclock"
+            if stop_reason is not None and not self.model.looping:  # the final validation scores the export
+                self.enable_looping(log, schedule.progress(self.step, elapsed_ms), "the budget ended first")
             validate = stop_reason is not None or (
                 config.val_every > 0 and self.step % config.val_every == 0 and self.step > 0)
             if validate and last_val_step != self.step:
@@ -498,6 +546,8 @@ class Trainer:
             lr_scale = schedule.lr_scale(self.step, elapsed_ms)
             momentum = schedule.muon_momentum(self.step, elapsed_ms)
             self.set_qat(schedule.qat_on(self.step, elapsed_ms))
+            if not self.model.looping and schedule.looping_on(self.step, elapsed_ms):
+                self.enable_looping(log, schedule.progress(self.step, elapsed_ms), "enable_looping_at")
             loss = self.train_step(lr_scale, momentum)
             self.step += 1
             if self.ema is not None and schedule.ema_on(self.step, elapsed_ms):
@@ -521,6 +571,8 @@ class Trainer:
                           "tokens_per_s": steps * tokens_per_step / window_s,
                           "train_ms": round(elapsed_ms, 1),
                           "qat": self.qat_active, "ema": bool(self.ema and self.ema.tensors is not None)}
+                if self.model_config.num_loops:
+                    record["looping"] = self.model.looping
                 log.record(record)
                 log.line(f"step {self.step}/{config.iterations}: loss {train_loss:.4f} lr x{lr_scale:.3f} "
                          f"{record['ms_per_step']:.1f} ms/step {record['tokens_per_s']:,.0f} tok/s "
@@ -543,6 +595,8 @@ class Trainer:
                   "ms_per_step": self.train_ms / max(trained_steps, 1), "param_count": self.param_count,
                   "world_size": self.dist.world_size, "accumulation_steps": self.accumulation,
                   "master": final_val, "qat_active": self.qat_active}
+        if self.model_config.num_loops:
+            result["looping_enabled_step"] = self.looping_enabled_step
         if self.ema is not None and self.ema.tensors is not None:
             result["ema_updates"] = self.ema.updates
             result["ema"] = self._evaluate_ema(val_tokens, byte_tables)

@@ -1,5 +1,5 @@
 """pgolf.optim: Muon (Newton-Schulz batches, the update with decoupled decay) and the optimizer groups at the
-baseline's rates."""
+baseline's rates; the 04-16 record's MuonEq-R row normalization, Polar Express coefficients and AdamW groups."""
 
 import math
 
@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from pgolf.model import GPT, ModelConfig, param_groups
-from pgolf.optim import Muon, build_optimizers, zeropower_via_newtonschulz5
+from pgolf.optim import (
+    ORTHOGONALIZERS,
+    Muon,
+    build_optimizers,
+    row_normalized,
+    zeropower_via_newtonschulz5,
+    zeropower_via_polar_express,
+)
 from pgolf.train_config import TrainConfig
 
 
@@ -80,3 +87,105 @@ def test_optimizer_groups_cover_every_parameter_once_with_the_baselines_rates():
     untied = GPT(ModelConfig(num_layers=1, model_dim=64, num_heads=4, num_kv_heads=2, tie_embeddings=False))
     rates = [opt.param_groups[0]["lr"] for opt in build_optimizers(untied, TrainConfig(), fused=False)]
     assert rates == [0.6, 0.008, 0.04, 0.04]
+
+
+# ---- the 04-16 record's variants: MuonEq-R, Polar Express, AdamW groups ----------------------------------------
+
+
+def test_row_normalization_divides_each_row_by_its_l2_norm():
+    # Rows (3, 4) and (0, -2) have norms 5 and 2; a zero row stays zero (its norm is floored, not divided by 0).
+    first = torch.tensor([[3.0, 4.0], [0.0, 0.0], [0.0, -2.0]])
+    second = torch.tensor([[1.0, 0.0], [-5.0, 12.0], [8.0, 6.0]])
+    expected = torch.stack([torch.tensor([[0.6, 0.8], [0.0, 0.0], [0.0, -1.0]]),
+                            torch.tensor([[1.0, 0.0], [-5 / 13, 12 / 13], [0.8, 0.6]])])
+    result = row_normalized(torch.stack([first, second]))
+    assert torch.allclose(result, expected, rtol=0, atol=1e-7)
+    assert torch.isfinite(result).all()
+
+
+def test_muon_with_row_normalize_orthogonalizes_the_row_normalized_nesterov_update():
+    torch.manual_seed(0)
+    # Rows of very different scales: without MuonEq-R the large rows dominate the orthogonalized update.
+    grad = torch.randn(32, 16) * torch.logspace(-2, 1, 32)[:, None]
+    lr, momentum = 0.05, 0.9
+    results = {}
+    for row_normalize in (False, True):
+        weight = torch.nn.Parameter(torch.zeros(32, 16))
+        muon = Muon([weight], lr=lr, momentum=momentum, row_normalize=row_normalize)
+        weight.grad = grad.clone()
+        muon.step()
+        results[row_normalize] = weight.detach().clone()
+    direction = grad + momentum * grad  # Nesterov on the first step: grad + momentum * (momentum buffer = grad)
+    by_hand = direction / torch.sqrt((direction**2).sum(dim=1, keepdim=True))
+    update = zeropower_via_newtonschulz5(by_hand[None])[0] * math.sqrt(32 / 16)
+    assert torch.allclose(results[True], -lr * update.float(), atol=1e-6)
+    assert not torch.allclose(results[False], results[True], atol=1e-3)
+
+
+def polar_distance(orthogonalized: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
+    """||X - U V^T||_F / ||U V^T||_F per matrix, U V^T the exact polar factor (float64 SVD)."""
+    u, _, vh = torch.linalg.svd(matrices.double(), full_matrices=False)
+    polar = u @ vh
+    return (orthogonalized.double() - polar).norm(dim=(-2, -1)) / polar.norm(dim=(-2, -1))
+
+
+@pytest.mark.parametrize("shape", [(64, 32), (32, 96), (128, 128)])
+def test_polar_express_orthogonalizes_at_least_as_well_as_the_standard_coefficients_in_5_steps(shape):
+    torch.manual_seed(0)
+    matrices = torch.randn(4, *shape)
+    standard = zeropower_via_newtonschulz5(matrices, steps=5)
+    polar = zeropower_via_polar_express(matrices, steps=5)
+    assert polar.dtype == torch.bfloat16 and polar.shape == matrices.shape
+    assert (polar_distance(polar, matrices) <= polar_distance(standard, matrices)).all()
+    # It was about half the standard's distance (0.09-0.11 vs 0.21-0.23) where this was written.
+    assert polar_distance(polar, matrices).max() < 0.15
+    if shape[0] != shape[1]:  # a square Gaussian matrix has singular values near 0 that 5 steps cannot lift
+        singular = torch.linalg.svdvals(polar.float())
+        assert singular.min() > 0.8 and singular.max() < 1.2
+    with pytest.raises(ValueError, match="5 published steps"):
+        zeropower_via_polar_express(matrices, steps=6)
+
+
+def test_optimizers_follow_the_configs_orthogonalizer_and_row_normalization():
+    model = GPT(ModelConfig(num_layers=1, model_dim=64, num_heads=4, num_kv_heads=2))
+    default = next(opt for opt in build_optimizers(model, TrainConfig(), fused=False) if isinstance(opt, Muon))
+    assert default.orthogonalize is zeropower_via_newtonschulz5 and not default.param_groups[0]["row_normalize"]
+    record = TrainConfig(muon_ns_coefficients="polar-express", muon_row_normalize=True)
+    muon = next(opt for opt in build_optimizers(model, record, fused=False) if isinstance(opt, Muon))
+    assert muon.orthogonalize is ORTHOGONALIZERS["polar-express"] is zeropower_via_polar_express
+    assert muon.param_groups[0]["row_normalize"]
+
+
+def test_adamw_decay_reaches_exactly_the_embedding_and_scalar_groups():
+    """With zero gradients Adam's update is 0, so each parameter moves only by its decoupled decay."""
+    model = GPT(ModelConfig(num_layers=1, model_dim=64, num_heads=4, num_kv_heads=2, tie_embeddings=False,
+                            bigram_buckets=16, bigram_dim=8))
+    config = TrainConfig(embed_weight_decay=0.1, scalar_weight_decay=0.2)
+    optimizers = build_optimizers(model, config, fused=False)
+    embed, head, muon, scalar = optimizers
+    assert type(embed) is torch.optim.AdamW and type(scalar) is torch.optim.AdamW
+    assert type(head) is torch.optim.Adam and isinstance(muon, Muon)
+    groups = param_groups(model)
+    torch.manual_seed(0)
+    with torch.no_grad():  # no zero-initialized tensor (head, projections, bigram table) hides a decay
+        for p in model.parameters():
+            p.normal_()
+    start = {name: p.detach().clone() for name, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    for opt in optimizers:
+        opt.step()
+    shrink = {id(p): 1 - 0.6 * 0.1 for p in groups["embed"]} | {id(p): 1 - 0.04 * 0.2 for p in groups["scalar"]}
+    assert len(groups["embed"]) == 2  # the token and bigram tables share the embedding group and its decay
+    for name, p in model.named_parameters():
+        expected = start[name] * shrink.get(id(p), 1.0)
+        assert torch.allclose(p.detach(), expected, rtol=1e-6, atol=0), name
+        assert torch.equal(p.detach(), start[name]) == (id(p) not in shrink), name
+    untouched = {id(p) for p in groups["matrix"] + groups["head"]}
+    assert untouched and not untouched & set(shrink)
+
+
+def test_default_config_keeps_plain_adam_everywhere():
+    model = GPT(ModelConfig(num_layers=1, model_dim=64, num_heads=4, num_kv_heads=2, tie_embeddings=False))
+    adams = [opt for opt in build_optimizers(model, TrainConfig(), fused=False) if not isinstance(opt, Muon)]
+    assert len(adams) == 3 and all(type(opt) is torch.optim.Adam for opt in adams)

@@ -33,6 +33,8 @@ NON_DEFAULT = {
         warmup_steps=3, warmdown_iters=9, warmdown_frac=0.5, matrix_lr=0.03, scalar_lr=0.02, tied_embed_lr=0.07,
         embed_lr=0.5, head_lr=0.01, muon_momentum=0.97, muon_momentum_warmup_start=0.92,
         muon_momentum_warmup_steps=11, muon_momentum_warmup_frac=0.1, muon_backend_steps=4, muon_weight_decay=0.1,
+        muon_row_normalize=True, muon_ns_coefficients="polar-express", embed_weight_decay=0.085,
+        scalar_weight_decay=0.02, min_lr=0.1, enable_looping_at=0.35,
         adam_beta1=0.8, adam_beta2=0.99, adam_eps=1e-9, grad_clip_norm=0.3, ema_decay=0.997, ema_start_frac=0.2,
         qat_bits=6, qat_mlp_bits=5, qat_start_frac=0.6, seed=42, val_every=13, log_every=17, checkpoint_every=19,
         compile="off"),

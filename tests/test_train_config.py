@@ -1,6 +1,7 @@
 """pgolf.train_config: the presets, the challenge's env aliases and precedence, config files and their errors."""
 
 import dataclasses
+import re
 
 import pytest
 
@@ -85,3 +86,35 @@ def test_config_file_tables_and_errors(tmp_path):
         resolve_configs("tiny", config_file=bad, env={})
     with pytest.raises(UsageError, match="warmdown_frac = 1.5: must be in"):
         resolve_configs("tiny", env={}, train_overrides={"warmdown_frac": 1.5})
+
+
+def test_record_env_names_set_the_optimizer_and_schedule_fields():
+    env = {"MUON_WD": "0.095", "EMBED_WD": "0.085", "ADAM_WD": "0.02", "MIN_LR": "0.05", "WARMDOWN_FRAC": "0.75",
+           "ENABLE_LOOPING_AT": "0.35", "MUON_ROW_NORMALIZE": "1"}
+    _, train, sources = resolve_configs("baseline", env=env)
+    assert (train.muon_weight_decay, train.embed_weight_decay, train.scalar_weight_decay, train.min_lr,
+            train.warmdown_frac, train.enable_looping_at, train.muon_row_normalize) == (
+        0.095, 0.085, 0.02, 0.05, 0.75, 0.35, True)
+    assert sources["train.scalar_weight_decay"] == "env ADAM_WD"
+    assert sources["train.muon_row_normalize"] == "env MUON_ROW_NORMALIZE"
+    _, polar, _ = resolve_configs("baseline", env={"PGOLF_MUON_NS_COEFFICIENTS": "polar-express"})
+    assert polar.muon_ns_coefficients == "polar-express"
+
+
+def test_record_fields_default_to_todays_behaviour():
+    train = TrainConfig()
+    assert not train.muon_row_normalize and train.muon_ns_coefficients == "standard"
+    assert train.embed_weight_decay == train.scalar_weight_decay == train.min_lr == train.enable_looping_at == 0.0
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"muon_ns_coefficients": "polar"}, "muon_ns_coefficients = 'polar': must be one of standard, polar-express"),
+    ({"muon_ns_coefficients": "polar-express", "muon_backend_steps": 6}, "muon_backend_steps = 6: must be <= 5"),
+    ({"embed_weight_decay": -0.1}, "embed_weight_decay = -0.1: must be >= 0"),
+    ({"scalar_weight_decay": -1.0}, "scalar_weight_decay = -1.0: must be >= 0"),
+    ({"min_lr": 1.5}, "min_lr = 1.5: must be in [0, 1]"),
+    ({"enable_looping_at": -0.1}, "enable_looping_at = -0.1: must be in [0, 1]"),
+])
+def test_record_fields_are_validated(changes, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        TrainConfig(**changes)

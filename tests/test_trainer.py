@@ -1,15 +1,35 @@
-"""pgolf.trainer on its own: the CUDA dtypes, budget-aware schedules (fractions, wallclock-aware warm-down, EMA
-and QAT switches) and the resumable train log."""
+"""pgolf.trainer on its own: the CUDA dtypes, budget-aware schedules (fractions, wallclock-aware warm-down, the lr
+floor, EMA and QAT switches), the resumable train log and resume checkpoints, and the depth-recurrence switch in
+tiny CPU runs (where it happens, what the log and metrics say, the compile warm-up of both graphs, resume across
+it)."""
 
 import dataclasses
 import json
+import signal
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
+from pgolf.bpb import build_byte_tables, load_tokenizer
+from pgolf.dist import init_distributed
+from pgolf.errors import UsageError
 from pgolf.model import GPT, ModelConfig
-from pgolf.train_config import TrainConfig
-from pgolf.trainer import Schedule, TrainLog, bf16_training_dtypes
+from pgolf.shards import list_shards, load_split
+from pgolf.train_config import TrainConfig, resolve_configs
+from pgolf.trainer import (
+    RESUME_FILE,
+    Schedule,
+    StopSignal,
+    Trainer,
+    TrainingInterrupted,
+    TrainLog,
+    bf16_training_dtypes,
+)
+from tests.demo_data import TOKENIZER_NAME
 
 
 def test_cuda_dtypes_are_the_challenges():
@@ -99,3 +119,178 @@ def test_resumed_log_keeps_what_happened_before_the_checkpoint(tmp_path):
     assert kept == [("train", 7), ("val", 7), ("train", 8)]
 
 
+
+
+# ---- the 04-16 record's lr floor ------------------------------------------------------------------------
+
+
+def test_min_lr_floors_the_warmdown_like_the_record():
+    """The record's multiplier: 1 before the warm-down, then max((1 - progress) / warmdown_frac, min_lr)."""
+    iterations, warmdown_frac, min_lr = 200, 0.4, 0.15
+    floored = Schedule(TrainConfig(wallclock_seconds=0, iterations=iterations, warmdown_iters=0,
+                                   warmdown_frac=warmdown_frac, min_lr=min_lr))
+    for step in range(iterations + 1):
+        progress = step / iterations
+        expected = max((1 - progress) / warmdown_frac, min_lr) if progress >= 1 - warmdown_frac else 1.0
+        assert floored.lr_scale(step, 0.0) == pytest.approx(expected, abs=1e-12), step
+    plain = Schedule(TrainConfig(wallclock_seconds=0, iterations=iterations, warmdown_frac=warmdown_frac))
+    steps = (0, 120, 150, 180, 194, 200)
+    assert [floored.lr_scale(s, 0.0) for s in steps] == pytest.approx([1.0, 1.0, 0.625, 0.25, 0.15, 0.15])
+    assert [plain.lr_scale(s, 0.0) for s in steps] == pytest.approx([1.0, 1.0, 0.625, 0.25, 0.075, 0.0])
+    # Under the challenge's step warm-down the same floor holds, and so it does under a wallclock cap.
+    by_steps = Schedule(TrainConfig(wallclock_seconds=0, iterations=1000, warmdown_iters=200, min_lr=0.25))
+    assert [by_steps.lr_scale(s, 0.0) for s in (0, 800, 900, 950, 1000)] == [1.0, 1.0, 0.5, 0.25, 0.25]
+    capped = Schedule(TrainConfig(wallclock_seconds=300, warmdown_iters=100, min_lr=0.25))
+    assert capped.lr_scale(1000, 100_000) == 1.0 and capped.lr_scale(2990, 299_000) == 0.25
+
+
+# ---- depth recurrence: the looping switch in real tiny runs ---------------------------------------------
+
+LOOPED_MODEL = dict(num_loops=1, loop_start=0, loop_end=1)  # the tiny preset's 2 blocks run twice when looping
+
+
+def looping_trainer(data_dir: Path, model_changes: dict | None = None, **train_changes) -> Trainer:
+    """The tiny preset (4 micro-batches a step), 8 steps, the loops from half the budget on, no periodic work."""
+    train = dict(iterations=8, enable_looping_at=0.5, val_every=0, checkpoint_every=0, warmup_steps=1) | train_changes
+    model_config, train_config, _ = resolve_configs("tiny", env={}, model_overrides=model_changes or LOOPED_MODEL,
+                                                    train_overrides=train)
+    return Trainer(model_config, train_config, list_shards(data_dir, "train"), init_distributed())
+
+
+def val_inputs(data_dir: Path):
+    val_tokens = torch.from_numpy(load_split(list_shards(data_dir, "val"))[:2049].astype(np.int32))
+    return val_tokens, build_byte_tables(load_tokenizer(data_dir / TOKENIZER_NAME)).torch()
+
+
+def jsonl(directory: Path, event: str) -> list[dict]:
+    return [r for r in map(json.loads, (directory / "train_log.jsonl").read_text().splitlines())
+            if r["event"] == event]
+
+
+def test_looping_switches_on_at_its_budget_fraction_in_a_real_run(tiny_data_dir, tmp_path):
+    trainer = looping_trainer(tiny_data_dir)
+    assert not trainer.model.looping and trainer.looping_enabled_step is None
+    first_block_runs = []
+    trainer.model.blocks[0].register_forward_hook(lambda *_: first_block_runs.append(1))
+    runs_per_step = []
+
+    def on_step(step: int, train_ms: float) -> None:
+        runs_per_step.append(len(first_block_runs) - sum(runs_per_step))
+
+    trainer.warmup()
+    assert not trainer.model.looping  # warm-up ran both graphs, then put the switch back
+    first_block_runs.clear()
+    result = trainer.run(*val_inputs(tiny_data_dir), TrainLog(tmp_path, enabled=True), tmp_path / RESUME_FILE,
+                         StopSignal(), on_step)
+    # 4 steps of 4 micro-batches running block 0 once, then 4 running it twice (blocks 0 1 0 1).
+    assert runs_per_step == [4] * 4 + [8] * 4
+    assert [r["looping"] for r in jsonl(tmp_path, "train")] == [False] * 4 + [True] * 4
+    (event,) = jsonl(tmp_path, "looping")
+    assert (event["step"], event["progress"]) == (4, 0.5)
+    assert result["looping_enabled_step"] == 4 and trainer.model.looping
+    assert "step 4: depth recurrence on at progress 0.500" in (tmp_path / "train.log").read_text()
+
+
+def test_a_budget_ending_before_the_switch_validates_and_exports_the_looped_model(tiny_data_dir, tmp_path):
+    trainer = looping_trainer(tiny_data_dir, iterations=4, enable_looping_at=0.9, warmup_steps=0)
+    val_tokens, tables = val_inputs(tiny_data_dir)
+    result = trainer.run(val_tokens, tables, TrainLog(tmp_path, enabled=True), tmp_path / RESUME_FILE, StopSignal())
+    assert [r["looping"] for r in jsonl(tmp_path, "train")] == [False] * 4
+    (event,) = jsonl(tmp_path, "looping")
+    assert event["step"] == 4 and result["looping_enabled_step"] == 4
+    assert "the budget ended first" in (tmp_path / "train.log").read_text()
+    assert trainer.validate(val_tokens, tables) == result["master"]  # the final score is the looped model's
+    trainer.model.looping = False
+    assert trainer.validate(val_tokens, tables)["val_loss"] != result["master"]["val_loss"]
+
+
+def test_without_loops_the_switch_is_inert(tiny_data_dir, tmp_path):
+    trainer = looping_trainer(tiny_data_dir, model_changes={"num_loops": 0}, iterations=3)
+    result = trainer.run(*val_inputs(tiny_data_dir), TrainLog(tmp_path, enabled=True), tmp_path / RESUME_FILE,
+                         StopSignal())
+    assert trainer.model.looping and "looping_enabled_step" not in result
+    assert not jsonl(tmp_path, "looping") and all("looping" not in r for r in jsonl(tmp_path, "train"))
+
+
+def test_warmup_compiles_both_graphs_so_the_switch_does_not_recompile(tiny_data_dir, tmp_path):
+    torch._dynamo.reset()
+    trainer = looping_trainer(tiny_data_dir, compile="aot_eager", iterations=4)
+    start = {name: t.clone() for name, t in trainer.model.state_dict().items()}
+    trainer.warmup()
+    assert not trainer.model.looping
+    assert all(torch.equal(t, start[name]) for name, t in trainer.model.state_dict().items())
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        result = trainer.run(*val_inputs(tiny_data_dir), TrainLog(tmp_path, enabled=True), tmp_path / RESUME_FILE,
+                             StopSignal())
+    assert result["looping_enabled_step"] == 2
+    # The switch is a guarded attribute: a graph warm-up did not build would be compiled (here: refused).
+    torch._dynamo.reset()  # GPT.forward's graphs serve any GPT of the same config: start from none
+    looped_only = looping_trainer(tiny_data_dir, compile="aot_eager", iterations=4, enable_looping_at=0.0)
+    looped_only.warmup()
+    looped_only.model.looping = False
+    x, y = looped_only.loader.next_batch()
+    with torch._dynamo.config.patch(error_on_recompile=True), pytest.raises(Exception, match="[Rr]ecompil"):
+        looped_only.compiled(x, y)
+    torch._dynamo.reset()
+
+
+def train_losses(directory: Path) -> list[float]:
+    return [r["loss"] for r in jsonl(directory, "train")]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_looping_run(tiny_data_dir, tmp_path_factory) -> tuple[Path, dict]:
+    directory = tmp_path_factory.mktemp("uninterrupted")
+    result = looping_trainer(tiny_data_dir).run(*val_inputs(tiny_data_dir), TrainLog(directory, enabled=True),
+                                                directory / RESUME_FILE, StopSignal())
+    return directory, result
+
+
+@pytest.mark.parametrize("interrupted_at", [2, 4, 6])
+def test_resume_across_the_switch_matches_an_uninterrupted_run(tiny_data_dir, tmp_path, uninterrupted_looping_run,
+                                                               interrupted_at):
+    """The switch happens before step 5 (progress 4/8); a checkpoint at step 4 is written just before it."""
+    reference, expected = uninterrupted_looping_run
+    val_tokens, tables = val_inputs(tiny_data_dir)
+    work = tmp_path
+    first, stop = looping_trainer(tiny_data_dir), StopSignal()
+
+    def signal_before(step: int, train_ms: float) -> None:  # seen at the next step, which checkpoints and stops
+        if step == interrupted_at - 1:
+            stop.signum = signal.SIGTERM
+
+    with pytest.raises(TrainingInterrupted):
+        first.run(val_tokens, tables, TrainLog(work, enabled=True), work / RESUME_FILE, stop, signal_before)
+    assert first.step == interrupted_at
+    resumed = looping_trainer(tiny_data_dir)
+    resumed.load_resume(work / RESUME_FILE)
+    assert resumed.model.looping == (interrupted_at > 4)
+    assert resumed.looping_enabled_step == (4 if interrupted_at > 4 else None)
+    log = TrainLog(work, enabled=True)
+    log.truncate_after(resumed.step)
+    resumed.warmup()
+    assert resumed.model.looping == (interrupted_at > 4)
+    result = resumed.run(val_tokens, tables, log, work / RESUME_FILE, StopSignal())
+    assert result["looping_enabled_step"] == expected["looping_enabled_step"] == 4
+    assert [r["step"] for r in jsonl(work, "looping")] == [4]
+    assert [r["step"] for r in jsonl(work, "train")] == list(range(1, 9))
+    assert train_losses(work) == pytest.approx(train_losses(reference), rel=1e-6)
+    assert result["master"]["val_loss"] == pytest.approx(expected["master"]["val_loss"], rel=1e-6)
+
+
+def test_resume_reads_a_setting_missing_from_an_older_checkpoint_as_its_default(tiny_data_dir, tmp_path):
+    """A checkpoint written before a TrainConfig field existed ran that field's default."""
+    model_config, train_config, _ = resolve_configs("tiny", env={})
+    trainer = Trainer(model_config, train_config, list_shards(tiny_data_dir, "train"), init_distributed())
+    path = tmp_path / RESUME_FILE
+    trainer.save_resume(path)
+    with safe_open(str(path), framework="pt") as f:
+        metadata, tensors = f.metadata(), {name: f.get_tensor(name) for name in f.keys()}
+    loop = json.loads(metadata["loop"])
+    del loop["configs"]["train"]["muon_row_normalize"]
+    save_file(tensors, path, metadata=metadata | {"loop": json.dumps(loop)})
+    trainer.load_resume(path)
+    changed = Trainer(model_config, dataclasses.replace(train_config, muon_row_normalize=True),
+                      list_shards(tiny_data_dir, "train"), init_distributed())
+    with pytest.raises(UsageError, match="was written with train muon_row_normalize = False, this run has True"):
+        changed.load_resume(path)
