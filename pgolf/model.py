@@ -21,7 +21,8 @@ Module and parameter names are stable; eval's LoRA TTT, QAT plans and the quanti
 
 Every output position depends only on inputs at or before it: attention is causal, SmearGate and BigramHash
 look one token back, and (with bos_isolation, the default) both are masked where the current token is BOS so a
-document never sees the previous one.
+document never sees the previous one. Training can isolate documents in attention too (`isolate_documents`, from
+TrainConfig): a query then sees only keys of its own document (document_mask picks the implementation).
 
 Depth recurrence (num_loops > 0) runs blocks loop_start..loop_end num_loops extra times; `GPT.looping` switches
 the extra runs off (training turns them on part-way, as the 04-16 record does). `block_layout(config)` lists the
@@ -394,7 +395,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> torc
     options = dict(is_causal=mask is None, attn_mask=mask)
     if group == 1:
         return F.scaled_dot_product_attention(q, k, v, **options)
-    if SDPA_HAS_GQA:
+    # enable_gqa runs on SDPA's flash and math kernels only; with a mask (no flash) the repeated KV heads let the
+    # memory-efficient kernel take it instead of math, which would hold every [T, T] score in fp32.
+    if SDPA_HAS_GQA and mask is None:
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **options)
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     return F.scaled_dot_product_attention(q, k, v, **options)
