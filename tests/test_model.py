@@ -3,7 +3,12 @@ attention, every option taking effect, QAT switching under torch.compile, and a 
 
 import dataclasses
 import itertools
+import json
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -372,6 +377,12 @@ def test_auto_picks_flex_only_for_cuda_inside_torch_compile():
     with pytest.raises(ValueError, match="document attention 'dense'"):
         document_attention_kind(cpu, "dense")
 
+    @torch.compile(backend="eager", fullgraph=True)
+    def traced_choice(x):  # what dynamo makes of the CUDA branch (the CPU one never reaches is_compiling)
+        return x + (document_attention_kind(cuda) == "flex")
+
+    assert traced_choice(torch.zeros(())).item() == (flex_attention_api() is not None)
+
 
 @pytest.mark.parametrize("kind", ["auto", "flex"])
 def test_isolated_forward_compiles_whole_and_matches_eager(kind):
@@ -400,6 +411,29 @@ def test_isolated_forward_compiles_whole_and_matches_eager(kind):
         other_batch = packed_rows(config, seed=15)  # other document boundaries: the same graph, no recompile
         compiled(other_batch, targets, isolate_documents=True)
     assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_doc_attention_benchmark_runs_every_candidate_in_tiny_mode(tiny_data_dir, tmp_path):
+    """benchmarks/doc_attention.py on the CPU: the candidates that run report times, the others (no flex_attention
+    backward, no flash varlen on the CPU) report their error, and the run still writes its JSON line."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "doc_attention.py"
+    out = tmp_path / "doc_attention.jsonl"
+    command = [sys.executable, script, "--tiny", "--compile", "off", "--steps", "1", "--warmup", "1", "--data",
+               tiny_data_dir, "--out", out]
+    result = subprocess.run(list(map(str, command)), capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    (line,) = out.read_text().splitlines()
+    row = json.loads(line)
+    assert row["data"] == str(tiny_data_dir) and row["auto_choice"] == "sdpa_mask" and row["device"] == "cpu"
+    assert set(row["model"]) == {"causal", "sdpa_mask", "flex"}
+    assert set(row["kernels"]) == {"causal", "sdpa_mask", "flex", "varlen"}
+    for section in ("model", "kernels"):
+        assert row[section]["causal"]["ratio_to_causal"] == 1.0
+        assert row[section]["sdpa_mask"]["ms_per_step"] > 0
+        assert all("ms_per_step" in r or r["error"] for r in row[section].values())
+    assert row["kernels"]["sdpa_mask"]["max_abs_diff_vs_sdpa_mask"] == 0.0
+    assert 0 < row["documents"]["attention_work_ratio"] < 1  # the demo documents start inside rows
 
 
 # --- compile and QAT ----------------------------------------------------------------------------------------
