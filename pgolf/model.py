@@ -21,7 +21,8 @@ Module and parameter names are stable; eval's LoRA TTT, QAT plans and the quanti
 
 Every output position depends only on inputs at or before it: attention is causal, SmearGate and BigramHash
 look one token back, and (with bos_isolation, the default) both are masked where the current token is BOS so a
-document never sees the previous one.
+document never sees the previous one. Training can isolate documents in attention too (`isolate_documents`, from
+TrainConfig): a query then sees only keys of its own document (document_mask picks the implementation).
 
 Depth recurrence (num_loops > 0) runs blocks loop_start..loop_end num_loops extra times; `GPT.looping` switches
 the extra runs off (training turns them on part-way, as the 04-16 record does). `block_layout(config)` lists the
@@ -43,6 +44,8 @@ GATE_SOURCES = ("input", "q")  # what the attention output gate reads: the norme
 FINAL_LANES = ("mean", "attn", "mlp")  # which parallel lane (or their mean) becomes the final hidden state
 # SDPA learned enable_gqa in torch 2.5; older torch gets the KV heads repeated explicitly.
 SDPA_HAS_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
+# How attention keeps documents apart when a forward isolates them (GPT.document_attention); see document_mask.
+DOCUMENT_ATTENTION = ("auto", "flex", "sdpa_mask")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,10 +302,10 @@ class CausalSelfAttention(nn.Module):
         if self.out_gate is not None:
             nn.init.zeros_(self.out_gate.weight)
 
-    def forward(self, x, cos, sin, v0, value_embed=None, documents=None):
+    def forward(self, x, cos, sin, v0, value_embed=None, mask=None):
         """x: [B, T, D] normed block input; v0: layer 0's values (value residual) or None; value_embed: [B, T,
-        kv_dim] added to the values or None; documents: [B, T] document index per position (attention stays
-        inside a document) or None. Returns the projected output and this layer's values."""
+        kv_dim] added to the values or None; mask: document_mask's mask (attention stays inside a document) or
+        None (plain causal). Returns the projected output and this layer's values."""
         batch, seq_len, dim = x.shape
         q_raw = self.c_q(x)
         q = q_raw.view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
@@ -317,7 +320,7 @@ class CausalSelfAttention(nn.Module):
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q = q * self.q_gain.to(q.dtype)[None, :, None, None]
-        y = attend(q, k, v, documents)
+        y = attend(q, k, v, mask)
         if self.xsa:
             y = remove_self_value(y, v)
         if self.head_gate is not None:
@@ -330,19 +333,71 @@ class CausalSelfAttention(nn.Module):
         return self.proj(y), v
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: torch.Tensor | None = None) -> torch.Tensor:
-    """Causal SDPA on [B, H, T, D] queries and [B, H_kv, T, D] keys/values; with `documents` ([B, T] document
-    index per position) a query sees only keys of its own document."""
+def flex_attention_api():
+    """(create_block_mask, flex_attention), or None where torch has no flex_attention with GQA (before 2.5).
+    Imported here, not at the top, so the model (and a bundled submission) still loads on older torch."""
+    if not SDPA_HAS_GQA:
+        return None
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:
+        return None
+    return create_block_mask, flex_attention
+
+
+def document_attention_kind(device: torch.device, requested: str = "auto") -> str:
+    """The implementation a document-isolated forward uses: `requested`, or for "auto":
+
+    - "flex" on CUDA while torch.compile traces the model: flex_attention with a document + causal BlockMask,
+      which Inductor compiles into one fused kernel that skips the key blocks the mask empties (other
+      documents, the future), where a dense mask pays for every block (benchmarks/doc_attention.py measures
+      both against plain causal attention). Under the aot_eager debug backend it runs unfused: exact, slower.
+    - "sdpa_mask" otherwise: SDPA with a dense [B, 1, T, T] bool mask. Exact everywhere, but an explicit mask
+      keeps SDPA off its flash kernel (memory-efficient or math kernel instead). Outside torch.compile,
+      flex_attention runs an unfused reference that materializes every score, and it has no backward on CPU."""
+    if requested not in DOCUMENT_ATTENTION:
+        raise ValueError(f"document attention {requested!r}: must be one of {', '.join(DOCUMENT_ATTENTION)}")
+    if requested != "auto":
+        return requested
+    if device.type == "cuda" and torch.compiler.is_compiling() and flex_attention_api() is not None:
+        return "flex"
+    return "sdpa_mask"
+
+
+def document_mask(input_ids: torch.Tensor, kind: str = "auto"):
+    """What attend() needs to keep each query inside its own document and causal, built once per forward: the
+    document index of a position is the count of BOS tokens up to it (a row that starts mid-document has index
+    0 until its first BOS). A BlockMask for "flex", a [B, 1, T, T] bool mask for "sdpa_mask"."""
+    kind = document_attention_kind(input_ids.device, kind)
+    documents = torch.cumsum(input_ids == BOS_ID, dim=1)
+    batch, seq_len = input_ids.shape
+    if kind == "flex":
+        api = flex_attention_api()
+        if api is None:
+            raise RuntimeError(f"flex_attention needs torch >= 2.5 (this is {torch.__version__})")
+
+        def same_document_causal(b, h, q_idx, kv_idx):
+            return (q_idx >= kv_idx) & (documents[b, q_idx] == documents[b, kv_idx])
+
+        return api[0](same_document_causal, batch, None, seq_len, seq_len, device=input_ids.device)
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=input_ids.device).tril()
+    return (causal & (documents[:, :, None] == documents[:, None, :]))[:, None]
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> torch.Tensor:
+    """Causal attention on [B, H, T, D] queries and [B, H_kv, T, D] keys/values; `mask` from document_mask
+    (a bool tensor: SDPA with it; a flex BlockMask: flex_attention) or None (causal SDPA, the flash kernel)."""
     group = q.size(1) // k.size(1)
-    mask = None
-    if documents is not None:
-        seq_len = q.size(2)
-        causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=q.device).tril()
-        mask = (causal & (documents[:, :, None] == documents[:, None, :]))[:, None]
+    if mask is not None and not isinstance(mask, torch.Tensor):
+        # flex_attention needs one dtype and, unlike SDPA, has no autocast rule in every torch: under autocast
+        # v is bf16 (a linear's output), so q and k follow it, as SDPA's autocast cast would do.
+        return flex_attention_api()[1](q.to(v.dtype), k.to(v.dtype), v, block_mask=mask, enable_gqa=group > 1)
     options = dict(is_causal=mask is None, attn_mask=mask)
     if group == 1:
         return F.scaled_dot_product_attention(q, k, v, **options)
-    if SDPA_HAS_GQA:
+    # enable_gqa runs on SDPA's flash and math kernels only; with a mask (no flash) the repeated KV heads let the
+    # memory-efficient kernel take it instead of math, which would hold every [T, T] score in fp32.
+    if SDPA_HAS_GQA and mask is None:
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **options)
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     return F.scaled_dot_product_attention(q, k, v, **options)
@@ -386,21 +441,21 @@ class Block(nn.Module):
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
         self.norm_scale = 1.0 / math.sqrt(layer + 1) if config.ln_scale else None
 
-    def forward(self, x, x0, cos, sin, v0, value_embed=None, documents=None):
+    def forward(self, x, x0, cos, sin, v0, value_embed=None, mask=None):
         mix = self.resid_mix.to(x.dtype)
         x = mix[0][None, None, :] * x + mix[1][None, None, :] * x0
-        attn_out, v = self.attn(self.norm(x), cos, sin, v0, value_embed, documents)
+        attn_out, v = self.attn(self.norm(x), cos, sin, v0, value_embed, mask)
         x = x + self.attn_scale.to(x.dtype)[None, None, :] * attn_out
         x = x + self.mlp_scale.to(x.dtype)[None, None, :] * self.mlp(self.norm(x))
         return x, v
 
-    def parallel(self, lanes, x0, cos, sin, v0, value_embed, documents, resid, post):
+    def parallel(self, lanes, x0, cos, sin, v0, value_embed, mask, resid, post):
         """Parallel residual lanes (04-16): attention reads lane 0 (mixed with x0), the MLP reads lane 1, and
         both outputs go to both lanes: lane_j = resid[j] * lane_j + post[0, j] * attn + post[1, j] * mlp."""
         attn_lane, mlp_lane = lanes
         mix = self.resid_mix.to(attn_lane.dtype)
         attn_in = mix[0][None, None, :] * attn_lane + mix[1][None, None, :] * x0
-        attn_out, v = self.attn(self.norm(attn_in), cos, sin, v0, value_embed, documents)
+        attn_out, v = self.attn(self.norm(attn_in), cos, sin, v0, value_embed, mask)
         attn_out = self.attn_scale.to(attn_out.dtype)[None, None, :] * attn_out
         mlp_out = self.mlp_scale.to(mlp_lane.dtype)[None, None, :] * self.mlp(self.norm(mlp_lane))
         resid, post = resid.to(attn_lane.dtype), post.to(attn_lane.dtype)
@@ -512,6 +567,7 @@ class GPT(nn.Module):
         self.value_embed = ValueEmbedding(config) if config.value_embed_layers else None
         self.layout = block_layout(config)
         self.looping = True  # run the looped segment's extra passes (training turns this on part-way)
+        self.document_attention = "auto"  # isolate_documents' implementation, one of DOCUMENT_ATTENTION
         encoder = encoder_length(config, self.layout)
         num_skips = min(encoder, len(self.layout.execution) - encoder)
         self.skip_weights = nn.Parameter(torch.ones(num_skips, config.model_dim)) if num_skips else None
@@ -581,10 +637,11 @@ class GPT(nn.Module):
 
     def hidden(self, input_ids: torch.Tensor, isolate_documents: bool = False) -> torch.Tensor:
         """Final-normed hidden states [B, T, model_dim]. `isolate_documents`: attention never crosses a BOS
-        (document-packed training; scoring always attends across the whole window)."""
+        (document-packed training, as the 04-10 / 04-16 records train; scoring always attends across the whole
+        window). RoPE is relative, so a document's output does not depend on where in the row it starts."""
         config = self.config
         cos, sin = self.rotary(input_ids.size(1))
-        documents = torch.cumsum(input_ids == BOS_ID, dim=1) if isolate_documents else None
+        mask = document_mask(input_ids, self.document_attention) if isolate_documents else None
         layout = self.layout if self.looping else block_layout(config, looping=False)
         encoder = encoder_length(config, layout)
         x0 = self.embed(input_ids)
@@ -610,10 +667,10 @@ class GPT(nn.Module):
                     x = stream
             value_embed = self.value_embed.for_block(shared_values, index) if shared_values is not None else None
             if parallel:
-                lanes, v = block.parallel(lanes, x0, cos, sin, v0, value_embed, documents,
+                lanes, v = block.parallel(lanes, x0, cos, sin, v0, value_embed, mask,
                                           self.parallel_resid_lambdas[index], self.parallel_post_lambdas[index])
             else:
-                x, v = block(x, x0, cos, sin, v0, value_embed, documents)
+                x, v = block(x, x0, cos, sin, v0, value_embed, mask)
             if position == 0 and config.value_residual:
                 v0 = v
             if position < encoder:

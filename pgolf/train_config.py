@@ -85,6 +85,7 @@ class TrainConfig:
     wallclock_seconds: float = 600.0  # training-time cap (warm-up, val, checkpoints not counted); 0 = none
     batch_tokens: int = 524288  # tokens per optimizer step, all ranks together (same at any world size)
     seq_len: int = 1024  # tokens per training sequence
+    isolate_documents: bool = False  # training attention never crosses a BOS (records 04-10, 04-16); eval stays causal
     micro_batch_tokens: int = 0  # max tokens per rank per forward/backward (capped at a rank's share); 0 = batch / 8
     warmup_steps: int = 20  # compile warm-up steps, then model, optimizer and data are restored (not timed)
     warmdown_iters: int = 1200  # challenge warm-down length in steps (wallclock-aware under a cap); 0 = none

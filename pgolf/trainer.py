@@ -338,7 +338,7 @@ class Trainer:
                 last_micro = micro == self.accumulation - 1
                 with nullcontext() if self.ddp is None or last_micro else self.ddp.no_sync():
                     with self.autocast():
-                        loss = model(x, y)
+                        loss = model(x, y, isolate_documents=self.config.isolate_documents)
                     (loss / self.accumulation).backward()
                 total += loss.detach()
         with torch.profiler.record_function(self.PROFILE_LABELS[1]):

@@ -1,8 +1,15 @@
-"""pgolf.model: baseline size and init, config validation, causality, document separation, every option taking
-effect, QAT switching under torch.compile, and a tiny model learning real text."""
+"""pgolf.model: baseline size and init, config validation, causality, document separation, document-isolated
+attention, every option taking effect, QAT switching under torch.compile, and a tiny model learning real text."""
 
 import dataclasses
 import itertools
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -16,6 +23,8 @@ from pgolf.model import (
     ModelConfig,
     block_layout,
     casted_linear_names,
+    document_attention_kind,
+    flex_attention_api,
     param_groups,
     set_qat_enabled,
     set_qat_plan,
@@ -280,6 +289,151 @@ def test_gates_start_open_so_new_options_begin_near_the_baseline():
     assert torch.count_nonzero(attn.out_gate.weight) == 0  # 2 * sigmoid(0) = 1: transparent
     assert torch.count_nonzero(model.bigram.embed.weight) == 0  # the bigram branch starts silent
     assert torch.count_nonzero(model.smear.gate) == 0
+
+
+# --- document-isolated attention (isolate_documents) ---------------------------------------------------------
+
+# The 04-16 record's cross-position machinery in small: GQA, XSA, value residual, SmearGate + BigramHash with BOS
+# isolation, depth recurrence (block 1 runs twice), parallel lanes, gated skips and output gates, partial RoPE.
+RECORD_LIKE = dict(num_layers=4, xsa_last_n=-1, value_residual=True, smear_gate=True, bigram_buckets=97,
+                   bigram_dim=8, num_loops=1, loop_start=1, loop_end=1, parallel_start_layer=3, skip_gates=True,
+                   rope_dims=4, ln_scale=True, attn_out_gate_width=8, gated_attention=True)
+# The other SmearGate (input-dependent, on the raw embedding), value embeddings and the q-sourced output gate.
+RECORD_LIKE_TOKEN_SMEAR = {**RECORD_LIKE, "smear_gate": False, "smear_gate_width": 8, "value_embed_layers": (0, 3),
+                           "value_embed_dim": 8, "attn_out_gate_src": "q"}
+# Row 0: three whole documents; row 1 starts mid-document (no BOS) and then one document starts.
+PACKED_SEGMENTS = [[(0, 11), (11, 28), (28, 40)], [(0, 9), (9, 40)]]
+
+
+def packed_rows(config: ModelConfig, seed: int) -> torch.Tensor:
+    tokens = random_tokens(len(PACKED_SEGMENTS), 40, config.vocab_size, seed)
+    for row, segments in enumerate(PACKED_SEGMENTS):
+        for start, _ in segments:
+            if start > 0 or row == 0:
+                tokens[row, start] = BOS_ID
+    return tokens
+
+
+def isolated_logits(model: GPT, tokens: torch.Tensor, isolate: bool = True) -> torch.Tensor:
+    return model.logits_from_hidden(model.hidden(tokens, isolate_documents=isolate))
+
+
+@pytest.mark.parametrize("kind", ["sdpa_mask", "flex"])
+@pytest.mark.parametrize("changes", [RECORD_LIKE, RECORD_LIKE_TOKEN_SMEAR], ids=["smear+bigram", "token-smear+ve"])
+def test_isolated_documents_match_each_document_run_alone(changes, kind):
+    if kind == "flex" and flex_attention_api() is None:
+        pytest.skip("this torch has no flex_attention")
+    config = tiny(**changes)
+    model = randomized(config, seed=11)
+    model.document_attention = kind
+    tokens = packed_rows(config, seed=11)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile")  # CPU reference
+        packed = isolated_logits(model, tokens)
+        for row, segments in enumerate(PACKED_SEGMENTS):
+            for start, end in segments:
+                alone = model.logits(tokens[row : row + 1, start:end])[0]
+                # Only RoPE's float32 tables differ between positions (relative in exact arithmetic): ~1e-7 here.
+                torch.testing.assert_close(packed[row, start:end], alone, rtol=0, atol=1e-5)
+
+
+def test_without_isolation_later_documents_see_earlier_ones():
+    config = tiny(**RECORD_LIKE)
+    model = randomized(config, seed=12)
+    tokens = packed_rows(config, seed=12)
+    with torch.no_grad():
+        packed = isolated_logits(model, tokens, isolate=False)
+        for row, segments in enumerate(PACKED_SEGMENTS):
+            start, end = segments[1]
+            alone = model.logits(tokens[row : row + 1, start:end])[0]
+            assert (packed[row, start:end] - alone).abs().max() > 1e-2
+            first_start, first_end = segments[0]  # the first segment is causal either way
+            torch.testing.assert_close(packed[row, first_start:first_end], isolated_logits(model, tokens)[
+                row, first_start:first_end], rtol=0, atol=1e-12)
+
+
+def test_isolated_training_forward_has_gradients_for_every_parameter():
+    config = tiny(**RECORD_LIKE_TOKEN_SMEAR)
+    model = randomized(config, seed=13).train()
+    tokens = packed_rows(config, seed=13)
+    targets = torch.roll(tokens, -1, dims=1)
+    model(tokens, targets, isolate_documents=True).backward()
+    isolated = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    model(tokens, targets).backward()
+    for name, grad in isolated.items():
+        assert torch.isfinite(grad).all() and grad.abs().max() > 0, name
+    assert not torch.allclose(isolated["blocks.1.attn.c_q.weight"], model.blocks[1].attn.c_q.weight.grad)
+
+
+def test_auto_picks_flex_only_for_cuda_inside_torch_compile():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # a device object: CUDA itself is never touched
+    assert document_attention_kind(cpu) == document_attention_kind(cuda) == "sdpa_mask"  # eager
+    with mock.patch("torch.compiler.is_compiling", return_value=True):
+        assert document_attention_kind(cpu) == "sdpa_mask"
+        assert document_attention_kind(cuda) == ("flex" if flex_attention_api() else "sdpa_mask")
+        assert document_attention_kind(cuda, "sdpa_mask") == "sdpa_mask"
+    assert document_attention_kind(cpu, "flex") == "flex"
+    with pytest.raises(ValueError, match="document attention 'dense'"):
+        document_attention_kind(cpu, "dense")
+
+    @torch.compile(backend="eager", fullgraph=True)
+    def traced_choice(x):  # what dynamo makes of the CUDA branch (the CPU one never reaches is_compiling)
+        return x + (document_attention_kind(cuda) == "flex")
+
+    assert traced_choice(torch.zeros(())).item() == (flex_attention_api() is not None)
+
+
+@pytest.mark.parametrize("kind", ["auto", "flex"])
+def test_isolated_forward_compiles_whole_and_matches_eager(kind):
+    if kind == "flex" and flex_attention_api() is None:
+        pytest.skip("this torch has no flex_attention")
+    torch._dynamo.reset()
+    config = tiny(**RECORD_LIKE)
+    model = randomized(config, seed=14, dtype=torch.float32)
+    model.document_attention = kind
+    tokens = packed_rows(config, seed=14)
+    targets = torch.roll(tokens, -1, dims=1)
+    # fullgraph=True raises at the first graph break. flex_attention has no backward on CPU: its compiled
+    # forward is checked without gradients.
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=False)
+    grad = torch.enable_grad() if kind == "auto" else torch.no_grad()
+    with grad, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile")
+        eager, dense = model(tokens, targets, isolate_documents=True), model(tokens, targets)
+        counters.clear()  # (eager flex_attention compiles a graph of its own)
+        loss = compiled(tokens, targets, isolate_documents=True)
+        torch.testing.assert_close(loss, eager, rtol=0, atol=1e-5)
+        assert not torch.allclose(loss, dense, atol=1e-3)
+        if kind == "auto":
+            loss.backward()
+            assert all(p.grad is not None for p in model.parameters())
+        other_batch = packed_rows(config, seed=15)  # other document boundaries: the same graph, no recompile
+        compiled(other_batch, targets, isolate_documents=True)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_doc_attention_benchmark_runs_every_candidate_in_tiny_mode(tiny_data_dir, tmp_path):
+    """benchmarks/doc_attention.py on the CPU: the candidates that run report times, the others (no flex_attention
+    backward, no flash varlen on the CPU) report their error, and the run still writes its JSON line."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "doc_attention.py"
+    out = tmp_path / "doc_attention.jsonl"
+    command = [sys.executable, script, "--tiny", "--compile", "off", "--steps", "1", "--warmup", "1", "--data",
+               tiny_data_dir, "--out", out]
+    result = subprocess.run(list(map(str, command)), capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    (line,) = out.read_text().splitlines()
+    row = json.loads(line)
+    assert row["data"] == str(tiny_data_dir) and row["auto_choice"] == "sdpa_mask" and row["device"] == "cpu"
+    assert set(row["model"]) == {"causal", "sdpa_mask", "flex"}
+    assert set(row["kernels"]) == {"causal", "sdpa_mask", "flex", "varlen"}
+    for section in ("model", "kernels"):
+        assert row[section]["causal"]["ratio_to_causal"] == 1.0
+        assert row[section]["sdpa_mask"]["ms_per_step"] > 0
+        assert all("ms_per_step" in r or r["error"] for r in row[section].values())
+    assert row["kernels"]["sdpa_mask"]["max_abs_diff_vs_sdpa_mask"] == 0.0
+    assert 0 < row["documents"]["attention_work_ratio"] < 1  # the demo documents start inside rows
 
 
 # --- compile and QAT ----------------------------------------------------------------------------------------

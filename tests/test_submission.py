@@ -30,6 +30,7 @@ NON_DEFAULT = {
         gated_attention=True, attn_out_gate_width=12, max_seq_len=256),
     "train": TrainConfig(
         iterations=7, wallclock_seconds=30.5, batch_tokens=4096, seq_len=256, micro_batch_tokens=512,
+        isolate_documents=True,
         warmup_steps=3, warmdown_iters=9, warmdown_frac=0.5, matrix_lr=0.03, scalar_lr=0.02, tied_embed_lr=0.07,
         embed_lr=0.5, head_lr=0.01, muon_momentum=0.97, muon_momentum_warmup_start=0.92,
         muon_momentum_warmup_steps=11, muon_momentum_warmup_frac=0.1, muon_backend_steps=4, muon_weight_decay=0.1,

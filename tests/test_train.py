@@ -24,7 +24,7 @@ from pgolf.checkpoint import load_checkpoint
 from pgolf.cli import main
 from pgolf.dist import init_distributed
 from pgolf.model import GPT
-from pgolf.shards import list_shards, load_shard, load_split, write_shard
+from pgolf.shards import BOS_ID, list_shards, load_shard, load_split, write_shard
 from pgolf.train_config import resolve_configs
 from pgolf.trainer import RESUME_FILE, StopSignal, Trainer, TrainLog, flat_val
 from tests.demo_data import TOKENIZER_NAME
@@ -205,6 +205,23 @@ def test_qat_switches_on_mid_run_inside_torch_compile(tiny_data_dir, tmp_path, b
     assert torch.allclose(compiled_on, eager_on, atol=1e-5)
     assert torch.allclose(compiled_off, eager_off, atol=1e-5)
     assert abs(compiled_on.item() - compiled_off.item()) > 1e-2
+
+
+@pytest.mark.parametrize("backend", ["off", "aot_eager"])
+def test_isolate_documents_reaches_the_training_forward(tiny_data_dir, backend):
+    """A step's loss is the document-isolated loss of its micro-batches, through the compiled model too."""
+    trainer = tiny_trainer(tiny_data_dir, isolate_documents=True, compile=backend)
+    loader = trainer._loader((0, 0))  # the batches the first step reads
+    batches = [loader.next_batch() for _ in range(trainer.accumulation)]
+    assert any(bool((x[:, 1:] == BOS_ID).any()) for x, _ in batches)  # a document starts inside a row
+    with torch.no_grad():
+        for param in trainer.model.parameters():  # attention's zero-init output projections would hide it
+            param.normal_(0.0, 0.2)
+        isolated = sum(trainer.model(x, y, isolate_documents=True) for x, y in batches) / len(batches)
+        dense = sum(trainer.model(x, y) for x, y in batches) / len(batches)
+    loss = trainer.train_step(1.0, 0.9).item()
+    assert loss == pytest.approx(isolated.item(), abs=1e-5)
+    assert abs(loss - dense.item()) > 5e-4
 
 
 def test_validation_compiles_no_second_graph(tiny_data_dir):
