@@ -76,7 +76,7 @@ class ModelConfig:
     attn_out_gate_width: int = 0  # per-head 2*sigmoid output gate from the first N input channels; 0 off
     attn_out_gate_src: str = "input"  # the output gate reads the normed block input, or "q" (the q projection)
     bos_isolation: bool = True  # SmearGate / BigramHash never look back across a BOS (False: records 03-22, 04-16)
-    smear_gate_width: int = 0  # input-dependent SmearGate x += lam*sigmoid(W x[:w])*x_prev on the raw embedding
+    smear_gate_width: int = 0  # input-dependent SmearGate x += lam*sigmoid(W x[:w])*x_prev on the raw embedding; 0 off
     value_embed_layers: tuple[int, ...] = ()  # blocks whose values add a shared token embedding (03-22's VE)
     value_embed_dim: int = 128  # width of that shared table, projected to the KV width
     skip_gates: bool = False  # U-Net skips blend x = lerp(w*skip, x, sigmoid(gate)) instead of adding w*skip
@@ -119,8 +119,6 @@ class ModelConfig:
              f"in [0, model_dim = {self.model_dim}]")
         need(self.attn_out_gate_src in GATE_SOURCES, "attn_out_gate_src", f"one of {', '.join(GATE_SOURCES)}")
         need(0 <= self.smear_gate_width <= self.model_dim, "smear_gate_width", f"in [0, model_dim = {self.model_dim}]")
-        need(not (self.smear_gate and self.smear_gate_width), "smear_gate_width",
-             "0 when smear_gate (the per-channel SmearGate) is on: the model has one SmearGate")
         need(all(0 <= layer < self.num_layers for layer in self.value_embed_layers)
              and len(set(self.value_embed_layers)) == len(self.value_embed_layers), "value_embed_layers",
              f"distinct block indices in [0, num_layers = {self.num_layers})")

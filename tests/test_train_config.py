@@ -60,6 +60,8 @@ def test_record_presets_are_the_04_16_stack():
             model.parallel_start_layer, model.bos_isolation) == (8192, 4.0, 5.25, 12, 12, 8, False)
     assert (train.batch_tokens, train.micro_tokens(1), train.seq_len, train.warmdown_frac, train.ema_decay,
             train.muon_weight_decay, train.grad_clip_norm) == (786_432, 98_304, 2048, 0.75, 0.9965, 0.095, 0.3)
+    assert (train.isolate_documents, train.muon_row_normalize, train.embed_weight_decay, train.scalar_weight_decay,
+            train.enable_looping_at) == (True, True, 0.085, 0.02, 0.35)
     assert train.accumulation_steps(1) == 8 and train.accumulation_steps(8) == 1
     model_1790, train_1790, _ = resolve_configs("record-1790", env={})
     assert train_1790 == train
