@@ -27,7 +27,10 @@ NON_DEFAULT = {
         activation="swiglu", leaky_slope=0.25, tie_embeddings=False, tied_embed_init_std=0.01, rope_base=500.0,
         rope_dims=16, qk_gain_init=5.0, logit_softcap=15.0, unet_skips=False, xsa_last_n=2, smear_gate=True,
         bigram_buckets=97, bigram_dim=16, orthogonal_init=True, ln_scale=True, value_residual=True,
-        gated_attention=True, attn_out_gate_width=12, max_seq_len=256),
+        gated_attention=True, attn_out_gate_width=12, attn_out_gate_src="q", bos_isolation=False,
+        value_embed_layers=(1, 3), value_embed_dim=32, skip_gates=True, num_loops=1, loop_start=1, loop_end=1,
+        parallel_start_layer=2, parallel_final_lane="attn", rope_ntk_seq_len=128, rope_bf16_freqs=True,
+        max_seq_len=256),
     "train": TrainConfig(
         iterations=7, wallclock_seconds=30.5, batch_tokens=4096, seq_len=256, micro_batch_tokens=512,
         warmup_steps=3, warmdown_iters=9, warmdown_frac=0.5, matrix_lr=0.03, scalar_lr=0.02, tied_embed_lr=0.07,
@@ -49,14 +52,16 @@ NON_DEFAULT = {
         lora_reset="batch", lora_batch_docs=32, lora_warm_start=False, phases=2, prefix_docs=100, phase_lr=0.002,
         phase_momentum=0.8, phase_epochs=2, phase_chunk_tokens=1024),
 }
+# Fields whose non-default value excludes another's (the model has one SmearGate): a second model covers them.
+ALTERNATIVE_MODEL = dataclasses.replace(NON_DEFAULT["model"], smear_gate=False, smear_gate_width=8)
 PLAN = PlanSpec(name="my-plan.toml", default="int6", embedding="int7", tensors=(("blocks.*.mlp.*", "int5"),),
                 clip="gptq-lite", scale_floor="challenge", demote="sensitivity", demote_to="int5",
                 description="a plan file")
 
 
-def manifests():
+def manifests(model: ModelConfig = NON_DEFAULT["model"]):
     """The manifests' config sections as pgolf's stages write them."""
-    configs = {key: to_dict(config) for key, config in NON_DEFAULT.items()}
+    configs = {key: to_dict(config) for key, config in {**NON_DEFAULT, "model": model}.items()}
     train = {"config": {"preset": None, "model": configs["model"], "train": configs["train"]},
              "metrics": {"tokenizer_sha256": "ab" * 32}}
     evaluation = {"config": {"eval": configs["eval"], "ttt": configs["ttt"], "weights": "export"}}
@@ -75,16 +80,18 @@ def test_every_field_is_away_from_its_default():
     assert set(NON_DEFAULT) == set(SUBMISSION_CONFIGS)
     for key, config in NON_DEFAULT.items():
         default = type(config)()
-        same = [f.name for f in dataclasses.fields(config) if getattr(config, f.name) == getattr(default, f.name)]
+        same = [f.name for f in dataclasses.fields(config) if getattr(config, f.name) == getattr(default, f.name)
+                and (key != "model" or getattr(ALTERNATIVE_MODEL, f.name) == getattr(default, f.name))]
         assert not same, f"{key}: give {same} a non-default value here so the round trip covers them"
 
 
-def test_every_config_field_round_trips_into_the_bundled_script():
-    baked = baked_settings(*manifests())
+@pytest.mark.parametrize("model", [NON_DEFAULT["model"], ALTERNATIVE_MODEL], ids=["model", "alternative"])
+def test_every_config_field_round_trips_into_the_bundled_script(model):
+    baked = baked_settings(*manifests(model))
     script = bundle_source(baked, "round trip")
     in_script = baked_in_script(script)
     assert in_script == baked
-    assert submission_configs(in_script) == NON_DEFAULT
+    assert submission_configs(in_script) == {**NON_DEFAULT, "model": model}
     spec = plan_from_mapping(in_script["plan"], "BAKED['plan']")
     assert spec == dataclasses.replace(PLAN, clip="gptq")
     assert in_script["tokenizer_sha256"] == "ab" * 32
