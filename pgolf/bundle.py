@@ -395,7 +395,11 @@ SUBMISSION_FIELDS = ("val_loss", "val_bpb", "val_loss_std", "val_bpb_std", "p_va
 def bundle_lineage(train_dir: Path, blob_dir: Path) -> tuple[dict, dict, dict, Path]:
     """(train, quantize, compress manifests, quantize dir), checking by digest that the blob was made from this
     train run's checkpoint."""
-    train = open_stage(train_dir, "train")
+    train = open_stage(train_dir, ("train", "import"))
+    if train["stage"] == "import":
+        raise InvalidInput(f"{train_dir}: is an imported record checkpoint (pgolf import); a bundle bakes a pgolf "
+                           f"training run for `train_gpt.py train` to repeat, and an import has none: submit it "
+                           f"with the record's own script")
     compress = open_stage(blob_dir, "compress")
     found = lineage(compress, blob_dir, depth=1).get("quantize")
     if found is None:

@@ -33,7 +33,8 @@ def model_config_from_json(text: str) -> ModelConfig:
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"unknown model config fields: {', '.join(unknown)}")
-    return ModelConfig(**values)
+    # JSON has no tuples: a tuple field (value_embed_layers) comes back as a list.
+    return ModelConfig(**{name: tuple(value) if isinstance(value, list) else value for name, value in values.items()})
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:

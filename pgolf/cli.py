@@ -15,13 +15,14 @@ from pgolf.errors import ENVIRONMENT_ERRNOS, PgolfError, UsageError
 from pgolf.log import console
 
 # Stage modules, in pipeline order; each defines `register(app)`.
-STAGES = ["data", "verify", "tokenize", "train", "quantize", "compress", "verify_size", "evaluate", "bundle",
-          "report"]
+STAGES = ["data", "verify", "tokenize", "train", "import_cmd", "quantize", "compress", "verify_size", "evaluate",
+          "bundle", "report"]
 
 app = typer.Typer(
     name="pgolf",
     help=(
-        "Parameter Golf pipeline: tokenize -> train -> quantize -> compress -> verify-size -> eval (+ bundle, report)."
+        "Parameter Golf pipeline: tokenize -> train (or import a record) -> quantize -> compress -> verify-size -> eval"
+        " (+ bundle, report)."
         "\n\nExit codes: 0 ok, 1 unexpected error, 2 usage, 3 invalid input or artifact, 4 over the size budget,"
         " 5 a legality/compliance check failed."
     ),

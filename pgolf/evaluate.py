@@ -1,4 +1,5 @@
-"""The eval stage: exact val_loss / val_bpb of a train, quantize or compress output on a shard directory.
+"""The eval stage: exact val_loss / val_bpb of a train, import, quantize or compress output on a shard
+directory.
 
 `score_model` is the flow both `pgolf eval` and the bundled train_gpt.py run: resolve the window plan, warm up on
 random tokens (never validation tokens), score the validation stream once with the n-gram grid and TTT
@@ -272,7 +273,7 @@ def evaluate(config: EvalConfig, ttt_settings: TTTConfig | None, artifact: Path,
              out: Path | None = None, *, tokenizer: Path | None = None, weights: str = "export",
              check_compliance: bool = False, device: str = "auto", config_files: tuple[Path, ...] = (),
              force: bool = False, log=PlainLog) -> EvalResult:
-    """Score `artifact` (a train, quantize or compress output) on `data`'s val split into `out` (default:
+    """Score `artifact` (a train, import, quantize or compress output) on `data`'s val split into `out` (default:
     default_out); rank 0 writes results.json and the manifest. `config_files` only join the run's inputs."""
     out = Path(out) if out else default_out(artifact, config, ttt_settings, weights, data, tokenizer)
     resolved = {"eval": to_dict(config), "ttt": to_dict(ttt_settings) if ttt_settings else None,

@@ -86,6 +86,7 @@ class ModelConfig:
     parallel_start_layer: int = 0  # decoder blocks >= this run attention and MLP on two residual lanes; 0 off
     parallel_final_lane: str = "mean"  # the lanes' final hidden state: mean | attn | mlp
     rope_ntk_seq_len: int = 0  # inputs longer than this scale RoPE's base by (T/this)^(d/(d-2)) (03-22); 0 off
+    rope_bf16_freqs: bool = False  # RoPE inverse frequencies rounded to bfloat16, as the records' bf16 models hold them
     max_seq_len: int = 1024  # longest sequence the RoPE tables cover; longer inputs are refused
 
     def __post_init__(self):
@@ -255,6 +256,8 @@ def rotary_tables(config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin, [max_seq_len, rotated_dims / 2] in float32."""
     dims = config.rope_dims or config.head_dim
     inv_freq = 1.0 / (config.rope_base ** (torch.arange(0, dims, 2, dtype=torch.float32) / dims))
+    if config.rope_bf16_freqs:  # the records cast their whole model to bf16, RoPE's frequency buffer included
+        inv_freq = inv_freq.bfloat16().float()
     freqs = torch.outer(torch.arange(config.max_seq_len, dtype=torch.float32), inv_freq)
     return freqs.cos(), freqs.sin()
 
@@ -629,7 +632,9 @@ class GPT(nn.Module):
         if config.rope_ntk_seq_len and seq_len > config.rope_ntk_seq_len:
             dims = config.rope_dims or config.head_dim
             base = config.rope_base * (seq_len / config.rope_ntk_seq_len) ** (dims / (dims - 2))
-            cos, sin = rotary_tables(dataclasses.replace(config, rope_base=base, max_seq_len=seq_len))
+            # 03-22 computes these frequencies afresh in float32: never rounded to bf16.
+            rescaled = dataclasses.replace(config, rope_base=base, max_seq_len=seq_len, rope_bf16_freqs=False)
+            cos, sin = rotary_tables(rescaled)
             return cos.to(self.rope_cos.device)[None, None], sin.to(self.rope_sin.device)[None, None]
         return self.rope_cos[None, None, :seq_len], self.rope_sin[None, None, :seq_len]
 

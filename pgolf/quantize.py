@@ -35,7 +35,7 @@ from pgolf.plans import (
 from pgolf.quantized import PLAN_FILE, QUANTIZED_FILE, load_quantized, save_quantized
 from pgolf.schemes import SCHEMES
 from pgolf.shards import open_dataset
-from pgolf.stage_model import TRAIN_WEIGHTS, train_checkpoint
+from pgolf.stage_model import CHECKPOINT_STAGES, TRAIN_WEIGHTS, train_checkpoint
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,9 +229,10 @@ class QuantizeResult:
 
 def quantize(config: QuantizeConfig, train_dir: Path, out: Path, *, data: Path | None = None,
              config_file: Path | None = None, force: bool = False, log=PlainLog) -> QuantizeResult:
-    """Quantize a train output's checkpoint (config.weights) into `out`: quantized.safetensors + plan.json."""
+    """Quantize a train (or import) output's checkpoint (config.weights) into `out`: quantized.safetensors +
+    plan.json."""
     spec = load_plan(config.plan)
-    manifest = open_stage(train_dir, "train")
+    manifest = open_stage(train_dir, CHECKPOINT_STAGES)
     checkpoint = train_checkpoint(manifest, train_dir, config.weights)
     require_calibration_data(spec, config.clip or spec.clip, data is not None)
     inputs = [train_dir] + [path for path in (data, config_file) if path is not None]

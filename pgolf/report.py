@@ -27,7 +27,7 @@ from pgolf.stats import mean_and_std, one_sample_t_test, welch_t_test
 
 RUN_STAGES = ("eval", "train")
 SCORE_LIMIT = 1e6  # a val_loss or val_bpb this large is no score (a softcapped model stays far below)
-WEIGHT_ROLES = {"compress": "blob", "quantize": "quantized", "train": "checkpoint"}
+WEIGHT_ROLES = {"compress": "blob", "quantize": "quantized", "train": "checkpoint", "import": "checkpoint"}
 SEED_FIELDS = ("val_loss", "val_bpb", "steps", "ms_per_step", "bytes_model")
 DATA_ROLES = ("tokenizer", "val_shard")  # the inputs that fix what a score measures
 

@@ -1,5 +1,5 @@
-"""Load a model from any stage output that holds one: train (checkpoint), quantize (quantized state + plan)
-or compress (the counted blob). Digests are checked against the stage's manifest first (exit 3 on a mismatch).
+"""Load a model from any stage output that holds one: train or import (checkpoint), quantize (quantized state +
+plan) or compress (the counted blob). Digests are checked against the stage's manifest first (exit 3 on a mismatch).
 """
 
 import json
@@ -14,7 +14,8 @@ from pgolf.errors import InvalidInput, UsageError
 from pgolf.model import ModelConfig
 from pgolf.quantized import dequantize_state, load_quantized
 
-ARTIFACT_STAGES = ("train", "quantize", "compress")
+CHECKPOINT_STAGES = ("train", "import")  # outputs holding a float checkpoint (import: a record's, pgolf-named)
+ARTIFACT_STAGES = (*CHECKPOINT_STAGES, "quantize", "compress")
 # Which weights of a train output: "export" = model.safetensors (the EMA weights when EMA was on), "master" = the
 # optimizer's weights (master.safetensors when EMA was on, else model.safetensors). In short budgets the EMA can lag
 # the master weights (seed-11l, 300 s on one H100: 1.5110 vs 1.5025 bpb), so either can be exported without retraining.
@@ -40,7 +41,7 @@ def plan_model_config(plan: dict, where: Path) -> ModelConfig:
 def load_stage_model(
     directory: Path, tokenizer: Path | None = None, weights: str = "export"
 ) -> tuple[dict, ModelConfig, dict]:
-    """(float32 state dict, ModelConfig, info) of a train, quantize or compress output directory; `weights`
+    """(float32 state dict, ModelConfig, info) of a train, import, quantize or compress output directory; `weights`
     picks a train output's export or master weights (the other stages hold one set).
 
     info: kind (the stage), path, load_seconds (read + decompress + dequantize), tokenizer_sha256 (when the
@@ -52,7 +53,7 @@ def load_stage_model(
     kind = manifest["stage"]
     if weights != "export" and kind != "train":
         raise UsageError(f"{directory}: weights = {weights!r} needs a train output; a {kind} output holds one set")
-    if kind == "train":
+    if kind in CHECKPOINT_STAGES:
         path = train_checkpoint(manifest, directory, weights)
         state, config, metadata = load_checkpoint(path)
         state = {name: t.float() if t.is_floating_point() else t for name, t in state.items()}

@@ -42,6 +42,17 @@ MODEL_ALIASES = {
     "XSA_LAST_N": "xsa_last_n",
     "BIGRAM_VOCAB_SIZE": "bigram_buckets",
     "BIGRAM_DIM": "bigram_dim",
+    # The 03-22 and 04-16 records' names for techniques that are one ModelConfig field each (pgolf import
+    # translates the rest: SMEAR_GATE/SMEAR_GATE_WIDTH, GATE_ATTN_OUT/GATE_WIDTH/GATE_ATTN_SRC, VE_ENABLED/VE_LAYERS).
+    "ROPE_DIMS": "rope_dims",
+    "LN_SCALE": "ln_scale",
+    "SKIP_GATES_ENABLED": "skip_gates",
+    "NUM_LOOPS": "num_loops",
+    "LOOP_START": "loop_start",
+    "LOOP_END": "loop_end",
+    "PARALLEL_START_LAYER": "parallel_start_layer",
+    "PARALLEL_FINAL_LANE": "parallel_final_lane",
+    "VE_DIM": "value_embed_dim",
 }
 TRAIN_ALIASES = {
     "ITERATIONS": "iterations",

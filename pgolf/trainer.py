@@ -420,7 +420,9 @@ class Trainer:
 
     # ---- resume state -------------------------------------------------------------------------------------
     def configs_json(self) -> dict:
-        return {"model": dataclasses.asdict(self.model_config), "train": dataclasses.asdict(self.config)}
+        """The configs as the resume checkpoint's JSON holds them (tuples become lists), so they compare equal."""
+        return json.loads(json.dumps({"model": dataclasses.asdict(self.model_config),
+                                      "train": dataclasses.asdict(self.config)}))
 
     def save_resume(self, path: Path) -> None:
         """Model, EMA, optimizer states, RNG and loop position in one safetensors file, written atomically."""

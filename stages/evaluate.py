@@ -31,7 +31,7 @@ def resolve_ttt(enabled: bool, config_file: Path | None, overrides: dict) -> TTT
 
 
 def evaluate(
-    artifact: Path = typer.Argument(..., help="A `pgolf train`, `quantize` or `compress` output directory."),
+    artifact: Path = typer.Argument(..., help="A `pgolf train`, `import`, `quantize` or `compress` output directory."),
     data: Path = typer.Option(..., "--data", help="Shard directory with fineweb_val_*.bin."),
     tokenizer: Path = typer.Option(None, "--tokenizer", help="SentencePiece model (default: by the shards)."),
     out: Path = typer.Option(None, "--out", "-o", help="Output directory (default: eval-<mode>-...-<settings digest> "

@@ -15,7 +15,8 @@ from pgolf.stages.common import FORCE_OPTION, JSON_OPTION, out_option, report
 
 
 def quantize(
-    train_dir: Path = typer.Argument(..., help="A `pgolf train` output directory (holds model.safetensors)."),
+    train_dir: Path = typer.Argument(..., help="A `pgolf train` or `pgolf import` output directory (holds "
+                                     "model.safetensors)."),
     out: Path = out_option(),
     plan: str = typer.Option(
         None,

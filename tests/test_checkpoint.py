@@ -51,6 +51,8 @@ def test_bf16_weights_round_trip_in_their_dtype(tmp_path):
 
 def test_model_config_json_round_trips_and_fills_new_fields_with_defaults():
     assert model_config_from_json(model_config_to_json(CONFIG)) == CONFIG
+    with_tuple = dataclasses.replace(CONFIG, value_embed_layers=(0, 1))  # JSON turns the tuple into a list
+    assert model_config_from_json(model_config_to_json(with_tuple)) == with_tuple
     older = {k: v for k, v in json.loads(model_config_to_json(CONFIG)).items() if k != "attn_out_gate_width"}
     assert model_config_from_json(json.dumps(older)).attn_out_gate_width == 0
     with pytest.raises(ValueError, match="unknown model config fields: layers"):

@@ -78,7 +78,8 @@ def tiny_quantized_state(seed: int = 0) -> tuple[dict[str, torch.Tensor], dict]:
         else:
             schemes[name] = "fp32" if "scale" in name or "gain" in name else "fp16"
     tensors, records = quantize_state(state, schemes, clip="gptq-lite", scale_floor="none")
-    return tensors, {"model_config": dataclasses.asdict(TINY), "tensors": records}
+    # As plan.json holds it (JSON: tuple fields become lists), like pgolf.quantize's plan.
+    return tensors, json.loads(json.dumps({"model_config": dataclasses.asdict(TINY), "tensors": records}))
 
 
 def write_quantize_dir(out: Path, tensors: dict[str, torch.Tensor], plan: dict) -> Path:

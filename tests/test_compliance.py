@@ -169,7 +169,7 @@ def test_ttt_that_trains_before_scoring_fails_c1_and_c3(tiny_eval_inputs, prefix
 
 
 def test_a_model_that_attends_to_the_future_fails_c1(tiny_eval_inputs, prefix, monkeypatch):
-    def bidirectional(q, k, v):
+    def bidirectional(q, k, v, documents=None):
         group = q.size(1) // k.size(1)
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         return F.scaled_dot_product_attention(q, k, v, is_causal=False)

@@ -26,6 +26,7 @@ from pgolf.model import (
     document_attention_kind,
     flex_attention_api,
     param_groups,
+    rotary_tables,
     set_qat_enabled,
     set_qat_plan,
 )
@@ -253,7 +254,7 @@ def test_documents_after_bos_do_not_see_the_previous_document_through_smear_or_b
     dict(smear_gate=True), dict(bigram_buckets=97),
     dict(rope_dims=4), dict(ln_scale=True), dict(value_residual=True), dict(gated_attention=True),
     dict(attn_out_gate_width=8), dict(unet_skips=False), dict(tie_embeddings=False), dict(logit_softcap=5.0),
-    dict(rope_base=500.0),
+    dict(rope_base=500.0), dict(rope_bf16_freqs=True),
 ], ids=str)
 def test_each_option_changes_the_forward(changes):
     base = randomized(TINY, seed=1)
@@ -263,6 +264,20 @@ def test_each_option_changes_the_forward(changes):
     tokens = random_tokens(2, 16, TINY.vocab_size, seed=5)
     with torch.no_grad():
         assert not torch.allclose(base.logits(tokens), variant.logits(tokens), atol=1e-6)
+
+
+def test_rope_bf16_freqs_rounds_only_the_unscaled_frequencies():
+    """The records' bf16 models hold RoPE's inverse frequencies in a bf16 buffer; 03-22 computes the rescaled ones
+    (past rope_ntk_seq_len) afresh in float32."""
+    config = tiny(rope_dims=4, rope_bf16_freqs=True, rope_ntk_seq_len=16)
+    inv_freq = 1.0 / (config.rope_base ** (torch.arange(0, 4, 2, dtype=torch.float32) / 4))
+    angles = torch.outer(torch.arange(64, dtype=torch.float32), inv_freq.bfloat16().float())
+    cos, sin = rotary_tables(config)
+    assert torch.equal(cos, angles.cos()) and torch.equal(sin, angles.sin())
+    assert not torch.equal(cos, rotary_tables(dataclasses.replace(config, rope_bf16_freqs=False))[0])
+    rounded, exact = GPT(config), GPT(dataclasses.replace(config, rope_bf16_freqs=False))
+    assert torch.equal(rounded.rotary(32)[0], exact.rotary(32)[0])  # rescaled: never rounded
+    assert not torch.equal(rounded.rotary(16)[0], exact.rotary(16)[0])
 
 
 def test_init_options_change_the_initial_weights():

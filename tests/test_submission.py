@@ -28,8 +28,9 @@ NON_DEFAULT = {
         rope_dims=16, qk_gain_init=5.0, logit_softcap=15.0, unet_skips=False, xsa_last_n=2, smear_gate=True,
         bigram_buckets=97, bigram_dim=16, orthogonal_init=True, ln_scale=True, value_residual=True,
         gated_attention=True, attn_out_gate_width=12, attn_out_gate_src="q", bos_isolation=False,
-        smear_gate_width=8, value_embed_layers=(2, 3), value_embed_dim=8, skip_gates=True, num_loops=1, loop_start=1,
-        loop_end=1, parallel_start_layer=2, parallel_final_lane="attn", rope_ntk_seq_len=128, max_seq_len=256),
+        smear_gate_width=8, value_embed_layers=(1, 3), value_embed_dim=32, skip_gates=True, num_loops=1, loop_start=1,
+        loop_end=1, parallel_start_layer=2, parallel_final_lane="attn", rope_ntk_seq_len=128, rope_bf16_freqs=True,
+        max_seq_len=256),
     "train": TrainConfig(
         iterations=7, wallclock_seconds=30.5, batch_tokens=4096, seq_len=256, micro_batch_tokens=512,
         isolate_documents=True,
