@@ -359,6 +359,12 @@ class Trainer:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
 
+    def warmup_graphs(self) -> tuple[bool, ...]:
+        """The GPT.looping values the rest of the run trains with: both while the loop switch is still ahead."""
+        if not self.model.looping and self.config.enable_looping_at < 1.0:
+            return (False, True)
+        return (self.model.looping,)
+
     def warmup(self) -> None:
         """Compile and warm up on real steps, then restore the model, optimizers and data position.
 
@@ -370,8 +376,7 @@ class Trainer:
         model_state = {name: t.detach().clone() for name, t in self.model.state_dict().items()}
         optimizer_states = [copy.deepcopy(opt.state_dict()) for opt in self.optimizers]
         position, looping = self.loader.position, self.model.looping
-        switches_later = not looping and self.config.enable_looping_at < 1.0
-        for graph in (False, True) if switches_later else (looping,):
+        for graph in self.warmup_graphs():
             self.model.looping = graph
             for _ in range(self.config.warmup_steps):
                 self.train_step(1.0, self.schedule.muon_momentum(0, 0.0))
