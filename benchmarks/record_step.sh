@@ -16,7 +16,7 @@ ln -sfn $(realpath $DATA) $RD/datasets/fineweb10B_sp8192
 ln -sf $(realpath .devdata/fineweb_8192_bpe.model) $RD/tokenizers/fineweb_8192_bpe.model
 nvidia-smi --query-gpu=name --format=csv,noheader > $RES/gpu.txt
 # pgolf first (its own warm-up is untimed): the preset's micro-batch is the record's per-GPU batch.
-python3 benchmarks/train_step.py $DATA --preset record-0416 --steps $STEPS --warmup 8 --out $RES/pgolf.jsonl \
+PGOLF_ENABLE_LOOPING_AT=0 python3 benchmarks/train_step.py $DATA --preset record-0416 --steps $STEPS --warmup 8 --out $RES/pgolf.jsonl \
   2> $RES/pgolf.log | tail -1
 ( cd artifacts/record-run && PYTHONPATH=$(realpath ../../.devdata/reference):${PYTHONPATH:-} DATA_DIR=$RD \
   VOCAB_SIZE=8192 SMEAR_GATE=1 SMEAR_GATE_WIDTH=12 GATE_ATTN_OUT=1 GATE_ATTN_SRC=proj GATE_WIDTH=12 \
