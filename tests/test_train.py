@@ -538,3 +538,23 @@ def test_a_zero_token_train_shard_is_refused_instead_of_hanging(broken_data, tmp
     write_shard(broken_data / "fineweb_train_000000.bin", np.zeros(0, dtype=np.uint16))
     assert_fails(capsys, 3, "fineweb_train_000000.bin: holds 0 tokens", broken_data, "--preset", "tiny",
                  "--out", tmp_path / "o")
+
+
+def test_record_preset_trains_end_to_end_at_tiny_size(tiny_data_dir, tmp_path):
+    """record-0416's whole training configuration (document isolation, the loop switch, MuonEq-R, AdamW decay,
+    EMA, skip gates, lanes, both gates), shrunk by overrides to CPU size, through the CLI: it trains, the loops
+    come on at half the run, and the exported weights score."""
+    shrink = tmp_path / "shrink.toml"
+    shrink.write_text("[model]\nvocab_size = 1024\nnum_layers = 7\nmodel_dim = 32\nnum_heads = 2\nnum_kv_heads = 1\n"
+                      "parallel_start_layer = 6\nmax_seq_len = 64\n"
+                      "[train]\nbatch_tokens = 512\nmicro_batch_tokens = 512\nseq_len = 64\niterations = 6\n"
+                      "wallclock_seconds = 0\nwarmup_steps = 0\nenable_looping_at = 0.5\nval_every = 0\n"
+                      "muon_momentum_warmup_steps = 3\ncompile = \"off\"\n")
+    out = tmp_path / "train"
+    assert run_main("train", tiny_data_dir, "--preset", "record-0416", "--config", shrink, "--out", out) == 0
+    metrics = json.loads((out / "manifest.json").read_text())["metrics"]
+    assert metrics["steps"] == 6 and metrics["looping_enabled_step"] == 3
+    assert math.isfinite(metrics["val_bpb"]) and metrics["val_bpb"] < 15
+    config = json.loads((out / "manifest.json").read_text())["config"]
+    assert config["train"]["isolate_documents"] and config["train"]["muon_row_normalize"]
+    assert config["model"]["num_loops"] == 2 and config["model"]["smear_gate_width"] == 12
