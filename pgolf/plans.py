@@ -18,8 +18,8 @@ A plan is a named preset (pgolf/presets/plans/<name>.toml) or a TOML/JSON plan f
     lqer_top_k = 0              LQER on the K integer tensors with the largest quantization error ||W - deq||
     lqer_rank = 4               rank of LQER's residual SVD
     lqer_bits = 4               2 | 4: bits of LQER's asymmetric per-row factor levels
-    [tensors]                   fnmatch pattern -> scheme (int5..int8, fp16, fp32); first match wins;
-    "blocks.*.mlp.*" = "int5"   a pattern that matches no tensor is an error
+    [tensors]                   fnmatch pattern -> scheme (int5..int8, int8-gate, intB+lqerF, fp16, fp32); first
+    "blocks.*.mlp.*" = "int5"   match wins; a pattern that matches no tensor is an error
 Tensors no pattern matches follow the challenge's export: non-float tensors unchanged; tensors of at most
 65,536 elements (or under 2-D) kept in float, fp32 for control tensors (gains, scales, mixes, gates, skip
 weights) and fp16 for the rest; larger ones get `embedding` or `default`.

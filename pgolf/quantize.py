@@ -88,7 +88,8 @@ class QuantizedModel:
     clip: str
     artifact_bytes: int  # sized blob + code allowance
     target: int | None
-    fit: dict | None  # demotion order and every size measured (demote plans)
+    fit: dict | None  # how the plan was fitted and every size measured (demote: blocks; clip-k: k factors;
+    # prune: +-1 levels zeroed), and the LQER tensors
     sensitivity: dict | None  # per-block calibration-loss increase (sensitivity plans)
 
 
@@ -235,8 +236,8 @@ def quantize_model(state: dict, model_config: ModelConfig, spec: PlanSpec, confi
         tensors, plan = pruned_state(tensors, plan, candidates, count, state)
         fit = {**(fit or {"mode": mode}), "pruned": count, "prune_candidates": total, "prune_steps": steps}
         artifact = next(step["bytes"] for step in steps if step["pruned"] == count)
-    if fit is not None and lqer:
-        fit["lqer"] = lqer
+    if lqer:
+        fit = {**(fit or {"mode": mode}), "lqer": lqer}
     return QuantizedModel(tensors, plan, schemes, clip, artifact, target, fit, sensitivity)
 
 
