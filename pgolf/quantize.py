@@ -195,7 +195,8 @@ def quantize_model(state: dict, model_config: ModelConfig, spec: PlanSpec, confi
         artifact = sizer(*build(schemes))
         if target is not None and artifact > target:
             raise OverBudget(f"{where}: plan '{spec.name}' makes a {artifact:,}-byte artifact ({allowance}), over "
-                             f"--target-bytes {target:,}; a plan that fits (demote, clip-k, prune) can fit it")
+                             f"--target-bytes {target:,}; a demote plan such as center-out-int5, or fit = clip-k / "
+                             f"prune (record-int6), can fit it")
     elif mode == "demote":
         order, sensitivity = demotion_order(spec, schemes, model_config, quantizer, batches, log)
         try:
