@@ -275,7 +275,8 @@ def demotable_blocks(schemes: dict, layout: BlockLayout) -> dict[int, list[str]]
 
 
 def demote_blocks(schemes: dict, blocks: list[int], scheme: str, layout: BlockLayout) -> dict:
-    """A copy of `schemes` with the integer tensors of `blocks` at `scheme` (never promoted)."""
+    """A copy of `schemes` with the integer tensors of `blocks` at `scheme` (never promoted; an intB+lqerF tensor
+    goes to the LQER variant of `scheme`, its factors refitted to the new residual)."""
     out = dict(schemes)
     for name, current in schemes.items():
         if (
@@ -283,7 +284,8 @@ def demote_blocks(schemes: dict, blocks: list[int], scheme: str, layout: BlockLa
             and SCHEMES[current].integer
             and SCHEMES[current].level_bits > SCHEMES[scheme].level_bits
         ):
-            out[name] = scheme
+            factor_bits = getattr(SCHEMES[current], "factor_bits", None)  # an LQER tensor keeps its correction
+            out[name] = lqer_scheme(scheme, factor_bits) if factor_bits else scheme
     return out
 
 

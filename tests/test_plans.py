@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from pgolf.errors import UsageError
-from pgolf.model import GPT, ModelConfig
-from pgolf.plans import PlanSpec, assign_schemes, load_plan, plan_names
+from pgolf.model import GPT, BlockLayout, ModelConfig
+from pgolf.plans import PlanSpec, assign_schemes, demote_blocks, load_plan, plan_names
 
 
 def baseline_state(**overrides) -> dict:
@@ -122,3 +122,10 @@ def test_record_int6_plan_quantizes_gates_explicitly_and_fits_by_clip_k_then_pru
 def test_fit_gate_and_lqer_settings_are_validated(settings, message):
     with pytest.raises(ValueError, match=message):
         PlanSpec(name="p", **settings)
+
+
+def test_demotion_keeps_an_lqer_tensor_lqer():
+    schemes = {"blocks.0.mlp.fc.weight": "int6+lqer2", "blocks.0.mlp.proj.weight": "int6", "tok_emb.weight": "int7"}
+    demoted = demote_blocks(schemes, [0], "int5", BlockLayout(1, (0,)))
+    assert demoted == {"blocks.0.mlp.fc.weight": "int5+lqer2", "blocks.0.mlp.proj.weight": "int5",
+                       "tok_emb.weight": "int7"}
