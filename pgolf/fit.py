@@ -103,30 +103,38 @@ def fit_plan_to_target(schemes: dict, order: list[int], scheme: str, size_of, ta
     return demote_blocks(schemes, order[:chosen], scheme, layout), steps
 
 
-def fit_clip_k(size_at, target: int, k_max: float, tolerance: float = 0.01, progress=None):
+def measure_parallel(size, points: list, workers: int) -> list:
+    """size(point) for each point, up to `workers` at once on threads (the codecs release the GIL)."""
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(points)))) as pool:
+        return list(pool.map(size, points))
+
+
+def fit_clip_k(size_at, target: int, k_max: float, tolerance: float = 0.01, progress=None, workers: int = 1):
     """The smallest sdclip k factor in [1, k_max] (to `tolerance`) whose artifact fits: size_at(factor) falls as
     the factor grows (c = k * std: a wider clip means a coarser step, levels nearer zero, fewer compressed bytes).
-    Returns (factor, steps [{"k_scale", "bytes"}], fits); when even k_max does not fit, (k_max, steps, False)."""
+    Each round sizes up to `workers` factors evenly inside the open interval at once (size_at(1.0) runs first and
+    alone, later calls must be thread-safe). Returns (factor, steps [{"k_scale", "bytes"}] in measuring order, fits);
+    when even k_max does not fit, (k_max, steps, False)."""
     steps = []
 
-    def size(factor: float) -> int:
-        measured = size_at(factor)
-        steps.append({"k_scale": factor, "bytes": measured})
-        if progress:
-            progress(f"fit: sdclip k x {factor:.4f}: {measured:,} bytes (target {target:,})")
-        return measured
+    def measure(factors: list) -> None:
+        for factor, measured in zip(factors, measure_parallel(size_at, factors, workers), strict=True):
+            steps.append({"k_scale": factor, "bytes": measured})
+            if progress:
+                progress(f"fit: sdclip k x {factor:.4f}: {measured:,} bytes (target {target:,})")
 
-    if size(1.0) <= target:
+    measure([1.0])
+    if steps[0]["bytes"] <= target:
         return 1.0, steps, True
-    if size(k_max) > target:
+    measure([k_max])
+    if steps[-1]["bytes"] > target:
         return k_max, steps, False
     low, high = 1.0, k_max  # size(low) > target >= size(high)
     while high - low > tolerance:
-        middle = round((low + high) / 2, 6)
-        if size(middle) <= target:
-            high = middle
-        else:
-            low = middle
+        inner = max(1, workers)
+        measure([round(low + (high - low) * (i + 1) / (inner + 1), 6) for i in range(inner)])
+        high = min(step["k_scale"] for step in steps if low < step["k_scale"] <= high and step["bytes"] <= target)
+        low = max(step["k_scale"] for step in steps if low <= step["k_scale"] < high and step["bytes"] > target)
     return high, steps, True
 
 
@@ -164,30 +172,35 @@ def prune_levels(tensors: dict, candidates, count: int) -> tuple[dict, dict[str,
     return out, pruned
 
 
-def fit_prune(size_pruned, total: int, target: int, progress=None) -> tuple[int, list[dict]]:
-    """The smallest count in [0, total] with size_pruned(count) <= target (bisection: pruning more +-1 levels to 0
-    only lowers the entropy of the levels). Returns (count, steps [{"pruned", "bytes"}]); OverBudget when pruning
-    every candidate does not fit."""
-    sizes: dict[int, int] = {}
+def fit_prune(size_pruned, total: int, target: int, progress=None, workers: int = 1,
+              known: dict[int, int] | None = None) -> tuple[int, list[dict]]:
+    """The smallest count in [0, total] with size_pruned(count) <= target (pruning more +-1 levels to 0 only lowers
+    the levels' entropy): a search that sizes up to `workers` counts at once on threads, bisection for one worker.
+    `known`: sizes already measured ({0: bytes} from the fit before). Returns (count, steps [{"pruned", "bytes"}],
+    the count just below the answer measured and over the target); OverBudget when pruning every candidate does
+    not fit."""
+    sizes: dict[int, int] = dict(known or {})
 
-    def size(count: int) -> int:
-        sizes[count] = size_pruned(count)
-        if progress:
-            progress(f"fit: {count:,} of {total:,} +-1 levels pruned: {sizes[count]:,} bytes (target {target:,})")
-        return sizes[count]
+    def measure(counts: list[int]) -> None:
+        for count, measured in zip(counts, measure_parallel(size_pruned, counts, workers), strict=True):
+            sizes[count] = measured
+            if progress:
+                progress(f"fit: {count:,} of {total:,} +-1 levels pruned: {measured:,} bytes (target {target:,})")
 
-    if size(0) > target:
-        if total == 0 or size(total) > target:
+    if 0 not in sizes:
+        measure([0])
+    chosen = 0
+    if sizes[0] > target:
+        if total not in sizes:
+            measure([total])
+        if total == 0 or sizes[total] > target:
             raise OverBudget(f"target {target:,} bytes is out of reach: with all {total:,} +-1 levels pruned the "
                              f"artifact is {sizes[total]:,} bytes")
         low, high = 0, total  # size(low) > target >= size(high)
         while high - low > 1:
-            middle = (low + high) // 2
-            if size(middle) <= target:
-                high = middle
-            else:
-                low = middle
+            inner = min(max(1, workers), high - low - 1)
+            measure(sorted({low + (high - low) * (i + 1) // (inner + 1) for i in range(inner)}))
+            high = min(c for c, measured in sizes.items() if low < c <= high and measured <= target)
+            low = max(c for c, measured in sizes.items() if low <= c < high and measured > target)
         chosen = high
-    else:
-        chosen = 0
     return chosen, [{"pruned": count, "bytes": sizes[count]} for count in sorted(sizes)]

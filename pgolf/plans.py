@@ -314,17 +314,19 @@ class PlanQuantizer:
             "lqer_rank": lqer_rank,
             "embedding_k": embedding_k,
         }
-        self.k_scale = 1.0  # sdclip k factor (the clip-k fit changes it; the cache keeps every factor's results)
+        self.k_scale = 1.0  # sdclip k factor by default (the clip-k fit sets the one it found; the cache is per factor)
         self.device = torch.device(device)
         self.hessians: dict[str, torch.Tensor] = {}
         self.cache: dict[tuple[str, str], tuple[dict, dict]] = {}
 
-    def entry(self, name: str, scheme: str) -> tuple[dict, dict]:
-        key = (name, scheme, self.k_scale if SCHEMES[scheme].integer else 1.0)
+    def entry(self, name: str, scheme: str, k_scale: float | None = None) -> tuple[dict, dict]:
+        """(stored, record) of one tensor; `k_scale`: the sdclip k factor (None: self.k_scale)."""
+        k_scale = (self.k_scale if k_scale is None else k_scale) if SCHEMES[scheme].integer else 1.0
+        key = (name, scheme, k_scale)
         if key not in self.cache:
             tensor = self.state_dict[name].to(self.device)
             self.cache[key] = quantize_entry(
-                name, tensor, scheme, hessian=self.hessians.get(name), k_scale=self.k_scale, **self.options
+                name, tensor, scheme, hessian=self.hessians.get(name), k_scale=k_scale, **self.options
             )
         return self.cache[key]
 
@@ -333,11 +335,11 @@ class PlanQuantizer:
         restored = self.restored(name, scheme)
         return (self.state_dict[name].detach().float().cpu() - restored.cpu()).norm().item()
 
-    def quantize(self, schemes: dict) -> tuple[dict, dict]:
-        """(stored tensors, per-tensor plan records)."""
+    def quantize(self, schemes: dict, k_scale: float | None = None) -> tuple[dict, dict]:
+        """(stored tensors, per-tensor plan records); `k_scale` as in entry (threads may pass their own)."""
         tensors, records = {}, {}
         for name, scheme in schemes.items():
-            stored, records[name] = self.entry(name, scheme)
+            stored, records[name] = self.entry(name, scheme, k_scale)
             tensors.update(stored)
         return tensors, records
 

@@ -181,8 +181,8 @@ def quantize_model(state: dict, model_config: ModelConfig, spec: PlanSpec, confi
     if lqer:
         log.info(f"lqer: rank {spec.lqer_rank} int{spec.lqer_bits} factors on {', '.join(lqer)}")
 
-    def build(assignment: dict) -> tuple[dict, dict]:
-        tensors, records = quantizer.quantize(assignment)
+    def build(assignment: dict, k_scale: float | None = None) -> tuple[dict, dict]:
+        tensors, records = quantizer.quantize(assignment, k_scale)
         plan = quantized_plan(dataclasses.asdict(model_config), source or {}, spec, clip, records,
                               tokenizer_sha256)
         return tensors, json.loads(json.dumps(plan))  # exactly what plan.json will read back as
@@ -211,10 +211,10 @@ def quantize_model(state: dict, model_config: ModelConfig, spec: PlanSpec, confi
     fits = True
     if mode in ("clip-k", "clip-k+prune"):
         def size_at(factor: float) -> int:
-            quantizer.k_scale = factor
-            return sizer(*build(schemes))
+            return sizer(*build(schemes, factor))
 
-        factor, steps, fits = fit_clip_k(size_at, target, spec.clip_k_max, progress=log.info)
+        factor, steps, fits = fit_clip_k(size_at, target, spec.clip_k_max, progress=log.info,
+                                         workers=parallel_workers(8))
         quantizer.k_scale = factor
         fit = {"mode": mode, "k_scale": factor, "clip_k_steps": steps}
         artifact = next(step["bytes"] for step in reversed(steps) if step["k_scale"] == factor)
@@ -231,7 +231,8 @@ def quantize_model(state: dict, model_config: ModelConfig, spec: PlanSpec, confi
             return sizer(*pruned_state(tensors, plan, candidates, count, state))
 
         try:
-            count, steps = fit_prune(size_pruned, total, target, log.info)
+            count, steps = fit_prune(size_pruned, total, target, log.info, workers=parallel_workers(8),
+                                     known={0: artifact} if fit else None)
         except OverBudget as e:
             raise OverBudget(f"{where}: {e} ({allowance})") from None
         tensors, plan = pruned_state(tensors, plan, candidates, count, state)
