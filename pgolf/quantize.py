@@ -93,6 +93,9 @@ class QuantizedModel:
     sensitivity: dict | None  # per-block calibration-loss increase (sensitivity plans)
 
 
+SDCLIP_METHODS = ("sdclip", "gptq-sdclip")  # the clip methods whose k the clip-k fit scales
+
+
 def require_calibration_data(spec: PlanSpec, clip: str, have_data: bool) -> bool:
     """Whether quantizing under `spec` reads train tokens (GPTQ's Hessians, or measured block sensitivity);
     UsageError (exit 2) when it does and there are none."""
@@ -167,6 +170,9 @@ def quantize_model(state: dict, model_config: ModelConfig, spec: PlanSpec, confi
     clip = config.clip or spec.clip
     target = config.target(spec)
     calibrate = require_calibration_data(spec, clip, train_shards is not None)
+    if spec.fit_mode in ("clip-k", "clip-k+prune") and clip not in SDCLIP_METHODS:
+        raise UsageError(f"plan '{spec.name}': fit = {spec.fit_mode} scales sdclip's k, so it needs clip = "
+                         f"{' | '.join(SDCLIP_METHODS)}, not {clip}")
     schemes = assign_schemes(spec, state, config.keep_float_numel)
     log.info(f"plan {spec.name}: {scheme_counts(schemes)}")
     device = pick_device(config.device)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pgolf.codecs import pack_blob, unpack_blob
-from pgolf.errors import OverBudget
+from pgolf.errors import OverBudget, UsageError
 from pgolf.model import GPT, ModelConfig
 from pgolf.plans import PlanSpec
 from pgolf.quantize import QuantizeConfig, quantize_model
@@ -129,3 +129,8 @@ def test_version_1_plans_still_read(state, tmp_path):
     old = {**made.plan, "format_version": 1}
     save_quantized(tmp_path, made.tensors, old)
     assert load_quantized(tmp_path)[1]["format_version"] == 1
+
+
+def test_clip_k_needs_an_sdclip_method(state):
+    with pytest.raises(UsageError, match="fit = clip-k scales sdclip's k, so it needs clip = sdclip | gptq-sdclip"):
+        run(state, target=10**6, fit="clip-k", clip="gptq-lite")
