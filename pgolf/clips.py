@@ -10,7 +10,9 @@ name as recorded), levels in the scheme's [qmin, qmax] and scale = clip / qmax p
     gptq        GPTQ error feedback (pgolf.gptq) for each gptq-lite candidate, keep each row's lowest
                 Hessian-weighted error; a tensor without a Hessian falls back to gptq-lite
     sdclip      the 04-16 record's standard-deviation clip: c = k * std(row) with k by tensor group (token
-                embedding 15, MLP 12, attention 13, other matrices 12.85), rounded to nearest
+                embedding 15, MLP 12, attention 13, other matrices 12.85), rounded to nearest; every k is
+                multiplied by ClipOptions.k_scale (1 by default; the plan's clip-k fit raises it: a larger k
+                means coarser steps, levels nearer zero, fewer compressed bytes)
     gptq-sdclip the record's export: GPTQ error feedback with the sdclip scales; a tensor without a Hessian falls
                 back to sdclip
 
@@ -39,6 +41,8 @@ class ClipOptions:
     hessian: torch.Tensor | None = None  # E[x x^T] of the layer's inputs (clip methods that need calibration)
     gptq_damp: float = GPTQ_DAMP
     gptq_block: int = GPTQ_BLOCK
+    embedding_k: float | None = None  # sdclip / gptq-sdclip: the token embedding's k (None: SDCLIP_SIGMAS)
+    k_scale: float = 1.0  # sdclip / gptq-sdclip: every group's k times this (the clip-k size fit searches it)
 
 
 class ClipMethod:
@@ -135,7 +139,11 @@ def sdclip_sigmas(name: str) -> float:
 def sdclip_scales(rows: torch.Tensor, bits: int, options: ClipOptions) -> torch.Tensor:
     """fp16 per-row scales k * std(row) / qmax (unbiased std, as torch's default and the record)."""
     _, qmax = quant_range(bits)
-    return (sdclip_sigmas(options.name) * rows.std(dim=1) / qmax).clamp_min(options.floor).to(torch.float16)
+    k = sdclip_sigmas(options.name)
+    if options.embedding_k is not None and "tok_emb" in options.name:
+        k = options.embedding_k
+    k *= options.k_scale
+    return (k * rows.std(dim=1) / qmax).clamp_min(options.floor).to(torch.float16)
 
 
 class SdClip(ClipMethod):
@@ -174,7 +182,7 @@ def clip_method(name: str) -> ClipMethod:
 def quantize_matrix(tensor: torch.Tensor, bits: int, clip: str = "percentile", scale_floor: str = "none",
                     **options) -> tuple[torch.Tensor, torch.Tensor, str]:
     """(levels int8 in the tensor's shape, fp16 per-row scales, clip method used) of a >= 2-D float tensor;
-    `options`: hessian, gptq_damp, gptq_block (ClipOptions)."""
+    `options`: hessian, gptq_damp, gptq_block, embedding_k, k_scale (ClipOptions)."""
     method = clip_method(clip)
     rows = tensor.detach().reshape(tensor.size(0), -1).float()
     floor = scale_floor_value(bits, scale_floor)

@@ -1,5 +1,6 @@
-"""Fitting a plan under a byte target: the counted size of a quantized state, and the search for the fewest
-demoted blocks whose artifact fits.
+"""Fitting a plan under a byte target: the counted size of a quantized state, and the searches that make it fit:
+the fewest demoted blocks (demote), the smallest sdclip k factor (clip-k), the fewest +-1 levels pruned to 0
+(prune).
 
 Sizes come from real compression (pgolf.codecs, exactly as `pgolf compress` packs), so a fit never relies on
 an estimate; the search sizes several demotion counts at once on threads because one sizing of a
@@ -8,10 +9,13 @@ challenge-scale model takes seconds.
 
 from concurrent.futures import ThreadPoolExecutor
 
+import torch
+
 from pgolf.codecs import CODECS, blob_candidates
 from pgolf.errors import OverBudget
 from pgolf.model import BlockLayout
 from pgolf.plans import demote_blocks
+from pgolf.schemes import SCALE_SUFFIX, SCHEMES
 
 
 class ArtifactSizer:
@@ -97,3 +101,106 @@ def fit_plan_to_target(schemes: dict, order: list[int], scheme: str, size_of, ta
         chosen = count
     steps = [{"demoted": order[:count], "bytes": sizes[count]} for count in sorted(sizes) if count <= chosen]
     return demote_blocks(schemes, order[:chosen], scheme, layout), steps
+
+
+def measure_parallel(size, points: list, workers: int) -> list:
+    """size(point) for each point, up to `workers` at once on threads (the codecs release the GIL)."""
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(points)))) as pool:
+        return list(pool.map(size, points))
+
+
+def fit_clip_k(size_at, target: int, k_max: float, tolerance: float = 0.01, progress=None, workers: int = 1):
+    """The smallest sdclip k factor in [1, k_max] (to `tolerance`) whose artifact fits: size_at(factor) falls as
+    the factor grows (c = k * std: a wider clip means a coarser step, levels nearer zero, fewer compressed bytes).
+    Each round sizes up to `workers` factors evenly inside the open interval at once (size_at(1.0) runs first and
+    alone, later calls must be thread-safe). Returns (factor, steps [{"k_scale", "bytes"}] in measuring order, fits);
+    when even k_max does not fit, (k_max, steps, False)."""
+    steps = []
+
+    def measure(factors: list) -> None:
+        for factor, measured in zip(factors, measure_parallel(size_at, factors, workers), strict=True):
+            steps.append({"k_scale": factor, "bytes": measured})
+            if progress:
+                progress(f"fit: sdclip k x {factor:.4f}: {measured:,} bytes (target {target:,})")
+
+    measure([1.0])
+    if steps[0]["bytes"] <= target:
+        return 1.0, steps, True
+    measure([k_max])
+    if steps[-1]["bytes"] > target:
+        return k_max, steps, False
+    low, high = 1.0, k_max  # size(low) > target >= size(high)
+    while high - low > tolerance:
+        inner = max(1, workers)
+        measure([round(low + (high - low) * (i + 1) / (inner + 1), 6) for i in range(inner)])
+        high = min(step["k_scale"] for step in steps if low < step["k_scale"] <= high and step["bytes"] <= target)
+        low = max(step["k_scale"] for step in steps if low <= step["k_scale"] < high and step["bytes"] > target)
+    return high, steps, True
+
+
+def prune_candidates(tensors: dict, schemes: dict) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """Every +-1 level of the integer tensors (an LQER tensor's base levels too, never its factors), smallest
+    |level * scale| (= its row's scale) first, ties in name then position order: (sorted tensor names, each
+    candidate's index into them, each candidate's flat position in its tensor)."""
+    names, flats, magnitudes = [], [], []
+    for index, name in enumerate(sorted(schemes)):
+        if not SCHEMES[schemes[name]].integer:
+            continue
+        levels = tensors[name].reshape(tensors[name].size(0), -1)
+        rows, cols = (levels.abs() == 1).nonzero(as_tuple=True)
+        flats.append(rows * levels.size(1) + cols)
+        magnitudes.append(tensors[name + SCALE_SUFFIX].float()[rows])
+        names.append(torch.full_like(rows, index))
+    if not flats:
+        return [], torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    magnitude, which, flat = torch.cat(magnitudes), torch.cat(names), torch.cat(flats)
+    order = torch.sort(magnitude, stable=True).indices
+    return sorted(schemes), which[order], flat[order]
+
+
+def prune_levels(tensors: dict, candidates, count: int) -> tuple[dict, dict[str, int]]:
+    """A copy of `tensors` with the first `count` candidates (prune_candidates) set to 0, and {name: zeroed}."""
+    names, which, flat = candidates
+    out, pruned = dict(tensors), {}
+    chosen_which, chosen_flat = which[:count], flat[:count]
+    for index in torch.unique(chosen_which).tolist():
+        name = names[index]
+        levels = tensors[name].clone()
+        positions = chosen_flat[chosen_which == index]
+        levels.view(-1)[positions] = 0
+        out[name], pruned[name] = levels, int(positions.numel())
+    return out, pruned
+
+
+def fit_prune(size_pruned, total: int, target: int, progress=None, workers: int = 1,
+              known: dict[int, int] | None = None) -> tuple[int, list[dict]]:
+    """The smallest count in [0, total] with size_pruned(count) <= target (pruning more +-1 levels to 0 only lowers
+    the levels' entropy): a search that sizes up to `workers` counts at once on threads, bisection for one worker.
+    `known`: sizes already measured ({0: bytes} from the fit before). Returns (count, steps [{"pruned", "bytes"}],
+    the count just below the answer measured and over the target); OverBudget when pruning every candidate does
+    not fit."""
+    sizes: dict[int, int] = dict(known or {})
+
+    def measure(counts: list[int]) -> None:
+        for count, measured in zip(counts, measure_parallel(size_pruned, counts, workers), strict=True):
+            sizes[count] = measured
+            if progress:
+                progress(f"fit: {count:,} of {total:,} +-1 levels pruned: {measured:,} bytes (target {target:,})")
+
+    if 0 not in sizes:
+        measure([0])
+    chosen = 0
+    if sizes[0] > target:
+        if total not in sizes:
+            measure([total])
+        if total == 0 or sizes[total] > target:
+            raise OverBudget(f"target {target:,} bytes is out of reach: with all {total:,} +-1 levels pruned the "
+                             f"artifact is {sizes[total]:,} bytes")
+        low, high = 0, total  # size(low) > target >= size(high)
+        while high - low > 1:
+            inner = min(max(1, workers), high - low - 1)
+            measure(sorted({low + (high - low) * (i + 1) // (inner + 1) for i in range(inner)}))
+            high = min(c for c, measured in sizes.items() if low < c <= high and measured <= target)
+            low = max(c for c, measured in sizes.items() if low <= c < high and measured > target)
+        chosen = high
+    return chosen, [{"pruned": count, "bytes": sizes[count]} for count in sorted(sizes)]

@@ -8,8 +8,18 @@ A plan is a named preset (pgolf/presets/plans/<name>.toml) or a TOML/JSON plan f
     scale_floor = "none"        none | challenge (scales >= 1/qmax, as the baseline's export)
     demote = "center-out"       optional: center-out | sensitivity, demoting blocks until --target-bytes fits
     demote_to = "int5"          the scheme demoted blocks get
-    [tensors]                   fnmatch pattern -> scheme (int5..int8, fp16, fp32); first match wins;
-    "blocks.*.mlp.*" = "int5"   a pattern that matches no tensor is an error
+    fit = "clip-k+prune"        optional: demote (needs `demote`) | clip-k | prune | clip-k+prune: how an artifact
+                                over --target-bytes is made to fit (clip-k: every sdclip k times one factor in
+                                [1, clip_k_max], the smallest that fits; prune: zero the fewest smallest-|scale|
+                                +-1 levels that make it fit; clip-k+prune: clip-k, then prune what is left)
+    clip_k_max = 1.5            the largest k factor clip-k tries
+    embedding_k = 15.0          sdclip's k for tok_emb (unset: pgolf.clips.SDCLIP_SIGMAS)
+    gates = "int8"              float (the export's rule) | int8: gate tensors (GATE_PATTERNS) get int8-gate
+    lqer_top_k = 0              LQER on the K integer tensors with the largest quantization error ||W - deq||
+    lqer_rank = 4               rank of LQER's residual SVD
+    lqer_bits = 4               2 | 4: bits of LQER's asymmetric per-row factor levels
+    [tensors]                   fnmatch pattern -> scheme (int5..int8, int8-gate, intB+lqerF, fp16, fp32); first
+    "blocks.*.mlp.*" = "int5"   match wins; a pattern that matches no tensor is an error
 Tensors no pattern matches follow the challenge's export: non-float tensors unchanged; tensors of at most
 65,536 elements (or under 2-D) kept in float, fp32 for control tensors (gains, scales, mixes, gates, skip
 weights) and fp16 for the rest; larger ones get `embedding` or `default`.
@@ -29,10 +39,23 @@ from pgolf.gptq import GPTQ_BLOCK, GPTQ_DAMP
 from pgolf.model import BlockLayout
 from pgolf.quant import SCALE_FLOORS
 from pgolf.quantized import QUANTIZED_FORMAT_VERSION, quantize_entry
-from pgolf.schemes import INTEGER_SCHEMES, PLAN_SCHEMES, RAW_SCHEME, SCHEMES, is_quantizable
+from pgolf.schemes import (
+    GATE_SCHEME,
+    INTEGER_SCHEMES,
+    LQER_BITS,
+    PLAN_SCHEMES,
+    RAW_SCHEME,
+    SCHEMES,
+    is_quantizable,
+    lqer_scheme,
+)
 
 PLAN_KIND = "plans"
 DEMOTE_MODES = ("center-out", "sensitivity")
+FIT_MODES = ("demote", "clip-k", "prune", "clip-k+prune")
+GATE_MODES = ("float", "int8")
+# Substrings of the gate tensors `gates = "int8"` quantizes (attention output / head gates, SmearGates, skip gates).
+GATE_PATTERNS = ("attn.out_gate.", "attn.head_gate.", "smear.gate", "token_smear.gate", "skip_gates")
 KEEP_FLOAT_MAX_NUMEL = 65_536  # the challenge's INT8_KEEP_FLOAT_MAX_NUMEL
 # Substrings of control-tensor names (the challenge's list plus pgolf.model's gates and mixes): kept fp32.
 QUANT_CONTROL_PATTERNS = (
@@ -67,6 +90,13 @@ class PlanSpec:
     scale_floor: str = "none"  # none | challenge (scales >= 1/qmax, the baseline export's floor)
     demote: str | None = None  # center-out | sensitivity: demote blocks until the target size fits
     demote_to: str = "int5"  # scheme a demoted block's integer tensors get
+    fit: str | None = None  # demote | clip-k | prune | clip-k+prune (None: demote when `demote` is set)
+    clip_k_max: float = 1.5  # the largest factor the clip-k fit multiplies every sdclip k by
+    embedding_k: float | None = None  # sdclip k of tok_emb (None: pgolf.clips.SDCLIP_SIGMAS)
+    gates: str = "float"  # float | int8: gate tensors (GATE_PATTERNS) kept float or per-row int8 (int8-gate)
+    lqer_top_k: int = 0  # LQER on this many integer tensors, largest quantization error first
+    lqer_rank: int = 4  # rank of the LQER residual SVD
+    lqer_bits: int = 4  # 2 | 4: LQER factor level bits
     description: str = ""  # one line for listings
 
     def __post_init__(self):
@@ -88,8 +118,29 @@ class PlanSpec:
             raise ValueError(f"scale_floor = {self.scale_floor!r}: must be one of {', '.join(SCALE_FLOORS)}")
         if self.demote is not None and self.demote not in DEMOTE_MODES:
             raise ValueError(f"demote = {self.demote!r}: must be one of {', '.join(DEMOTE_MODES)}")
+        if self.fit is not None and self.fit not in FIT_MODES:
+            raise ValueError(f"fit = {self.fit!r}: must be one of {', '.join(FIT_MODES)}")
+        if self.fit == "demote" and self.demote is None:
+            raise ValueError("fit = 'demote' needs demote = center-out | sensitivity")
+        if self.fit not in (None, "demote") and self.demote is not None:
+            raise ValueError(f"fit = {self.fit!r} and demote = {self.demote!r}: pick one way to fit")
+        if not 1.0 <= self.clip_k_max <= 100.0:
+            raise ValueError(f"clip_k_max = {self.clip_k_max!r}: must be in [1, 100]")
+        if self.embedding_k is not None and not 0.0 < self.embedding_k <= 1000.0:
+            raise ValueError(f"embedding_k = {self.embedding_k!r}: must be in (0, 1000]")
+        if self.gates not in GATE_MODES:
+            raise ValueError(f"gates = {self.gates!r}: must be one of {', '.join(GATE_MODES)}")
+        if self.lqer_top_k < 0 or self.lqer_rank < 1:
+            raise ValueError(f"lqer_top_k = {self.lqer_top_k}, lqer_rank = {self.lqer_rank}: need >= 0 and >= 1")
+        if self.lqer_bits not in LQER_BITS:
+            raise ValueError(f"lqer_bits = {self.lqer_bits!r}: must be one of {', '.join(map(str, LQER_BITS))}")
         if self.demote is not None and self.demote_to not in INTEGER_SCHEMES:
             raise ValueError(f"demote_to = {self.demote_to!r}: must be one of {', '.join(INTEGER_SCHEMES)}")
+
+    @property
+    def fit_mode(self) -> str | None:
+        """How an over-target artifact is fitted: `fit`, else demote when `demote` is set, else None."""
+        return self.fit or ("demote" if self.demote else None)
 
     def to_dict(self) -> dict:
         spec = dataclasses.asdict(self)
@@ -160,10 +211,17 @@ def is_embedding_tensor(name: str) -> bool:
     return name.startswith(EMBEDDING_PREFIXES)
 
 
+def is_gate_tensor(name: str) -> bool:
+    return any(pattern in name for pattern in GATE_PATTERNS)
+
+
 def export_default_scheme(name: str, tensor: torch.Tensor, spec: PlanSpec, keep_float_numel: int) -> str:
-    """The challenge export's rule for a tensor no plan pattern names."""
+    """The challenge export's rule for a tensor no plan pattern names (a gate tensor under `gates = "int8"`:
+    int8-gate)."""
     if not tensor.is_floating_point():
         return RAW_SCHEME
+    if spec.gates == "int8" and is_gate_tensor(name) and SCHEMES[GATE_SCHEME].applies(tensor, keep_float_numel):
+        return GATE_SCHEME
     if not is_quantizable(tensor, keep_float_numel):
         return "fp32" if is_control_tensor(name) else "fp16"
     if is_embedding_tensor(name):
@@ -217,7 +275,8 @@ def demotable_blocks(schemes: dict, layout: BlockLayout) -> dict[int, list[str]]
 
 
 def demote_blocks(schemes: dict, blocks: list[int], scheme: str, layout: BlockLayout) -> dict:
-    """A copy of `schemes` with the integer tensors of `blocks` at `scheme` (never promoted)."""
+    """A copy of `schemes` with the integer tensors of `blocks` at `scheme` (never promoted; an intB+lqerF tensor
+    goes to the LQER variant of `scheme`, its factors refitted to the new residual)."""
     out = dict(schemes)
     for name, current in schemes.items():
         if (
@@ -225,7 +284,8 @@ def demote_blocks(schemes: dict, blocks: list[int], scheme: str, layout: BlockLa
             and SCHEMES[current].integer
             and SCHEMES[current].level_bits > SCHEMES[scheme].level_bits
         ):
-            out[name] = scheme
+            factor_bits = getattr(SCHEMES[current], "factor_bits", None)  # an LQER tensor keeps its correction
+            out[name] = lqer_scheme(scheme, factor_bits) if factor_bits else scheme
     return out
 
 
@@ -242,6 +302,8 @@ class PlanQuantizer:
         gptq_damp: float = GPTQ_DAMP,
         gptq_block: int = GPTQ_BLOCK,
         device: str | torch.device = "cpu",
+        lqer_rank: int = 4,
+        embedding_k: float | None = None,
     ):
         self.state_dict = state_dict
         self.options = {
@@ -249,25 +311,35 @@ class PlanQuantizer:
             "scale_floor": scale_floor,
             "gptq_damp": gptq_damp,
             "gptq_block": gptq_block,
+            "lqer_rank": lqer_rank,
+            "embedding_k": embedding_k,
         }
+        self.k_scale = 1.0  # sdclip k factor by default (the clip-k fit sets the one it found; the cache is per factor)
         self.device = torch.device(device)
         self.hessians: dict[str, torch.Tensor] = {}
         self.cache: dict[tuple[str, str], tuple[dict, dict]] = {}
 
-    def entry(self, name: str, scheme: str) -> tuple[dict, dict]:
-        key = (name, scheme)
+    def entry(self, name: str, scheme: str, k_scale: float | None = None) -> tuple[dict, dict]:
+        """(stored, record) of one tensor; `k_scale`: the sdclip k factor (None: self.k_scale)."""
+        k_scale = (self.k_scale if k_scale is None else k_scale) if SCHEMES[scheme].integer else 1.0
+        key = (name, scheme, k_scale)
         if key not in self.cache:
             tensor = self.state_dict[name].to(self.device)
             self.cache[key] = quantize_entry(
-                name, tensor, scheme, hessian=self.hessians.get(name), **self.options
+                name, tensor, scheme, hessian=self.hessians.get(name), k_scale=k_scale, **self.options
             )
         return self.cache[key]
 
-    def quantize(self, schemes: dict) -> tuple[dict, dict]:
-        """(stored tensors, per-tensor plan records)."""
+    def quantization_error(self, name: str, scheme: str) -> float:
+        """||W - deq(Q(W))||_F of one tensor under `scheme`."""
+        restored = self.restored(name, scheme)
+        return (self.state_dict[name].detach().float().cpu() - restored.cpu()).norm().item()
+
+    def quantize(self, schemes: dict, k_scale: float | None = None) -> tuple[dict, dict]:
+        """(stored tensors, per-tensor plan records); `k_scale` as in entry (threads may pass their own)."""
         tensors, records = {}, {}
         for name, scheme in schemes.items():
-            stored, records[name] = self.entry(name, scheme)
+            stored, records[name] = self.entry(name, scheme, k_scale)
             tensors.update(stored)
         return tensors, records
 
@@ -278,6 +350,18 @@ class PlanQuantizer:
     def dequantized(self, schemes: dict) -> dict:
         """The float state dict the quantized tensors restore to."""
         return {name: self.restored(name, scheme) for name, scheme in schemes.items()}
+
+
+def lqer_assign(spec: PlanSpec, schemes: dict, quantizer: PlanQuantizer) -> tuple[dict, list[str]]:
+    """A copy of `schemes` with the plan's lqer_top_k integer tensors of largest quantization error (under their
+    assigned scheme) moved to its LQER variant; and those names, largest error first."""
+    if spec.lqer_top_k <= 0:
+        return dict(schemes), []
+    plain = [name for name, scheme in schemes.items() if SCHEMES[scheme].integer and "+lqer" not in scheme]
+    errors = {name: quantizer.quantization_error(name, schemes[name]) for name in plain}
+    chosen = sorted(plain, key=lambda name: (-errors[name], name))[: spec.lqer_top_k]
+    return {name: lqer_scheme(scheme, spec.lqer_bits) if name in chosen else scheme
+            for name, scheme in schemes.items()}, chosen
 
 
 def quantized_plan(

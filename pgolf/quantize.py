@@ -19,7 +19,7 @@ from pgolf.codecs import CODECS, parallel_workers
 from pgolf.config import to_dict
 from pgolf.dist import DEVICE_CHOICES, PlainLog, pick_device
 from pgolf.errors import InvalidInput, OverBudget, UsageError
-from pgolf.fit import ArtifactSizer, fit_plan_to_target
+from pgolf.fit import ArtifactSizer, fit_clip_k, fit_plan_to_target, fit_prune, prune_candidates, prune_levels
 from pgolf.gptq import GPTQ_BLOCK, GPTQ_DAMP, calibration_batches, calibration_windows, gptq_hessians
 from pgolf.model import ModelConfig, block_layout, build_model
 from pgolf.plans import (
@@ -30,8 +30,10 @@ from pgolf.plans import (
     demotable_blocks,
     demote_blocks,
     load_plan,
+    lqer_assign,
     quantized_plan,
 )
+from pgolf.quant import relative_error
 from pgolf.quantized import PLAN_FILE, QUANTIZED_FILE, load_quantized, save_quantized
 from pgolf.schemes import SCHEMES
 from pgolf.shards import open_dataset
@@ -71,8 +73,9 @@ class QuantizeConfig:
         need(self.device in DEVICE_CHOICES, "device", f"one of {', '.join(DEVICE_CHOICES)}")
 
     def target(self, spec: PlanSpec) -> int | None:
-        """The byte target: the one given, else the challenge's cap for a demote plan; none otherwise."""
-        return self.target_bytes or (ARTIFACT_BYTE_LIMIT if spec.demote else None)
+        """The byte target: the one given, else the challenge's cap for a plan that fits (demote, clip-k,
+        prune); none otherwise."""
+        return self.target_bytes or (ARTIFACT_BYTE_LIMIT if spec.fit_mode else None)
 
 
 @dataclasses.dataclass
@@ -85,8 +88,12 @@ class QuantizedModel:
     clip: str
     artifact_bytes: int  # sized blob + code allowance
     target: int | None
-    fit: dict | None  # demotion order and every size measured (demote plans)
+    fit: dict | None  # how the plan was fitted and every size measured (demote: blocks; clip-k: k factors;
+    # prune: +-1 levels zeroed), and the LQER tensors
     sensitivity: dict | None  # per-block calibration-loss increase (sensitivity plans)
+
+
+SDCLIP_METHODS = ("sdclip", "gptq-sdclip")  # the clip methods whose k the clip-k fit scales
 
 
 def require_calibration_data(spec: PlanSpec, clip: str, have_data: bool) -> bool:
@@ -163,18 +170,25 @@ def quantize_model(state: dict, model_config: ModelConfig, spec: PlanSpec, confi
     clip = config.clip or spec.clip
     target = config.target(spec)
     calibrate = require_calibration_data(spec, clip, train_shards is not None)
+    if spec.fit_mode in ("clip-k", "clip-k+prune") and clip not in SDCLIP_METHODS:
+        raise UsageError(f"plan '{spec.name}': fit = {spec.fit_mode} scales sdclip's k, so it needs clip = "
+                         f"{' | '.join(SDCLIP_METHODS)}, not {clip}")
     schemes = assign_schemes(spec, state, config.keep_float_numel)
     log.info(f"plan {spec.name}: {scheme_counts(schemes)}")
     device = pick_device(config.device)
     quantizer = PlanQuantizer(state, clip=clip, scale_floor=spec.scale_floor, gptq_damp=config.gptq_damp,
-                              gptq_block=config.gptq_block, device=device)
+                              gptq_block=config.gptq_block, device=device, lqer_rank=spec.lqer_rank,
+                              embedding_k=spec.embedding_k)
     batches = calibration_data(train_shards, data_name, config, model_config, device, log) if calibrate else None
     if CLIPS[clip].needs_calibration:
         integer = [name for name, scheme in schemes.items() if SCHEMES[scheme].integer]
         gptq_hessians(build_model(state, model_config, device), quantizer, schemes, integer, batches, log.info)
+    schemes, lqer = lqer_assign(spec, schemes, quantizer)
+    if lqer:
+        log.info(f"lqer: rank {spec.lqer_rank} int{spec.lqer_bits} factors on {', '.join(lqer)}")
 
-    def build(assignment: dict) -> tuple[dict, dict]:
-        tensors, records = quantizer.quantize(assignment)
+    def build(assignment: dict, k_scale: float | None = None) -> tuple[dict, dict]:
+        tensors, records = quantizer.quantize(assignment, k_scale)
         plan = quantized_plan(dataclasses.asdict(model_config), source or {}, spec, clip, records,
                               tokenizer_sha256)
         return tensors, json.loads(json.dumps(plan))  # exactly what plan.json will read back as
@@ -182,12 +196,14 @@ def quantize_model(state: dict, model_config: ModelConfig, spec: PlanSpec, confi
     sizer = ArtifactSizer(config.codec, config.code_bytes)
     allowance = f"{config.codec} blob + {config.code_bytes:,}-byte code allowance, --code-bytes"
     fit = sensitivity = None
-    if not spec.demote:
+    mode = spec.fit_mode
+    if mode is None:
         artifact = sizer(*build(schemes))
         if target is not None and artifact > target:
             raise OverBudget(f"{where}: plan '{spec.name}' makes a {artifact:,}-byte artifact ({allowance}), over "
-                             f"--target-bytes {target:,}; a demote plan such as center-out-int5 can fit it")
-    else:
+                             f"--target-bytes {target:,}; a demote plan such as center-out-int5, or fit = clip-k / "
+                             f"prune (record-int6), can fit it")
+    elif mode == "demote":
         order, sensitivity = demotion_order(spec, schemes, model_config, quantizer, batches, log)
         try:
             schemes, steps = fit_plan_to_target(
@@ -196,10 +212,53 @@ def quantize_model(state: dict, model_config: ModelConfig, spec: PlanSpec, confi
                 confirm=lambda assignment: sizer.every_layout(*build(assignment)))
         except OverBudget as e:
             raise OverBudget(f"{where}: {e} ({allowance})") from None
-        fit = {"order": order, "steps": steps, "demoted": steps[-1]["demoted"]}
+        fit = {"mode": mode, "order": order, "steps": steps, "demoted": steps[-1]["demoted"]}
         artifact = steps[-1]["bytes"]
+    fits = True
+    if mode in ("clip-k", "clip-k+prune"):
+        def size_at(factor: float) -> int:
+            return sizer(*build(schemes, factor))
+
+        factor, steps, fits = fit_clip_k(size_at, target, spec.clip_k_max, progress=log.info,
+                                         workers=parallel_workers(8))
+        quantizer.k_scale = factor
+        fit = {"mode": mode, "k_scale": factor, "clip_k_steps": steps}
+        artifact = next(step["bytes"] for step in reversed(steps) if step["k_scale"] == factor)
+        if not fits and mode == "clip-k":
+            raise OverBudget(f"{where}: target {target:,} bytes is out of reach: with every sdclip k x "
+                             f"{spec.clip_k_max} (clip_k_max) the artifact is {steps[-1]['bytes']:,} bytes "
+                             f"({allowance})")
     tensors, plan = build(schemes)
+    if mode == "prune" or (mode == "clip-k+prune" and not fits):
+        candidates = prune_candidates(tensors, schemes)
+        total = int(candidates[1].numel())
+
+        def size_pruned(count: int) -> int:
+            return sizer(*pruned_state(tensors, plan, candidates, count, state))
+
+        try:
+            count, steps = fit_prune(size_pruned, total, target, log.info, workers=parallel_workers(8),
+                                     known={0: artifact} if fit else None)
+        except OverBudget as e:
+            raise OverBudget(f"{where}: {e} ({allowance})") from None
+        tensors, plan = pruned_state(tensors, plan, candidates, count, state)
+        fit = {**(fit or {"mode": mode}), "pruned": count, "prune_candidates": total, "prune_steps": steps}
+        artifact = next(step["bytes"] for step in steps if step["pruned"] == count)
+    if lqer:
+        fit = {**(fit or {"mode": mode}), "lqer": lqer}
     return QuantizedModel(tensors, plan, schemes, clip, artifact, target, fit, sensitivity)
+
+
+def pruned_state(tensors: dict, plan: dict, candidates, count: int, original: dict) -> tuple[dict, dict]:
+    """(tensors, plan.json) with the first `count` +-1 prune candidates at 0; the pruned tensors' records get
+    their new rel_error and `pruned` (how many levels were zeroed)."""
+    pruned_tensors, pruned = prune_levels(tensors, candidates, count)
+    records = dict(plan["tensors"])
+    for name, zeroed in pruned.items():
+        restored = SCHEMES[records[name]["scheme"]].restore(name, pruned_tensors)
+        records[name] = {**records[name], "rel_error": relative_error(original[name].cpu(), restored),
+                         "pruned": zeroed}
+    return pruned_tensors, json.loads(json.dumps({**plan, "tensors": records}))
 
 
 def scheme_totals(records: dict) -> dict:

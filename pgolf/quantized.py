@@ -24,9 +24,11 @@ QUANTIZED_FILE = "quantized.safetensors"
 PLAN_FILE = "plan.json"
 QUANTIZED_FORMAT = "pgolf-quantized"
 # The stored layout's version, in plan.json and in quantized.safetensors' metadata. Version 1 is the layout
-# since the first release; files written before the field existed have that layout and no field.
-QUANTIZED_FORMAT_VERSION = 1
-READABLE_FORMAT_VERSIONS = (1,)
+# since the first release; files written before the field existed have that layout and no field. Version 2 adds
+# schemes with more stored tensors per name (intB+lqerF's factors) and int8-gate; every version-1 file reads as
+# before.
+QUANTIZED_FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)
 
 
 def quantize_entry(name: str, tensor: torch.Tensor, scheme: str, **options) -> tuple[dict, dict]:

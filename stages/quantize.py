@@ -30,7 +30,7 @@ def quantize(
         None,
         "--target-bytes",
         help="Artifact cap in bytes (blob + --code-bytes); "
-        "demote plans default to 16000000, other plans fail (exit 4) above it.",
+        "plans that fit (demote, clip-k, prune) default to 16000000, other plans fail (exit 4) above it.",
     ),
     code_bytes: int = typer.Option(
         None,
@@ -86,8 +86,16 @@ def summarize(out: Path, metrics: dict, as_json: bool) -> None:
         f"{scheme}: {row['tensors']} tensors, {row['parameters']:,} params, {row['bytes']:,} raw bytes"
         for scheme, row in totals["by_scheme"].items()
     ]
-    if metrics["fit"] and metrics["fit"]["demoted"]:
-        lines.append(f"demoted blocks {metrics['fit']['demoted']} to fit {metrics['target_bytes']:,} bytes")
+    fit = metrics["fit"] or {}
+    if fit.get("demoted"):
+        lines.append(f"demoted blocks {fit['demoted']} to fit {metrics['target_bytes']:,} bytes")
+    if fit.get("k_scale", 1.0) != 1.0:
+        lines.append(f"sdclip k x {fit['k_scale']:.4f} to fit {metrics['target_bytes']:,} bytes")
+    if fit.get("pruned"):
+        lines.append(f"pruned {fit['pruned']:,} of {fit['prune_candidates']:,} +-1 levels to fit "
+                     f"{metrics['target_bytes']:,} bytes")
+    if fit.get("lqer"):
+        lines.append(f"LQER on {', '.join(fit['lqer'])}")
     lines.append(
         f"mean relative error {totals['mean_rel_error']:.5f}; artifact {metrics['artifact_bytes']:,} bytes "
         f"({metrics['codec']} blob {metrics['blob_bytes']:,} + code {metrics['code_bytes']:,})"

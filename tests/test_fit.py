@@ -4,7 +4,7 @@ threads, with the step-down check in every layout; and the center-out order it d
 import pytest
 
 from pgolf.errors import OverBudget
-from pgolf.fit import fit_plan_to_target
+from pgolf.fit import fit_clip_k, fit_plan_to_target, fit_prune
 from pgolf.model import BlockLayout
 from pgolf.plans import demote_blocks
 
@@ -80,3 +80,28 @@ def test_fit_confirms_the_count_below_its_answer_in_every_layout():
     confirmed.clear()
     fit_plan_to_target(schemes, order, "int5", frozen, 10**9, blocks, confirm=confirm)
     assert confirmed == []  # nothing demoted: nothing to confirm
+
+
+@pytest.mark.parametrize("workers", [1, 2, 5])
+def test_prune_search_finds_what_a_linear_scan_finds(workers):
+    sizes = [1000 - 3 * count - (count % 7 == 0) for count in range(200)]  # falls with every +-1 level zeroed
+    for target in (sizes[-1], 700, 555, sizes[1], sizes[0]):
+        expected = next(count for count, size in enumerate(sizes) if size <= target)
+        count, steps = fit_prune(sizes.__getitem__, 199, target, workers=workers)
+        assert count == expected and {"pruned": count, "bytes": sizes[count]} in steps
+        if count:
+            assert {"pruned": count - 1, "bytes": sizes[count - 1]} in steps  # one fewer measured, over
+    with pytest.raises(OverBudget, match=f"with all 199 \\+-1 levels pruned the artifact is {sizes[-1]:,} bytes"):
+        fit_prune(sizes.__getitem__, 199, sizes[-1] - 1, workers=workers)
+    count, steps = fit_prune(lambda c: pytest.fail("re-measured"), 199, 10**6, known={0: 1000})
+    assert count == 0 and steps == [{"pruned": 0, "bytes": 1000}]
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_clip_k_search_finds_the_smallest_factor_that_fits(workers):
+    size_at = lambda factor: int(10_000 / factor)  # noqa: E731  (a wider clip packs smaller)
+    factor, steps, fits = fit_clip_k(size_at, 8_000, 2.0, tolerance=0.01, workers=workers)
+    assert fits and 1.25 <= factor <= 1.26 and size_at(factor) <= 8_000
+    assert any(factor - 0.01 <= s["k_scale"] < factor and s["bytes"] > 8_000 for s in steps)
+    assert fit_clip_k(size_at, 10**6, 2.0, workers=workers)[0::2] == (1.0, True)
+    assert fit_clip_k(size_at, 4_000, 2.0, workers=workers)[0::2] == (2.0, False)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from pgolf.errors import UsageError
-from pgolf.model import GPT, ModelConfig
-from pgolf.plans import PlanSpec, assign_schemes, load_plan, plan_names
+from pgolf.model import GPT, BlockLayout, ModelConfig
+from pgolf.plans import PlanSpec, assign_schemes, demote_blocks, load_plan, plan_names
 
 
 def baseline_state(**overrides) -> dict:
@@ -66,7 +66,7 @@ def test_plan_file_patterns_first_match_wins(tmp_path):
 
 def test_bad_plans_are_usage_errors_naming_the_problem(tmp_path):
     state = baseline_state(num_layers=2)
-    valid = "center-out-int5, int6, int6-fp16emb, int8, sensitivity-int5"
+    valid = "center-out-int5, int6, int6-fp16emb, int8, record-int6, sensitivity-int5"
     with pytest.raises(UsageError, match=rf"unknown plan 'int4' \(valid: {valid}; or a .toml"):
         load_plan("int4")
     unmatched = tmp_path / "typo.toml"
@@ -96,3 +96,36 @@ def test_plan_spec_validates_its_fields():
         PlanSpec(name="x", demote="random")
     with pytest.raises(ValueError, match="demote_to = 'fp16'"):
         PlanSpec(name="x", demote="center-out", demote_to="fp16")
+
+
+def test_record_int6_plan_quantizes_gates_explicitly_and_fits_by_clip_k_then_prune():
+    spec = load_plan("record-int6")
+    assert (spec.default, spec.embedding, spec.clip, spec.embedding_k) == ("int6", "int7", "gptq-sdclip", 15.0)
+    assert spec.fit_mode == "clip-k+prune" and spec.gates == "int8"
+    state = baseline_state(num_layers=2, attn_out_gate_width=12, smear_gate=True)
+    schemes = assign_schemes(spec, state)
+    gates = [name for name in state if "out_gate" in name or "smear.gate" in name]
+    assert gates and all(schemes[name] == "int8-gate" for name in gates)
+    assert schemes["tok_emb.weight"] == "int7" and schemes["blocks.0.attn_scale"] == "fp32"
+    floats = assign_schemes(load_plan("int6"), state)  # gates = "float": the export's rule keeps them float
+    assert all(floats[name] in ("fp16", "fp32") for name in gates)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"fit": "shrink"}, "fit = 'shrink': must be one of demote, clip-k, prune, clip-k\\+prune"),
+    ({"fit": "demote"}, "fit = 'demote' needs demote"),
+    ({"fit": "prune", "demote": "center-out"}, "pick one way to fit"),
+    ({"gates": "int6"}, "gates = 'int6': must be one of float, int8"),
+    ({"lqer_bits": 3}, "lqer_bits = 3: must be one of 2, 4"),
+    ({"clip_k_max": 0.5}, "clip_k_max = 0.5: must be in"),
+])
+def test_fit_gate_and_lqer_settings_are_validated(settings, message):
+    with pytest.raises(ValueError, match=message):
+        PlanSpec(name="p", **settings)
+
+
+def test_demotion_keeps_an_lqer_tensor_lqer():
+    schemes = {"blocks.0.mlp.fc.weight": "int6+lqer2", "blocks.0.mlp.proj.weight": "int6", "tok_emb.weight": "int7"}
+    demoted = demote_blocks(schemes, [0], "int5", BlockLayout(1, (0,)))
+    assert demoted == {"blocks.0.mlp.fc.weight": "int5+lqer2", "blocks.0.mlp.proj.weight": "int5",
+                       "tok_emb.weight": "int7"}

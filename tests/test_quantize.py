@@ -285,7 +285,7 @@ def test_bad_inputs_exit_with_documented_codes(trained_dir, capsys, tmp_path):
     unknown = run_cli(capsys, "quantize", trained_dir, "--plan", "int4", "--out", tmp_path / "a")
     assert unknown.returncode == 2
     assert (
-        "unknown plan 'int4' (valid: center-out-int5, int6, int6-fp16emb, int8, sensitivity-int5"
+        "unknown plan 'int4' (valid: center-out-int5, int6, int6-fp16emb, int8, record-int6, sensitivity-int5"
         in unknown.stderr
     )
     typo = tmp_path / "typo.toml"
@@ -389,3 +389,19 @@ def test_non_scalar_plan_values_are_one_usage_line(trained_dir, capsys, tmp_path
     plan.write_text(plan_text)
     result = run_cli(capsys, "quantize", trained_dir, "--plan", plan, "--out", tmp_path / "q")
     assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_record_int6_fits_by_clip_k_then_prune_through_the_cli(trained_dir, tiny_data_dir, capsys, tmp_path):
+    args = ("--plan", "record-int6", "--data", tiny_data_dir, "--calib-tokens", CALIB_TOKENS)
+    roomy = quantize(capsys, trained_dir, tmp_path / "roomy", *args, "--target-bytes", 10**9)
+    assert roomy["fit"]["k_scale"] == 1.0 and "pruned" not in roomy["fit"]
+    assert roomy["tensors"]["tok_emb.weight"]["scheme"] == "int7"
+    assert {r["clip"] for n, r in roomy["tensors"].items() if n.startswith("blocks.") and r["clip"]} == {
+        "gptq-sdclip"}
+    tight = roomy["artifact_bytes"] * 9 // 10  # beyond clip_k_max: pruning closes the rest
+    made = quantize(capsys, trained_dir, tmp_path / "tight", *args, "--target-bytes", tight)
+    assert made["fit"]["k_scale"] == 1.5 and 0 < made["fit"]["pruned"] < made["fit"]["prune_candidates"]
+    assert made["artifact_bytes"] <= tight
+    state = load_quantized(tmp_path / "tight")
+    assert len(pack_blob(*state, SIZING_CODEC)) + made["code_bytes"] <= made["artifact_bytes"]
+    GPT(MODEL).load_state_dict(dequantize_state(*state))

@@ -43,12 +43,12 @@ def test_saved_state_carries_its_format_version_in_both_files(tmp_path):
     assert all(torch.equal(loaded[name], tensors[name]) for name in tensors)
 
 
-@pytest.mark.parametrize("version", [0, 2, "1.5"])
+@pytest.mark.parametrize("version", [0, 3, "1.5"])
 def test_a_plan_of_another_format_version_is_refused_naming_the_file(tmp_path, version):
     tensors, records = small_state()
     save_quantized(tmp_path, tensors, plan_of(records, format_version=version))
     with pytest.raises(InvalidInput, match=rf"{QUANTIZED_FILE}: quantized format version {version!r}, this "
-                                           r"pgolf reads version\(s\) 1 \(re-run `pgolf quantize`"):
+                                           r"pgolf reads version\(s\) 1, 2 \(re-run `pgolf quantize`"):
         load_quantized(tmp_path)
 
 
