@@ -30,6 +30,7 @@ from pgolf.errors import ComplianceError
 from pgolf.ngram import NGRAM_BLOCK_ELEMENTS, NgramConfig, NgramMixer, ngram_mixture_weight
 from pgolf.shards import BOS_ID
 from pgolf.ttt import TTTConfig, TTTResult, run_ttt
+from pgolf.ttt_batched import check_batched_usage
 
 # -------------------------------------------------------------------------------------------------------
 # Window planning
@@ -407,6 +408,23 @@ def ttt_pass(
             progress(scorer.targets_scored, int(len(tokens_np) - 1))
         return torch.cat(parts).cpu() if parts else torch.zeros(0, dtype=torch.float64)
 
+    if ttt_config.mode == "batched":
+        # The records' doc-batched TTT scores its own document windows out of stream order: the scorer (and the
+        # trace) hear of each score as it happens, and each update in between.
+        check_batched_usage(scorer.sweep is not None)
+
+        def score_logits(positions: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+            nll = scorer.score_chunk(positions, logits)
+            if progress is not None:
+                progress(scorer.targets_scored, int(len(tokens_np) - 1))
+            return nll
+
+        def on_update(start: int, end: int) -> None:
+            if trace is not None:
+                trace.events.append(("update", np.arange(start, end)))
+
+        return run_ttt(model.model, tokens, ttt_config, score_chunk, plan.seq_len, tokens.device,
+                       score_logits=score_logits, on_update=on_update)
     result = run_ttt(model.model, tokens, ttt_config, score_chunk, plan.seq_len, tokens.device)
     if trace is not None:
         calls = iter(call_events)

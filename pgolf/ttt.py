@@ -37,7 +37,7 @@ from torch import nn
 from pgolf.errors import ComplianceError, UsageError
 from pgolf.model import BOS_ID, CastedLinear
 
-TTT_MODES = ("sgd", "adamw", "lora", "phased")
+TTT_MODES = ("sgd", "adamw", "lora", "phased", "batched")
 TTT_LORA_RESETS = ("document", "batch")
 # Seed values for the fields left as None, per mode.
 TTT_MODE_DEFAULTS = {
@@ -45,7 +45,11 @@ TTT_MODE_DEFAULTS = {
     "adamw": {"lr": 1e-4, "momentum": 0.9, "epochs": 3, "chunk_tokens": 32768},
     "lora": {"lr": 1e-4, "momentum": 0.0, "epochs": 1, "chunk_tokens": 256},
     "phased": {"lr": 1e-4, "momentum": 0.0, "epochs": 1, "chunk_tokens": 256},
+    "batched": {"lr": 1e-4, "momentum": 0.0, "epochs": 1, "chunk_tokens": 48},
 }
+# The records' doc-batched LoRA adapters (pgolf.ttt_batched): q/k/v/O projections, the whole MLP, the lm_head.
+TTT_BATCHED_TARGETS = ("q", "k", "v", "o", "mlp", "head")
+TTT_O_INPUTS = ("input", "attn")  # the O adapter reads the block's normed input (04-16) or the attention output
 TTT_ADAM_BETA2 = 0.999
 TTT_ADAM_EPS = 1e-10
 TTT_LORA_SEED = 0  # adapters start the same on every run
@@ -54,7 +58,7 @@ TTT_PROGRESS_SECONDS = 30.0
 
 @dataclass(frozen=True)
 class TTTConfig:
-    mode: str = "sgd"  # sgd | adamw (full model, chunked) | lora (adapters) | phased (lora + global SGD)
+    mode: str = "sgd"  # sgd | adamw (full model) | lora | phased (lora + global SGD) | batched (the records')
     lr: float | None = None  # learning rate (adapters in lora/phased); None: sgd 0.002, others 1e-4
     epochs: int | None = None  # passes over each scored chunk; None: 3 (sgd, adamw), 1 (lora, phased)
     momentum: float | None = None  # SGD momentum / AdamW beta1; None: 0.9 (sgd, adamw), 0.0 (lora, phased)
@@ -75,6 +79,9 @@ class TTTConfig:
     phase_momentum: float = 0.9  # phased: global SGD momentum
     phase_epochs: int = 1  # phased: global SGD passes over the scored prefix at each pause
     phase_chunk_tokens: int = 32768  # phased: the global SGD lr is cosine-decayed over chunks of this size
+    eval_seq_len: int = 2048  # batched: longest context window of a document chunk (capped at max_seq_len)
+    lora_o_input: str = "input"  # batched: the O adapter reads the block's normed input, or "attn" (its output)
+    batched_targets: tuple[str, ...] = TTT_BATCHED_TARGETS  # batched: which adapters (q k v o mlp head)
 
     def __post_init__(self):
         if self.mode not in TTT_MODES:
@@ -106,6 +113,11 @@ class TTTConfig:
         need(0 <= self.phase_momentum < 1, "phase_momentum", "in [0, 1)")
         need(self.phase_epochs >= 1, "phase_epochs", ">= 1")
         need(self.phase_chunk_tokens >= 1, "phase_chunk_tokens", ">= 1")
+        need(self.eval_seq_len >= 1, "eval_seq_len", ">= 1")
+        need(self.lora_o_input in TTT_O_INPUTS, "lora_o_input", f"one of {', '.join(TTT_O_INPUTS)}")
+        need(len(self.batched_targets) >= 1 and set(self.batched_targets) <= set(TTT_BATCHED_TARGETS)
+             and len(set(self.batched_targets)) == len(self.batched_targets), "batched_targets",
+             f"distinct names from {', '.join(TTT_BATCHED_TARGETS)}")
 
 
 @dataclass
@@ -199,6 +211,7 @@ class TTTSession:
         self.nll_parts: list[torch.Tensor] = []
         self.result = TTTResult(nll=torch.zeros(0, dtype=torch.float64))
         self.scored_upto = 1
+        self.position_nll: torch.Tensor | None = None  # batched mode: NLL by target position (scored out of order)
         self.last_report = time.perf_counter()
 
     def score(self, start: int, end: int) -> None:
@@ -265,7 +278,18 @@ class TTTSession:
         self.progress(f"ttt {self.config.mode}: {scored}/{len(self.tokens) - 1} targets scored, mean NLL "
                       f"{mean_nll:.4f}, {self.result.steps} steps, {self.result.train_seconds:.0f} s train")
 
+    def report_batched(self, scored: int) -> None:
+        now = time.perf_counter()
+        if self.progress is None or now - self.last_report < TTT_PROGRESS_SECONDS:
+            return
+        self.last_report = now
+        self.progress(f"ttt batched: {scored}/{len(self.tokens) - 1} targets scored, {self.result.steps} steps, "
+                      f"{self.result.train_seconds:.0f} s train")
+
     def finish(self) -> TTTResult:
+        if self.position_nll is not None:
+            self.result.nll = self.position_nll[1:]
+            return self.result
         self.result.nll = torch.cat(self.nll_parts) if self.nll_parts else torch.zeros(0, dtype=torch.float64)
         return self.result
 
@@ -378,12 +402,18 @@ def ttt_global_sgd(session: TTTSession, base_params, adapters: list[TTTLoRALinea
 
 
 def run_ttt(model: nn.Module, tokens: torch.Tensor, config: TTTConfig, score_chunk: TTTScoreChunk,
-            train_seq_len: int, device, progress: Callable[[str], None] | None = None) -> TTTResult:
+            train_seq_len: int, device, progress: Callable[[str], None] | None = None,
+            score_logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+            on_update: Callable[[int, int], None] | None = None) -> TTTResult:
     """Score every target of `tokens` (positions 1..N-1) score-first with TTT per `config`.
 
     score_chunk(model, tokens, start, end) returns the float64 NLL [end - start] of the targets start..end-1
     under the model's current weights (the eval's windows, modes and n-gram mixing live there). `progress`
-    receives a status line now and then."""
+    receives a status line now and then.
+
+    The batched mode scores its own document windows, out of stream order: score_logits(positions, logits)
+    scores the targets at `positions` from their logits [n, V] and returns their float64 NLL (None: plain
+    cross-entropy), and on_update(start, end) hears of each update of the targets [start, end) as it happens."""
     if len(tokens) < 2:
         raise UsageError(f"TTT needs at least 2 tokens, got {len(tokens)}")
     max_seq_len = model.config.max_seq_len
@@ -392,7 +422,11 @@ def run_ttt(model: nn.Module, tokens: torch.Tensor, config: TTTConfig, score_chu
     if config.freeze_blocks > model.layout.num_blocks:
         raise UsageError(f"freeze_blocks {config.freeze_blocks} > the model's {model.layout.num_blocks} blocks")
     session = TTTSession(model, tokens, config, score_chunk, train_seq_len, device, progress)
-    if config.mode in ("sgd", "adamw"):
+    if config.mode == "batched":
+        from pgolf.ttt_batched import ttt_batched
+
+        ttt_batched(session, score_logits, on_update)
+    elif config.mode in ("sgd", "adamw"):
         ttt_full_model(session)
     else:
         ttt_lora(session)
