@@ -29,8 +29,7 @@ from pgolf.bpb import ByteTables
 from pgolf.errors import ComplianceError
 from pgolf.ngram import NGRAM_BLOCK_ELEMENTS, NgramConfig, NgramMixer, ngram_mixture_weight
 from pgolf.shards import BOS_ID
-from pgolf.ttt import TTTConfig, TTTResult, run_ttt
-from pgolf.ttt_batched import check_batched_usage
+from pgolf.ttt import TTTConfig, TTTResult, check_batched_usage, run_ttt
 
 # -------------------------------------------------------------------------------------------------------
 # Window planning

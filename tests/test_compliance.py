@@ -289,7 +289,7 @@ def test_checker_accepts_any_score_first_order_and_catches_each_illegal_variant(
 
 
 def test_batched_ttt_guards_refuse_double_scores_and_early_updates(monkeypatch):
-    import pgolf.ttt_batched as batched
+    import pgolf.ttt as batched
     from pgolf.ttt import run_ttt
 
     model = pgolf.model.GPT(pgolf.model.ModelConfig(vocab_size=16, num_layers=2, model_dim=8, num_heads=2,
