@@ -1,8 +1,9 @@
 """Score-first test-time training (TTT) at evaluation, on a copy of the dequantized artifact.
 
-One rule for every mode (C3, C4): the stream's targets (positions 1..N-1) are scored once, in order, chunk
-by chunk, by the eval's `score_chunk` with the current weights; only then may weights train on that chunk's
-targets. The stream's last chunk is never trained (nothing is left to score after it). Each score and each
+One rule for every mode (C3, C4): the stream's targets (positions 1..N-1) are scored once, chunk by chunk,
+with the current weights; only then may weights train on that chunk's targets. sgd / adamw / lora / phased score
+in stream order through the eval's `score_chunk`; batched scores document chunks in the records' order
+(length-sorted batches) through `score_logits`, each from its own document's earlier tokens only. The stream's last chunk is never trained (nothing is left to score after it). Each score and each
 update is logged in TTTResult.events, so the compliance check can verify the order. run_ttt deep-copies the
 caller's model, so other evaluations in the process keep the artifact's weights, and writes no file.
 
@@ -22,6 +23,11 @@ Modes
   off), and scoring resumes with fresh adapters. The seeds shrink prefix_docs to the stream's document count
   when it is smaller; that makes early pauses depend on later BOS tokens (a C1 leak), so here a stream with
   fewer documents just gets fewer pauses. No pause comes after the last document.
+- batched: the records' TTT (04-10 / 04-16 / 04-27, seed #1790): documents sorted by length in batches of
+  `lora_batch_docs`, per-document adapters on q/k/v/O, the MLP and the lm_head, chunks of `chunk_tokens` in
+  windows of up to `eval_seq_len`, B reset per batch, A kept with lora_warm_start, optional phased global SGD
+  (prefix_docs > 0) in rows that never cross a BOS. Details in its section below; named settings
+  pgolf/presets/ttt/record-0416.toml and record-1790.toml (`--ttt-mode record-0416`).
 """
 
 import copy
