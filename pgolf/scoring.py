@@ -250,6 +250,9 @@ class Trace:
     nll: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     logprobs: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     events: list[tuple[str, np.ndarray]] = field(default_factory=list)
+    # The run schedules by document structure (batched TTT: documents sorted by length), so C1 is checked in
+    # scoring order with BOS positions held, even where the order happens to follow the stream.
+    by_documents: bool = False
 
     def record(self, name: str, nll: torch.Tensor, logprobs: torch.Tensor) -> None:
         self.nll.setdefault(name, []).append(nll.detach().cpu())
@@ -411,6 +414,8 @@ def ttt_pass(
         # The records' doc-batched TTT scores its own document windows out of stream order: the scorer (and the
         # trace) hear of each score as it happens, and each update in between.
         check_batched_usage(scorer.sweep is not None)
+        if trace is not None:
+            trace.by_documents = True
 
         def score_logits(positions: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
             nll = scorer.score_chunk(positions, logits)

@@ -3,9 +3,11 @@
 One rule for every mode (C3, C4): the stream's targets (positions 1..N-1) are scored once, chunk by chunk,
 with the current weights; only then may weights train on that chunk's targets. sgd / adamw / lora / phased score
 in stream order through the eval's `score_chunk`; batched scores document chunks in the records' order
-(length-sorted batches) through `score_logits`, each from its own document's earlier tokens only. The stream's last chunk is never trained (nothing is left to score after it). Each score and each
-update is logged in TTTResult.events, so the compliance check can verify the order. run_ttt deep-copies the
-caller's model, so other evaluations in the process keep the artifact's weights, and writes no file.
+(length-sorted batches) through `score_logits`, each from its own document's earlier tokens only. The last
+chunk (of the stream; of each document in batched) is never trained: nothing is left to score after it. Each
+score and each update is logged in TTTResult.events, so the compliance check can verify the order. run_ttt
+deep-copies the caller's model, so other evaluations in the process keep the artifact's weights, and writes no
+file.
 
 Modes
 - sgd / adamw: chunked full-model TTT (seed PR #461 / #549 lineage). After scoring a chunk of `chunk_tokens`

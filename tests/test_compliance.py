@@ -229,7 +229,15 @@ def test_records_length_sorted_batched_ttt_is_legal(tiny_eval_inputs, uneven_pre
     assert not in_stream_order(trace)  # the longest document is scored first
     results = results_of(tiny_eval_inputs, uneven_prefix, EvalPlan(SEQ_LEN, STRIDE, False, 4), ttt_config=BATCHED)
     assert_all_pass(results)
-    assert "out-of-order" in results["C1"].detail and "(0 updates)" not in results["C3"].detail
+    assert "cut in scoring order" in results["C1"].detail and "(0 updates)" not in results["C3"].detail
+
+
+def test_batched_ttt_on_a_single_document_is_checked_in_scoring_order(tiny_eval_inputs, prefix):
+    # One document: the scores follow the stream, but the schedule still rests on document lengths.
+    one_document = prefix[:80]
+    results = results_of(tiny_eval_inputs, one_document, EvalPlan(SEQ_LEN, STRIDE, False, 4), ttt_config=BATCHED)
+    assert_all_pass(results)
+    assert "cut in scoring order" in results["C1"].detail
 
 
 def test_batched_ttt_with_a_model_that_sees_the_future_fails_c1(tiny_eval_inputs, uneven_prefix, monkeypatch):
