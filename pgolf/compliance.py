@@ -5,7 +5,13 @@ untouched) with the same plan, n-gram grid and TTT settings, recording every sco
 and every score/update event (pgolf.scoring.Trace). Then:
 - C1 causality: for several cut points t the tokens after t are replaced by random ones (a BOS at t + 1,
   then sparse to dense BOSes) and the run repeated; every score and distribution of the targets at
-  positions <= t must be bit-identical.
+  positions <= t must be bit-identical. A run that scores out of stream order (the records' length-sorted
+  document batches) is cut in scoring order instead: at several score events k, every token not yet
+  revealed (neither scored by an earlier event nor among the first half of event k's targets) is replaced
+  by a random non-BOS token, BOS positions (the document structure the order is built from) held fixed, and
+  the scores of the revealed targets must be bit-identical: a score may use its own document's earlier
+  tokens and weights trained on scored targets, nothing else. A run that schedules by documents
+  (Trace.by_documents) gets this check even where its order happens to follow the stream.
 - C2 normalization: every distribution used for a score (model and each n-gram mixture) covers the whole
   vocabulary and sums to 1 within 1e-6.
 - C3 score before update: every position an update uses (n-gram counts, TTT weights) was scored before it;
@@ -139,14 +145,83 @@ def check_causal(run, tokens: np.ndarray, base: Trace, vocab_size: int, cuts: li
                        f"t in {cuts}")
 
 
+def score_events(trace: Trace) -> list[np.ndarray]:
+    return [positions for kind, positions in trace.events if kind == "score"]
+
+
+def in_stream_order(trace: Trace) -> bool:
+    """Whether every score event's targets come after every earlier event's (the plain and chunked modes)."""
+    last = 0
+    for positions in score_events(trace):
+        if len(positions) == 0:
+            continue
+        if np.any(np.diff(positions) < 0) or positions.min() < last:
+            return False
+        last = int(positions.max())
+    return True
+
+
+def perturb_unrevealed(tokens: np.ndarray, revealed: np.ndarray, vocab_size: int,
+                       generator: np.random.Generator) -> np.ndarray:
+    """Every token neither revealed, nor BOS, nor position 0 replaced by a different random non-BOS token."""
+    keep = revealed.copy()
+    keep[0] = True
+    keep |= tokens == BOS_ID
+    change = np.flatnonzero(~keep)
+    fresh = (tokens[change] + generator.integers(1, vocab_size, len(change))) % vocab_size
+    for _ in range(2):  # step off BOS, and off the original if that step landed on it
+        fresh = np.where((fresh == BOS_ID) | (fresh == tokens[change]), (fresh + 1) % vocab_size, fresh)
+    perturbed = tokens.copy()
+    perturbed[change] = fresh
+    return perturbed
+
+
+def check_causal_reordered(run, tokens: np.ndarray, base: Trace, vocab_size: int, seed: int = 0):
+    """C1 for a run that scores out of stream order: cut in scoring order, BOS positions fixed."""
+    generator = np.random.default_rng(seed)
+    events = score_events(base)
+    cut_count = len(COMPLIANCE_BOS_EVERY)
+    cuts = sorted({len(events) * (i + 1) // (cut_count + 1) for i in range(cut_count)})
+    base_scores = {name: base.scores(name) for name in base.nll}
+    for k in cuts:
+        current = np.sort(events[k])
+        shown = np.concatenate([*events[:k], current[: (len(current) + 1) // 2]]).astype(np.int64)
+        revealed = np.zeros(len(tokens), dtype=bool)
+        revealed[shown] = True
+        perturbed = run(perturb_unrevealed(tokens, revealed, vocab_size, generator))
+        for name, (positions, nll, logprobs) in base_scores.items():
+            new_positions, new_nll, new_logprobs = perturbed.scores(name)
+            keep = revealed[positions]
+            if not np.array_equal(np.sort(positions[keep]), np.sort(new_positions[revealed[new_positions]])):
+                return CheckResult("C1 causality", False, f"{name}: which targets are scored by the first {k} "
+                                   f"score events changed when unrevealed tokens were perturbed")
+            order, new_order = np.argsort(positions[keep], kind="stable"), \
+                np.argsort(new_positions[revealed[new_positions]], kind="stable")
+            old_nll, old_lp = nll[torch.from_numpy(keep)][order], logprobs[torch.from_numpy(keep)][order]
+            new_keep = torch.from_numpy(revealed[new_positions])
+            new_nll, new_lp = new_nll[new_keep][new_order], new_logprobs[new_keep][new_order]
+            changed = np.flatnonzero(((old_nll != new_nll) | (old_lp != new_lp).any(-1)).numpy())
+            if changed.size:
+                target = int(np.sort(positions[keep])[changed[0]])
+                return CheckResult("C1 causality", False, f"{name}: the score of target {target} changed when "
+                                   f"tokens not yet scored were perturbed (cut after score event {k}, "
+                                   f"{changed.size} revealed targets changed)")
+    return CheckResult("C1 causality", True, f"cut in scoring order: scores of revealed targets bit-identical "
+                       f"under perturbation of every unrevealed token (BOS positions fixed) at score events "
+                       f"{cuts}")
+
+
 def check_compliance(run, tokens: np.ndarray, vocab_size: int, seed: int = 0) -> list[CheckResult]:
     """C1-C4 for `run(tokens) -> Trace`, an eval traced on a token prefix."""
     tokens = np.asarray(tokens, dtype=np.int64)
     base = run(tokens)
-    cut_count = len(COMPLIANCE_BOS_EVERY)
-    cuts = [len(tokens) * (i + 1) // (cut_count + 1) for i in range(cut_count)]
-    return [check_causal(run, tokens, base, vocab_size, cuts, seed), check_normalized(base, vocab_size),
-            *check_events(base, len(tokens))]
+    if in_stream_order(base) and not base.by_documents:
+        cut_count = len(COMPLIANCE_BOS_EVERY)
+        cuts = [len(tokens) * (i + 1) // (cut_count + 1) for i in range(cut_count)]
+        causal = check_causal(run, tokens, base, vocab_size, cuts, seed)
+    else:
+        causal = check_causal_reordered(run, tokens, base, vocab_size, seed)
+    return [causal, check_normalized(base, vocab_size), *check_events(base, len(tokens))]
 
 
 def check_eval(model, tokens: np.ndarray, plan: EvalPlan, tables: ByteTables, ngram: list[NgramConfig] = (),

@@ -683,12 +683,16 @@ class GPT(nn.Module):
                  "mlp": lambda: lanes[1]}[config.parallel_final_lane]()
         return rms_norm(x)
 
-    def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Softcapped logits of final hidden states [..., D]; float32 (float64 for a float64 model)."""
+    def logits_from_hidden(self, hidden: torch.Tensor, head_delta=None) -> torch.Tensor:
+        """Softcapped logits of final hidden states [..., D]; float32 (float64 for a float64 model).
+        `head_delta(hidden)`, when given, is added to the raw head output before the softcap (LoRA TTT's
+        lm_head adapter, tied or untied)."""
         if self.lm_head is not None:
             raw = self.lm_head(hidden)
         else:
             raw = F.linear(hidden, self.tok_emb.weight.to(hidden.dtype))
+        if head_delta is not None:
+            raw = raw + head_delta(hidden)
         softcap = self.config.logit_softcap
         logits = softcap * torch.tanh(raw / softcap)
         return logits if logits.dtype == torch.float64 else logits.float()

@@ -29,7 +29,7 @@ from pgolf.bpb import ByteTables
 from pgolf.errors import ComplianceError
 from pgolf.ngram import NGRAM_BLOCK_ELEMENTS, NgramConfig, NgramMixer, ngram_mixture_weight
 from pgolf.shards import BOS_ID
-from pgolf.ttt import TTTConfig, TTTResult, run_ttt
+from pgolf.ttt import TTTConfig, TTTResult, check_batched_usage, run_ttt
 
 # -------------------------------------------------------------------------------------------------------
 # Window planning
@@ -250,6 +250,9 @@ class Trace:
     nll: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     logprobs: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     events: list[tuple[str, np.ndarray]] = field(default_factory=list)
+    # The run schedules by document structure (batched TTT: documents sorted by length), so C1 is checked in
+    # scoring order with BOS positions held, even where the order happens to follow the stream.
+    by_documents: bool = False
 
     def record(self, name: str, nll: torch.Tensor, logprobs: torch.Tensor) -> None:
         self.nll.setdefault(name, []).append(nll.detach().cpu())
@@ -407,6 +410,25 @@ def ttt_pass(
             progress(scorer.targets_scored, int(len(tokens_np) - 1))
         return torch.cat(parts).cpu() if parts else torch.zeros(0, dtype=torch.float64)
 
+    if ttt_config.mode == "batched":
+        # The records' doc-batched TTT scores its own document windows out of stream order: the scorer (and the
+        # trace) hear of each score as it happens, and each update in between.
+        check_batched_usage(scorer.sweep is not None)
+        if trace is not None:
+            trace.by_documents = True
+
+        def score_logits(positions: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+            nll = scorer.score_chunk(positions, logits)
+            if progress is not None:
+                progress(scorer.targets_scored, int(len(tokens_np) - 1))
+            return nll
+
+        def on_update(start: int, end: int) -> None:
+            if trace is not None:
+                trace.events.append(("update", np.arange(start, end)))
+
+        return run_ttt(model.model, tokens, ttt_config, score_chunk, plan.seq_len, tokens.device,
+                       score_logits=score_logits, on_update=on_update)
     result = run_ttt(model.model, tokens, ttt_config, score_chunk, plan.seq_len, tokens.device)
     if trace is not None:
         calls = iter(call_events)

@@ -1,10 +1,13 @@
 """Score-first test-time training (TTT) at evaluation, on a copy of the dequantized artifact.
 
-One rule for every mode (C3, C4): the stream's targets (positions 1..N-1) are scored once, in order, chunk
-by chunk, by the eval's `score_chunk` with the current weights; only then may weights train on that chunk's
-targets. The stream's last chunk is never trained (nothing is left to score after it). Each score and each
-update is logged in TTTResult.events, so the compliance check can verify the order. run_ttt deep-copies the
-caller's model, so other evaluations in the process keep the artifact's weights, and writes no file.
+One rule for every mode (C3, C4): the stream's targets (positions 1..N-1) are scored once, chunk by chunk,
+with the current weights; only then may weights train on that chunk's targets. sgd / adamw / lora / phased score
+in stream order through the eval's `score_chunk`; batched scores document chunks in the records' order
+(length-sorted batches) through `score_logits`, each from its own document's earlier tokens only. The last
+chunk (of the stream; of each document in batched) is never trained: nothing is left to score after it. Each
+score and each update is logged in TTTResult.events, so the compliance check can verify the order. run_ttt
+deep-copies the caller's model, so other evaluations in the process keep the artifact's weights, and writes no
+file.
 
 Modes
 - sgd / adamw: chunked full-model TTT (seed PR #461 / #549 lineage). After scoring a chunk of `chunk_tokens`
@@ -22,6 +25,11 @@ Modes
   off), and scoring resumes with fresh adapters. The seeds shrink prefix_docs to the stream's document count
   when it is smaller; that makes early pauses depend on later BOS tokens (a C1 leak), so here a stream with
   fewer documents just gets fewer pauses. No pause comes after the last document.
+- batched: the records' TTT (04-10 / 04-16 / 04-27, seed #1790): documents sorted by length in batches of
+  `lora_batch_docs`, per-document adapters on q/k/v/O, the MLP and the lm_head, chunks of `chunk_tokens` in
+  windows of up to `eval_seq_len`, B reset per batch, A kept with lora_warm_start, optional phased global SGD
+  (prefix_docs > 0) in rows that never cross a BOS. Details in its section below; named settings
+  pgolf/presets/ttt/record-0416.toml and record-1790.toml (`--ttt-mode record-0416`).
 """
 
 import copy
@@ -29,15 +37,16 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pgolf.errors import ComplianceError, UsageError
-from pgolf.model import BOS_ID, CastedLinear
+from pgolf.model import BOS_ID, CastedLinear, block_layout
 
-TTT_MODES = ("sgd", "adamw", "lora", "phased")
+TTT_MODES = ("sgd", "adamw", "lora", "phased", "batched")
 TTT_LORA_RESETS = ("document", "batch")
 # Seed values for the fields left as None, per mode.
 TTT_MODE_DEFAULTS = {
@@ -45,7 +54,11 @@ TTT_MODE_DEFAULTS = {
     "adamw": {"lr": 1e-4, "momentum": 0.9, "epochs": 3, "chunk_tokens": 32768},
     "lora": {"lr": 1e-4, "momentum": 0.0, "epochs": 1, "chunk_tokens": 256},
     "phased": {"lr": 1e-4, "momentum": 0.0, "epochs": 1, "chunk_tokens": 256},
+    "batched": {"lr": 1e-4, "momentum": 0.0, "epochs": 1, "chunk_tokens": 48},
 }
+# The records' doc-batched LoRA adapters (mode batched, below): q/k/v/O projections, the whole MLP, the lm_head.
+TTT_BATCHED_TARGETS = ("q", "k", "v", "o", "mlp", "head")
+TTT_O_INPUTS = ("input", "attn")  # the O adapter reads the block's normed input (04-16) or the attention output
 TTT_ADAM_BETA2 = 0.999
 TTT_ADAM_EPS = 1e-10
 TTT_LORA_SEED = 0  # adapters start the same on every run
@@ -54,7 +67,7 @@ TTT_PROGRESS_SECONDS = 30.0
 
 @dataclass(frozen=True)
 class TTTConfig:
-    mode: str = "sgd"  # sgd | adamw (full model, chunked) | lora (adapters) | phased (lora + global SGD)
+    mode: str = "sgd"  # sgd | adamw (full model) | lora | phased (lora + global SGD) | batched (the records')
     lr: float | None = None  # learning rate (adapters in lora/phased); None: sgd 0.002, others 1e-4
     epochs: int | None = None  # passes over each scored chunk; None: 3 (sgd, adamw), 1 (lora, phased)
     momentum: float | None = None  # SGD momentum / AdamW beta1; None: 0.9 (sgd, adamw), 0.0 (lora, phased)
@@ -75,6 +88,9 @@ class TTTConfig:
     phase_momentum: float = 0.9  # phased: global SGD momentum
     phase_epochs: int = 1  # phased: global SGD passes over the scored prefix at each pause
     phase_chunk_tokens: int = 32768  # phased: the global SGD lr is cosine-decayed over chunks of this size
+    eval_seq_len: int = 2048  # batched: longest context window of a document chunk (capped at max_seq_len)
+    lora_o_input: str = "input"  # batched: the O adapter reads the block's normed input, or "attn" (its output)
+    batched_targets: tuple[str, ...] = TTT_BATCHED_TARGETS  # batched: which adapters (q k v o mlp head)
 
     def __post_init__(self):
         if self.mode not in TTT_MODES:
@@ -106,6 +122,11 @@ class TTTConfig:
         need(0 <= self.phase_momentum < 1, "phase_momentum", "in [0, 1)")
         need(self.phase_epochs >= 1, "phase_epochs", ">= 1")
         need(self.phase_chunk_tokens >= 1, "phase_chunk_tokens", ">= 1")
+        need(self.eval_seq_len >= 1, "eval_seq_len", ">= 1")
+        need(self.lora_o_input in TTT_O_INPUTS, "lora_o_input", f"one of {', '.join(TTT_O_INPUTS)}")
+        need(len(self.batched_targets) >= 1 and set(self.batched_targets) <= set(TTT_BATCHED_TARGETS)
+             and len(set(self.batched_targets)) == len(self.batched_targets), "batched_targets",
+             f"distinct names from {', '.join(TTT_BATCHED_TARGETS)}")
 
 
 @dataclass
@@ -199,6 +220,7 @@ class TTTSession:
         self.nll_parts: list[torch.Tensor] = []
         self.result = TTTResult(nll=torch.zeros(0, dtype=torch.float64))
         self.scored_upto = 1
+        self.position_nll: torch.Tensor | None = None  # batched mode: NLL by target position (scored out of order)
         self.last_report = time.perf_counter()
 
     def score(self, start: int, end: int) -> None:
@@ -265,7 +287,18 @@ class TTTSession:
         self.progress(f"ttt {self.config.mode}: {scored}/{len(self.tokens) - 1} targets scored, mean NLL "
                       f"{mean_nll:.4f}, {self.result.steps} steps, {self.result.train_seconds:.0f} s train")
 
+    def report_batched(self, scored: int) -> None:
+        now = time.perf_counter()
+        if self.progress is None or now - self.last_report < TTT_PROGRESS_SECONDS:
+            return
+        self.last_report = now
+        self.progress(f"ttt batched: {scored}/{len(self.tokens) - 1} targets scored, {self.result.steps} steps, "
+                      f"{self.result.train_seconds:.0f} s train")
+
     def finish(self) -> TTTResult:
+        if self.position_nll is not None:
+            self.result.nll = self.position_nll[1:]
+            return self.result
         self.result.nll = torch.cat(self.nll_parts) if self.nll_parts else torch.zeros(0, dtype=torch.float64)
         return self.result
 
@@ -377,13 +410,327 @@ def ttt_global_sgd(session: TTTSession, base_params, adapters: list[TTTLoRALinea
         adapter.reset_a()
 
 
+
+# -------------------------------------------------------------------------------------------------------
+# The records' TTT (04-10 / 04-16 / 04-27 lineage, seed #1790): doc-batched LoRA, with optional phased SGD.
+#
+# Documents are the stream's BOS-delimited spans (ttt_document_spans: a document's targets run through the next
+# BOS). As the records order them, documents are sorted by length (stable, ties in stream order), cut into
+# batches of `lora_batch_docs`, and the batches run longest first. Inside a batch every document has its own
+# adapters (row b of each adapter tensor); the batch walks chunk index ci = 0, 1, ...: each document that still
+# has a chunk ci scores it in one forward over its context window (the chunk's end and up to eval_seq_len
+# tokens before it, never before the document's BOS; the records' _compute_chunk_window), and then each document
+# with a later chunk trains its adapters on the per-document mean NLL of that chunk (one AdamW step per epoch,
+# no gradient clipping: each document's step depends on its own tokens only). At each batch B restarts at 0 and
+# the optimizer restarts; A restarts too unless lora_warm_start (then row b's A carries over, trained by the
+# documents scored in row b before).
+#
+# Adapters (batched_targets), y += (lora_alpha / lora_rank) * x A^T B^T, one set per block run (depth recurrence
+# runs a block several times, each run its own slot):
+#   q, k, v: on attn.c_q / c_k / c_v, reading the block's normed input (the projection's own input);
+#   o:       added to attn.proj's output, reading the block's normed input (lora_o_input "input", 04-16's code)
+#            or the attention output, proj's own input ("attn");
+#   mlp:     added to the MLP's output, reading the MLP's normed input;
+#   head:    added to the raw logits before the softcap, reading the final normed hidden state (tied or not).
+# The adapters live in forward hooks on the model's own modules, so the adapted forward is GPT.hidden and
+# GPT.logits_from_hidden exactly, plus the adapters (with B = 0 it equals model.logits bit for bit).
+#
+# Phases (prefix_docs > 0): after the batch in which the count of scored documents reaches prefix_docs * i /
+# phases (i = 1..phases; none after the last batch), SGD trains every base weight on every document scored so
+# far, in rows that stay inside one document (a row's inputs start at or after its document's BOS), lr cosine-
+# decayed over groups of phase_chunk_tokens targets; then scoring resumes with B = 0.
+#
+# Legality: a score uses only its document's earlier tokens plus weights trained on already-scored targets (C3);
+# the order depends on document lengths (BOS positions) only. pgolf.compliance checks such out-of-order runs
+# with BOS positions held fixed.
+
+def batched_order(spans: list[tuple[int, int]], batch_docs: int) -> list[list[int]]:
+    """Document indices per batch, in the order the batches run: sorted by length (stable), batches of
+    batch_docs, the batch with the longest document first (ties keep the sorted order)."""
+    by_length = sorted(range(len(spans)), key=lambda d: spans[d][1] - spans[d][0])
+    batches = [by_length[i : i + batch_docs] for i in range(0, len(by_length), batch_docs)]
+    return sorted(batches, key=lambda batch: -max(spans[d][1] - spans[d][0] for d in batch))
+
+
+def chunk_window(ci: int, pred_len: int, num_chunks: int, chunk: int, window: int) -> tuple[int, int, int, int]:
+    """(window start, window length, chunk offset in the window, chunk length), in target indices of the
+    document: chunk ci's targets and up to `window` targets of context ending with it."""
+    chunk_end = pred_len if ci == num_chunks - 1 else (ci + 1) * chunk
+    win_start = max(0, chunk_end - window)
+    return win_start, chunk_end - win_start, ci * chunk - win_start, chunk_end - ci * chunk
+
+
+class BatchedAdapters(nn.Module):
+    """A [docs, rank, in] and B [docs, out, rank] per adapter key ("q3": q of execution slot 3, "head")."""
+
+    def __init__(self, model, targets, rank: int, alpha: float, docs: int, slots: int):
+        super().__init__()
+        config = model.config
+        dim, kv_dim = config.model_dim, config.num_kv_heads * config.head_dim
+        shapes = {"q": (dim, dim), "k": (dim, kv_dim), "v": (dim, kv_dim), "o": (dim, dim), "mlp": (dim, dim)}
+        weight = model.tok_emb.weight
+        self.scale = alpha / rank
+        self.generator = torch.Generator().manual_seed(TTT_LORA_SEED)
+        self.a, self.b = nn.ParameterDict(), nn.ParameterDict()
+        keys = [(f"{kind}{slot}", shapes[kind]) for kind in targets if kind != "head" for slot in range(slots)]
+        if "head" in targets:
+            keys.append(("head", (dim, config.vocab_size)))
+        for key, (fan_in, fan_out) in keys:
+            self.a[key] = nn.Parameter(torch.empty(docs, rank, fan_in, device=weight.device, dtype=weight.dtype))
+            self.b[key] = nn.Parameter(torch.zeros(docs, fan_out, rank, device=weight.device, dtype=weight.dtype))
+        self.reset_a()
+
+    @torch.no_grad()
+    def reset_a(self) -> None:
+        for a in self.a.values():
+            bound = 1.0 / math.sqrt(a.size(-1))
+            a.copy_(torch.empty(a.shape, dtype=torch.float64).uniform_(-bound, bound, generator=self.generator))
+
+    @torch.no_grad()
+    def reset_b(self) -> None:
+        for b in self.b.values():
+            b.zero_()
+
+    def delta(self, key: str, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """scale * x A^T B^T for x [n, T, in], row i using document rows[i]'s adapter."""
+        a, b = self.a[key][rows].to(x.dtype), self.b[key][rows].to(x.dtype)
+        return self.scale * torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
+
+
+class AdaptedModel:
+    """Forward hooks that add the adapters to the model's own modules while `logits` runs."""
+
+    def __init__(self, model, adapters: BatchedAdapters, targets, o_input: str):
+        self.model, self.adapters, self.targets, self.o_input = model, adapters, set(targets), o_input
+        layout = model.layout if model.looping else block_layout(model.config, looping=False)
+        self.slots = {b: [i for i, e in enumerate(layout.execution) if e == b] for b in set(layout.execution)}
+        self.rows: torch.Tensor | None = None
+        self.runs: dict[int, int] = {}
+        self.slot, self.block_input = 0, None
+        self.handles = []
+        for index, block in enumerate(model.blocks):
+            attn = block.attn
+            self.handles += [attn.register_forward_pre_hook(partial(self.enter, index)),
+                             attn.c_q.register_forward_hook(partial(self.add, "q")),
+                             attn.c_k.register_forward_hook(partial(self.add, "k")),
+                             attn.c_v.register_forward_hook(partial(self.add, "v")),
+                             attn.proj.register_forward_hook(partial(self.add, "o")),
+                             block.mlp.register_forward_hook(partial(self.add, "mlp"))]
+
+    def enter(self, index: int, module, args) -> None:
+        if self.rows is None:
+            return
+        run = self.runs.get(index, 0)
+        self.runs[index] = run + 1
+        self.slot, self.block_input = self.slots[index][run], args[0]
+
+    def add(self, kind: str, module, args, output):
+        if self.rows is None or kind not in self.targets:
+            return None
+        source = self.block_input if kind == "o" and self.o_input == "input" else args[0]
+        return output + self.adapters.delta(f"{kind}{self.slot}", source, self.rows)
+
+    def logits(self, inputs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Softcapped logits [n, T, V] of inputs [n, T], row i adapted by document rows[i]'s adapters."""
+        self.rows, self.runs = rows, {}
+        try:
+            hidden = self.model.hidden(inputs)
+            head = partial(self.adapters.delta, "head", rows=rows) if "head" in self.targets else None
+            return self.model.logits_from_hidden(hidden, head)
+        finally:
+            self.rows, self.block_input = None, None
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def ttt_batched(session: TTTSession, score_logits: Callable | None, on_update: Callable | None) -> None:
+    config, model, tokens, device = session.config, session.model, session.tokens, session.device
+    window = min(config.eval_seq_len, model.config.max_seq_len)
+    session.tokens_cpu = tokens.cpu()
+    spans = ttt_document_spans(session.tokens_cpu)
+    batches = batched_order(spans, config.lora_batch_docs)
+    slots = len((model.layout if model.looping else block_layout(model.config, looping=False)).execution)
+    docs = min(config.lora_batch_docs, len(spans))
+    adapters = BatchedAdapters(model, config.batched_targets, config.lora_rank, config.lora_alpha, docs, slots)
+    adapted = AdaptedModel(model, adapters, config.batched_targets, config.lora_o_input)
+    lora_params = list(adapters.parameters())
+    scored = torch.zeros(len(tokens), dtype=torch.bool)
+    session.position_nll = torch.full((len(tokens),), math.nan, dtype=torch.float64)
+    thresholds = sorted({config.prefix_docs * (i + 1) // config.phases for i in range(config.phases)} - {0}) \
+        if config.prefix_docs else []
+    done: list[int] = []
+    base_params = list(model.parameters())
+
+    def score(positions: torch.Tensor, logits: torch.Tensor, ranges: list[tuple[int, int]]) -> None:
+        began = time.perf_counter()
+        with torch.no_grad():
+            if score_logits is not None:
+                nll = score_logits(positions.to(device), logits)
+            else:
+                nll = F.cross_entropy(logits.double(), tokens[positions.to(tokens.device)].long().to(device),
+                                      reduction="none")
+        session.result.score_seconds += time.perf_counter() - began
+        cpu = positions.cpu()
+        if bool(scored[cpu].any()) or bool((cpu < 1).any()):
+            raise ComplianceError("batched TTT scored a target twice (C4)")
+        scored[cpu] = True
+        session.result.events.extend(("score", start, end) for start, end in ranges)
+        session.position_nll[cpu] = nll.detach().to("cpu", torch.float64)
+
+    def update(start: int, end: int) -> None:
+        if not bool(scored[start:end].all()):
+            raise ComplianceError(f"TTT would train on targets [{start}, {end}) before scoring them (C3)")
+        session.result.events.append(("update", start, end))
+        if on_update is not None:
+            on_update(start, end)
+
+    for batch_index, batch in enumerate(batches):
+        adapters.reset_b()
+        if not config.lora_warm_start and batch_index:
+            adapters.reset_a()
+        optimizer = torch.optim.AdamW(lora_params, lr=config.lr, betas=(config.momentum, TTT_ADAM_BETA2),
+                                      eps=TTT_ADAM_EPS, weight_decay=config.lora_weight_decay)
+        ttt_batch(session, adapted, lora_params, optimizer, [spans[d] for d in batch], window, score, update)
+        done += batch
+        if thresholds and len(done) >= thresholds[0] and batch_index < len(batches) - 1:
+            while thresholds and len(done) >= thresholds[0]:
+                thresholds.pop(0)
+            ttt_phase_sgd(session, base_params, sorted(spans[d] for d in done), update)
+            adapters.reset_b()
+        session.report_batched(int(scored.sum()))
+    adapted.remove()
+    if not bool(scored[1:].all()):
+        raise ComplianceError(f"batched TTT left {int((~scored[1:]).sum())} targets unscored (C4)")
+
+
+def ttt_batch(session: TTTSession, adapted: AdaptedModel, params, optimizer, spans, window: int, score, update):
+    """One batch of documents, chunk by chunk: score every document's chunk ci, then train on it."""
+    config, device = session.config, session.device
+    tokens = session.tokens_cpu
+    chunk = config.chunk_tokens
+    pred_lens = [end - start for start, end in spans]
+    num_chunks = [(length + chunk - 1) // chunk for length in pred_lens]
+    for ci in range(max(num_chunks)):
+        active = [b for b, count in enumerate(num_chunks) if ci < count]
+        training = [i for i, b in enumerate(active) if ci < num_chunks[b] - 1]
+        context = min((ci + 1) * chunk, window)
+        index = torch.zeros(len(active), context + 1, dtype=torch.int64)
+        valid = torch.zeros(len(active), context + 1, dtype=torch.bool)
+        flat, positions, ranges = [], [], []
+        for i, b in enumerate(active):
+            origin = spans[b][0] - 1  # the document's BOS (or the stream's first token)
+            win_start, win_len, offset, length = chunk_window(ci, pred_lens[b], num_chunks[b], chunk, window)
+            index[i, : win_len + 1] = torch.arange(origin + win_start, origin + win_start + win_len + 1)
+            valid[i, : win_len + 1] = True
+            flat.append(i * context + torch.arange(offset, offset + length))
+            first = origin + win_start + offset + 1
+            positions.append(torch.arange(first, first + length))
+            ranges.append((first, first + length))
+        rows_tokens = torch.where(valid, tokens[index].long(), 0).to(device)
+        inputs, targets = rows_tokens[:, :-1], rows_tokens[:, 1:]
+        rows = torch.tensor(active, device=device)
+        train = bool(training) and config.epochs > 0
+        model = session.model
+        model.train(train)
+        began = time.perf_counter()
+        with torch.set_grad_enabled(train), torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
+            logits = adapted.logits(inputs, rows)
+        flat_index = torch.cat(flat).to(device)
+        score(torch.cat(positions), logits.detach().reshape(-1, logits.size(-1))[flat_index], ranges)
+        if not train:
+            continue
+        _, reference_context, offset, _ = chunk_window(ci, (ci + 1) * chunk, ci + 1, chunk, window)
+        for i in training:
+            b = active[i]
+            origin = spans[b][0] - 1
+            win_start = max(0, (ci + 1) * chunk - window)
+            update(origin + max(win_start, 1), origin + (ci + 1) * chunk + 1)
+        mask = torch.zeros(len(active), device=device)
+        mask[training] = 1.0
+        for epoch in range(config.epochs):
+            if epoch:
+                with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
+                    logits = adapted.logits(inputs, rows)
+            nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                  reduction="none").view(len(active), context)
+            per_doc = nll[:, offset : offset + chunk].mean(dim=-1)
+            optimizer.zero_grad(set_to_none=True)
+            (per_doc * mask).sum().backward()
+            optimizer.step()
+            session.result.steps += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        session.result.train_seconds += time.perf_counter() - began
+
+
+def document_rows(spans, seq_len: int) -> list[tuple[int, int, int]]:
+    """Training rows (context_start, first_target, end) that never cross a BOS: each document's targets in
+    pieces of at most seq_len, a short last piece reaching back for context inside its own document only."""
+    rows = []
+    for start, end in spans:
+        for first in range(start, end, seq_len):
+            row_end = min(first + seq_len, end)
+            rows.append((max(start, row_end - seq_len), first, row_end))
+    return rows
+
+
+def ttt_phase_sgd(session: TTTSession, base_params, spans, update) -> None:
+    """Global SGD on every base weight over the scored documents `spans`, rows packed per document."""
+    config, model = session.config, session.model
+    for start, end in spans:
+        update(start, end)
+    rows = sorted(document_rows(spans, session.train_seq_len), key=lambda row: row[2] - row[0])
+    groups, current, count = [], [], 0
+    for batch in ttt_row_batches(rows, session.config.batch_seqs):
+        current.append(batch)
+        count += sum(end - first for _, first, end in batch)
+        if count >= config.phase_chunk_tokens:
+            groups.append(current)
+            current, count = [], 0
+    if current:
+        groups.append(current)
+    for p in base_params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.SGD(base_params, lr=config.phase_lr, momentum=config.phase_momentum)
+    model.train()
+    began = time.perf_counter()
+    for index, group in enumerate(groups):
+        for param_group in optimizer.param_groups:
+            param_group["lr"] = ttt_cosine_lr(config.phase_lr, index, len(groups))
+        for _ in range(config.phase_epochs):
+            for batch in group:
+                optimizer.zero_grad(set_to_none=True)
+                session.batch_loss(batch).backward()
+                if config.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(base_params, config.grad_clip)
+                optimizer.step()
+                session.result.steps += 1
+    for p in base_params:
+        p.requires_grad_(False)
+    session.result.train_seconds += time.perf_counter() - began
+
+
+def check_batched_usage(ngram) -> None:
+    if ngram:
+        raise UsageError("TTT mode batched scores documents out of stream order; the n-gram cache needs the "
+                         "stream's order: drop the n-gram grid or pick another TTT mode")
+
+
 def run_ttt(model: nn.Module, tokens: torch.Tensor, config: TTTConfig, score_chunk: TTTScoreChunk,
-            train_seq_len: int, device, progress: Callable[[str], None] | None = None) -> TTTResult:
+            train_seq_len: int, device, progress: Callable[[str], None] | None = None,
+            score_logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+            on_update: Callable[[int, int], None] | None = None) -> TTTResult:
     """Score every target of `tokens` (positions 1..N-1) score-first with TTT per `config`.
 
     score_chunk(model, tokens, start, end) returns the float64 NLL [end - start] of the targets start..end-1
     under the model's current weights (the eval's windows, modes and n-gram mixing live there). `progress`
-    receives a status line now and then."""
+    receives a status line now and then.
+
+    The batched mode scores its own document windows, out of stream order: score_logits(positions, logits)
+    scores the targets at `positions` from their logits [n, V] and returns their float64 NLL (None: plain
+    cross-entropy), and on_update(start, end) hears of each update of the targets [start, end) as it happens."""
     if len(tokens) < 2:
         raise UsageError(f"TTT needs at least 2 tokens, got {len(tokens)}")
     max_seq_len = model.config.max_seq_len
@@ -392,7 +739,9 @@ def run_ttt(model: nn.Module, tokens: torch.Tensor, config: TTTConfig, score_chu
     if config.freeze_blocks > model.layout.num_blocks:
         raise UsageError(f"freeze_blocks {config.freeze_blocks} > the model's {model.layout.num_blocks} blocks")
     session = TTTSession(model, tokens, config, score_chunk, train_seq_len, device, progress)
-    if config.mode in ("sgd", "adamw"):
+    if config.mode == "batched":
+        ttt_batched(session, score_logits, on_update)
+    elif config.mode in ("sgd", "adamw"):
         ttt_full_model(session)
     else:
         ttt_lora(session)

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from pgolf import log
-from pgolf.config import resolve
+from pgolf.config import preset_names, resolve
 from pgolf.dist import env_rank
 from pgolf.errors import UsageError
 from pgolf.evaluate import EvalConfig
@@ -26,7 +26,11 @@ def resolve_ttt(enabled: bool, config_file: Path | None, overrides: dict) -> TTT
             flags = ", ".join(f"--ttt-{key.replace('_', '-')}" for key in given) or "--ttt-config"
             raise UsageError(f"{flags} given without --ttt")
         return None
-    config, _ = resolve(TTTConfig, kind="ttt", config_file=config_file, env_prefix=TTT_ENV_PREFIX, overrides=given)
+    # A named setting (pgolf/presets/ttt: record-0416, record-1790) in place of a mode is the base layer: the
+    # config file, the environment and the other flags still override it.
+    preset = given.pop("mode") if given.get("mode") in preset_names("ttt") else None
+    config, _ = resolve(TTTConfig, kind="ttt", preset=preset, config_file=config_file, env_prefix=TTT_ENV_PREFIX,
+                        overrides=given)
     return config
 
 
@@ -51,7 +55,8 @@ def evaluate(
     alpha_mode: str = typer.Option(None, "--alpha-mode", help="fixed, or entropy (alpha is the ceiling)."),
     ngram_buckets: int = typer.Option(None, "--ngram-buckets", help="Hashed context rows per order (65536)."),
     ttt: bool = typer.Option(None, "--ttt/--no-ttt", help="Score-first test-time training."),
-    ttt_mode: str = typer.Option(None, "--ttt-mode", help="sgd, adamw, lora or phased (default sgd)."),
+    ttt_mode: str = typer.Option(None, "--ttt-mode", help="sgd, adamw, lora, phased or batched (default sgd), or the "
+                                  "records' settings: record-0416, record-1790."),
     ttt_lr: float = typer.Option(None, "--ttt-lr", help="TTT learning rate (default per mode)."),
     ttt_epochs: int = typer.Option(None, "--ttt-epochs", help="Passes over each scored chunk."),
     ttt_chunk_tokens: int = typer.Option(None, "--ttt-chunk-tokens", help="Targets scored per TTT update."),

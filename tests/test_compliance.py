@@ -1,6 +1,7 @@
 """C1-C4 on real runs: every legal mode passes, and each illegal variant the challenge has seen is caught."""
 
 import copy
+import dataclasses
 import sys
 
 import numpy as np
@@ -10,10 +11,10 @@ import torch.nn.functional as F
 
 import pgolf.model
 import pgolf.scoring
-from pgolf.compliance import check_eval, require
+from pgolf.compliance import check_compliance, check_eval, in_stream_order, require, trace_eval
 from pgolf.errors import ComplianceError
 from pgolf.ngram import NgramConfig, NgramMixer
-from pgolf.scoring import EvalPlan, document_starts, ngram_name
+from pgolf.scoring import EvalPlan, Trace, document_starts, ngram_name
 from pgolf.shards import BOS_ID
 from pgolf.ttt import TTTConfig, TTTResult, ttt_split
 
@@ -203,3 +204,119 @@ def test_phased_ttt_pauses_never_depend_on_later_documents(tiny_eval_inputs, pre
                        phase_lr=0.05)
     results = results_of(tiny_eval_inputs, prefix, EvalPlan(SEQ_LEN, STRIDE, False, 4), ttt_config=config)
     assert_all_pass(results)
+
+
+# -------------------------------------------------------------------------------------------------------
+# Out-of-order scoring: the records' length-sorted document batches (TTT mode batched)
+
+
+@pytest.fixture(scope="module")
+def uneven_prefix(tiny_eval_inputs):
+    """Six real val documents cut to uneven lengths, so length-sorted batches leave the stream's order."""
+    _, tokens, _ = tiny_eval_inputs
+    starts = np.flatnonzero(tokens == BOS_ID)[:6]
+    return np.concatenate([tokens[s : s + n] for s, n in zip(starts, (30, 70, 20, 55, 40, 25), strict=True)])
+
+
+BATCHED = TTTConfig(mode="batched", chunk_tokens=16, lora_rank=2, lora_batch_docs=2, eval_seq_len=SEQ_LEN,
+                    lr=0.01, prefix_docs=4, phases=2, phase_lr=0.05, batch_seqs=2)
+
+
+def test_records_length_sorted_batched_ttt_is_legal(tiny_eval_inputs, uneven_prefix):
+    model, _, tables = tiny_eval_inputs
+    trace = trace_eval(copy.deepcopy(model).double(), uneven_prefix, EvalPlan(SEQ_LEN, STRIDE, False, 4), tables,
+                       ttt_config=BATCHED)
+    assert not in_stream_order(trace)  # the longest document is scored first
+    results = results_of(tiny_eval_inputs, uneven_prefix, EvalPlan(SEQ_LEN, STRIDE, False, 4), ttt_config=BATCHED)
+    assert_all_pass(results)
+    assert "cut in scoring order" in results["C1"].detail and "(0 updates)" not in results["C3"].detail
+
+
+def test_batched_ttt_on_a_single_document_is_checked_in_scoring_order(tiny_eval_inputs, prefix):
+    # One document: the scores follow the stream, but the schedule still rests on document lengths.
+    one_document = prefix[:80]
+    results = results_of(tiny_eval_inputs, one_document, EvalPlan(SEQ_LEN, STRIDE, False, 4), ttt_config=BATCHED)
+    assert_all_pass(results)
+    assert "cut in scoring order" in results["C1"].detail
+
+
+def test_batched_ttt_with_a_model_that_sees_the_future_fails_c1(tiny_eval_inputs, uneven_prefix, monkeypatch):
+    def bidirectional(q, k, v, documents=None):
+        group = q.size(1) // k.size(1)
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=False)
+
+    monkeypatch.setattr(pgolf.model, "attend", bidirectional)
+    results = results_of(tiny_eval_inputs, uneven_prefix, EvalPlan(SEQ_LEN, STRIDE, False, 4),
+                         ttt_config=dataclasses.replace(BATCHED, epochs=0, prefix_docs=0))
+    assert not results["C1"].ok and "not yet scored were perturbed" in results["C1"].detail
+    assert results["C3"].ok and results["C4"].ok
+
+
+def synthetic_run(order: list[list[int]], leak: int = 0, update_first: bool = False, twice: bool = False):
+    """A run that scores `order`'s groups of targets in that order; the distribution of target p is a function
+    of tokens[p - 1] (legal) or, with leak, of tokens[p + leak] too; events logged honestly."""
+    vocab = 8
+
+    def run(tokens: np.ndarray) -> Trace:
+        trace = Trace()
+        for group in order:
+            positions = torch.tensor(group)
+            if update_first:
+                trace.events.append(("update", positions.numpy()))
+            seen = torch.from_numpy(tokens[np.asarray(group) - 1] % vocab)
+            if leak:
+                seen = seen + torch.from_numpy(tokens[np.minimum(np.asarray(group) + leak, len(tokens) - 1)] % vocab)
+            logprobs = torch.log_softmax(F.one_hot(seen % vocab, vocab).double(), dim=-1)
+            nll = -logprobs.gather(1, torch.from_numpy(tokens[group] % vocab)[:, None])[:, 0]
+            for _ in range(2 if twice else 1):
+                trace.scored(positions)
+                trace.record("model", nll, logprobs)
+            if not update_first:
+                trace.events.append(("update", positions.numpy()))
+        return trace
+
+    return run
+
+
+# 17 tokens, BOS at 0, 6 and 11: documents scored shortest first, then the rest.
+SYNTHETIC = np.array([1, 3, 4, 5, 6, 2, 1, 7, 3, 2, 4, 1, 5, 6, 7, 2, 3])
+OUT_OF_ORDER = [[7, 8, 9, 10, 11], [12, 13, 14], [15, 16], [1, 2, 3], [4, 5, 6]]
+
+
+def test_checker_accepts_any_score_first_order_and_catches_each_illegal_variant():
+    results = {r.name.split()[0]: r for r in check_compliance(synthetic_run(OUT_OF_ORDER), SYNTHETIC, 8)}
+    assert all(r.ok for r in results.values()), results
+    leak = {r.name.split()[0]: r for r in check_compliance(synthetic_run(OUT_OF_ORDER, leak=1), SYNTHETIC, 8)}
+    assert not leak["C1"].ok and leak["C3"].ok and leak["C4"].ok
+    early = {r.name.split()[0]: r for r in check_compliance(synthetic_run(OUT_OF_ORDER, update_first=True),
+                                                             SYNTHETIC, 8)}
+    assert not early["C3"].ok and "before it was scored" in early["C3"].detail
+    twice = {r.name.split()[0]: r for r in check_compliance(synthetic_run(OUT_OF_ORDER, twice=True), SYNTHETIC, 8)}
+    assert not twice["C4"].ok and "scored 2 times" in twice["C4"].detail
+
+
+def test_batched_ttt_guards_refuse_double_scores_and_early_updates(monkeypatch):
+    import pgolf.ttt as batched
+    from pgolf.ttt import run_ttt
+
+    model = pgolf.model.GPT(pgolf.model.ModelConfig(vocab_size=16, num_layers=2, model_dim=8, num_heads=2,
+                                                    num_kv_heads=1, max_seq_len=32)).double()
+    tokens = torch.tensor([1, 3, 4, 5, 6, 2, 7, 8, 9, 3, 1, 5, 6, 7, 2, 3, 4, 5, 6, 7])
+    config = TTTConfig(mode="batched", chunk_tokens=4, lora_rank=2, prefix_docs=0, eval_seq_len=8)
+    original = batched.chunk_window
+    monkeypatch.setattr(batched, "chunk_window", lambda ci, *rest: (lambda w: (w[0], w[1], w[2] - (ci > 0),
+                                                                               w[3] + (ci > 0)))(original(ci, *rest)))
+    with pytest.raises(ComplianceError, match="twice"):
+        run_ttt(model, tokens, config, None, 8, "cpu")
+    monkeypatch.setattr(batched, "chunk_window", original)
+    monkeypatch.setattr(batched, "document_rows", lambda spans, seq_len: [])
+    early = batched.ttt_batch
+
+    def update_then_score(session, adapted, params, optimizer, spans, window, score, update):
+        update(spans[0][0], spans[0][1])
+        early(session, adapted, params, optimizer, spans, window, score, update)
+
+    monkeypatch.setattr(batched, "ttt_batch", update_then_score)
+    with pytest.raises(ComplianceError, match="before scoring"):
+        run_ttt(model, tokens, config, None, 8, "cpu")

@@ -274,3 +274,16 @@ def test_a_model_without_a_tokenizer_digest_is_scored_with_a_warning(tiny_checkp
                               monkeypatch=monkeypatch, capsys=capsys)
     assert code == 0, err
     assert "warning: the model records no tokenizer digest" in " ".join(err.split())
+
+
+def test_the_records_batched_ttt_runs_from_the_cli_with_compliance(tiny_checkpoint_dir, tiny_data_dir, tmp_path,
+                                                                   monkeypatch, capsys):
+    code, out, err = pgolf_eval(tiny_checkpoint_dir, "--data", tiny_data_dir, "--ttt", "--ttt-mode", "record-0416",
+                                "--ttt-chunk-tokens", "64", "--check-compliance", "--json", "--out",
+                                tmp_path / "ttt", monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["ttt"]["config"]["mode"] == "batched" and summary["ttt"]["config"]["lora_rank"] == 96
+    assert summary["ttt"]["steps"] > 0 and summary["ttt"]["updates"] > 0
+    assert [c["ok"] for c in summary["checks"]] == [True] * 4, summary["checks"]
+    assert torch.isfinite(torch.tensor(summary["val_bpb"]))

@@ -53,7 +53,8 @@ NON_DEFAULT = {
         mode="phased", lr=0.0005, epochs=2, momentum=0.5, chunk_tokens=48, freeze_blocks=1, batch_seqs=16,
         grad_clip=0.5, lora_rank=96, lora_alpha=100.0, lora_targets=("attn.c_q", "mlp.fc"), lora_weight_decay=0.5,
         lora_reset="batch", lora_batch_docs=32, lora_warm_start=False, phases=2, prefix_docs=100, phase_lr=0.002,
-        phase_momentum=0.8, phase_epochs=2, phase_chunk_tokens=1024),
+        phase_momentum=0.8, phase_epochs=2, phase_chunk_tokens=1024, eval_seq_len=1024, lora_o_input="attn",
+        batched_targets=("q", "head")),
 }
 PLAN = PlanSpec(name="my-plan.toml", default="int6", embedding="int7", tensors=(("blocks.*.mlp.*", "int5"),),
                 clip="gptq-lite", scale_floor="challenge", demote="sensitivity", demote_to="int5",
