@@ -431,3 +431,10 @@ def test_a_report_of_other_runs_is_not_this_submission_s_score(pipeline, tiny_ch
                      "--report", tmp_path / "reference-report", "--name", "x", "--github-id", "y",
                      "--out", tmp_path / "b")
     assert result.returncode == 3 and "none of its runs scored this blob" in result.stderr
+
+
+def test_an_unknown_minify_mode_is_a_usage_error(pipeline, tmp_path, capsys):
+    result = run_cli(capsys, "bundle", "--train", pipeline / "train", "--blob", pipeline / "blob", "--name", "x",
+                     "--github-id", "y", "--compress-code", "--minify", "tight", "--out", tmp_path / "b")
+    assert result.returncode == 2 and "--minify: 'tight' is not one of rename, safe, off" in result.stderr
+    assert not (tmp_path / "b").exists()
