@@ -326,10 +326,11 @@ def bundle_source(baked: dict, title: str, entry: str = SUBMISSION_ENTRY, entry_
 
 # python-minifier settings per --minify mode. Both drop docstrings (nothing in the core reads a __doc__) and the
 # annotations of arguments, returns and local variables, but keep class-level annotations: they are dataclass
-# fields, which typing.get_type_hints and the baked config dicts name. Neither renames globals (class and function
-# names reach error messages through __name__, and the baked settings through dataclass field names) nor hoists
-# string literals into module globals (lzma packs the repeated literals better; +585 B packed on the demo).
-# `rename` also shortens function locals and arguments (python-minifier keeps what a caller can pass by keyword).
+# fields, which typing.get_type_hints reads and the baked config dicts name (attributes are never renamed).
+# Neither renames module globals (class and function names reach error messages and logs through __name__ and
+# reprs) nor hoists string literals into module globals (lzma packs the repeated literals better: hoisting cost
+# 585 B packed on the demo). `rename` also shortens function locals; parameters keep their names, so keyword
+# calls still work.
 MINIFY_OPTIONS = {
     "rename": {"rename_locals": True},
     "safe": {"rename_locals": False},
