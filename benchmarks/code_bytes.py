@@ -1,18 +1,19 @@
-"""Counted code bytes of a bundled train_gpt.py: plain, self-extracting as it is, and self-extracting minified
-(what `pgolf bundle --compress-code` ships), each checked to compile.
+"""Counted code bytes of a bundled train_gpt.py: plain, and self-extracting after each --minify mode (what
+`pgolf bundle --compress-code --minify MODE` ships), each checked to compile and to unpack to its source.
 
     pgolf bundle --train T --blob B --eval E --name x --github-id me --out /tmp/plain   # without --compress-code
     python benchmarks/code_bytes.py /tmp/plain/train_gpt.py
 
-One JSON line: plain_bytes, packed_bytes (lzma/zlib + base85 of the source as bundled), minified_bytes (the
-source without docstrings and comments), packed_minified_bytes, and the bytes minifying saves once packed.
+One JSON line: plain_bytes, then per mode (off, safe, rename) minified_<mode>_bytes (the program) and
+packed_<mode>_bytes (lzma/zlib + base85 behind the stub: the counted bytes), and the seconds minifying took.
 """
 
 import argparse
 import json
+import time
 from pathlib import Path
 
-from pgolf.bundle import extracted_source, minified_source, self_extracting
+from pgolf.bundle import MINIFY_MODES, extracted_source, minified_source, self_extracting
 
 
 def main() -> None:
@@ -20,15 +21,19 @@ def main() -> None:
     parser.add_argument("script", type=Path, help="a plain (not --compress-code) bundled train_gpt.py")
     args = parser.parse_args()
     plain = args.script.read_text()
-    minified = minified_source(plain)
-    packed, packed_minified = self_extracting(plain), self_extracting(minified)
-    assert extracted_source(packed) == plain and extracted_source(packed_minified) == minified
-    for source in (plain, minified, packed, packed_minified):
-        compile(source, "train_gpt.py", "exec")
     size = lambda text: len(text.encode())  # noqa: E731
-    print(json.dumps({"script": str(args.script), "plain_bytes": size(plain), "packed_bytes": size(packed),
-                      "minified_bytes": size(minified), "packed_minified_bytes": size(packed_minified),
-                      "minifying_saves_bytes": size(packed) - size(packed_minified)}))
+    row = {"script": str(args.script), "plain_bytes": size(plain)}
+    for mode in MINIFY_MODES:
+        start = time.perf_counter()
+        minified = minified_source(plain, mode)
+        seconds = time.perf_counter() - start
+        packed = self_extracting(minified)
+        assert extracted_source(packed) == minified
+        compile(minified, "train_gpt.py", "exec")
+        compile(packed, "train_gpt.py", "exec")
+        row |= {f"minified_{mode}_bytes": size(minified), f"packed_{mode}_bytes": size(packed),
+                f"minify_{mode}_seconds": round(seconds, 2)}
+    print(json.dumps(row))
 
 
 if __name__ == "__main__":

@@ -26,9 +26,11 @@ def bundle(
     github_id: str = typer.Option(..., "--github-id", help="Your GitHub user name."),
     author: str = typer.Option(None, "--author", help="Author name (default: the GitHub id)."),
     blurb: str = typer.Option("", "--blurb", help="One-paragraph summary for README and submission.json."),
-    compress_code: bool = typer.Option(False, "--compress-code", help="Ship train_gpt.py minified (no "
-                                       "docstrings or comments) as a self-extracting lzma/zlib + base85 script "
-                                       "(fewer counted bytes)."),
+    compress_code: bool = typer.Option(False, "--compress-code", help="Ship train_gpt.py as a self-extracting "
+                                       "lzma/zlib + base85 script (fewer counted bytes)."),
+    minify: str = typer.Option(None, "--minify", help="python-minifier on the shipped program: rename (drop "
+                               "docstrings and annotations, shorten local names), safe (the same without "
+                               "renaming) or off. Default: rename with --compress-code, else off."),
     out: Path = out_option(),
     force: bool = FORCE_OPTION,
     as_json: bool = JSON_OPTION,
@@ -39,8 +41,8 @@ def bundle(
     --name "11L int6 brotli" --github-id me --out artifacts/run1/submission
     """
     metrics = run_bundle(train_dir, blob_dir, out, name=name, github_id=github_id, author=author, blurb=blurb,
-                         eval_dir=eval_dir, report_dir=report_dir, compress_code=compress_code, force=force,
-                         log=log).metrics
+                         eval_dir=eval_dir, report_dir=report_dir, compress_code=compress_code, minify=minify,
+                         force=force, log=log).metrics
     bytes_model, bytes_code = metrics["bytes_model"], metrics["bytes_code"]
     lines = [f"{out}/train_gpt.py: {bytes_code:,} B{' (self-extracting)' if compress_code else ''}",
              f"{out}/{SUBMISSION_BLOB}: {bytes_model:,} B",

@@ -2,6 +2,7 @@
 real pipeline: train -> quantize -> compress -> eval -> bundle, then the bundled train_gpt.py run where pgolf
 is NOT importable, scoring the blob exactly as `pgolf eval` does, plain and self-extracting."""
 
+import ast
 import json
 import os
 import re
@@ -14,7 +15,14 @@ import pytest
 
 import pgolf.bundle as bundle_core
 from pgolf.artifacts import read_manifest
-from pgolf.bundle import SUBMISSION_BLOB, bundle_source, extracted_source, minified_source, modules_in_order
+from pgolf.bundle import (
+    SUBMISSION_BLOB,
+    bundle_source,
+    extracted_source,
+    minified_source,
+    modules_in_order,
+    self_extracting,
+)
 from pgolf.codecs import read_blob, read_blob_header
 from pgolf.errors import InvalidInput
 from tests.demo_data import demo_tokenizer_bytes
@@ -126,7 +134,8 @@ def pipeline(tiny_data_dir, tmp_path_factory):
     ]
     for step in steps:
         assert run_main(*step) == 0, step
-    for name, extra in (("plain", ()), ("packed", ("--compress-code",))):
+    for name, extra in (("plain", ()), ("packed", ("--compress-code",)),
+                        ("packed-safe", ("--compress-code", "--minify", "safe"))):
         assert run_main("bundle", "--train", root / "train", "--blob", root / "blob", "--eval", root / "eval",
                         "--name", "Tiny pipeline", "--github-id", "tester", *extra, "--out", root / name) == 0
     return root
@@ -152,18 +161,30 @@ def test_bundled_eval_matches_pgolf_eval(pipeline, tiny_data_dir):
 
 MINIFY_SAMPLE = '''"""Module docstring."""
 # a comment line
+import dataclasses
 import json  # an inline comment
+import typing
 
 TEMPLATE = """keep # this: it is string content
 
     and this indented line, and the blank one above"""
 
 
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Fields are read back by name: from dicts, and by typing.get_type_hints."""
+
+    learning_rate: float = 0.5  # a field's name is data
+    layer_count: int = 2
+
+
 def only_doc():
     """Nothing but a docstring."""
 
 
-def one_liner(): "a docstring sharing its line with the def"; return "é#"
+def scaled(value: float, *, multiplier_of_the_value: float = 2.0) -> float:
+    intermediate_result: float = value * multiplier_of_the_value
+    return intermediate_result
 
 
 class Names:
@@ -175,34 +196,90 @@ class Names:
         return f"{', '.join(items)}"  # 3.11-style f-string, quotes alternated
 
 
-RESULT = (only_doc(), one_liner(), Names().join(["a", "b"]), TEMPLATE, json.dumps(1))
+def configured(values: dict) -> Settings:
+    hints = typing.get_type_hints(Settings)
+    return Settings(**{name: hints[name](value) for name, value in values.items()})
+
+
+RESULT = (only_doc(), scaled(3.0, multiplier_of_the_value=4.0), Names().join(["a", "b"]), TEMPLATE, json.dumps(1),
+          dataclasses.asdict(configured({"learning_rate": "0.25", "layer_count": "3"})))
 '''
 
 
-def test_minified_source_drops_docstrings_and_comments_and_keeps_the_program():
-    minified = minified_source(MINIFY_SAMPLE)
+@pytest.mark.parametrize("mode", ["rename", "safe"])
+def test_minified_source_keeps_the_program_and_its_names_that_are_data(mode):
+    minified = minified_source(MINIFY_SAMPLE, mode)
     original, shrunk = {}, {}
     exec(compile(MINIFY_SAMPLE, "sample", "exec"), original)
     exec(compile(minified, "sample", "exec"), shrunk)
-    assert shrunk["RESULT"] == original["RESULT"] == (None, "é#", "a, b", original["TEMPLATE"], "1")
-    assert "keep # this: it is string content\n\n    and this indented" in minified  # string lines untouched
-    assert "comment" not in minified and "docstring" not in minified.replace("a docstring sharing", "")
-    assert "def only_doc():\n    pass" in minified and '"a docstring sharing its line' in minified
-    assert minified_source(minified) == minified
+    assert shrunk["RESULT"] == original["RESULT"] == (
+        None, 12.0, "a, b", original["TEMPLATE"], "1", {"learning_rate": 0.25, "layer_count": 3})
+    assert "comment" not in minified and "docstring" not in minified
+    assert "learning_rate:float" in minified.replace(" ", "")  # a dataclass field keeps its name and annotation
+    assert "multiplier_of_the_value" in minified  # a keyword argument keeps its name
+    assert ("intermediate_result" in minified) == (mode == "safe")  # only `rename` shortens locals
+    assert minified_source(MINIFY_SAMPLE, "off") == MINIFY_SAMPLE
 
 
-def test_self_extracting_script_is_smaller_and_runs_identically(pipeline, tiny_data_dir):
+def test_minified_f_strings_parse_on_python_3_11():
+    """On 3.12+ python-minifier would print PEP 701 f-strings (a nested string in the outer quotes); the bundle
+    keeps 3.11's rules so the script runs on every supported Python."""
+    source = 'def f(items):\n    return f"{\'-\'.join(items)}" + f\'{"x"}\'\n\n\nRESULT = f(["a", "b"])\n'
+    minified = minified_source(source, "rename")
+    for node in ast.walk(ast.parse(minified)):
+        if isinstance(node, ast.JoinedStr):
+            quoted = ast.get_source_segment(minified, node).lstrip("rRfF")
+            assert quoted[0] not in quoted[1:-1], quoted  # the outer quote never appears inside
+    scope = {}
+    exec(minified, scope)
+    assert scope["RESULT"] == "a-bx"
+
+
+@pytest.mark.parametrize("name, mode", [("packed", "rename"), ("packed-safe", "safe")])
+def test_self_extracting_script_is_smaller_and_runs_identically(pipeline, tiny_data_dir, name, mode):
     plain = (pipeline / "plain" / "train_gpt.py").read_text()
-    packed = (pipeline / "packed" / "train_gpt.py").read_text()
-    assert len(packed) < len(plain) / 2 and len(packed.splitlines()) == 2
+    packed = (pipeline / name / "train_gpt.py").read_text()
+    assert len(packed) < len(plain) / 4 and len(packed.splitlines()) == 3
+    assert read_manifest(pipeline / name)["config"]["minify"] == mode
     shipped = extracted_source(packed)
-    assert shipped == minified_source(plain) and len(shipped) < 0.9 * len(plain)
+    assert shipped == minified_source(plain, mode) and len(shipped) < 0.7 * len(plain)
     # No comments or docstrings survive: the counted bytes carry only the program.
     assert not any(line.lstrip().startswith("#") for line in shipped.splitlines())
     assert '"""' in plain and '"""' not in shipped
     metrics = read_manifest(pipeline / "eval")["metrics"]
-    val_loss, val_bpb = script_result(pipeline / "packed", tiny_data_dir)
+    val_loss, val_bpb = script_result(pipeline / name, tiny_data_dir)
     assert (val_loss, val_bpb) == (f"{metrics['val_loss']:.8f}", f"{metrics['val_bpb']:.8f}")
+
+
+def test_renamed_script_is_smaller_than_the_safe_one(pipeline):
+    sizes = {name: (pipeline / name / "train_gpt.py").stat().st_size for name in ("packed", "packed-safe")}
+    assert sizes["packed"] < sizes["packed-safe"]
+
+
+def assert_short_traceback(stderr: str, inner_line: str | None = None) -> None:
+    """A traceback from inside the self-extracting script: the program's frames, never the payload line."""
+    assert "Traceback" in stderr and 'File "<train_gpt.py>", line' in stderr, stderr[-3000:]
+    assert max(map(len, stderr.splitlines())) < 300 and len(stderr) < 10_000, stderr[-3000:]
+    assert not re.search(r"[0-9A-Za-z!#$%&()*+;<=>?@^_`{|}~-]{200}", stderr)  # no run of base85
+    if inner_line is not None and sys.version_info >= (3, 13):  # 3.13's excepthook reads linecache
+        assert inner_line in stderr
+
+
+def test_a_failing_self_extracting_script_keeps_its_payload_out_of_the_traceback(tmp_path):
+    program = "import os\n\n\ndef fail(path):\n    return os.listdir(path)\n\n\nfail('/no/such/dir')\n"
+    script = tmp_path / "train_gpt.py"
+    script.write_text(self_extracting(program + "# padding\n" * 4000))  # a long payload line
+    result = isolated_python(tmp_path, script)
+    assert result.returncode == 1 and "FileNotFoundError" in result.stderr
+    assert_short_traceback(result.stderr, "return os.listdir(path)")
+
+
+def test_a_failing_bundled_script_keeps_its_payload_out_of_the_traceback(pipeline, tiny_data_dir, tmp_path):
+    (tmp_path / "a_file").write_text("")  # --out below a regular file: an error submission_main does not expect
+    result = isolated_python(pipeline / "packed", "train_gpt.py", "train", "--data", tiny_data_dir,
+                             "--iterations", 1, "--out", tmp_path / "a_file" / "out")
+    assert result.returncode == 1 and "NotADirectoryError" in result.stderr, result.stderr[-3000:]
+    assert_short_traceback(result.stderr)
 
 
 def test_bundled_eval_under_torchrun_matches_one_process(pipeline, tiny_data_dir):
@@ -239,17 +316,22 @@ def test_submission_fields_and_counted_bytes(pipeline, capsys):
 
 
 def test_bundled_train_retrains_and_exports_with_the_same_plan_and_codec(pipeline, tiny_data_dir, tmp_path):
-    result = isolated_python(pipeline / "packed", "train_gpt.py", "train", "--data", tiny_data_dir,
-                             "--iterations", 2, "--out", tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert RESULT_LINE.search(result.stdout) and "Total submission size" in result.stdout
-    tensors, plan = read_blob(tmp_path / SUBMISSION_BLOB)
+    """The minified, renamed script retrains to the very bytes the plain one does."""
+    outputs = {}
+    for name in ("plain", "packed"):
+        result = isolated_python(pipeline / name, "train_gpt.py", "train", "--data", tiny_data_dir,
+                                 "--iterations", 2, "--out", tmp_path / name)
+        assert result.returncode == 0, result.stderr
+        assert "Total submission size" in result.stdout and (tmp_path / name / "train.log").is_file()
+        blob = (tmp_path / name / SUBMISSION_BLOB).read_bytes()
+        outputs[name] = (RESULT_LINE.search(result.stdout).groups(), blob)
+    assert outputs["packed"] == outputs["plain"]
+    _, plan = read_blob(tmp_path / "packed" / SUBMISSION_BLOB)
     _, original = read_blob(pipeline / "blob" / "model.blob")
     assert {n: r["scheme"] for n, r in plan["tensors"].items()} == \
         {n: r["scheme"] for n, r in original["tensors"].items()}
     assert plan["model_config"] == original["model_config"]
-    assert read_blob_header((tmp_path / SUBMISSION_BLOB).read_bytes())["codec"] == "lzma"
-    assert (tmp_path / "train.log").is_file()
+    assert read_blob_header(outputs["packed"][1])["codec"] == "lzma"
 
 
 def test_report_fields_and_the_cap(pipeline, tmp_path, capsys, monkeypatch):
@@ -349,3 +431,10 @@ def test_a_report_of_other_runs_is_not_this_submission_s_score(pipeline, tiny_ch
                      "--report", tmp_path / "reference-report", "--name", "x", "--github-id", "y",
                      "--out", tmp_path / "b")
     assert result.returncode == 3 and "none of its runs scored this blob" in result.stderr
+
+
+def test_an_unknown_minify_mode_is_a_usage_error(pipeline, tmp_path, capsys):
+    result = run_cli(capsys, "bundle", "--train", pipeline / "train", "--blob", pipeline / "blob", "--name", "x",
+                     "--github-id", "y", "--compress-code", "--minify", "tight", "--out", tmp_path / "b")
+    assert result.returncode == 2 and "--minify: 'tight' is not one of rename, safe, off" in result.stderr
+    assert not (tmp_path / "b").exists()
