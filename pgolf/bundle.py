@@ -25,10 +25,6 @@ import time
 import zlib
 from pathlib import Path
 
-import python_minifier
-import python_minifier.expression_printer
-import python_minifier.f_string
-
 from pgolf.artifacts import (
     ARTIFACT_BYTE_LIMIT,
     MANIFEST,
@@ -345,6 +341,9 @@ def pre_pep701_fstrings():
     """python-minifier prints f-strings for the interpreter it runs on; on 3.12+ that may nest a string in the
     outer f-string's own quotes (PEP 701), which 3.11 cannot parse. Make it print 3.11-style f-strings, which
     every supported Python reads (python-minifier is pinned to an exact version for this hook)."""
+    import python_minifier.expression_printer
+    import python_minifier.f_string
+
     printer = python_minifier.expression_printer.ExpressionPrinter
     original = printer.visit_JoinedStr
 
@@ -365,6 +364,8 @@ def minified_source(source: str, mode: str = "rename") -> str:
         return source
     if mode not in MINIFY_OPTIONS:
         raise UsageError(f"--minify: '{mode}' is not one of {', '.join(MINIFY_MODES)}")
+    import python_minifier  # only bundling minifies: every other command runs without it
+
     with pre_pep701_fstrings():
         minified = python_minifier.minify(source, filename="train_gpt.py", **MINIFY_COMMON, **MINIFY_OPTIONS[mode])
     minified = minified.rstrip("\n") + "\n"
