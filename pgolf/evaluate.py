@@ -49,6 +49,9 @@ class EvalConfig:
     alpha_mode: str = "fixed"  # fixed | entropy (weight rises with the model's entropy)
     ngram_buckets: int = 65536  # hashed context rows per order
     ttt: bool = False  # score-first test-time training (settings: --ttt-* / the ttt config)
+    time_budget_seconds: float = 0.0  # eval time budget on budget_gpus GPUs (the challenge: 600); 0 = none
+    budget_gpus: int = 8  # the GPU count the budget is for (the challenge: 8xH100)
+    enforce_time_budget: bool = False  # exit 5 (results still written) when the estimate exceeds the budget
 
     def __post_init__(self):
         if self.seq_len < 0:
@@ -59,6 +62,12 @@ class EvalConfig:
             raise ValueError(f"batch_seqs = {self.batch_seqs}: must be >= 1")
         if not self.alpha:
             raise ValueError("alpha: must list at least one value")
+        if not 0 <= self.time_budget_seconds < float("inf"):
+            raise ValueError(f"time_budget_seconds = {self.time_budget_seconds}: must be >= 0 (0 = no budget)")
+        if self.budget_gpus < 1:
+            raise ValueError(f"budget_gpus = {self.budget_gpus}: must be >= 1")
+        if self.enforce_time_budget and not self.time_budget_seconds:
+            raise ValueError("enforce_time_budget: needs time_budget_seconds > 0")
         for order in self.ngram_order:
             for alpha in self.alpha:  # NgramConfig checks each grid point's ranges
                 NgramConfig(order, alpha, self.alpha_mode, self.ngram_buckets)
@@ -237,6 +246,32 @@ def score_model(model, config: EvalConfig, ttt_settings: TTTConfig | None, data:
     }
 
 
+def estimate_eval_seconds(timers: dict, world_size: int, gpus: int, serial: bool = False) -> float:
+    """The eval's wall time on `gpus` GPUs from this run's timers on `world_size` ranks: the fixed costs (load,
+    warm-up: every GPU pays them in parallel) plus the scored pass scaled by world_size / gpus (each rank scores
+    its share, so per-GPU work is proportional to 1 / ranks). `serial`: the pass runs on one rank whatever the
+    world size (pgolf's TTT), so it is not scaled."""
+    scale = 1.0 if serial else world_size / gpus
+    return timers["load_seconds"] + timers["warmup_seconds"] + timers["eval_seconds"] * scale
+
+
+def eval_timing(config: EvalConfig, timers: dict, world_size: int, serial: bool) -> dict:
+    """results.json's `timing`: measured (load + warm-up + scored pass incl. TTT; the compliance check is
+    pgolf's, not the submission's, so it is left out), the estimate on budget_gpus GPUs, and the budget."""
+    measured = timers["load_seconds"] + timers["warmup_seconds"] + timers["eval_seconds"]
+    estimated = estimate_eval_seconds(timers, world_size, config.budget_gpus, serial)
+    budget = config.time_budget_seconds or None
+    return {"measured_seconds": measured, "world_size": world_size, "estimated_seconds": estimated,
+            "gpus": config.budget_gpus, "budget_seconds": budget,
+            "within_budget": None if budget is None else estimated <= budget}
+
+
+def over_budget_message(timing: dict) -> str:
+    return (f"eval time: estimated {timing['estimated_seconds']:.2f} s on {timing['gpus']} GPU(s) (measured "
+            f"{timing['measured_seconds']:.2f} s on {timing['world_size']} rank(s)) exceeds the "
+            f"{timing['budget_seconds']:g} s budget")
+
+
 def default_out(artifact: Path, config: EvalConfig, ttt_settings, weights: str, data: Path,
                 tokenizer: Path | None) -> Path:
     """`eval-<artifact>-<mode>[...]-<digest>` beside ARTIFACT: one directory per artifact, mode and settings, so
@@ -303,8 +338,14 @@ def evaluate(config: EvalConfig, ttt_settings: TTTConfig | None, artifact: Path,
                   "data": str(Path(data).resolve()), **scored, "checks": checks}
         result["timers"] = {"load_seconds": load_seconds, **scored["timers"],
                             "compliance_seconds": compliance_seconds}
+        result["timing"] = eval_timing(config, result["timers"], dist_info.world_size, ttt_settings is not None)
+        over = result["timing"]["within_budget"] is False
+        if over:
+            log.warn(over_budget_message(result["timing"]))
         if stage is not None:
             write_eval_outputs(stage, result, data_in.dataset)
+    if over and config.enforce_time_budget and stage is not None:  # rank 0, once results.json is written
+        raise ComplianceError(f"{over_budget_message(result['timing'])} (--enforce-time-budget; results in {out})")
     return EvalResult(out, result)
 
 
@@ -317,7 +358,7 @@ def write_eval_outputs(stage: StageOutput, result: dict, dataset) -> None:
     atomic_write_json(stage.add_output("results.json", "results"), result)
     stage.metrics = {key: result[key] for key in (
         "val_loss", "val_bpb", "tokens", "bytes", "mode", "seq_len", "stride", "model_val_loss",
-        "model_val_bpb", "ngram", "sweep", "ttt", "timers", "kind", "world_size")}
+        "model_val_bpb", "ngram", "sweep", "ttt", "timers", "timing", "kind", "world_size")}
     for check in result["checks"]:
         stage.check(check["name"], check["ok"], check["detail"])
     stage.finalize()

@@ -61,6 +61,15 @@ def evaluate(
     ttt_epochs: int = typer.Option(None, "--ttt-epochs", help="Passes over each scored chunk."),
     ttt_chunk_tokens: int = typer.Option(None, "--ttt-chunk-tokens", help="Targets scored per TTT update."),
     ttt_config: Path = typer.Option(None, "--ttt-config", help="TOML of further TTT settings (pgolf.ttt)."),
+    time_budget: float = typer.Option(
+        None, "--time-budget", help="Eval time budget in seconds on --budget-gpus GPUs (the challenge: 600); warns "
+        "when the estimate exceeds it (default 0: none)."),
+    budget_gpus: int = typer.Option(
+        None, "--budget-gpus", help="GPUs the budget is for; the estimate scales the scored pass by ranks / this "
+        "(default 8)."),
+    enforce_time_budget: bool = typer.Option(
+        None, "--enforce-time-budget/--no-enforce-time-budget",
+        help="Exit 5 when the estimate exceeds --time-budget (results are still written)."),
     check_compliance: bool = typer.Option(
         False, "--check-compliance", help="Check C1-C4 on a float64 CPU copy first; exit 5 on a failure."),
     device_choice: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
@@ -72,7 +81,8 @@ def evaluate(
     optional n-gram cache (lists sweep the grid from one model pass) and score-first TTT.
 
     Exit codes: 2 bad flags (or --seq-len over the model's max_seq_len), 3 bad artifact or data (digests,
-    missing val shards, tokenizer/vocab mismatch), 5 a compliance check failed.
+    missing val shards, tokenizer/vocab mismatch), 5 a compliance check failed (or, with --enforce-time-budget,
+    the estimated eval time on --budget-gpus GPUs exceeds --time-budget).
 
     Example: pgolf eval artifacts/run1/blob --data artifacts/sp1024 --sliding-stride 64 --ngram-order 7
     """
@@ -81,7 +91,8 @@ def evaluate(
     config, _ = resolve(EvalConfig, kind="eval", config_file=config_file, overrides={
         "seq_len": seq_len, "sliding_stride": sliding_stride, "doc_isolated": doc_isolated,
         "batch_seqs": batch_seqs, "compile": compile_model, "ngram_order": ngram_order, "alpha": alpha,
-        "alpha_mode": alpha_mode, "ngram_buckets": ngram_buckets, "ttt": ttt})
+        "alpha_mode": alpha_mode, "ngram_buckets": ngram_buckets, "ttt": ttt, "time_budget_seconds": time_budget,
+        "budget_gpus": budget_gpus, "enforce_time_budget": enforce_time_budget})
     ttt_flags = {"mode": ttt_mode, "lr": ttt_lr, "epochs": ttt_epochs, "chunk_tokens": ttt_chunk_tokens}
     ttt_settings = resolve_ttt(config.ttt, ttt_config, ttt_flags)
     config_files = tuple(p for p in (config_file, ttt_config) if p is not None)
@@ -115,10 +126,20 @@ def summary_lines(result: dict) -> list[str]:
     timers = result["timers"]
     lines.append(f"timers: load {timers['load_seconds']:.2f} s, warm-up {timers['warmup_seconds']:.2f} s, "
                  f"eval {timers['eval_seconds']:.2f} s ({result['tokens_per_second']:,.0f} tokens/s)")
+    lines.append(timing_line(result["timing"]))
     lines.append(f"{name} val_loss:{result['val_loss']:.4f} val_bpb:{result['val_bpb']:.4f} "
                  f"eval_time:{eval_ms:.0f}ms")
     lines.append(f"{name}_exact val_loss:{result['val_loss']:.8f} val_bpb:{result['val_bpb']:.8f}")
     return lines
+
+
+def timing_line(timing: dict) -> str:
+    line = (f"timing: measured {timing['measured_seconds']:.2f} s on {timing['world_size']} rank(s), estimated "
+            f"{timing['estimated_seconds']:.2f} s on {timing['gpus']} GPU(s)")
+    if timing["budget_seconds"] is None:
+        return line + ", no budget"
+    verdict = "within" if timing["within_budget"] else "OVER"
+    return line + f", budget {timing['budget_seconds']:g} s: {verdict}"
 
 
 def register(app: typer.Typer) -> None:

@@ -287,3 +287,58 @@ def test_the_records_batched_ttt_runs_from_the_cli_with_compliance(tiny_checkpoi
     assert summary["ttt"]["steps"] > 0 and summary["ttt"]["updates"] > 0
     assert [c["ok"] for c in summary["checks"]] == [True] * 4, summary["checks"]
     assert torch.isfinite(torch.tensor(summary["val_bpb"]))
+
+
+def test_the_estimate_scales_the_scored_pass_and_not_the_fixed_costs():
+    from pgolf.evaluate import EvalConfig, estimate_eval_seconds, eval_timing
+
+    timers = {"load_seconds": 2.0, "warmup_seconds": 3.0, "eval_seconds": 80.0, "compliance_seconds": 50.0}
+    assert estimate_eval_seconds(timers, 1, 8) == 5.0 + 10.0  # one GPU did all 8 GPUs' shares
+    assert estimate_eval_seconds(timers, 8, 8) == 85.0
+    assert estimate_eval_seconds(timers, 2, 8, serial=True) == 85.0  # TTT runs on rank 0 alone: no scaling
+    timing = eval_timing(EvalConfig(time_budget_seconds=12.0), timers, world_size=1, serial=False)
+    assert timing == {"measured_seconds": 85.0, "world_size": 1, "estimated_seconds": 15.0, "gpus": 8,
+                      "budget_seconds": 12.0, "within_budget": False}  # compliance is not counted
+    assert eval_timing(EvalConfig(), timers, 1, False)["within_budget"] is None
+    with pytest.raises(ValueError, match="enforce_time_budget: needs time_budget_seconds > 0"):
+        EvalConfig(enforce_time_budget=True)
+
+
+@pytest.mark.parametrize("budget, enforce, code", [(None, False, 0), ("1e-6", False, 0), ("1e-6", True, 5)])
+def test_time_budget_reports_warns_and_exits_5_only_when_enforced(budget, enforce, code, tiny_checkpoint_dir,
+                                                                   tiny_data_dir, tmp_path, monkeypatch, capsys):
+    from pgolf.evaluate import estimate_eval_seconds
+
+    flags = (["--time-budget", budget, "--budget-gpus", "4"] if budget else []) + \
+        (["--enforce-time-budget"] if enforce else [])
+    exit_code, out, err = pgolf_eval(tiny_checkpoint_dir, "--data", tiny_data_dir, "--device", "cpu", *flags,
+                                     "--out", tmp_path / "e", monkeypatch=monkeypatch, capsys=capsys)
+    assert exit_code == code, err
+    results = json.loads((tmp_path / "e" / "results.json").read_text())  # written in every case
+    timing, timers = results["timing"], results["timers"]
+    gpus = 4 if budget else 8
+    assert timing["estimated_seconds"] == estimate_eval_seconds(timers, 1, gpus)
+    assert timing["measured_seconds"] == timers["load_seconds"] + timers["warmup_seconds"] + timers["eval_seconds"]
+    assert timing["gpus"] == gpus and timing["world_size"] == 1
+    flat = " ".join(err.split())
+    if not budget:
+        assert timing["budget_seconds"] is None and timing["within_budget"] is None
+        assert "exceeds" not in flat and ", no budget" in flat
+        return
+    assert timing["budget_seconds"] == 1e-6 and timing["within_budget"] is False
+    warning = (f"eval time: estimated {timing['estimated_seconds']:.2f} s on 4 GPU(s) (measured "
+               f"{timing['measured_seconds']:.2f} s on 1 rank(s)) exceeds the 1e-06 s budget")
+    assert f"warning: {warning}" in flat
+    if enforce:
+        assert f"error: {warning} (--enforce-time-budget; results in {tmp_path / 'e'})" in flat
+        assert out == "" and "Traceback" not in err
+    else:
+        assert "budget 1e-06 s: OVER" in flat
+
+
+def test_enforcing_without_a_budget_is_a_usage_error(tiny_checkpoint_dir, tiny_data_dir, tmp_path, monkeypatch,
+                                                     capsys):
+    code, _, err = pgolf_eval(tiny_checkpoint_dir, "--data", tiny_data_dir, "--enforce-time-budget", "--out",
+                              tmp_path / "e", monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 2 and "needs time_budget_seconds > 0" in err
+    assert not (tmp_path / "e").exists()

@@ -48,7 +48,8 @@ NON_DEFAULT = {
         weights="master"),
     "compress": CompressConfig(codec="lzma", level=6, shuffle="on", bitpack="off"),
     "eval": EvalConfig(seq_len=128, sliding_stride=32, doc_isolated=True, batch_seqs=8, compile=False,
-                       ngram_order=(3,), alpha=(0.2,), alpha_mode="entropy", ngram_buckets=4096, ttt=True),
+                       ngram_order=(3,), alpha=(0.2,), alpha_mode="entropy", ngram_buckets=4096, ttt=True,
+                       time_budget_seconds=600.0, budget_gpus=4, enforce_time_budget=True),
     "ttt": TTTConfig(
         mode="phased", lr=0.0005, epochs=2, momentum=0.5, chunk_tokens=48, freeze_blocks=1, batch_seqs=16,
         grad_clip=0.5, lora_rank=96, lora_alpha=100.0, lora_targets=("attn.c_q", "mlp.fc"), lora_weight_decay=0.5,
