@@ -29,6 +29,7 @@ RUN_STAGES = ("eval", "train")
 SCORE_LIMIT = 1e6  # a val_loss or val_bpb this large is no score (a softcapped model stays far below)
 WEIGHT_ROLES = {"compress": "blob", "quantize": "quantized", "train": "checkpoint", "import": "checkpoint"}
 SEED_FIELDS = ("val_loss", "val_bpb", "steps", "ms_per_step", "bytes_model")
+SCORE_NEUTRAL_EVAL_FIELDS = ("time_budget_seconds", "budget_gpus", "enforce_time_budget")
 DATA_ROLES = ("tokenizer", "val_shard")  # the inputs that fix what a score measures
 
 
@@ -110,8 +111,15 @@ def read_run(directory: Path) -> dict:
         "bytes_model": compress.get("metrics", {}).get("bytes"),
         "weights_sha256": scored_weights(Path(directory), manifest),
         "scored_on": sha256_json(scored_on),
-        "eval_settings": sha256_json(manifest["config"]) if manifest["stage"] == "eval" else None,
+        "eval_settings": eval_settings(manifest["config"]) if manifest["stage"] == "eval" else None,
     }
+
+
+def eval_settings(config: dict) -> str:
+    """Digest of what an eval's config makes it measure: the time-budget fields only judge the run (they never
+    change a score), so evals differing only there are one measurement."""
+    evaluation = {k: v for k, v in config.get("eval", {}).items() if k not in SCORE_NEUTRAL_EVAL_FIELDS}
+    return sha256_json({**config, "eval": evaluation})
 
 
 def read_runs(directories: list[Path], what: str) -> list[dict]:

@@ -176,6 +176,8 @@ def test_report_refuses_runs_that_are_not_independent_samples_of_one_measurement
     sliding = eval_run(tmp_path / "s", 3, 2.0, config={"eval": {"sliding_stride": 64}})
     result = run_cli(capsys, "report", runs[0], sliding)
     assert result.returncode == 3 and "were evaluated with different settings" in result.stderr
+    budgeted = eval_run(tmp_path / "t", 4, 2.0, config={"eval": {"time_budget_seconds": 600.0, "budget_gpus": 8}})
+    assert run_cli(capsys, "report", runs[0], budgeted).returncode == 0  # a time budget never changes a score
     overlap = run_cli(capsys, "report", runs[0], runs[1], "--reference-runs", runs[1], "--reference-runs", runs[2])
     assert overlap.returncode == 2 and "is both a RUN_DIR and a --reference-runs entry" in overlap.stderr
     flat_reference = run_cli(capsys, "report", sliding, "--reference-runs", runs[1])
