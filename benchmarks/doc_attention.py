@@ -41,12 +41,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from train_step import flops_per_token  # benchmarks/ is sys.path[0] when run as a script
 
 from pgolf.dist import configure_cuda
 from pgolf.model import (
     BOS_ID,
     GPT,
-    CastedLinear,
     ModelConfig,
     attend,
     document_attention_kind,
@@ -163,19 +163,6 @@ def timed(step, warmup: int, steps: int, device: torch.device) -> dict:
     if device.type == "cuda":
         result["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     return result
-
-
-def flops_per_token(model: GPT, seq_len: int) -> float:
-    config, layout = model.config, model.layout
-    matmul = 0
-    for name, module in model.named_modules():
-        if isinstance(module, CastedLinear):
-            block = layout.block_of(name)
-            matmul += module.weight.numel() * (layout.runs(block) if block is not None else 1)
-    if config.tie_embeddings:
-        matmul += model.tok_emb.weight.numel()
-    attention = 6 * len(layout.execution) * config.model_dim * seq_len  # 3 x (QK^T + AV) x 2 FLOPs, half masked
-    return 6 * matmul + attention
 
 
 def measure_model(candidate: str, config: ModelConfig, batches, args, device: torch.device) -> dict:
