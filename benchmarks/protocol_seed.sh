@@ -6,7 +6,8 @@
 # again with RESUME=1 in the next call while the machine is still warm.
 # Settings come from the environment:
 #   RUN (artifacts/RUN, default seed), PRESET (default seed-11l-300s), TRAIN_ARGS (extra `pgolf train` flags),
-#   PGOLF_* (any config field, e.g. PGOLF_MATRIX_LR=0.04), PLAN (default center-out-int5), EXPORT=0 (train and
+#   PGOLF_* (any config field, e.g. PGOLF_MATRIX_LR=0.04), PLAN (default center-out-int5; record-int6 is fitted
+#   and GPTQ-calibrated on the train shards), QUANT_ARGS (extra `pgolf quantize` flags), EXPORT=0 (train and
 #   eval only), CUDA_VISIBLE_DEVICES (run variants side by side on a multi-GPU host), RESUME=1 (keep the steps
 #   whose output a cut-short call on this still-warm machine already wrote; rerun only the rest).
 # The blob and bundle come back in $OUT/RUN-export.tgz for benchmarks/protocol_eval.sh; every step's JSON and log
@@ -32,7 +33,12 @@ have $R/eval-pre || pg eval $R/train --data $DATA --no-compile --out $R/eval-pre
 EVAL_PRE=$!
 eval_pre_done() { wait $EVAL_PRE; echo "$RUN float: $(grep final_ $RES/s_eval_pre.log | tail -1)"; save eval-pre; }
 [ "$EXPORT" = 1 ] || { eval_pre_done; exit 0; }
-FIT=(); [ "$PLAN" = center-out-int5 ] && FIT=(--target-bytes 16000000 --code-bytes 45000)
+# Plans with a size fit are fitted under the cap with the bundled code's allowance; GPTQ plans calibrate on the
+# train shards (QUANT_ARGS adds any further `pgolf quantize` flags).
+FIT=(); case $PLAN in center-out-int5) FIT=(--target-bytes 16000000 --code-bytes 45000) ;;
+  record-int6) FIT=(--target-bytes 16000000 --code-bytes 60000 --data $DATA) ;; esac
+# shellcheck disable=SC2206  # QUANT_ARGS is a list of flags
+FIT+=(${QUANT_ARGS:-})
 have $R/q || pg quantize $R/train --plan $PLAN "${FIT[@]}" --out $R/q --force --json > $RES/s_q.json \
   2> $RES/s_q.log || tail -3 $RES/s_q.log; save quantize
 eval_pre_done
