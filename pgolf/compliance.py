@@ -27,7 +27,7 @@ import torch
 
 from pgolf.bpb import ByteTables
 from pgolf.errors import ComplianceError
-from pgolf.ngram import NgramConfig
+from pgolf.ngram import NgramConfig, TiltConfig
 from pgolf.scoring import EvalModel, EvalPlan, Trace, score_stream
 from pgolf.shards import BOS_ID
 from pgolf.ttt import TTTConfig
@@ -46,7 +46,7 @@ class CheckResult:
 
 
 def trace_eval(model, tokens: np.ndarray, plan: EvalPlan, tables: ByteTables,
-               ngram: list[NgramConfig] = (), ttt_config: TTTConfig | None = None) -> Trace:
+               ngram: list[NgramConfig | TiltConfig] = (), ttt_config: TTTConfig | None = None) -> Trace:
     """One traced run of the eval on `tokens`, on the CPU in the model's dtype (the caller's float64 copy)."""
     trace = Trace()
     score_stream(EvalModel(model), tokens, plan, tables, torch.device("cpu"), ngram=ngram, ttt_config=ttt_config,
@@ -224,8 +224,9 @@ def check_compliance(run, tokens: np.ndarray, vocab_size: int, seed: int = 0) ->
     return [causal, check_normalized(base, vocab_size), *check_events(base, len(tokens))]
 
 
-def check_eval(model, tokens: np.ndarray, plan: EvalPlan, tables: ByteTables, ngram: list[NgramConfig] = (),
-               ttt_config: TTTConfig | None = None, seed: int = 0) -> list[CheckResult]:
+def check_eval(model, tokens: np.ndarray, plan: EvalPlan, tables: ByteTables,
+               ngram: list[NgramConfig | TiltConfig] = (), ttt_config: TTTConfig | None = None,
+               seed: int = 0) -> list[CheckResult]:
     """C1-C4 for this eval (plan, n-gram grid, TTT) on a float64 CPU copy of the model."""
     model64 = copy.deepcopy(model).to("cpu", torch.float64).eval()
     run = lambda prefix: trace_eval(model64, prefix, plan, tables, ngram, ttt_config)

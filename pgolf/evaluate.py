@@ -28,7 +28,7 @@ from pgolf.config import to_dict
 from pgolf.dist import Distributed, PlainLog, env_rank, init_distributed
 from pgolf.errors import ComplianceError, InvalidInput, UsageError
 from pgolf.model import build_model
-from pgolf.ngram import NgramConfig
+from pgolf.ngram import NgramConfig, TiltConfig
 from pgolf.scoring import EvalModel, EvalPlan, ngram_name, score_stream, warm_up
 from pgolf.shards import BOS_ID, load_split, open_dataset
 from pgolf.stage_model import check_tokenizer_match, load_stage_model
@@ -47,7 +47,12 @@ class EvalConfig:
     ngram_order: tuple[int, ...] = ()  # n-gram cache orders (several = a sweep); empty = no cache
     alpha: tuple[float, ...] = (0.4,)  # n-gram weights (several = a sweep); the ceiling in entropy mode
     alpha_mode: str = "fixed"  # fixed | entropy (weight rises with the model's entropy)
-    ngram_buckets: int = 65536  # hashed context rows per order
+    ngram_buckets: int = 65536  # hashed context rows per order (shared by the cache and the tilt)
+    tilt_order: tuple[int, ...] = ()  # token tilt: longest hint contexts (several = a sweep); empty = no tilt
+    tilt_boost: tuple[float, ...] = (1.0,)  # tilt boosts b (several = a sweep)
+    tilt_threshold: tuple[float, ...] = (0.5,)  # tilt gate: the hint's least share of its context's counts
+    tilt_min_count: int = 2  # tilt gate: the least counted followers of the hint's context
+    tilt_gamma: float = 0.0  # adaptive tilt b * (1 - q_hint)^gamma; 0 = fixed boost
     ttt: bool = False  # score-first test-time training (settings: --ttt-* / the ttt config)
     time_budget_seconds: float = 0.0  # eval time budget on budget_gpus GPUs (the challenge: 600); 0 = none
     budget_gpus: int = 8  # the GPU count the budget is for (the challenge: 8xH100)
@@ -68,9 +73,9 @@ class EvalConfig:
             raise ValueError(f"budget_gpus = {self.budget_gpus}: must be >= 1")
         if self.enforce_time_budget and not self.time_budget_seconds:
             raise ValueError("enforce_time_budget: needs time_budget_seconds > 0")
-        for order in self.ngram_order:
-            for alpha in self.alpha:  # NgramConfig checks each grid point's ranges
-                NgramConfig(order, alpha, self.alpha_mode, self.ngram_buckets)
+        if not self.tilt_boost or not self.tilt_threshold:
+            raise ValueError("tilt_boost, tilt_threshold: must list at least one value")
+        self.ngram_grid()  # NgramConfig and TiltConfig check each grid point's ranges
 
     def stride(self, seq_len: int) -> int:
         return self.sliding_stride or seq_len
@@ -89,9 +94,13 @@ class EvalConfig:
             raise UsageError(f"--sliding-stride {self.sliding_stride} exceeds --seq-len {seq_len}")
         return EvalPlan(seq_len, self.stride(seq_len), self.doc_isolated, self.batch_seqs)
 
-    def ngram_grid(self) -> list[NgramConfig]:
-        return [NgramConfig(order, alpha, self.alpha_mode, self.ngram_buckets)
-                for order in self.ngram_order for alpha in self.alpha]
+    def ngram_grid(self) -> list[NgramConfig | TiltConfig]:
+        """Every n-gram cache point, then every token tilt point: one sweep scores them all from one pass."""
+        cache = [NgramConfig(order, alpha, self.alpha_mode, self.ngram_buckets)
+                 for order in self.ngram_order for alpha in self.alpha]
+        tilt = [TiltConfig(order, boost, threshold, self.tilt_min_count, self.tilt_gamma, self.ngram_buckets)
+                for order in self.tilt_order for boost in self.tilt_boost for threshold in self.tilt_threshold]
+        return cache + tilt
 
 
 
@@ -150,13 +159,18 @@ def compliance_tokens(dataset, count: int, val: np.ndarray) -> tuple[np.ndarray,
     return np.asarray(val[:count], dtype=np.int64), "val"
 
 
+def point_settings(config) -> dict:
+    """One grid point's settings for results.json (`kind`: ngram | tilt)."""
+    return {"kind": "tilt" if isinstance(config, TiltConfig) else "ngram", **dataclasses.asdict(config)}
+
+
 def sweep_rows(totals: dict, grid) -> list[dict]:
     """One row per grid point, best (lowest val_bpb) first."""
     rows = []
     for config in grid:
         point = totals[ngram_name(config)]
-        rows.append({"order": config.order, "alpha": config.alpha, "alpha_mode": config.alpha_mode,
-                     "buckets": config.buckets, "val_loss": point.val_loss, "val_bpb": point.val_bpb})
+        rows.append({"kind": "tilt" if isinstance(config, TiltConfig) else "ngram", "name": ngram_name(config),
+                     **dataclasses.asdict(config), "val_loss": point.val_loss, "val_bpb": point.val_bpb})
     return sorted(rows, key=lambda row: row["val_bpb"])
 
 
@@ -238,7 +252,7 @@ def score_model(model, config: EvalConfig, ttt_settings: TTTConfig | None, data:
         "val_loss": primary.val_loss, "val_bpb": primary.val_bpb, "tokens": primary.targets,
         "bytes": primary.bytes, "model_val_loss": totals["model"].val_loss,
         "model_val_bpb": totals["model"].val_bpb,
-        "ngram": dataclasses.asdict(grid[0]) if len(grid) == 1 else None,
+        "ngram": point_settings(grid[0]) if len(grid) == 1 else None,
         "sweep": sweep_rows(totals, grid) if len(grid) > 1 else None,
         "ttt": ttt_summary(ttt_settings, passed.ttt),
         "timers": {"warmup_seconds": warmup_seconds, "eval_seconds": passed.eval_seconds},
@@ -287,6 +301,9 @@ def default_out(artifact: Path, config: EvalConfig, ttt_settings, weights: str, 
                                                                                         config.alpha))
         if config.alpha_mode != "fixed":
             parts.append(config.alpha_mode)
+    if config.tilt_order:
+        parts.append("tilt" + "_".join(map(str, config.tilt_order)) + "-b" + "_".join(f"{b:g}" for b in
+                                                                                     config.tilt_boost))
     if ttt_settings is not None:
         parts.append(f"ttt-{ttt_settings.mode}")
     if weights != "export":

@@ -21,6 +21,18 @@ alpha_mode "entropy" follows the seed records (PR #702 / #727 lineage):
 Legality (C3): `mix` reads only what `update` counted and refuses a target whose position is already counted.
 The eval scores a batch of targets with `mix`, then calls `update(tokens, last_target_position + 1)`.
 
+Token tilt (the 04-09 record's causal tilt with PR #2135's token-only gates): a hint h for each target is read
+from the same count tables, the most frequent follower of the longest context (order <= K, down to 2) whose row
+has been seen at least `min_count` times and gives h at least a `threshold` share of its followers; the gate
+looks only at those prefix counts, never at the target (the within-word / word-start gates of the #1967 lineage
+looked at the realized token and broke C1). The model's distribution is tilted toward h:
+
+    p'(v) = p(v) * exp(b * [v = h]) / Z,    Z = 1 + q_h * (exp(b) - 1),    q_h = p(h)
+
+normalized by construction for any b >= 0 (Z is the tilted mass). b = boost * (1 - q_h)^gamma: gamma 0 is the
+fixed boost, gamma > 0 PR #2129's confidence-adaptive one (no tilt where the model already agrees). Targets
+without a hint keep p.
+
 Memory: (order - 1) * buckets * V int32 counts; order 7 with 65,536 buckets is 1.6 GB at V = 1024 and 12.9 GB
 at V = 8192.
 """
@@ -44,6 +56,7 @@ NGRAM_HASH_PRIME = (1 << 31) - 1
 NGRAM_HASH_MULTIPLIER = 1_000_003
 # Elements of one [rows, V] working block (64 MB of float32), bounding the memory of mix and update.
 NGRAM_BLOCK_ELEMENTS = 1 << 24
+TILT_MAX_BOOST = 20.0  # exp(20) ~ 5e8: far past any useful tilt, still finite in float32
 
 
 @dataclass(frozen=True)
@@ -70,6 +83,30 @@ class NgramConfig:
     def table_bytes(self, vocab_size: int) -> int:
         """Memory of the count tables for this vocabulary."""
         return (self.order - 1) * self.buckets * vocab_size * 4
+
+
+@dataclass(frozen=True)
+class TiltConfig:
+    order: int = 8  # longest hint context: the previous order - 1 tokens (backs off to shorter contexts)
+    boost: float = 1.0  # b, the log-odds added to the hinted token (0 = no tilt)
+    threshold: float = 0.5  # gate: the hint's share of its context row's counts must reach this
+    min_count: int = 2  # gate: the context row must hold at least this many counted followers
+    gamma: float = 0.0  # adaptive boost b * (1 - q_hint)^gamma; 0 = fixed
+    buckets: int = 65536  # hashed context rows per order (the n-gram cache's tables, shared in a sweep)
+
+    def __post_init__(self):
+        if not 2 <= self.order <= NGRAM_MAX_ORDER:
+            raise ValueError(f"tilt order = {self.order}: must be in [2, {NGRAM_MAX_ORDER}]")
+        if not 0.0 <= self.boost <= TILT_MAX_BOOST:
+            raise ValueError(f"tilt boost = {self.boost}: must be in [0, {TILT_MAX_BOOST:g}]")
+        if not 0.0 < self.threshold <= 1.0:
+            raise ValueError(f"tilt threshold = {self.threshold}: must be in (0, 1]")
+        if self.min_count < 1:
+            raise ValueError(f"tilt min_count = {self.min_count}: must be >= 1")
+        if self.gamma < 0.0:
+            raise ValueError(f"tilt gamma = {self.gamma}: must be >= 0 (0 = fixed boost)")
+        if not 1 <= self.buckets <= NGRAM_MAX_BUCKETS:
+            raise ValueError(f"buckets = {self.buckets}: must be in [1, {NGRAM_MAX_BUCKETS}]")
 
 
 class NgramMixer:
@@ -140,6 +177,19 @@ class NgramMixer:
                 by_order[j + 2] = p
         return by_order
 
+    @torch.no_grad()
+    def followers(self, tokens: torch.Tensor, positions: torch.Tensor, orders) -> dict:
+        """{k: (top follower, its count, row total)}, each [n], of the order-k context rows of the targets at
+        `positions`: what a tilt's hint and gates read (prefix counts only)."""
+        positions = positions.to(self.device, torch.int64)
+        rows, valid = self.context_rows(tokens, positions)
+        found = {}
+        for k in orders:
+            counts = self.tables[k - 2][rows[:, k - 2]] * valid[:, k - 2, None]
+            top_count, top = counts.max(-1)
+            found[k] = (top, top_count, counts.sum(-1))
+        return found
+
     def distribution(self, tokens: torch.Tensor, positions: torch.Tensor, dtype=torch.float32):
         """p_ngram [n, V] of the highest order for the targets at `positions`; each row sums to 1."""
         return self.distributions(tokens, positions, {self.config.order}, dtype)[self.config.order]
@@ -194,3 +244,48 @@ def ngram_witten_bell(counts: torch.Tensor, lower: torch.Tensor) -> torch.Tensor
     types = (counts > 0).sum(-1, keepdim=True).to(counts.dtype)
     types = torch.where(total > 0, types, 1.0)  # an empty row gives (0 + 1 * lower) / (0 + 1) = lower exactly
     return (counts + types * lower) / (total + types)
+
+
+def tilt_hints(config: TiltConfig, followers: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hint [n], has_hint [n]): the top follower of the longest context up to config.order whose row passes
+    the gates (at least min_count counts, the top follower's share at least threshold)."""
+    hint = has_hint = None
+    for k in range(2, config.order + 1):  # longer contexts overwrite shorter ones
+        top, top_count, total = followers[k]
+        passes = (total >= config.min_count) & (top_count >= config.threshold * total)
+        if hint is None:
+            hint, has_hint = torch.where(passes, top, 0), passes
+        else:
+            hint, has_hint = torch.where(passes, top, hint), has_hint | passes
+    return hint, has_hint
+
+
+def tilt_boost(config: TiltConfig, hint_logprob: torch.Tensor, has_hint: torch.Tensor) -> torch.Tensor:
+    """b [n] per target: boost * (1 - q_hint)^gamma where a hint passed the gates, else 0."""
+    boost = torch.full_like(hint_logprob, config.boost)
+    if config.gamma:
+        boost = boost * (-torch.expm1(hint_logprob)).clamp_min(0.0) ** config.gamma
+    return torch.where(has_hint, boost, 0.0)
+
+
+def tilt_log_normalizer(boost: torch.Tensor, hint_logprob: torch.Tensor) -> torch.Tensor:
+    """log Z = log(1 + q_hint * (exp(b) - 1)) [n]: the log mass of the tilted distribution."""
+    return torch.log1p(hint_logprob.exp() * torch.expm1(boost))
+
+
+def tilt_gold_nll(config: TiltConfig, model_logprobs: torch.Tensor, gold: torch.Tensor, followers: dict):
+    """-log p'(gold) [n] of the tilted distribution, O(1) per target."""
+    hint, has_hint = tilt_hints(config, followers)
+    hint_logprob = model_logprobs.gather(1, hint[:, None])[:, 0]
+    boost = tilt_boost(config, hint_logprob, has_hint)
+    gold_logprob = model_logprobs.gather(1, gold[:, None])[:, 0]
+    return -(gold_logprob + boost * (gold == hint)) + tilt_log_normalizer(boost, hint_logprob)
+
+
+def tilt_logprobs(config: TiltConfig, model_logprobs: torch.Tensor, followers: dict) -> torch.Tensor:
+    """log p' [n, V]: the whole tilted distribution (what the compliance check inspects)."""
+    hint, has_hint = tilt_hints(config, followers)
+    hint_logprob = model_logprobs.gather(1, hint[:, None])[:, 0]
+    boost = tilt_boost(config, hint_logprob, has_hint)
+    tilted = model_logprobs - tilt_log_normalizer(boost, hint_logprob)[:, None]
+    return tilted.scatter_add(1, hint[:, None], boost[:, None])

@@ -27,7 +27,15 @@ import torch.nn.functional as F
 
 from pgolf.bpb import ByteTables
 from pgolf.errors import ComplianceError
-from pgolf.ngram import NGRAM_BLOCK_ELEMENTS, NgramConfig, NgramMixer, ngram_mixture_weight
+from pgolf.ngram import (
+    NGRAM_BLOCK_ELEMENTS,
+    NgramConfig,
+    NgramMixer,
+    TiltConfig,
+    ngram_mixture_weight,
+    tilt_gold_nll,
+    tilt_logprobs,
+)
 from pgolf.shards import BOS_ID
 from pgolf.ttt import TTTConfig, TTTResult, check_batched_usage, run_ttt
 
@@ -160,19 +168,27 @@ def gold_nll(logprobs: torch.Tensor, tokens: torch.Tensor, positions: torch.Tens
 
 
 class NgramSweep:
-    """Every (order, alpha) grid point from one model pass and one set of count tables.
+    """Every grid point (n-gram mixture: order, alpha; token tilt: order, boost, gates) from one model pass and
+    one set of count tables.
 
     The largest order's mixer serves all: its interpolation chain passes through every lower order
     (NgramMixer.distributions), so each chunk builds it once and mixes each point from the p_k of its order,
-    with NgramMixer.mix's formula log((1 - a) p_model + a p_k). A scored pass needs only each target's own
-    entry of that (normalized) mixture, O(1) per point; the full [n, V] rows are built only for tracing, which
-    is what the compliance check inspects (test: equal to NgramMixer.mix, point by point).
+    with NgramMixer.mix's formula log((1 - a) p_model + a p_k); a tilt point reads its hints from the same
+    rows (NgramMixer.followers). A scored pass needs only each target's own entry of that (normalized)
+    distribution, O(1) per point; the full [n, V] rows are built only for tracing, which is what the
+    compliance check inspects (test: equal to NgramMixer.mix, point by point).
     """
 
-    def __init__(self, configs: list[NgramConfig], vocab_size: int, device):
+    def __init__(self, configs: list, vocab_size: int, device):
         self.configs = configs
-        top = max(configs, key=lambda config: config.order)
-        self.mixer = NgramMixer(top, vocab_size, device)
+        buckets = {config.buckets for config in configs}
+        if len(buckets) > 1:
+            raise ValueError(f"a sweep shares one set of count tables: its points' buckets differ ({buckets})")
+        order = max(config.order for config in configs)
+        self.mixer = NgramMixer(NgramConfig(order, buckets=buckets.pop()), vocab_size, device)
+        self.orders = {config.order for config in configs if isinstance(config, NgramConfig)}
+        tilt_order = max((config.order for config in configs if isinstance(config, TiltConfig)), default=1)
+        self.tilt_orders = range(2, tilt_order + 1)
 
     def update(self, tokens: torch.Tensor, upto_position: int) -> np.ndarray:
         """Count positions [counted_upto, upto_position); returns the positions counted."""
@@ -183,31 +199,37 @@ class NgramSweep:
     @torch.no_grad()
     def score(self, tokens: torch.Tensor, positions: torch.Tensor, model_logprobs: torch.Tensor,
               keep_distributions: bool = False) -> tuple[list, list | None]:
-        """(gold NLL [n] per grid point, and their mixed log-distributions [n, V] when asked) for the targets
-        at `positions`, from counts of earlier positions only."""
+        """(gold NLL [n] per grid point, and their log-distributions [n, V] when asked) for the targets at
+        `positions`, from counts of earlier positions only."""
         mixer = self.mixer
         if len(positions) and int(positions.min()) < mixer.counted_upto:
             raise ComplianceError(f"n-gram cache: target {int(positions.min())} is already counted (counts "
                                   f"cover positions < {mixer.counted_upto}); score before update (C3)")
-        orders = {config.order for config in self.configs}
         nll = [[] for _ in self.configs]
         kept = [[] for _ in self.configs] if keep_distributions else None
         block = max(1, NGRAM_BLOCK_ELEMENTS // mixer.vocab_size)
         for start in range(0, len(positions), block):
             block_positions = positions[start : start + block]
             model_block = model_logprobs[start : start + block]
-            gold = tokens[block_positions].long()[:, None]
-            model_gold = model_block.gather(1, gold)
-            p_by_order = mixer.distributions(tokens, block_positions, orders, model_logprobs.dtype)
+            gold = tokens[block_positions].long().to(mixer.device)
+            p_by_order = mixer.distributions(tokens, block_positions, self.orders, model_logprobs.dtype) \
+                if self.orders else {}
+            followers = mixer.followers(tokens, block_positions, self.tilt_orders)
             for index, config in enumerate(self.configs):
-                alpha = ngram_mixture_weight(config, model_block)
-                if kept is None:
-                    mixed_gold = mix_logprobs(model_gold, p_by_order[config.order].gather(1, gold), alpha)
+                if isinstance(config, TiltConfig):
+                    point_nll = tilt_gold_nll(config, model_block, gold, followers)
+                    if kept is not None:
+                        kept[index].append(tilt_logprobs(config, model_block, followers))
                 else:
-                    mixed = mix_logprobs(model_block, p_by_order[config.order], alpha)
-                    kept[index].append(mixed)
-                    mixed_gold = mixed.gather(1, gold)
-                nll[index].append(-mixed_gold[:, 0])
+                    alpha = ngram_mixture_weight(config, model_block)
+                    if kept is None:
+                        point_nll = -mix_logprobs(model_block.gather(1, gold[:, None]),
+                                                  p_by_order[config.order].gather(1, gold[:, None]), alpha)[:, 0]
+                    else:
+                        mixed = mix_logprobs(model_block, p_by_order[config.order], alpha)
+                        kept[index].append(mixed)
+                        point_nll = -mixed.gather(1, gold[:, None])[:, 0]
+                nll[index].append(point_nll)
         return [torch.cat(parts) for parts in nll], kept and [torch.cat(parts) for parts in kept]
 
 
@@ -216,7 +238,12 @@ def mix_logprobs(model_logprobs: torch.Tensor, p_ngram: torch.Tensor, alpha: tor
     return torch.logaddexp(model_logprobs + torch.log1p(-alpha), alpha.log() + p_ngram.log())
 
 
-def ngram_name(config: NgramConfig) -> str:
+def ngram_name(config) -> str:
+    """A grid point's scorer name: `ngram<order>_a<alpha>[_entropy]` or `tilt<order>_b<boost>_t<threshold>_m<min
+    count>[_g<gamma>]`."""
+    if isinstance(config, TiltConfig):
+        return (f"tilt{config.order}_b{config.boost:g}_t{config.threshold:g}_m{config.min_count}"
+                + (f"_g{config.gamma:g}" if config.gamma else ""))
     return f"ngram{config.order}_a{config.alpha:g}" + ("_entropy" if config.alpha_mode == "entropy" else "")
 
 
@@ -300,7 +327,7 @@ class Scorer:
     """Scores chunks of targets in position order: the model, then each n-gram grid point from the same model
     distributions; accumulates each one's totals and, when tracing, what the compliance checker needs."""
 
-    def __init__(self, tokens: torch.Tensor, count_bytes: ByteCounter, ngram: list[NgramConfig],
+    def __init__(self, tokens: torch.Tensor, count_bytes: ByteCounter, ngram: list[NgramConfig | TiltConfig],
                  vocab_size: int, trace: Trace | None = None):
         self.tokens = tokens
         self.count_bytes = count_bytes
@@ -450,7 +477,7 @@ def all_reduce_totals(totals: dict[str, Totals], device) -> dict[str, Totals]:
 
 def score_stream(
     model: EvalModel, tokens_np: np.ndarray, plan: EvalPlan, tables: ByteTables, device, *,
-    ngram: list[NgramConfig] = (), ttt_config: TTTConfig | None = None,
+    ngram: list[NgramConfig | TiltConfig] = (), ttt_config: TTTConfig | None = None,
     rank: int = 0, world_size: int = 1, trace: Trace | None = None, progress=None,
 ) -> PassResult:
     """Score the stream once: model totals and one per n-gram grid point (with TTT: the adapting model's).

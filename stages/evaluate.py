@@ -54,6 +54,15 @@ def evaluate(
     alpha: str = typer.Option(None, "--alpha", help="N-gram weight(s), e.g. 0.4 or 0.2,0.4 (default 0.4)."),
     alpha_mode: str = typer.Option(None, "--alpha-mode", help="fixed, or entropy (alpha is the ceiling)."),
     ngram_buckets: int = typer.Option(None, "--ngram-buckets", help="Hashed context rows per order (65536)."),
+    tilt_order: str = typer.Option(
+        None, "--tilt-order", help="Token tilt: longest hint context order(s), e.g. 8 or 4,8,12 (a list sweeps)."),
+    tilt_boost: str = typer.Option(None, "--tilt-boost", help="Tilt boost(s) b, e.g. 1 or 0.5,1,2 (default 1)."),
+    tilt_threshold: str = typer.Option(
+        None, "--tilt-threshold", help="Tilt gate(s): the hint's least share of its context's counts (0.5)."),
+    tilt_min_count: int = typer.Option(
+        None, "--tilt-min-count", help="Tilt gate: least counted followers of the hint's context (2)."),
+    tilt_gamma: float = typer.Option(
+        None, "--tilt-gamma", help="Adaptive tilt b * (1 - p(hint))^gamma (default 0: fixed boost)."),
     ttt: bool = typer.Option(None, "--ttt/--no-ttt", help="Score-first test-time training."),
     ttt_mode: str = typer.Option(None, "--ttt-mode", help="sgd, adamw, lora, phased or batched (default sgd), or the "
                                   "records' settings: record-0416, record-1790."),
@@ -78,7 +87,7 @@ def evaluate(
     as_json: bool = JSON_OPTION,
 ):
     """Exact val_loss and val_bpb of an artifact: flat, sliding-window or document-isolated windows, with an
-    optional n-gram cache (lists sweep the grid from one model pass) and score-first TTT.
+    optional n-gram cache or token tilt (lists sweep the grid from one model pass) and score-first TTT.
 
     Exit codes: 2 bad flags (or --seq-len over the model's max_seq_len), 3 bad artifact or data (digests,
     missing val shards, tokenizer/vocab mismatch), 5 a compliance check failed (or, with --enforce-time-budget,
@@ -88,10 +97,16 @@ def evaluate(
     """
     if alpha is not None and not ngram_order:
         raise UsageError("--alpha needs --ngram-order (it weights the n-gram cache)")
+    tilt_flags = {"tilt_boost": tilt_boost, "tilt_threshold": tilt_threshold, "tilt_min_count": tilt_min_count,
+                  "tilt_gamma": tilt_gamma}
+    if not tilt_order and any(value is not None for value in tilt_flags.values()):
+        given = ", ".join(f"--{key.replace('_', '-')}" for key, value in tilt_flags.items() if value is not None)
+        raise UsageError(f"{given} given without --tilt-order")
     config, _ = resolve(EvalConfig, kind="eval", config_file=config_file, overrides={
         "seq_len": seq_len, "sliding_stride": sliding_stride, "doc_isolated": doc_isolated,
         "batch_seqs": batch_seqs, "compile": compile_model, "ngram_order": ngram_order, "alpha": alpha,
-        "alpha_mode": alpha_mode, "ngram_buckets": ngram_buckets, "ttt": ttt, "time_budget_seconds": time_budget,
+        "alpha_mode": alpha_mode, "ngram_buckets": ngram_buckets, "tilt_order": tilt_order, **tilt_flags,
+        "ttt": ttt, "time_budget_seconds": time_budget,
         "budget_gpus": budget_gpus, "enforce_time_budget": enforce_time_budget})
     ttt_flags = {"mode": ttt_mode, "lr": ttt_lr, "epochs": ttt_epochs, "chunk_tokens": ttt_chunk_tokens}
     ttt_settings = resolve_ttt(config.ttt, ttt_config, ttt_flags)
@@ -108,7 +123,7 @@ def log_name(result: dict) -> str:
     """`final_<kind>_<mode>[_ngram][_ttt]`, after the challenge's `final_int8_zlib_roundtrip`."""
     name = f"final_{result['kind']}_{result['mode']}"
     if result["ngram"]:
-        name += "_ngram"
+        name += "_" + result["ngram"].get("kind", "ngram")
     return name + ("_ttt" if result["ttt"] else "")
 
 
@@ -117,9 +132,8 @@ def summary_lines(result: dict) -> list[str]:
     eval_ms = 1000.0 * result["timers"]["eval_seconds"]
     lines = []
     if result["sweep"]:
-        lines.append(f"{'order':>5} {'alpha':>6} {'mode':>8} {'val_loss':>10} {'val_bpb':>10}")
-        lines += [f"{row['order']:>5} {row['alpha']:>6g} {row['alpha_mode']:>8} "
-                  f"{row['val_loss']:>10.6f} {row['val_bpb']:>10.6f}" for row in result["sweep"]]
+        lines.append(f"{'point':<28} {'val_loss':>10} {'val_bpb':>10}")
+        lines += [f"{row['name']:<28} {row['val_loss']:>10.6f} {row['val_bpb']:>10.6f}" for row in result["sweep"]]
         lines.append(f"model alone: val_loss {result['model_val_loss']:.6f} "
                      f"val_bpb {result['model_val_bpb']:.6f} (a sweep tunes on validation: its best row is "
                      "not a single-pass score)")
