@@ -4,18 +4,31 @@ calibration inputs x. Rows are independent given H and the per-row scales, so se
 solved at once by stacking them as extra rows.
 
 Calibration tokens always come from the TRAIN shards (never validation: the challenge forbids looking at it
-before it is scored).
+before it is scored). Two ways, as in the records and after them:
+- inside the training budget (TrainConfig gptq_calibration_batches / gptq_reserve_seconds): the train stage runs
+  its exported weights over the next train batches and saves every linear layer's H in one pass of the float
+  model (GPTQ_HESSIANS_FILE), so `pgolf quantize` reads no train data;
+- at quantize time from --data (`gptq_hessians`): sequential, each group's H with the groups before it already
+  quantized.
 """
+
+import json
+from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
+from pgolf.artifacts import atomic_write_bytes
+from pgolf.errors import InvalidInput
 from pgolf.shards import load_shard
 
 GPTQ_DAMP = 0.01  # dampening added to H's diagonal, as a fraction of its mean
 GPTQ_BLOCK = 128  # columns per lazy-update block
 GPTQ_BATCH_TOKENS = 65_536  # calibration tokens per forward pass
+GPTQ_HESSIANS_FILE = "gptq_hessians.safetensors"  # a train output's Hessians (train_config gptq_calibration_*)
 
 
 def calibration_windows(train_paths: list, tokens: int, seq_len: int) -> torch.Tensor:
@@ -55,7 +68,8 @@ class HessianAccumulator:
         rows = inputs.detach().reshape(-1, inputs.size(-1)).float()
         if self.sum is None:
             self.sum = torch.zeros(rows.size(1), rows.size(1), device=rows.device)
-        self.sum.addmm_(rows.T, rows)
+        with torch.autocast(rows.device.type, enabled=False):  # a forward under bf16 autocast still sums in fp32
+            self.sum.addmm_(rows.T, rows)
         self.rows += rows.size(0)
 
     def hessian(self) -> torch.Tensor:
@@ -173,3 +187,41 @@ def gptq_hessians(model: nn.Module, quantizer, schemes: dict, targets: list[str]
         if progress:
             progress(f"gptq: group {group}/{len(layout.execution) + 1}: {len(names)} tensors quantized")
     return quantizer.hessians
+
+
+def save_gptq_hessians(path: Path, hessians: dict[str, torch.Tensor], metadata: dict) -> None:
+    """Hessians (fp32) and their provenance (`metadata`: JSON values) as safetensors."""
+    blob = safetensors_bytes({name: h.float().contiguous() for name, h in hessians.items()},
+                             metadata={"gptq": json.dumps(metadata, sort_keys=True)})
+    atomic_write_bytes(Path(path), blob)
+
+
+def load_gptq_hessians(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(Hessians, provenance) of a GPTQ_HESSIANS_FILE; InvalidInput naming the file when it is not one."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = json.loads((handle.metadata() or {}).get("gptq", "null"))
+            hessians = {name: handle.get_tensor(name) for name in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise InvalidInput(f"{path}: not a readable Hessians file ({e})") from None
+    if not isinstance(metadata, dict):
+        raise InvalidInput(f"{path}: no gptq metadata (not written by pgolf train)")
+    for name, hessian in hessians.items():
+        if hessian.dim() != 2 or hessian.size(0) != hessian.size(1) or not torch.isfinite(hessian).all():
+            raise InvalidInput(f"{path}: {name} is not a finite square matrix {tuple(hessian.shape)}")
+    return hessians, metadata
+
+
+def saved_hessians(hessians: dict[str, torch.Tensor], state: dict, targets: list[str], where: str) -> dict:
+    """The saved Hessians of `targets`, checked against their weights' input widths (InvalidInput naming the
+    first missing or mismatched one)."""
+    picked = {}
+    for name in targets:
+        columns = state[name].size(1)
+        if name not in hessians:
+            raise InvalidInput(f"{where}: no Hessian for {name} (the plan quantizes it with GPTQ); pass --data")
+        if tuple(hessians[name].shape) != (columns, columns):
+            raise InvalidInput(f"{where}: the Hessian of {name} is {tuple(hessians[name].shape)}, its weight has "
+                               f"{columns} input columns")
+        picked[name] = hessians[name]
+    return picked

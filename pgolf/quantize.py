@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from pgolf.artifacts import ARTIFACT_BYTE_LIMIT, StageOutput, open_stage
+from pgolf.artifacts import ARTIFACT_BYTE_LIMIT, StageOutput, open_stage, output_path, output_sha256
 from pgolf.checkpoint import load_checkpoint
 from pgolf.clips import CLIP_METHODS, CLIPS
 from pgolf.codecs import CODECS, parallel_workers
@@ -20,7 +20,15 @@ from pgolf.config import to_dict
 from pgolf.dist import DEVICE_CHOICES, PlainLog, pick_device
 from pgolf.errors import InvalidInput, OverBudget, UsageError
 from pgolf.fit import ArtifactSizer, fit_clip_k, fit_plan_to_target, fit_prune, prune_candidates, prune_levels
-from pgolf.gptq import GPTQ_BLOCK, GPTQ_DAMP, calibration_batches, calibration_windows, gptq_hessians
+from pgolf.gptq import (
+    GPTQ_BLOCK,
+    GPTQ_DAMP,
+    calibration_batches,
+    calibration_windows,
+    gptq_hessians,
+    load_gptq_hessians,
+    saved_hessians,
+)
 from pgolf.model import ModelConfig, block_layout, build_model
 from pgolf.plans import (
     KEEP_FLOAT_MAX_NUMEL,
@@ -96,13 +104,15 @@ class QuantizedModel:
 SDCLIP_METHODS = ("sdclip", "gptq-sdclip")  # the clip methods whose k the clip-k fit scales
 
 
-def require_calibration_data(spec: PlanSpec, clip: str, have_data: bool) -> bool:
-    """Whether quantizing under `spec` reads train tokens (GPTQ's Hessians, or measured block sensitivity);
-    UsageError (exit 2) when it does and there are none."""
-    calibrate = CLIPS[clip].needs_calibration or spec.demote == "sensitivity"
+def require_calibration_data(spec: PlanSpec, clip: str, have_data: bool, have_hessians: bool = False) -> bool:
+    """Whether quantizing under `spec` reads train tokens (GPTQ's Hessians unless the train stage saved them, or
+    measured block sensitivity); UsageError (exit 2) when it does and there are none."""
+    gptq = CLIPS[clip].needs_calibration and not have_hessians
+    calibrate = gptq or spec.demote == "sensitivity"
     if calibrate and not have_data:
-        why = f"--clip {clip}" if CLIPS[clip].needs_calibration else f"plan '{spec.name}'"
-        raise UsageError(f"{why} needs --data DIR (its train shards calibrate; e.g. --data artifacts/sp1024)")
+        why = f"--clip {clip}" if gptq else f"plan '{spec.name}'"
+        raise UsageError(f"{why} needs --data DIR (its train shards calibrate; e.g. --data artifacts/sp1024), or "
+                         f"Hessians saved by the train stage (--gptq-calibration-batches)")
     return calibrate
 
 
@@ -161,15 +171,16 @@ def scheme_counts(schemes: dict) -> str:
 
 def quantize_model(state: dict, model_config: ModelConfig, spec: PlanSpec, config: QuantizeConfig, *,
                    train_shards: list[Path] | None = None, data_name: str = "--data", where: str = "quantize",
-                   tokenizer_sha256=None, source: dict | None = None, log=PlainLog) -> QuantizedModel:
+                   tokenizer_sha256=None, source: dict | None = None, hessians: dict | None = None,
+                   log=PlainLog) -> QuantizedModel:
     """Quantize `state` under `spec` with `config`'s settings: the whole flow of `pgolf quantize`.
 
-    `train_shards` (of `data_name`) calibrate when the clip method or the plan needs it; `where` names the run
-    in errors. OverBudget (exit 4) when a demote plan cannot reach its target, or another plan's artifact is
-    over it."""
+    `hessians` (saved by the train stage, pgolf.gptq) serve GPTQ as they are; else `train_shards` (of
+    `data_name`) calibrate when the clip method or the plan needs it; `where` names the run in errors.
+    OverBudget (exit 4) when a demote plan cannot reach its target, or another plan's artifact is over it."""
     clip = config.clip or spec.clip
     target = config.target(spec)
-    calibrate = require_calibration_data(spec, clip, train_shards is not None)
+    calibrate = require_calibration_data(spec, clip, train_shards is not None, hessians is not None)
     if spec.fit_mode in ("clip-k", "clip-k+prune") and clip not in SDCLIP_METHODS:
         raise UsageError(f"plan '{spec.name}': fit = {spec.fit_mode} scales sdclip's k, so it needs clip = "
                          f"{' | '.join(SDCLIP_METHODS)}, not {clip}")
@@ -182,7 +193,11 @@ def quantize_model(state: dict, model_config: ModelConfig, spec: PlanSpec, confi
     batches = calibration_data(train_shards, data_name, config, model_config, device, log) if calibrate else None
     if CLIPS[clip].needs_calibration:
         integer = [name for name, scheme in schemes.items() if SCHEMES[scheme].integer]
-        gptq_hessians(build_model(state, model_config, device), quantizer, schemes, integer, batches, log.info)
+        if hessians is not None:
+            quantizer.hessians.update({name: h.to(device) for name, h in
+                                       saved_hessians(hessians, state, integer, where).items()})
+        else:
+            gptq_hessians(build_model(state, model_config, device), quantizer, schemes, integer, batches, log.info)
     schemes, lqer = lqer_assign(spec, schemes, quantizer)
     if lqer:
         log.info(f"lqer: rank {spec.lqer_rank} int{spec.lqer_bits} factors on {', '.join(lqer)}")
@@ -286,6 +301,15 @@ class QuantizeResult:
     metrics: dict  # plan, clip, artifact/blob bytes, fit, per-scheme totals, per-tensor records (the manifest's)
 
 
+def calibration_source(clip: str, data: Path | None, saved: dict | None) -> dict | None:
+    """Where GPTQ's Hessians came from (the manifest's `calibration`); None for a clip without them."""
+    if not CLIPS[clip].needs_calibration:
+        return None
+    if saved is not None:
+        return {"source": "train", "tokens": saved["tokens"], "weights": saved["weights"]}
+    return {"source": "data", "data": str(Path(data).resolve())}
+
+
 def quantize(config: QuantizeConfig, train_dir: Path, out: Path, *, data: Path | None = None,
              config_file: Path | None = None, force: bool = False, log=PlainLog) -> QuantizeResult:
     """Quantize a train (or import) output's checkpoint (config.weights) into `out`: quantized.safetensors +
@@ -293,17 +317,28 @@ def quantize(config: QuantizeConfig, train_dir: Path, out: Path, *, data: Path |
     spec = load_plan(config.plan)
     manifest = open_stage(train_dir, CHECKPOINT_STAGES)
     checkpoint = train_checkpoint(manifest, train_dir, config.weights)
-    require_calibration_data(spec, config.clip or spec.clip, data is not None)
+    clip = config.clip or spec.clip
+    # The train stage's Hessians (of its exported weights) serve GPTQ unless --data asks for sequential
+    # calibration on its shards.
+    saved = data is None and CLIPS[clip].needs_calibration and config.weights == "export" \
+        and output_sha256(manifest, "gptq_hessians") is not None
+    hessians_path = output_path(manifest, train_dir, "gptq_hessians") if saved else None
+    require_calibration_data(spec, clip, data is not None, hessians_path is not None)
     inputs = [train_dir] + [path for path in (data, config_file) if path is not None]
     with StageOutput(out, "quantize", config=to_dict(config), force=force, inputs=inputs) as stage:
         state, model_config, metadata = load_checkpoint(checkpoint)
         stage.add_input(checkpoint, "checkpoint")
+        hessians = calibration = None
+        if hessians_path is not None:
+            hessians, calibration = load_gptq_hessians(hessians_path)
+            stage.add_input(hessians_path, "gptq_hessians")
+            log.info(f"gptq: the train stage's Hessians ({calibration['tokens']:,} train tokens; no --data read)")
         train_shards = open_dataset(data, verify=("train",)).train if data is not None else None
         source = {"train_dir": str(Path(train_dir).resolve()), "checkpoint": checkpoint.name,
                   "sha256": stage.inputs[0]["sha256"], "data": str(Path(data).resolve()) if data else None}
         made = quantize_model(state, model_config, spec, config, train_shards=train_shards, data_name=str(data),
                               where=str(train_dir), tokenizer_sha256=metadata.get("tokenizer_sha256"),
-                              source=source, log=log)
+                              source=source, hessians=hessians, log=log)
         save_quantized(stage.dir, made.tensors, made.plan)
         stage.add_output(QUANTIZED_FILE, "quantized")
         stage.add_output(PLAN_FILE, "plan")
@@ -316,6 +351,7 @@ def quantize(config: QuantizeConfig, train_dir: Path, out: Path, *, data: Path |
                     f"{made.target}")
         stage.metrics = {
             "plan": spec.name, "clip": made.clip, "scale_floor": spec.scale_floor, "codec": config.codec,
+            "calibration": calibration_source(made.clip, data, calibration),
             "code_bytes": config.code_bytes, "artifact_bytes": made.artifact_bytes,
             "blob_bytes": made.artifact_bytes - config.code_bytes, "target_bytes": made.target,
             "fit": made.fit, "sensitivity": made.sensitivity, "totals": scheme_totals(made.plan["tensors"]),

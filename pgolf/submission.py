@@ -114,7 +114,8 @@ def submission_train(baked: dict, args: argparse.Namespace, log) -> None:
         code_bytes = Path(__file__).stat().st_size  # this very file is the counted code: size the fit with it
         made = quantize_model(state, model_config, plan_from_mapping(baked["plan"], "BAKED['plan']"),
                               dataclasses.replace(quantize_config, code_bytes=code_bytes), train_shards=data.train,
-                              data_name=args.data, tokenizer_sha256=data.tokenizer_sha256, log=log)
+                              data_name=args.data, tokenizer_sha256=data.tokenizer_sha256,
+                              hessians=trainer.hessians if quantize_config.weights == "export" else None, log=log)
         blob = compress_quantized(made.tensors, made.plan, configs["compress"], log)[0]["blob"]
         atomic_write_bytes(blob_path, blob)
         log.info(f"Serialized model: {len(blob)} bytes")

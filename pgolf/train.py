@@ -21,6 +21,7 @@ from pgolf.checkpoint import save_checkpoint
 from pgolf.config import to_dict
 from pgolf.dist import PlainLog, init_distributed
 from pgolf.errors import InvalidInput, UsageError
+from pgolf.gptq import GPTQ_HESSIANS_FILE, save_gptq_hessians
 from pgolf.model import ModelConfig
 from pgolf.shards import dataset_fingerprint, load_shard, open_dataset, read_header
 from pgolf.train_config import TrainConfig
@@ -152,9 +153,30 @@ def train_model(trainer: Trainer, data: TrainingData, work_dir: Path, *, resume:
     metrics |= {"val_loss": exported["val_loss"], "val_bpb": exported["val_bpb"],
                 "val_tokens": exported["val_tokens"], "val_bytes": exported["val_bytes"],
                 "weights": weights,
-                "tokenizer_sha256": data.tokenizer_sha256, "vocab_size": trainer.model_config.vocab_size,
-                "train_tokens_read": trainer.train_tokens_read()}
+                "tokenizer_sha256": data.tokenizer_sha256, "vocab_size": trainer.model_config.vocab_size}
+    if config.gptq_calibration_batches:
+        metrics["gptq_calibration"] = calibrate_gptq(trainer, metrics, train_log, log)
+        metrics["timers"]["gptq_seconds"] = metrics["gptq_calibration"]["seconds"]
+    metrics["train_tokens_read"] = trainer.train_tokens_read()
     return metrics
+
+
+def calibrate_gptq(trainer: Trainer, metrics: dict, train_log: TrainLog, log) -> dict:
+    """GPTQ Hessians of the exported weights from the next train batches (trainer.hessians), inside the budget:
+    training stopped gptq_reserve_seconds early for them. Warns when they took longer than that."""
+    config = trainer.config
+    started = time.perf_counter()
+    trainer.hessians = trainer.gptq_hessians(exported_state(trainer, metrics))
+    seconds = time.perf_counter() - started
+    tokens = config.gptq_calibration_batches * config.micro_tokens(trainer.dist.world_size) * trainer.dist.world_size
+    train_log.line(f"gptq: Hessians of {len(trainer.hessians)} tensors from {tokens:,} train tokens in "
+                   f"{seconds:.2f}s (reserve {config.gptq_reserve_seconds:g}s)")
+    if config.wallclock_seconds and seconds > config.gptq_reserve_seconds:
+        log.warn(f"gptq calibration took {seconds:.2f}s, over its {config.gptq_reserve_seconds:g}s reserve: "
+                 f"training + calibration ran past wallclock_seconds {config.wallclock_seconds:g}")
+    return {"batches": config.gptq_calibration_batches, "tokens": tokens, "seconds": seconds,
+            "reserve_seconds": config.gptq_reserve_seconds, "weights": metrics["weights"],
+            "tensors": len(trainer.hessians)}
 
 
 def exported_state(trainer: Trainer, metrics: dict, weights: str = "export") -> dict:
@@ -178,6 +200,9 @@ def write_train_outputs(stage: StageOutput, trainer: Trainer, data: TrainingData
     else:
         save_checkpoint(stage.add_output("model.safetensors", "checkpoint"), trainer.master_state(),
                         trainer.model_config, checkpoint_metadata | {"weights": "master"})
+    if trainer.hessians is not None:
+        save_gptq_hessians(stage.add_output(GPTQ_HESSIANS_FILE, "gptq_hessians"), trainer.hessians,
+                           metrics["gptq_calibration"])
     metrics["timers"]["save_seconds"] = time.perf_counter() - saving
     stage.add_output("train_log.jsonl", "log_jsonl")
     stage.add_output("train.log", "log")

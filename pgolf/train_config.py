@@ -87,6 +87,8 @@ TRAIN_ALIASES = {
     "SEED": "seed",
     "VAL_LOSS_EVERY": "val_every",
     "TRAIN_LOG_EVERY": "log_every",
+    "GPTQ_CALIBRATION_BATCHES": "gptq_calibration_batches",
+    "GPTQ_RESERVE_SECONDS": "gptq_reserve_seconds",
 }
 
 
@@ -127,6 +129,9 @@ class TrainConfig:
     qat_bits: int = 0  # STE fake-quant bits of block matrices (5-8); 0 = no QAT
     qat_mlp_bits: int = 0  # bits of MLP matrices (e.g. 5 with qat_bits 6); 0 = qat_bits
     qat_start_frac: float = 0.0  # QAT switches on at this fraction of the budget
+    gptq_calibration_batches: int = 0  # after training, GPTQ Hessians of the exported weights from this many
+    # micro-batches of each rank's train stream, saved as gptq_hessians.safetensors (quantize needs no --data)
+    gptq_reserve_seconds: float = 0.0  # training stops this long before wallclock_seconds so calibration fits
     seed: int = 1337  # seed of the model init (the data order is fixed)
     val_every: int = 1000  # validate every N steps (and at the end); 0 = only at the end
     log_every: int = 200  # log the train loss every N steps (and the first 10); 0 = first 10 and the last
@@ -174,6 +179,12 @@ class TrainConfig:
         need(self.qat_mlp_bits == 0 or 5 <= self.qat_mlp_bits <= 8, "qat_mlp_bits", "0 (= qat_bits) or 5-8")
         need(self.qat_mlp_bits == 0 or self.qat_bits > 0, "qat_mlp_bits", "0 unless qat_bits is set")
         need(0 <= self.seed <= MAX_SEED, "seed", f"in [0, {MAX_SEED}] (a 64-bit seed)")
+        need(self.gptq_calibration_batches >= 0, "gptq_calibration_batches", ">= 0 (0 = none)")
+        need(self.gptq_reserve_seconds >= 0, "gptq_reserve_seconds", ">= 0")
+        need(self.gptq_reserve_seconds == 0 or self.gptq_calibration_batches > 0, "gptq_reserve_seconds",
+             "0 unless gptq_calibration_batches > 0")
+        need(self.gptq_reserve_seconds == 0 or self.gptq_reserve_seconds < self.wallclock_seconds,
+             "gptq_reserve_seconds", "below wallclock_seconds")
         for name in ("val_every", "log_every", "checkpoint_every"):
             need(getattr(self, name) >= 0, name, ">= 0")
         need(self.compile in COMPILE_MODES, "compile", f"one of {', '.join(COMPILE_MODES)}")

@@ -31,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from pgolf.artifacts import atomic_write_bytes
 from pgolf.dist import Distributed
 from pgolf.errors import InvalidInput, PgolfError, UsageError, named
+from pgolf.gptq import collect_hessians
 from pgolf.model import GPT, CastedLinear, ModelConfig, param_groups, set_qat_enabled, set_qat_plan
 from pgolf.optim import ORTHOGONALIZERS, Muon, build_optimizers
 from pgolf.train_config import TrainConfig
@@ -61,7 +62,8 @@ class Schedule:
 
     def __init__(self, config: TrainConfig):
         self.config = config
-        self.wallclock_ms = 1000.0 * config.wallclock_seconds
+        # The GPTQ reserve comes off the top: calibration after the last step stays inside wallclock_seconds.
+        self.wallclock_ms = 1000.0 * (config.wallclock_seconds - config.gptq_reserve_seconds)
 
     def progress(self, step: int, elapsed_ms: float) -> float:
         progress = step / self.config.iterations
@@ -309,6 +311,8 @@ class Trainer:
             self.model.looping = config.enable_looping_at == 0
             self.looping_enabled_step = 0 if self.model.looping else None
         self.loader = self._loader((0, 0))
+        self.hessians = None  # GPTQ Hessians of the exported weights (gptq_calibration_batches > 0), after run
+        self.calibration_batches = 0  # micro-batches of the train stream read by calibration
 
     @property
     def param_count(self) -> int:
@@ -623,6 +627,27 @@ class Trainer:
         self.model.load_state_dict(master)
         return metrics
 
+    @torch.no_grad()
+    def gptq_hessians(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """GPTQ Hessians (pgolf.gptq.collect_hessians: every linear layer's inputs, and the final hidden states
+        for a tied head) of the weights `state`, from the next gptq_calibration_batches micro-batches of this
+        rank's train stream, averaged over ranks; fp32 on the CPU. The model holds its weights again after."""
+        kept = {name: t.detach().clone() for name, t in self.model.state_dict().items()}
+        self.model.load_state_dict(state)
+        modules = dict(self.model.named_modules())
+        linear = [f"{name}.weight" for name, module in modules.items() if isinstance(module, torch.nn.Linear)]
+        head = "tok_emb.weight" if self.model.lm_head is None else None
+        batches = [self.loader.next_batch() for _ in range(self.config.gptq_calibration_batches)]
+        self.calibration_batches += len(batches)
+        with self.autocast():
+            hessians = collect_hessians(self.model, linear, batches, head)
+        self.model.load_state_dict(kept)
+        for hessian in hessians.values():
+            if self.dist.world_size > 1:
+                dist.all_reduce(hessian)
+                hessian /= self.dist.world_size
+        return {name: hessian.float().cpu() for name, hessian in hessians.items()}
+
     def master_state(self) -> dict[str, torch.Tensor]:
         """fp32 CPU copy of the master weights."""
         return {name: t.detach().float().cpu() for name, t in self.model.state_dict().items()}
@@ -635,4 +660,4 @@ class Trainer:
     def train_tokens_read(self) -> int:
         """Tokens taken from the train stream so far (each micro-batch span has one extra target token)."""
         span = self.config.micro_tokens(self.dist.world_size) + 1
-        return self.step * self.accumulation * self.dist.world_size * span
+        return (self.step * self.accumulation + self.calibration_batches) * self.dist.world_size * span

@@ -50,6 +50,12 @@ def train(
     checkpoint_every: int = typer.Option(None, "--checkpoint-every",
                                          help="Resume checkpoint every N steps (0 = on signal only)."),
     compile_mode: str = typer.Option(None, "--compile", help=f"torch.compile: {' | '.join(COMPILE_MODES)}."),
+    gptq_batches: int = typer.Option(
+        None, "--gptq-calibration-batches", help="After training, save GPTQ Hessians of the exported weights from "
+        "this many train micro-batches per rank (quantize then needs no --data; 0 = none)."),
+    gptq_reserve: float = typer.Option(
+        None, "--gptq-reserve-seconds", help="Stop training this long before --wallclock so the calibration fits "
+        "in the budget."),
     tokenizer: Path = typer.Option(None, "--tokenizer", help="SentencePiece model (default: found)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run of --out."),
     force: bool = FORCE_OPTION,
@@ -70,7 +76,8 @@ def train(
         raise UsageError("--resume and --force contradict each other (--force starts over)")
     overrides = dict(iterations=iterations, wallclock_seconds=wallclock, seed=seed, batch_tokens=batch_tokens,
                      seq_len=seq_len, micro_batch_tokens=micro_batch_tokens, val_every=val_every,
-                     checkpoint_every=checkpoint_every, compile=compile_mode)
+                     checkpoint_every=checkpoint_every, compile=compile_mode,
+                     gptq_calibration_batches=gptq_batches, gptq_reserve_seconds=gptq_reserve)
     model_config, train_config, _ = resolve_configs(preset, config_file, train_overrides=overrides)
     use_wallclock = train_config.wallclock_seconds > 0
     total = train_config.wallclock_seconds if use_wallclock else train_config.iterations
