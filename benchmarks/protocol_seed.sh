@@ -33,10 +33,12 @@ have $R/eval-pre || pg eval $R/train --data $DATA --no-compile --out $R/eval-pre
 EVAL_PRE=$!
 eval_pre_done() { wait $EVAL_PRE; echo "$RUN float: $(grep final_ $RES/s_eval_pre.log | tail -1)"; save eval-pre; }
 [ "$EXPORT" = 1 ] || { eval_pre_done; exit 0; }
-# Plans with a size fit are fitted under the cap with the bundled code's allowance; GPTQ plans calibrate on the
-# train shards (QUANT_ARGS adds any further `pgolf quantize` flags).
+# Plans with a size fit are fitted under the cap with the bundled code's allowance; GPTQ plans use the Hessians
+# the train stage saved (TRAIN_ARGS="--gptq-calibration-batches 16 --gptq-reserve-seconds 4"), else calibrate on
+# the train shards (QUANT_ARGS adds any further `pgolf quantize` flags).
 FIT=(); case $PLAN in center-out-int5) FIT=(--target-bytes 16000000 --code-bytes 45000) ;;
-  record-int6) FIT=(--target-bytes 16000000 --code-bytes 60000 --data $DATA) ;; esac
+  record-int6) FIT=(--target-bytes 16000000 --code-bytes 60000)
+    [ -f $R/train/gptq_hessians.safetensors ] || FIT+=(--data $DATA) ;; esac
 # shellcheck disable=SC2206  # QUANT_ARGS is a list of flags
 FIT+=(${QUANT_ARGS:-})
 have $R/q || pg quantize $R/train --plan $PLAN "${FIT[@]}" --out $R/q --force --json > $RES/s_q.json \
