@@ -214,12 +214,13 @@ def load_gptq_hessians(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 def saved_hessians(hessians: dict[str, torch.Tensor], state: dict, targets: list[str], where: str) -> dict:
     """The saved Hessians of `targets`, checked against their weights' input widths (InvalidInput naming the
-    first missing or mismatched one)."""
+    first mismatch). The train stage saves one per linear layer and tied head; a target without one (a hash
+    embedding table: no input to calibrate) is rounded without GPTQ, as sequential calibration does."""
     picked = {}
     for name in targets:
-        columns = state[name].size(1)
         if name not in hessians:
-            raise InvalidInput(f"{where}: no Hessian for {name} (the plan quantizes it with GPTQ); pass --data")
+            continue
+        columns = state[name].size(1)
         if tuple(hessians[name].shape) != (columns, columns):
             raise InvalidInput(f"{where}: the Hessian of {name} is {tuple(hessians[name].shape)}, its weight has "
                                f"{columns} input columns")
