@@ -519,8 +519,7 @@ def staleness(out: Path, manifest: dict, config: dict, inputs: list[Path]) -> st
     return None
 
 
-def up_to_date(out: Path, stage: str, config: dict, inputs: list[Path], *, force: bool = False,
-               log=None) -> dict | None:
+def up_to_date(out: Path, stage: str, config: dict, inputs: list[Path], *, force: bool, log) -> dict | None:
     """The manifest of `out` when it already holds this very run's finished output: the same stage and resolved
     config, every recorded input unchanged and under a path this run was given (each of which some record covers),
     every output verifying. Then `log` gets "<out>: up to date (...)" and the stage returns the manifest's result
@@ -538,8 +537,7 @@ def up_to_date(out: Path, stage: str, config: dict, inputs: list[Path], *, force
     if reason:
         raise InvalidInput(f"{out}: output directory already exists and is not up to date ({reason}); "
                            f"pass --force to overwrite")
-    if log is not None:
-        log.info(f"{out}: up to date ({stage}, made {manifest.get('created')})")
+    log.info(f"{out}: up to date ({stage}, made {manifest.get('created', 'at an unrecorded time')})")
     return manifest
 
 

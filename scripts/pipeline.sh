@@ -3,12 +3,13 @@
 # compress each, and score each blob two ways (flat windows and a sliding window). Run it again and every stage
 # whose output is up to date says so and skips; change a setting and only that stage and the ones after it refuse,
 # naming what changed (rerun those with --force).
-# OUT: the run folder; STEPS: training steps; DATA: a `pgolf tokenize` output with a 1024-piece tokenizer (default:
-# CPython's docs tokenized into $OUT/data, as scripts/demo.sh does).
+# OUT: the run folder; STEPS: training steps; PLANS: the quantize plans; DATA: a `pgolf tokenize` output with a
+# 1024-piece tokenizer (default: CPython's docs tokenized into $OUT/data, as scripts/demo.sh does).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-artifacts/pipeline}
 STEPS=${STEPS:-150}
+PLANS=${PLANS:-int8 int6 int6-fp16emb}
 DATA=${DATA:-$OUT/data}
 
 if [ "$DATA" = "$OUT/data" ]; then
@@ -20,7 +21,7 @@ if [ "$DATA" = "$OUT/data" ]; then
   pgolf tokenize "$OUT/corpus.jsonl" --vocab-size 1024 --val-docs 24 --out "$DATA"
 fi
 pgolf train "$DATA" --preset tiny --iterations "$STEPS" --out "$OUT/train"
-for plan in int8 int6 int6-fp16emb; do
+for plan in $PLANS; do
   # --keep-float-numel 1024: the tiny model's matrices are under the challenge's 65,536 keep-float size.
   pgolf quantize "$OUT/train" --plan "$plan" --keep-float-numel 1024 --out "$OUT/$plan/q"
   pgolf compress "$OUT/$plan/q" --codec auto --out "$OUT/$plan/blob"
