@@ -141,3 +141,14 @@ def test_force_recomputes_an_up_to_date_output(chain, tmp_path):
     code, stdout, err = run(*argv, "--force", "--json")
     assert code == 0 and "up to date" not in err and manifest_stamp(tmp_path / "eval") != before
     assert json.loads(stdout)["val_bpb"] == first["eval"][1]["val_bpb"]
+
+
+def test_resume_of_a_finished_run_is_up_to_date_only_when_it_matches(chain):
+    root, first = chain
+    argv = first["train"][0]
+    before = manifest_stamp(root / "train")
+    code, _, err = run(*argv, "--resume")
+    assert code == 0 and f"{root / 'train'}: up to date (train, made " in err
+    code, _, err = run(*argv, "--resume", "--seed", 7)
+    assert code == 3 and "config differs: train.seed 1337 -> 7" in err
+    assert manifest_stamp(root / "train") == before
