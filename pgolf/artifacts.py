@@ -8,7 +8,8 @@ leaves neither the old output nor the new one.
 What `--force` may replace (StageOutput.check_target): only an existing output of the same stage whose directory
 holds nothing but what its manifest lists, and never `/`, the current directory or one of its ancestors, an input
 of the run, or an ancestor or descendant of an input. A lock file beside the output makes a second concurrent
-run on the same `--out` fail at once.
+run on the same `--out` fail at once. Before that, `up_to_date` lets a stage skip a rerun whose finished output
+is already there (same config, same input files, outputs intact), and otherwise says what differs.
 
 Provenance: output paths are relative to their stage directory and confined to it; inputs are recorded by their
 resolved path, their path relative to the stage directory and their sha256, and are found again by that digest
@@ -461,6 +462,85 @@ def remove_own_directory(path: Path) -> None:
     raise InvalidInput(f"{path}: exists and was not made by pgolf; move it away (pgolf never deletes it)")
 
 
+def check_placement(out: Path, inputs: list[Path]) -> None:
+    """InvalidInput unless `out` is a real directory path apart from every input (not one, inside one, above one)."""
+    if out.is_symlink():
+        raise InvalidInput(f"{out}: is a symbolic link; give the directory itself as --out")
+    real = out.resolve()
+    for path in inputs:
+        source = Path(path).resolve()
+        if source == real or is_relative(source, real) or is_relative(real, source):
+            relation = ("an input" if source == real else "inside an input" if is_relative(real, source)
+                        else "a directory that holds an input")
+            raise InvalidInput(f"{out}: is {relation} of this run ({path}); pgolf never writes there")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Up to date: a re-run of a finished stage reuses its output instead of refusing or recomputing
+
+
+def changed_fields(old, new, name: str = "") -> list[str]:
+    """`field old -> new` for each config field that differs, nested tables compared field by field."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        found = []
+        for key in sorted(set(old) | set(new), key=str):
+            found += changed_fields(old.get(key, "(unset)"), new.get(key, "(unset)"),
+                                    f"{name}.{key}" if name else str(key))
+        return found
+    shown = [json.dumps(value, default=str) for value in (old, new)]
+    shown = [text if len(text) <= 40 else text[:37] + "..." for text in shown]
+    return [] if old == new else [f"{name or 'config'} {shown[0]} -> {shown[1]}"]
+
+
+def staleness(out: Path, manifest: dict, config: dict, inputs: list[Path]) -> str | None:
+    """What keeps the finished output `out` (its `manifest`, of this stage) from being this run's output, or
+    None."""
+    config = json.loads(json.dumps(config, default=str))
+    if sha256_json(config) != manifest["config_sha256"]:
+        fields = changed_fields(manifest["config"], config) or ["the resolved config"]
+        more = f"; and {len(fields) - 3} more" if len(fields) > 3 else ""
+        return f"config differs: {'; '.join(fields[:3])}{more}"
+    given = [Path(path).resolve() for path in inputs]
+    recorded = [Path(record["path"]) for record in manifest["inputs"]]
+    for path in recorded:  # paths first, digests after: a different input folder is told without hashing
+        if not any(is_relative(path, root) for root in given):
+            return f"it was made from {path}, which is not under this run's inputs"
+    for root in given:
+        if not any(is_relative(path, root) for path in recorded):
+            return f"input {root} is new (its manifest records nothing from there)"
+    for path, record in zip(recorded, manifest["inputs"], strict=True):
+        if not path.is_file():
+            return f"input {path} is gone"
+        if path.stat().st_size != record["bytes"] or sha256_file(path) != record["sha256"]:
+            return f"input {path} changed since it was made"
+    for row in verify_outputs(out, manifest):
+        if not row["ok"]:
+            return f"output {row['path']}: {row['problem']}"
+    return None
+
+
+def up_to_date(out: Path, stage: str, config: dict, inputs: list[Path], *, force: bool, log) -> dict | None:
+    """The manifest of `out` when it already holds this very run's finished output: the same stage and resolved
+    config, every recorded input unchanged and under a path this run was given (each of which some record covers),
+    every output verifying. Then `log` gets "<out>: up to date (...)" and the stage returns the manifest's result
+    without recomputing. None when there is nothing to reuse (no finished output there, or --force: StageOutput
+    decides); otherwise InvalidInput saying what differs."""
+    out = Path(out)
+    if force or out.is_symlink() or not (out / MANIFEST).is_file():
+        return None
+    check_placement(out, inputs)
+    manifest = read_manifest(out)
+    if manifest["stage"] != stage:
+        raise InvalidInput(f"{out}: is a '{manifest['stage']}' output; --force replaces only an earlier "
+                           f"'{stage}' output")
+    reason = staleness(out, manifest, config, inputs)
+    if reason:
+        raise InvalidInput(f"{out}: output directory already exists and is not up to date ({reason}); "
+                           f"pass --force to overwrite")
+    log.info(f"{out}: up to date ({stage}, made {manifest.get('created', 'at an unrecorded time')})")
+    return manifest
+
+
 class StageOutput:
     """A stage's output directory under construction.
 
@@ -522,15 +602,8 @@ class StageOutput:
     def check_target(self, inputs: list[Path]) -> None:
         """InvalidInput (exit 3) naming `out` unless it is absent, or replaceable under --force."""
         out = self.out
-        if out.is_symlink():
-            raise InvalidInput(f"{out}: is a symbolic link; give the directory itself as --out")
+        check_placement(out, inputs)
         real = out.resolve()
-        for path in inputs:
-            source = path.resolve()
-            if source == real or is_relative(source, real) or is_relative(real, source):
-                relation = ("an input" if source == real else "inside an input" if is_relative(real, source)
-                            else "a directory that holds an input")
-                raise InvalidInput(f"{out}: is {relation} of this run ({path}); pgolf never writes there")
         if not out.exists():
             return
         if not out.is_dir():

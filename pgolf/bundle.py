@@ -36,6 +36,7 @@ from pgolf.artifacts import (
     open_stage,
     output_path,
     output_sha256,
+    up_to_date,
 )
 from pgolf.codecs import read_blob
 from pgolf.config import from_dict
@@ -551,7 +552,8 @@ def bundle(train_dir: Path, blob_dir: Path, out: Path, *, name: str, github_id: 
            log=PlainLog) -> BundleResult:
     """Write a records-style folder: train_gpt.py (the counted code), final_model.blob, README.md,
     submission.json and the train logs. `minify` (MINIFY_MODES; default "rename" with compress_code, else "off")
-    is applied to the shipped program. OverBudget (exit 4) when model + code exceed the cap."""
+    is applied to the shipped program. OverBudget (exit 4) when model + code exceed the cap. A finished `out` made
+    from the same inputs and settings is reported, not made again (up_to_date)."""
     if minify is None:
         minify = "rename" if compress_code else "off"
     if minify not in MINIFY_MODES:
@@ -563,6 +565,9 @@ def bundle(train_dir: Path, blob_dir: Path, out: Path, *, name: str, github_id: 
     baked = baked_settings(train, quantize, compress, plan, evaluation)
     config = {"baked": baked, "compress_code": compress_code, "minify": minify}
     inputs = [train_dir, quantize_dir, blob_dir] + [p for p in (eval_dir, report_dir) if p is not None]
+    done = up_to_date(out, "bundle", config, inputs, force=force, log=log)
+    if done:
+        return BundleResult(Path(out), done["metrics"])
     with StageOutput(out, "bundle", config=config, force=force, inputs=inputs) as stage:
         source = bundle_source(baked, f"{name}: Parameter Golf submission by {author or github_id}")
         source = minified_source(source, minify)  # the shipped program: its names and docstrings are counted bytes

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from pgolf.artifacts import StageOutput, atomic_write_bytes, open_stage, output_path
+from pgolf.artifacts import StageOutput, atomic_write_bytes, open_stage, output_path, up_to_date
 from pgolf.codecs import CODECS, SWITCHES, blob_candidates, check_codec, tensors_bit_equal, unpack_blob
 from pgolf.config import to_dict
 from pgolf.dist import PlainLog
@@ -66,8 +66,11 @@ class CompressResult:
 
 def compress(config: CompressConfig, quantized_dir: Path, out: Path, *, config_file: Path | None = None,
              force: bool = False, log=PlainLog) -> CompressResult:
-    """Pack a quantize output into `out`/model.blob."""
+    """Pack a quantize output into `out`/model.blob (or report the one already there, up_to_date)."""
     inputs = [quantized_dir] + ([config_file] if config_file else [])
+    done = up_to_date(out, "compress", to_dict(config), inputs, force=force, log=log)
+    if done:
+        return CompressResult(Path(out), done["metrics"])
     with StageOutput(out, "compress", config=to_dict(config), force=force, inputs=inputs) as stage:
         manifest = open_stage(quantized_dir, "quantize")
         tensors, plan = load_quantized(output_path(manifest, quantized_dir, "quantized"))
@@ -76,6 +79,8 @@ def compress(config: CompressConfig, quantized_dir: Path, out: Path, *, config_f
         raw_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
         for role in ("quantized", "plan"):
             stage.add_input(output_path(manifest, quantized_dir, role), role)
+        if config_file:
+            stage.add_input(config_file, "config")
         atomic_write_bytes(stage.add_output("model.blob", "blob"), best["blob"])
         stage.check("roundtrip_bit_exact", True, "unpack_blob(model.blob) == quantized state + plan")
         stage.metrics = {

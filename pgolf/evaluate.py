@@ -13,6 +13,7 @@ process would; TTT runs on rank 0 alone (its weights depend on every earlier chu
 
 import contextlib
 import dataclasses
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pgolf.artifacts import MANIFEST, StageOutput, atomic_write_json, sha256_json
+from pgolf.artifacts import MANIFEST, StageOutput, atomic_write_json, output_path, sha256_json, up_to_date
 from pgolf.bpb import build_byte_tables, load_tokenizer
 from pgolf.compliance import check_eval, require
 from pgolf.config import to_dict
@@ -326,14 +327,22 @@ def evaluate(config: EvalConfig, ttt_settings: TTTConfig | None, artifact: Path,
              check_compliance: bool = False, device: str = "auto", config_files: tuple[Path, ...] = (),
              force: bool = False, log=PlainLog) -> EvalResult:
     """Score `artifact` (a train, import, quantize or compress output) on `data`'s val split into `out` (default:
-    default_out); rank 0 writes results.json and the manifest. `config_files` only join the run's inputs."""
+    default_out); rank 0 writes results.json and the manifest (or, up_to_date, reports the ones already there).
+    `config_files` only join the run's inputs."""
     out = Path(out) if out else default_out(artifact, config, ttt_settings, weights, data, tokenizer)
     resolved = {"eval": to_dict(config), "ttt": to_dict(ttt_settings) if ttt_settings else None,
                 "weights": weights}
+    # The tokenizer found beside the shards (or in ../../tokenizers) is an input as much as one given.
+    tokenizer_path = tokenizer or open_dataset(data, verify=()).tokenizer
+    inputs = [artifact, data] + [p for p in (tokenizer_path, *config_files) if p is not None]
+    done = up_to_date(out, "eval", resolved, inputs, force=force, log=log)
+    if done:
+        result = json.loads(output_path(done, out, "results").read_bytes())
+        enforce_time_budget(config, result, out, log)
+        return EvalResult(out, result)
     stage = None
     if env_rank() == 0:
         # Before any work: a second run on this --out, or an output --force may not replace, fails now.
-        inputs = [artifact, data] + [p for p in (tokenizer, *config_files) if p is not None]
         stage = StageOutput(out, "eval", config=resolved, force=force, inputs=inputs)
     with stage or contextlib.nullcontext():
         dist_info = init_distributed(device)
@@ -356,22 +365,30 @@ def evaluate(config: EvalConfig, ttt_settings: TTTConfig | None, artifact: Path,
         result["timers"] = {"load_seconds": load_seconds, **scored["timers"],
                             "compliance_seconds": compliance_seconds}
         result["timing"] = eval_timing(config, result["timers"], dist_info.world_size, ttt_settings is not None)
-        over = result["timing"]["within_budget"] is False
-        if over:
-            log.warn(over_budget_message(result["timing"]))
         if stage is not None:
-            write_eval_outputs(stage, result, data_in.dataset)
-    if over and config.enforce_time_budget and stage is not None:  # rank 0, once results.json is written
-        raise ComplianceError(f"{over_budget_message(result['timing'])} (--enforce-time-budget; results in {out})")
+            write_eval_outputs(stage, result, data_in.dataset, config_files)
+    enforce_time_budget(config, result, out, log)
     return EvalResult(out, result)
 
 
-def write_eval_outputs(stage: StageOutput, result: dict, dataset) -> None:
+def enforce_time_budget(config: EvalConfig, result: dict, out: Path, log) -> None:
+    """Warn when the estimated eval time is over the budget; with --enforce-time-budget, ComplianceError (rank 0,
+    once results.json is written)."""
+    if result["timing"]["within_budget"] is not False:
+        return
+    log.warn(over_budget_message(result["timing"]))
+    if config.enforce_time_budget and env_rank() == 0:
+        raise ComplianceError(f"{over_budget_message(result['timing'])} (--enforce-time-budget; results in {out})")
+
+
+def write_eval_outputs(stage: StageOutput, result: dict, dataset, config_files: tuple[Path, ...] = ()) -> None:
     """results.json and the manifest (metrics: val_loss, val_bpb, tokens, bytes, mode, timers, ...)."""
     stage.add_input(Path(result["artifact"]) / MANIFEST, "artifact_manifest")
     stage.add_input(dataset.tokenizer, "tokenizer")
     for path in dataset.val:
         stage.add_input(path, "val_shard")
+    for path in config_files:
+        stage.add_input(path, "config")
     atomic_write_json(stage.add_output("results.json", "results"), result)
     stage.metrics = {key: result[key] for key in (
         "val_loss", "val_bpb", "tokens", "bytes", "mode", "seq_len", "stride", "model_val_loss",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from pgolf.artifacts import ARTIFACT_BYTE_LIMIT, StageOutput, open_stage, output_path, output_sha256
+from pgolf.artifacts import ARTIFACT_BYTE_LIMIT, StageOutput, open_stage, output_path, output_sha256, up_to_date
 from pgolf.checkpoint import load_checkpoint
 from pgolf.clips import CLIP_METHODS, CLIPS
 from pgolf.codecs import CODECS, parallel_workers
@@ -313,7 +313,7 @@ def calibration_source(clip: str, data: Path | None, saved: dict | None) -> dict
 def quantize(config: QuantizeConfig, train_dir: Path, out: Path, *, data: Path | None = None,
              config_file: Path | None = None, force: bool = False, log=PlainLog) -> QuantizeResult:
     """Quantize a train (or import) output's checkpoint (config.weights) into `out`: quantized.safetensors +
-    plan.json."""
+    plan.json (or report the ones already there, up_to_date)."""
     spec = load_plan(config.plan)
     manifest = open_stage(train_dir, CHECKPOINT_STAGES)
     checkpoint = train_checkpoint(manifest, train_dir, config.weights)
@@ -325,6 +325,9 @@ def quantize(config: QuantizeConfig, train_dir: Path, out: Path, *, data: Path |
     hessians_path = output_path(manifest, train_dir, "gptq_hessians") if saved else None
     require_calibration_data(spec, clip, data is not None, hessians_path is not None)
     inputs = [train_dir] + [path for path in (data, config_file) if path is not None]
+    done = up_to_date(out, "quantize", to_dict(config), inputs, force=force, log=log)
+    if done:
+        return QuantizeResult(Path(out), done["metrics"])
     with StageOutput(out, "quantize", config=to_dict(config), force=force, inputs=inputs) as stage:
         state, model_config, metadata = load_checkpoint(checkpoint)
         stage.add_input(checkpoint, "checkpoint")
@@ -333,12 +336,17 @@ def quantize(config: QuantizeConfig, train_dir: Path, out: Path, *, data: Path |
             hessians, calibration = load_gptq_hessians(hessians_path)
             stage.add_input(hessians_path, "gptq_hessians")
             log.info(f"gptq: the train stage's Hessians ({calibration['tokens']:,} train tokens; no --data read)")
-        train_shards = open_dataset(data, verify=("train",)).train if data is not None else None
+        dataset = open_dataset(data, verify=("train",)) if data is not None else None
+        train_shards = dataset.train if dataset else None
         source = {"train_dir": str(Path(train_dir).resolve()), "checkpoint": checkpoint.name,
                   "sha256": stage.inputs[0]["sha256"], "data": str(Path(data).resolve()) if data else None}
         made = quantize_model(state, model_config, spec, config, train_shards=train_shards, data_name=str(data),
                               where=str(train_dir), tokenizer_sha256=metadata.get("tokenizer_sha256"),
                               source=source, hessians=hessians, log=log)
+        if dataset:
+            stage.inputs += dataset.input_records(dataset.train, "calibration_shard")
+        if config_file:
+            stage.add_input(config_file, "config")
         save_quantized(stage.dir, made.tensors, made.plan)
         stage.add_output(QUANTIZED_FILE, "quantized")
         stage.add_output(PLAN_FILE, "plan")

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from pgolf.artifacts import StageOutput, sha256_file
+from pgolf.artifacts import StageOutput, sha256_file, up_to_date
 from pgolf.checkpoint import check_tensors, expected_shapes, load_checkpoint, save_checkpoint
 from pgolf.config import load_preset, read_toml, resolve, to_dict
 from pgolf.dist import PlainLog
@@ -460,6 +460,9 @@ def import_checkpoint(config: ImportConfig, checkpoint: Path, out: Path, *, env_
     caveats = record_caveats(config.record, described["settings"]) if config.record else []
     for caveat in caveats:
         log.warn(caveat)
+    done = up_to_date(out, "import", configs, inputs, force=force, log=log)
+    if done:
+        return ImportResult(Path(out), model_config, done["metrics"])
     with StageOutput(out, "import", config=configs, force=force, inputs=inputs) as stage:
         check_tokenizer_match(model_config.vocab_size, None, tokenizer_path)
         state, source_format = read_record_state(checkpoint)

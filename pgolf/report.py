@@ -21,7 +21,9 @@ from pgolf.artifacts import (
     output_path,
     output_sha256,
     sha256_json,
+    up_to_date,
 )
+from pgolf.dist import PlainLog
 from pgolf.errors import InvalidInput, UsageError
 from pgolf.stats import mean_and_std, one_sample_t_test, welch_t_test
 
@@ -218,7 +220,7 @@ class ReportResult:
 
 def report(run_dirs: list[Path], *, reference: float | None = None, reference_nats: float | None = None,
            reference_runs: list[Path] = (), min_improvement_nats: float = 0.005, significance_level: float = 0.01,
-           out: Path | None = None, force: bool = False) -> ReportResult:
+           out: Path | None = None, force: bool = False, log=PlainLog) -> ReportResult:
     """Mean, std and one-sided t-tests (H1: mean < reference - margin) of the runs, in nats and bpb, and the
     verdict at `significance_level`; with `out`, submission.json and a manifest there."""
     reference_runs = list(reference_runs or [])
@@ -255,6 +257,9 @@ def report(run_dirs: list[Path], *, reference: float | None = None, reference_na
         config = {"reference": reference, "reference_nats": reference_nats, "min_improvement_nats":
                   min_improvement_nats, "significance": significance_level,
                   "reference_runs": [str(Path(p).resolve()) for p in reference_runs]}
+        done = up_to_date(out, "report", config, [*run_dirs, *reference_runs], force=force, log=log)
+        if done:
+            return ReportResult(Path(out), done["metrics"])
         with StageOutput(out, "report", config=config, force=force, inputs=[*run_dirs, *reference_runs]) as stage:
             for run in runs + baseline:
                 stage.add_input(Path(run["dir"]) / MANIFEST, "run")

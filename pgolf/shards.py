@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pgolf.artifacts import MANIFEST, read_manifest, sha256_file
+from pgolf.artifacts import MANIFEST, file_record, read_manifest, sha256_file
 from pgolf.errors import InvalidInput, named
 
 MAGIC = 20240520
@@ -193,6 +193,17 @@ class Dataset:
         if recorded and self.tokenizer == self.listed_tokenizer():
             return recorded
         return sha256_file(self.tokenizer)
+
+    def input_records(self, paths: list[Path], role: str) -> list[dict]:
+        """Input records of these files; digests from the manifest where it lists them (verified when opened),
+        else hashed now."""
+        listed = {(self.directory / out["path"]).resolve(): out for out in (self.manifest or {}).get("outputs", [])}
+        records = []
+        for path in paths:
+            known = listed.get(Path(path).resolve())
+            records.append({**known, "path": str(Path(path).resolve()), "role": role} if known
+                           else file_record(path, role))
+        return records
 
     def listed_tokenizer(self) -> Path | None:
         for out in (self.manifest or {}).get("outputs", []):

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pgolf.artifacts import StageOutput, atomic_write_bytes, sha256_file
+from pgolf.artifacts import StageOutput, atomic_write_bytes, sha256_file, up_to_date
 from pgolf.bpb import check_tokenizer, load_tokenizer
 from pgolf.config import to_dict
 from pgolf.corpus import Corpus
@@ -129,7 +129,8 @@ def tokenize(config: TokenizeConfig, sources: list[str], out: Path, *, tokenizer
              log=PlainLog, progress=no_progress) -> TokenizeResult:
     """Tokenize `sources` (.jsonl, .jsonl.zst, .txt files, directories or globs) into `out`. With `tokenizer`,
     reuse that SentencePiece model (`vocab_size_given`: where an explicit vocab_size came from, which must then
-    agree); `force` also accepts a tokenizer that fails the bpb checks."""
+    agree); `force` also accepts a tokenizer that fails the bpb checks. A finished `out` made by this very run is
+    reported, not made again (up_to_date)."""
     if tokenizer is None:
         check_vocab_size(config.vocab_size)
     corpus = Corpus(sources, config.text_field)
@@ -137,6 +138,9 @@ def tokenize(config: TokenizeConfig, sources: list[str], out: Path, *, tokenizer
         else (None, [])
     resolved = {**to_dict(config), "tokenizer": str(Path(tokenizer).resolve()) if tokenizer else None}
     inputs = [*corpus.files, *(p for p in (tokenizer, config_file) if p is not None)]
+    done = up_to_date(out, "tokenize", resolved, inputs, force=force, log=log)
+    if done:
+        return TokenizeResult(Path(out), done["metrics"])
     with StageOutput(out, "tokenize", config=resolved, force=force, inputs=inputs) as stage:
         if model_proto is None:
             model_proto = train_on_corpus(corpus, config, progress)
@@ -151,6 +155,8 @@ def tokenize(config: TokenizeConfig, sources: list[str], out: Path, *, tokenizer
             stage.add_input(path, "corpus")
         if tokenizer:
             stage.add_input(tokenizer, "tokenizer")
+        if config_file:
+            stage.add_input(config_file, "config")
         splits = encode_corpus(corpus, model_proto, stage, config, progress)
         stage.metrics = {**splits, "tokens_per_byte": tokens_per_byte(splits),
                          "tokenizer_sha256": sha256_file(model_path), "vocab_size": vocab}

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pgolf.artifacts import StageOutput, file_record, staging_path
+from pgolf.artifacts import StageOutput, file_record, staging_path, up_to_date
 from pgolf.bpb import build_byte_tables, load_tokenizer
 from pgolf.checkpoint import save_checkpoint
 from pgolf.config import to_dict
@@ -207,7 +207,7 @@ def write_train_outputs(stage: StageOutput, trainer: Trainer, data: TrainingData
     stage.add_output("train_log.jsonl", "log_jsonl")
     stage.add_output("train.log", "log")
     stage.path(RESUME_FILE).unlink(missing_ok=True)
-    stage.inputs = input_records(data, metrics["train_tokens_read"])
+    stage.inputs = input_records(data, metrics["train_tokens_read"]) + stage.inputs  # + train()'s --config
     stage.metrics = metrics
     stage.finalize()
 
@@ -217,12 +217,18 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data_dir: Path, 
           config_file: Path | None = None, log=PlainLog, on_step=None) -> TrainResult:
     """Train on `data_dir`'s train shards, validate on its val shards, and write `out` (rank 0). `on_step(step,
     train_ms)` follows progress; SIGTERM/SIGINT save a resumable checkpoint in the staging directory and raise
-    TrainingInterrupted (exit 143/130), which `resume=True` continues."""
+    TrainingInterrupted (exit 143/130), which `resume=True` continues. A finished `out` made by this very run
+    (up_to_date) is reported, not trained again."""
     if resume and force:
         raise UsageError("--resume and --force contradict each other (--force starts over)")
     started = time.perf_counter()
     data = load_training_data(data_dir, tokenizer, model_config.vocab_size, train_config.seq_len)
     out = Path(out)
+    configs = {"preset": preset, "model": to_dict(model_config), "train": to_dict(train_config)}
+    inputs = [data_dir, data.tokenizer] + ([config_file] if config_file else [])
+    done = up_to_date(out, "train", configs, inputs, force=force, log=log)  # every rank: all return, or none
+    if done:
+        return TrainResult(out, done["metrics"])
     work_dir = staging_path(out)
     resume_path = work_dir / RESUME_FILE
     if resume and not resume_path.is_file():
@@ -230,15 +236,15 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data_dir: Path, 
     if not resume and resume_path.is_file() and not out.exists():
         log.warn(f"{work_dir}: discarding an interrupted run (pass --resume to continue it)")
     dist_info = init_distributed(fast_math=True)
-    configs = {"preset": preset, "model": to_dict(model_config), "train": to_dict(train_config)}
     stage = None
     if dist_info.is_main:  # before the model is built: a second run on this --out fails at once
-        inputs = [data_dir, data.tokenizer] + ([config_file] if config_file else [])
         stage = StageOutput(out, "train", config=configs, force=force, resume=resume, keep_partial=True,
                             inputs=inputs)
     if dist_info.world_size > 1:
         dist.barrier()
     with stage or nullcontext():
+        if stage is not None and config_file:
+            stage.add_input(config_file, "config")
         trainer = Trainer(model_config, train_config, data.train, dist_info, data_fingerprint=data.fingerprint)
         metrics = train_model(trainer, data, work_dir, resume=resume, log=log, on_step=on_step, started=started)
         if stage is not None:

@@ -7,7 +7,8 @@ import typer
 from pgolf import log
 
 JSON_OPTION = typer.Option(False, "--json", help="Print one JSON object of results on stdout.")
-FORCE_OPTION = typer.Option(False, "--force", help="Overwrite an existing output directory.")
+FORCE_OPTION = typer.Option(False, "--force", help="Recompute and replace an existing output (without it, an "
+                            "up-to-date output is reported and kept, any other refused naming what differs).")
 
 
 def out_option(help_text: str = "Output directory (written atomically, manifest last).") -> Path:

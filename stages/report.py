@@ -4,6 +4,7 @@ from pathlib import Path
 
 import typer
 
+from pgolf import log
 from pgolf.report import report as run_report
 from pgolf.stages.common import FORCE_OPTION, JSON_OPTION, report
 
@@ -43,7 +44,7 @@ def report_runs(
     """
     result = run_report(run_dirs, reference=reference, reference_nats=reference_nats,
                         reference_runs=reference_runs or [], min_improvement_nats=min_improvement_nats,
-                        significance_level=significance_level, out=out, force=force).metrics
+                        significance_level=significance_level, out=out, force=force, log=log).metrics
     fields, tests, decision = result["submission"], result["tests"], result["verdict"]
     lines = [f"{key}: val_loss {r['val_loss']:.6f}  val_bpb {r['val_bpb']:.6f}"
              for key, r in fields["seed_results"].items()]

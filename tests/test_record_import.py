@@ -307,9 +307,14 @@ def test_safetensors_with_a_pgolf_config_scores_as_the_trained_checkpoint(tiny_c
     toml.write_text("[model]\n" + "".join(f"{key} = {json.dumps(value)}\n"
                                           for key, value in dataclasses.asdict(config).items()
                                           if not isinstance(value, tuple)))
-    code, out, err = run_cli("import", checkpoint, "--config", toml, "--data", tiny_data_dir, "--json", "--out",
-                             tmp_path / "import", monkeypatch=monkeypatch, capsys=capsys)
+    argv = ("import", checkpoint, "--config", toml, "--data", tiny_data_dir, "--json", "--out", tmp_path / "import")
+    code, out, err = run_cli(*argv, monkeypatch=monkeypatch, capsys=capsys)
     assert code == 0 and json.loads(out)["source_format"] == "safetensors", err
+    code, again, err = run_cli(*argv, monkeypatch=monkeypatch, capsys=capsys)  # the same run: up to date
+    assert code == 0 and f"{tmp_path / 'import'}: up to date (import, made " in err and again == out
+    toml.write_text(toml.read_text() + "# the same model\n")
+    code, _, err = run_cli(*argv, monkeypatch=monkeypatch, capsys=capsys)  # a --config file is an input
+    assert code == 3 and f"input {toml.resolve()} changed since it was made" in err
     scores = []
     for artifact in (tiny_checkpoint_dir, tmp_path / "import"):
         code, out, err = run_cli("eval", artifact, "--data", tiny_data_dir, "--json", "--out",

@@ -318,7 +318,7 @@ def test_existing_output_needs_force_and_force_never_deletes_foreign_files(capsy
     out.rmdir()
     assert pgolf(capsys, "tokenize", corpus, "--tokenizer", sp1024, "--val-docs", 4, "--out", out)[0] == 0
     code, _, err = pgolf(capsys, "tokenize", corpus, "--tokenizer", sp1024, "--val-docs", 5, "--out", out)
-    assert code == 3 and "already exists (pass --force" in err
+    assert code == 3 and "already exists and is not up to date (config differs: val_docs 4 -> 5); pass --force" in err
     code, _, err = pgolf(
         capsys, "tokenize", corpus, "--tokenizer", sp1024, "--val-docs", 5, "--out", out, "--force"
     )
