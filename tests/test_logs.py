@@ -99,6 +99,7 @@ def test_many_files_of_one_role_are_one_line(tmp_path):
         for index in range(5):
             stage.add_output(f"fineweb_train_{index:06d}.bin", "train_shard").write_bytes(b"x" * (index + 1))
         stage.add_output("tok.model", "tokenizer").write_bytes(b"m" * 7)
+        stage.finalize()
     lines = output_lines(out)
     assert lines[1].split() == ["fineweb_train_000000.bin", "...", "fineweb_train_000004.bin", "15", "B",
                                 "(5", "train_shard", "files)"]
