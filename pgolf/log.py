@@ -16,6 +16,11 @@ def is_main_process() -> bool:
 
 # soft_wrap: a long line stays one line in a log file or pipe (rich would break it at 80 columns, splitting the
 # `final_... val_loss:... val_bpb:...` lines that scripts grep); a terminal still wraps it for display.
+def progress_enabled() -> bool:
+    """Rich progress bars only on a terminal (rank 0): a pipe, CI job or log file gets the plain lines alone."""
+    return console.is_terminal and is_main_process()
+
+
 def info(message: str) -> None:
     if is_main_process():
         console.print(message, markup=False, soft_wrap=True)

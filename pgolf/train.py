@@ -116,7 +116,7 @@ def train_shards_read(paths: list[Path], tokens_read: int) -> list[Path]:
 
 
 def train_model(trainer: Trainer, data: TrainingData, work_dir: Path, *, resume: bool = False, log=PlainLog,
-                on_step=None, started: float | None = None) -> dict:
+                on_step=None, on_record=None, started: float | None = None) -> dict:
     """Warm up and train (logs and the resumable checkpoint in `work_dir`): the flow `pgolf train` and the bundled
     train_gpt.py share. The metrics carry wall-clock `timers` of this process's phases (the challenge counts
     only train_seconds, but a device call or a job limit pays for all of them) and the exported weights'
@@ -124,7 +124,7 @@ def train_model(trainer: Trainer, data: TrainingData, work_dir: Path, *, resume:
     started = time.perf_counter() if started is None else started
     config = trainer.config
     resume_path = Path(work_dir) / RESUME_FILE
-    train_log = TrainLog(work_dir, trainer.dist.is_main, on_line=log.info)
+    train_log = TrainLog(work_dir, trainer.dist.is_main, on_line=log.info, on_record=on_record)
     if resume:
         trainer.load_resume(resume_path)
         if on_step:
@@ -214,11 +214,12 @@ def write_train_outputs(stage: StageOutput, trainer: Trainer, data: TrainingData
 
 def train(model_config: ModelConfig, train_config: TrainConfig, data_dir: Path, out: Path, *,
           tokenizer: Path | None = None, resume: bool = False, force: bool = False, preset: str | None = None,
-          config_file: Path | None = None, log=PlainLog, on_step=None) -> TrainResult:
+          config_file: Path | None = None, log=PlainLog, on_step=None, on_record=None) -> TrainResult:
     """Train on `data_dir`'s train shards, validate on its val shards, and write `out` (rank 0). `on_step(step,
-    train_ms)` follows progress; SIGTERM/SIGINT save a resumable checkpoint in the staging directory and raise
-    TrainingInterrupted (exit 143/130), which `resume=True` continues. A finished `out` made by this very run
-    (up_to_date) is reported, not trained again."""
+    train_ms)` follows progress, `on_record(record)` sees each train_log.jsonl record as it is written;
+    SIGTERM/SIGINT save a resumable checkpoint in the staging directory and raise TrainingInterrupted (exit
+    143/130), which `resume=True` continues. A finished `out` made by this very run (up_to_date) is reported,
+    not trained again."""
     if resume and force:
         raise UsageError("--resume and --force contradict each other (--force starts over)")
     started = time.perf_counter()
@@ -246,7 +247,8 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data_dir: Path, 
         if stage is not None and config_file:
             stage.add_input(config_file, "config")
         trainer = Trainer(model_config, train_config, data.train, dist_info, data_fingerprint=data.fingerprint)
-        metrics = train_model(trainer, data, work_dir, resume=resume, log=log, on_step=on_step, started=started)
+        metrics = train_model(trainer, data, work_dir, resume=resume, log=log, on_step=on_step, on_record=on_record,
+                              started=started)
         if stage is not None:
             write_train_outputs(stage, trainer, data, metrics)
     return TrainResult(out, metrics)

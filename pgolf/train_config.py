@@ -134,7 +134,7 @@ class TrainConfig:
     gptq_reserve_seconds: float = 0.0  # training stops this long before wallclock_seconds so calibration fits
     seed: int = 1337  # seed of the model init (the data order is fixed)
     val_every: int = 1000  # validate every N steps (and at the end); 0 = only at the end
-    log_every: int = 200  # log the train loss every N steps (and the first 10); 0 = first 10 and the last
+    log_every: int = 0  # a train line every N steps, and the first and last; 0 = about 20 lines per run
     checkpoint_every: int = 500  # write the resumable checkpoint every N steps; 0 = only on SIGTERM/SIGINT
     compile: str = "inductor"  # torch.compile backend: inductor | aot_eager | off
 

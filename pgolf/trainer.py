@@ -41,6 +41,8 @@ RESUME_FILE = "resume.safetensors"
 RESUME_FORMAT = "pgolf-train-resume"
 # Settings a resumed run may change: they do not alter the weights it produces.
 RESUME_FREE_FIELDS = ("val_every", "log_every", "checkpoint_every", "compile", "warmup_steps")
+# log_every 0: about this many train lines per run (plus the first and the last step).
+LINES_PER_RUN = 20
 
 
 class TrainingInterrupted(PgolfError):
@@ -109,6 +111,14 @@ class Schedule:
     def looping_on(self, step: int, elapsed_ms: float) -> bool:
         """Whether depth recurrence runs its loops in this step (the trainer asks only when the model loops)."""
         return self.progress(step, elapsed_ms) >= self.config.enable_looping_at
+
+    def log_due(self, step: int, elapsed_ms: float, previous_ms: float) -> bool:
+        """Whether `step` (trained from `previous_ms` to `elapsed_ms`) gets a train line: every log_every steps, or
+        with log_every 0 each time progress passes another 1/LINES_PER_RUN of the budget (steps or wallclock)."""
+        if self.config.log_every:
+            return step % self.config.log_every == 0
+        return (int(LINES_PER_RUN * self.progress(step, elapsed_ms))
+                > int(LINES_PER_RUN * self.progress(step - 1, previous_ms)))
 
 
 class WeightEMA:
@@ -305,6 +315,8 @@ class Trainer:
         self.schedule = Schedule(config)
         self.ema = WeightEMA(config.ema_decay) if config.ema_decay > 0 else None
         self.step, self.train_ms, self.qat_active = 0, 0.0, False
+        # Train records not yet in the JSONL, each with its loss still on the device (see write_step_records).
+        self.unwritten: list[tuple[dict, torch.Tensor]] = []
         # Depth recurrence: loops off until enable_looping_at; the step they came on (None: not yet, or no loops).
         self.looping_enabled_step = None
         if model_config.num_loops:
@@ -399,6 +411,7 @@ class Trainer:
     def enable_looping(self, log: TrainLog, progress: float, why: str) -> None:
         """Turn depth recurrence's loops on from the next step (GPT.looping: torch.compile guards on it, so the
         compiled module switches to the looped graph that warmup() built)."""
+        self.write_step_records(log)
         self.model.looping = True
         self.looping_enabled_step = self.step
         order = " ".join(map(str, self.model.layout.execution))
@@ -413,12 +426,24 @@ class Trainer:
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         return flags[0].item(), flags[1].item() > 0
 
-    def _mean_over_ranks(self, value: torch.Tensor) -> float:
+    def write_step_records(self, log: TrainLog, window: dict | None = None) -> dict | None:
+        """Write the train records held since the last write, their losses averaged over ranks in one transfer:
+        the host waits for the device only here (log lines, validation, checkpoints), never every step. `window`
+        (ms/step and tokens/s since the last line) goes on the last record, which is returned. Every rank calls
+        it at the same steps (the all-reduce)."""
+        if not self.unwritten:
+            return None
+        losses = torch.stack([loss for _, loss in self.unwritten])
         if self.dist.world_size > 1:
-            value = value.clone()
-            dist.all_reduce(value)
-            value /= self.dist.world_size
-        return value.item()
+            dist.all_reduce(losses)
+            losses /= self.dist.world_size
+        records = [{**record, "loss": loss}
+                   for (record, _), loss in zip(self.unwritten, losses.tolist(), strict=True)]
+        records[-1] |= window or {}
+        self.unwritten = []
+        for record in records:
+            log.record(record)
+        return records[-1]
 
     def validate(self, val_tokens, byte_tables) -> dict:
         """Validation runs the plain module: through the compiled one, torch.compile would build a second,
@@ -544,6 +569,7 @@ class Trainer:
                 config.val_every > 0 and self.step % config.val_every == 0 and self.step > 0)
             if validate and last_val_step != self.step:
                 pause()
+                self.write_step_records(log)
                 final_val = self.validate(val_tokens, byte_tables)
                 last_val_step = self.step
                 log.record({"event": "val", "step": self.step, "train_ms": round(self.train_ms, 1),
@@ -565,27 +591,28 @@ class Trainer:
                 self.ema.update(self.model)
 
             local_ms = self.train_ms + 1000.0 * (time.perf_counter() - clock)
+            previous_ms = elapsed_ms
             elapsed_ms, signaled = self._agree(local_ms, stop.signum is not None)
             self.train_ms, clock = elapsed_ms, time.perf_counter()
             if on_step:
                 on_step(self.step, elapsed_ms)
 
+            record = {"event": "train", "step": self.step, "lr_scale": lr_scale,
+                      "matrix_lr": config.matrix_lr * lr_scale, "momentum": momentum,
+                      "train_ms": round(elapsed_ms, 1),
+                      "qat": self.qat_active, "ema": bool(self.ema and self.ema.tensors is not None)}
+            if self.model_config.num_loops:
+                record["looping"] = self.model.looping
+            self.unwritten.append((record, loss.detach()))
             last_step = self.step >= config.iterations or (wallclock_ms > 0 and elapsed_ms >= wallclock_ms)
-            if (self.step <= start_step + 10 or last_step or signaled
-                    or (config.log_every and self.step % config.log_every == 0)):
-                train_loss = self._mean_over_ranks(loss)
+            if (self.step == start_step + 1 or last_step or signaled
+                    or schedule.log_due(self.step, elapsed_ms, previous_ms)):
                 steps = self.step - window_step
                 window_s = max(elapsed_ms - window_ms, 1e-9) / 1000.0
-                record = {"event": "train", "step": self.step, "loss": train_loss, "lr_scale": lr_scale,
-                          "matrix_lr": config.matrix_lr * lr_scale, "momentum": momentum,
-                          "ms_per_step": 1000.0 * window_s / max(steps, 1),
-                          "tokens_per_s": steps * tokens_per_step / window_s,
-                          "train_ms": round(elapsed_ms, 1),
-                          "qat": self.qat_active, "ema": bool(self.ema and self.ema.tensors is not None)}
-                if self.model_config.num_loops:
-                    record["looping"] = self.model.looping
-                log.record(record)
-                log.line(f"step {self.step}/{config.iterations}: loss {train_loss:.4f} lr x{lr_scale:.3f} "
+                window = {"ms_per_step": 1000.0 * window_s / max(steps, 1),
+                          "tokens_per_s": steps * tokens_per_step / window_s}
+                record = self.write_step_records(log, window)
+                log.line(f"step {self.step}/{config.iterations}: loss {record['loss']:.4f} lr x{lr_scale:.3f} "
                          f"{record['ms_per_step']:.1f} ms/step {record['tokens_per_s']:,.0f} tok/s "
                          f"train_time {elapsed_ms / 1000:.1f}s")
                 window_step, window_ms = self.step, elapsed_ms
@@ -596,6 +623,7 @@ class Trainer:
                 raise TrainingInterrupted(stop.signum or signal.SIGTERM, self.step)
             if config.checkpoint_every and self.step % config.checkpoint_every == 0 and not last_step:
                 pause()
+                self.write_step_records(log)  # a run resumed from this checkpoint goes on from its records
                 self._write_resume(resume_path)
                 unpause()
 

@@ -44,10 +44,10 @@ def bundle(
                          eval_dir=eval_dir, report_dir=report_dir, compress_code=compress_code, minify=minify,
                          force=force, log=log).metrics
     bytes_model, bytes_code = metrics["bytes_model"], metrics["bytes_code"]
-    lines = [f"{out}/train_gpt.py: {bytes_code:,} B{' (self-extracting)' if compress_code else ''}",
-             f"{out}/{SUBMISSION_BLOB}: {bytes_model:,} B",
-             f"total {bytes_model + bytes_code:,} B, margin {ARTIFACT_BYTE_LIMIT - bytes_model - bytes_code:,} B"]
-    report({"out": str(out), **metrics}, as_json, lines)
+    lines = [f"train_gpt.py{' (self-extracting)' if compress_code else ''} {bytes_code:,} B + {SUBMISSION_BLOB} "
+             f"{bytes_model:,} B = {bytes_model + bytes_code:,} B, margin "
+             f"{ARTIFACT_BYTE_LIMIT - bytes_model - bytes_code:,} B"]
+    report({"out": str(out), **metrics}, as_json, lines, out)
 
 
 def register(app: typer.Typer) -> None:

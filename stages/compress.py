@@ -11,6 +11,8 @@ from pgolf.compress import compress as run_compress
 from pgolf.config import resolve
 from pgolf.stages.common import FORCE_OPTION, JSON_OPTION, out_option, report
 
+SHOWN_LAYOUTS = 3  # the smallest few; the manifest lists every layout tried
+
 
 def compress(
     quantized_dir: Path = typer.Argument(..., help="A `pgolf quantize` output directory."),
@@ -31,10 +33,12 @@ def compress(
     config, _ = resolve(CompressConfig, kind="compress", config_file=config_file,
                         overrides={"codec": codec, "level": level, "shuffle": shuffle, "bitpack": bitpack})
     metrics = run_compress(config, quantized_dir, out, config_file=config_file, force=force, log=log).metrics
-    best = metrics["tried"][0]
-    lines = [f"{'*' if row is best else ' '} {layout_name(row)}: {row['bytes']:,} B" for row in metrics["tried"]]
-    lines.append(f"{out}/model.blob: {metrics['bytes']:,} B ({metrics['codec']}, {metrics['ratio']:.2f}x)")
-    report({"out": str(out), **metrics}, as_json, lines)
+    tried = metrics["tried"]
+    lines = [f"smallest of {len(tried)} layouts tried (all in the manifest's metrics.tried):"]
+    lines += [f"{'*' if index == 0 else ' '} {layout_name(row)}: {row['bytes']:,} B"
+              for index, row in enumerate(tried[:SHOWN_LAYOUTS])]
+    lines.append(f"model.blob: {metrics['bytes']:,} B ({metrics['codec']}, {metrics['ratio']:.2f}x)")
+    report({"out": str(out), **metrics}, as_json, lines, out)
 
 
 def register(app: typer.Typer) -> None:

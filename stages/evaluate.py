@@ -116,7 +116,7 @@ def evaluate(
                           force=force, log=log)
     if env_rank() == 0:
         metrics = result.metrics
-        report({"out": str(result.out), **metrics}, as_json, summary_lines(metrics) + [f"wrote {result.out}"])
+        report({"out": str(result.out), **metrics}, as_json, summary_lines(metrics), result.out)
 
 
 def log_name(result: dict) -> str:

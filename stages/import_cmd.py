@@ -53,10 +53,10 @@ def import_command(
         raise UsageError(f"{e} (example: {EXAMPLE})") from None
     result = import_checkpoint(config, checkpoint, out, env_file=env_file, config_file=config_file, data=data,
                                tokenizer=tokenizer, force=force, log=log)
-    report(result.metrics, as_json, summary_lines(result.metrics, result.model_config, Path(out)))
+    report(result.metrics, as_json, summary_lines(result.metrics, result.model_config), out)
 
 
-def summary_lines(metrics: dict, config: ModelConfig, out: Path) -> list[str]:
+def summary_lines(metrics: dict, config: ModelConfig) -> list[str]:
     defaults = ModelConfig()
     changed = [f.name for f in dataclasses.fields(config)
                if f.name not in SHAPE_FIELDS and getattr(config, f.name) != getattr(defaults, f.name)]
@@ -65,7 +65,6 @@ def summary_lines(metrics: dict, config: ModelConfig, out: Path) -> list[str]:
              f"{config.num_kv_heads} heads, MLP {config.mlp_mult:g}x, vocab {config.vocab_size}",
              f"non-default model fields: {', '.join(changed) or 'none'}"]
     lines += [f"dropped {name}: {why}" for name, why in metrics["dropped"].items()]
-    lines.append(f"{out}: model.safetensors, manifest.json")
     return lines
 
 

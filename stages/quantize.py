@@ -100,8 +100,7 @@ def summarize(out: Path, metrics: dict, as_json: bool) -> None:
         f"mean relative error {totals['mean_rel_error']:.5f}; artifact {metrics['artifact_bytes']:,} bytes "
         f"({metrics['codec']} blob {metrics['blob_bytes']:,} + code {metrics['code_bytes']:,})"
     )
-    lines.append(f"wrote {out}")
-    report({"out": str(out), **metrics}, as_json, lines)
+    report({"out": str(out), **metrics}, as_json, lines, out)
 
 
 def register(app: typer.Typer) -> None:

@@ -55,9 +55,7 @@ def report_runs(
     lines += [significance_line(unit, test) for unit, test in tests.items()]
     if decision is not None:
         lines.append(verdict_line(decision))
-    if out is not None:
-        lines.append(f"{out}/submission.json written")
-    report(result, as_json, lines)
+    report(result, as_json, lines, out)
 
 
 def register(app: typer.Typer) -> None:

@@ -70,7 +70,7 @@ def tokenize(
     with progress_bar() as bar:
         result = run_tokenize(config, sources, out, tokenizer=tokenizer, vocab_size_given=sources_of.get("vocab_size"),
                               config_file=config_file, force=force, log=log, progress=ProgressTasks(bar))
-    report(result.metrics, as_json, summary(out, result.metrics))
+    report(result.metrics, as_json, summary(result.metrics), out)
 
 
 def progress_bar() -> Progress:
@@ -86,7 +86,7 @@ def progress_bar() -> Progress:
         TimeRemainingColumn(),
         console=log.console,
         auto_refresh=False,  # no refresh thread: encoding forks worker processes (see pgolf.tokenizer)
-        disable=not (log.console.is_terminal and log.is_main_process()),
+        disable=not log.progress_enabled(),
     )
 
 
@@ -108,13 +108,13 @@ class ProgressTasks:
                         docs_per_s=docs_per_s, mb_per_s=mb_per_s, refresh=True)
 
 
-def summary(out: Path, metrics: dict) -> list[str]:
+def summary(metrics: dict) -> list[str]:
     lines = [
         f"{split}: {m['documents']:,} documents, {m['tokens']:,} tokens, {m['text_bytes']:,} text bytes, "
         f"{m['bytes']:,} bpb bytes"
         for split, m in ((s, metrics[s]) for s in ("val", "train"))
     ]
-    lines.append(f"{out}: vocab {metrics['vocab_size']}, {metrics['tokens_per_byte']:.4f} tokens/byte")
+    lines.append(f"vocab {metrics['vocab_size']}, {metrics['tokens_per_byte']:.4f} tokens/byte")
     return lines
 
 

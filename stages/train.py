@@ -27,10 +27,33 @@ def list_presets(as_json: bool) -> None:
         typer.echo(f"{name:14s} {summary}")
 
 
-def progress_bar(total: float, unit: str):
+def progress_bar(unit: str) -> Progress:
+    """step/total (or train seconds/wallclock), the last logged loss, tokens/s and ETA; on a terminal only."""
     count = TextColumn(f"{{task.completed:,.0f}}/{{task.total:,.0f}} {unit}")
-    columns = [TextColumn("train"), BarColumn(), count, TimeRemainingColumn()]
-    return Progress(*columns, console=log.console, transient=True, disable=not log.is_main_process())
+    figures = TextColumn("loss {task.fields[loss]}  {task.fields[tokens_per_s]:,.0f} tok/s")
+    columns = [TextColumn("train"), BarColumn(), count, figures, TimeRemainingColumn()]
+    return Progress(*columns, console=log.console, transient=True, disable=not log.progress_enabled())
+
+
+class TrainProgress:
+    """on_step / on_record callbacks of pgolf.train.train drawn on the bar: the loss is the latest written record's
+    (records reach the host at log lines, so the device is never waited on for the bar)."""
+
+    def __init__(self, bar: Progress, total: float, use_wallclock: bool, tokens_per_step: int):
+        self.bar, self.use_wallclock, self.tokens_per_step = bar, use_wallclock, tokens_per_step
+        self.task = bar.add_task("train", total=total, loss="-", tokens_per_s=0.0)
+        self.start = None  # (step, train_ms) of the first call: tokens/s over this process's steps
+
+    def on_step(self, step: int, train_ms: float) -> None:
+        self.start = self.start or (step, train_ms)
+        seconds = (train_ms - self.start[1]) / 1000.0
+        tokens_per_s = (step - self.start[0]) * self.tokens_per_step / seconds if seconds > 0 else 0.0
+        self.bar.update(self.task, completed=train_ms / 1000.0 if self.use_wallclock else step,
+                        tokens_per_s=tokens_per_s)
+
+    def on_record(self, record: dict) -> None:
+        if record["event"] == "train":
+            self.bar.update(self.task, loss=f"{record['loss']:.4f}")
 
 
 def train(
@@ -47,6 +70,8 @@ def train(
     micro_batch_tokens: int = typer.Option(None, "--micro-batch-tokens",
                                            help="Tokens per rank per forward/backward (0 = batch / 8)."),
     val_every: int = typer.Option(None, "--val-every", help="Validate every N steps (0 = only at the end)."),
+    log_every: int = typer.Option(None, "--log-every", help="A train line (stderr, train.log) every N steps, plus "
+                                  "the first and last (0 = about 20 per run); train_log.jsonl has every step."),
     checkpoint_every: int = typer.Option(None, "--checkpoint-every",
                                          help="Resume checkpoint every N steps (0 = on signal only)."),
     compile_mode: str = typer.Option(None, "--compile", help=f"torch.compile: {' | '.join(COMPILE_MODES)}."),
@@ -76,23 +101,20 @@ def train(
         raise UsageError("--resume and --force contradict each other (--force starts over)")
     overrides = dict(iterations=iterations, wallclock_seconds=wallclock, seed=seed, batch_tokens=batch_tokens,
                      seq_len=seq_len, micro_batch_tokens=micro_batch_tokens, val_every=val_every,
-                     checkpoint_every=checkpoint_every, compile=compile_mode,
+                     log_every=log_every, checkpoint_every=checkpoint_every, compile=compile_mode,
                      gptq_calibration_batches=gptq_batches, gptq_reserve_seconds=gptq_reserve)
     model_config, train_config, _ = resolve_configs(preset, config_file, train_overrides=overrides)
     use_wallclock = train_config.wallclock_seconds > 0
     total = train_config.wallclock_seconds if use_wallclock else train_config.iterations
-    with progress_bar(total, "s" if use_wallclock else "steps") as bar:
-        task = bar.add_task("train", total=total)
-
-        def on_step(step: int, train_ms: float) -> None:
-            bar.update(task, completed=train_ms / 1000.0 if use_wallclock else step)
-
+    with progress_bar("s" if use_wallclock else "steps") as bar:
+        progress = TrainProgress(bar, total, use_wallclock, train_config.batch_tokens)
         result = run_train(model_config, train_config, data_dir, out, tokenizer=tokenizer, resume=resume,
-                           force=force, preset=preset, config_file=config_file, log=log, on_step=on_step)
-    report(result.metrics, as_json, summary_lines(result.metrics, Path(out)))
+                           force=force, preset=preset, config_file=config_file, log=log,
+                           on_step=progress.on_step, on_record=progress.on_record)
+    report(result.metrics, as_json, summary_lines(result.metrics), out)
 
 
-def summary_lines(metrics: dict, out: Path) -> list[str]:
+def summary_lines(metrics: dict) -> list[str]:
     lines = [f"{metrics['steps']:,} steps ({metrics['stop_reason']}), {metrics['tokens_seen']:,} tokens, "
              f"{metrics['train_seconds']:.1f}s training, {metrics['ms_per_step']:.1f} ms/step",
              f"val_loss {metrics['val_loss']:.4f}  val_bpb {metrics['val_bpb']:.4f} "
@@ -104,7 +126,6 @@ def summary_lines(metrics: dict, out: Path) -> list[str]:
     lines.append(f"timers: setup {timers['setup_seconds']:.1f} s, compile warm-up {timers['warmup_seconds']:.1f} s, "
                  f"training {timers['train_seconds']:.1f} s, validation + checkpoints "
                  f"{timers['validation_checkpoint_seconds']:.1f} s, save {timers.get('save_seconds', 0.0):.1f} s")
-    lines.append(f"{out}: model.safetensors, train_log.jsonl, train.log, manifest.json")
     return lines
 
 
