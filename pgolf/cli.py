@@ -16,7 +16,7 @@ from pgolf.log import console
 
 # Stage modules, in pipeline order; each defines `register(app)`.
 STAGES = ["data", "verify", "tokenize", "train", "import_cmd", "quantize", "compress", "verify_size", "evaluate",
-          "bundle", "report"]
+          "bundle", "report", "show"]
 
 app = typer.Typer(
     name="pgolf",
