@@ -3,6 +3,7 @@ once), its figures, --json, several outputs side by side, tampered digests (exit
 plots (--plot)."""
 
 import json
+import shutil
 import sys
 from pathlib import Path
 from unittest import mock
@@ -12,6 +13,7 @@ import pytest
 from pgolf.artifacts import ARTIFACT_BYTE_LIMIT
 from pgolf.cli import main
 from pgolf.plots import DPI, FIGSIZE, quantized_bytes, read_train_log, sweep_heatmap, train_curves
+from tests.demo_data import TOKENIZER_NAME, write_demo_corpus
 
 STEPS = 8
 RUN_TOML = f"""
@@ -248,3 +250,37 @@ def test_plot_figures_hold_the_runs_grid_and_groups(runs):
             heights[label] = heights.get(label, 0) + bar.get_height()
     assert heights["embedding"] == tensors["tok_emb.weight"]["bytes"]
     assert sum(heights.values()) == sum(row["bytes"] for row in tensors.values())
+
+
+def test_a_gone_input_is_noted_and_a_changed_one_is_a_mismatch(runs, tmp_path, capsys):
+    """A corpus deleted after tokenizing is the usual case, not tampering: noted in yellow, exit 0. A corpus
+    that is there but differs is a mismatch (exit 3)."""
+    corpus = write_demo_corpus(tmp_path, ["first document", "second document", "third document"])
+    out = tmp_path / "data"
+    assert run_main("tokenize", corpus, "--tokenizer", runs["data"] / TOKENIZER_NAME, "--val-docs", 1,
+                    "--out", out) == 0
+    corpus.unlink()
+    code, out_json, err = pgolf(capsys, "show", out, "--json")
+    # Its tokenizer came from the suite's tokenize output: that is its lineage.
+    row, tokenizer_source = json.loads(out_json)["outputs"][0]["lineage"]
+    assert tokenizer_source["dir"] == str(runs["data"]) and tokenizer_source["verified"]
+    assert code == 0 and row["verified"] and row["notes"] == [f"gone {corpus.name}"]
+    assert f"ok; gone {corpus.name}" in err
+    write_demo_corpus(tmp_path, ["another first document"])
+    code, out_json, _ = pgolf(capsys, "show", out, "--json")
+    row, _ = json.loads(out_json)["outputs"][0]["lineage"]
+    assert code == 3 and row["problems"] == [f"MISMATCH input {corpus.name}"]
+
+
+def test_a_moved_run_folder_keeps_its_lineage(runs, tmp_path, capsys):
+    """Inputs are found again by their paths relative to the stage, so a run folder moved whole still shows."""
+    run = runs["train"].parent
+    moved = tmp_path / "moved"
+    shutil.move(run, moved)
+    try:
+        code, out, _ = pgolf(capsys, "show", moved / "eval-flat", "--json")
+    finally:
+        shutil.move(moved, run)
+    rows = json.loads(out)["outputs"][0]["lineage"]
+    assert code == 0 and [row["stage"] for row in rows] == LINEAGE
+    assert rows[2]["dir"] == str(moved / "q")
