@@ -22,7 +22,7 @@ app = typer.Typer(
     name="pgolf",
     help=(
         "Parameter Golf pipeline: tokenize -> train (or import a record) -> quantize -> compress -> verify-size -> eval"
-        " (+ bundle, report)."
+        " (+ bundle, report, show)."
         "\n\nExit codes: 0 ok, 1 unexpected error, 2 usage, 3 invalid input or artifact, 4 over the size budget,"
         " 5 a legality/compliance check failed."
     ),

@@ -54,11 +54,13 @@ class StageRow:
     figures: dict = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)  # digest mismatches: the chain no longer holds
     notes: list[str] = field(default_factory=list)  # recorded inputs that are gone (not a failure)
+    outputs_verified: bool = True  # its own files are what its manifest lists (what a plot may read)
 
     def as_json(self) -> dict:
         return {"stage": self.stage, "dir": str(self.dir), "created": self.manifest.get("created"),
                 "config_sha256": self.manifest.get("config_sha256"), "figures": self.figures,
-                "verified": not self.problems, "problems": self.problems, "notes": self.notes}
+                "verified": not self.problems, "outputs_verified": self.outputs_verified,
+                "problems": self.problems, "notes": self.notes}
 
 
 @dataclass
@@ -137,9 +139,10 @@ def walk(directory: Path, manifest: dict, digest: Digests) -> list[StageRow]:
     while frontier:
         following = []
         for current_dir, current in frontier:
+            output_problems = check_outputs(current_dir, current, digest)
             problems, notes, sources = check_inputs(current_dir, current, digest)
-            row = StageRow(current["stage"], current_dir, current,
-                           problems=check_outputs(current_dir, current, digest) + problems, notes=notes)
+            row = StageRow(current["stage"], current_dir, current, problems=output_problems + problems, notes=notes,
+                           outputs_verified=not output_problems)
             rows.append(row)
             for source in sources:
                 if source.resolve() in seen:
@@ -330,21 +333,30 @@ def plot_path(row: StageRow, kind: str, plot_dir: Path | None) -> Path:
     return (plot_dir or row.dir.resolve().parent) / f"{row.dir.resolve().name}.{kind}.png"
 
 
-def plan_plots(shown: list[Shown], plot_dir: Path | None = None) -> list[tuple[Path, Callable]]:
-    """(PNG path, function drawing its Figure) of each plot the lineages hold: the train runs' curves overlaid
-    (named after the first run), each quantize output's bytes per tensor group, each eval sweep's heat map.
-    Every target is checked before anything is drawn."""
-    plans = []
-    trains = stage_rows(shown, "train")
+def train_runs(rows: list[StageRow]) -> list[tuple[str, list[dict]]]:
+    return [(display_path(row.dir), read_train_log(output_path(row.manifest, row.dir, "log_jsonl"))) for row in rows]
+
+
+def plan_plots(shown: list[Shown], plot_dir: Path | None = None) -> tuple[list[tuple[Path, Callable]], list[Path]]:
+    """([(PNG path, function drawing its Figure)], [outputs left out]) of the plots the lineages hold: the train
+    runs' curves overlaid (named after the first run), each quantize output's bytes per tensor group, each eval
+    sweep's heat map. An output whose own files no longer verify is left out (a plot of changed data would look
+    like the run's). Every target is checked before anything is drawn."""
+    plans, left_out = [], []
+
+    def usable(stage: str) -> list[StageRow]:
+        rows = stage_rows(shown, stage)
+        left_out.extend(row.dir for row in rows if not row.outputs_verified)
+        return [row for row in rows if row.outputs_verified]
+
+    trains = usable("train")
     if trains:
-        runs = lambda: [(display_path(row.dir), read_train_log(output_path(row.manifest, row.dir, "log_jsonl")))
-                        for row in trains]
-        plans.append((plot_path(trains[0], "curves", plot_dir), lambda: train_curves(runs())))
-    for row in stage_rows(shown, "quantize"):
+        plans.append((plot_path(trains[0], "curves", plot_dir), lambda: train_curves(train_runs(trains))))
+    for row in usable("quantize"):
         title = f"{display_path(row.dir)}: plan {row.manifest['metrics'].get('plan')}"
         plans.append((plot_path(row, "bytes", plot_dir),
                       lambda row=row, title=title: quantized_bytes(row.manifest["metrics"].get("tensors", {}), title)))
-    for row in stage_rows(shown, "eval"):
+    for row in usable("eval"):
         if row.manifest["metrics"].get("sweep"):
             title = f"{display_path(row.dir)}: {row.figures['mode']}"
             plans.append((plot_path(row, "sweep", plot_dir),
@@ -355,17 +367,17 @@ def plan_plots(shown: list[Shown], plot_dir: Path | None = None) -> list[tuple[P
             raise UsageError(f"{path}: two plots of these outputs have this name in --plot-dir (outputs of one "
                              f"name from different runs); plot them separately or drop --plot-dir")
         check_target(path)
-    return plans
+    return plans, left_out
 
 
-def write_plots(shown: list[Shown], plot_dir: Path | None = None) -> list[Path]:
-    """Draw and write every plot of `plan_plots`; returns the PNG paths."""
+def write_plots(shown: list[Shown], plot_dir: Path | None = None) -> tuple[list[Path], list[Path]]:
+    """Draw and write every plot of `plan_plots`; returns (the PNG paths, the outputs left out)."""
     if plot_dir is not None:
         try:
             Path(plot_dir).mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise InvalidInput(f"{plot_dir}: cannot create the plot directory ({e.strerror})") from None
-    plans = plan_plots(shown, Path(plot_dir) if plot_dir is not None else None)
+    plans, left_out = plan_plots(shown, Path(plot_dir) if plot_dir is not None else None)
     for path, draw in plans:
         save(draw(), path)
-    return [path for path, _ in plans]
+    return [path for path, _ in plans], left_out

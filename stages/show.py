@@ -82,10 +82,12 @@ def show_outputs(
     table = lineage_table(shown[0]) if len(shown) == 1 else side_by_side(shown)
     console = log.console if log.console.is_terminal else Console(stderr=True, highlight=False, width=LOG_WIDTH)
     console.print(table)
-    written = write_plots(shown, plot_dir) if plot else []
+    written, left_out = write_plots(shown, plot_dir) if plot else ([], [])
     for path in written:
-        log.info(f"wrote {path}")
-    if plot and not written:
+        log.info(f"wrote {display_path(path)}")
+    for directory in left_out:
+        log.warn(f"{display_path(directory)}: not plotted, its outputs no longer match its manifest")
+    if plot and not written and not left_out:
         log.warn("these outputs hold nothing to plot (a train run, a quantize output or an eval sweep)")
     if as_json:
         log.emit_json({"outputs": [item.as_json() for item in shown], "verified": all(i.verified for i in shown),

@@ -156,9 +156,19 @@ def test_a_tampered_output_is_flagged_and_exits_3(runs, capsys, flipped):
     assert code == 3
     rows = {row["stage"]: row for row in json.loads(out)["outputs"][0]["lineage"]}
     assert rows["compress"]["problems"] == ["MISMATCH model.blob"] and not rows["compress"]["verified"]
+    assert rows["compress"]["outputs_verified"] is False
     assert all(row["verified"] for stage, row in rows.items() if stage != "compress")
     assert "MISMATCH model.blob" in err
     assert err.splitlines()[-1] == f"error: {runs['blob']}: MISMATCH model.blob (see the digests column)"
+
+
+def test_plots_leave_out_an_output_that_no_longer_verifies(runs, tmp_path, capsys, flipped):
+    flipped(runs["train"] / "train_log.jsonl", offset=0)  # not even JSON now
+    code, out, err = pgolf(capsys, "show", runs["eval-sweep"], "--plot-dir", tmp_path, "--json")
+    assert code == 3
+    assert json.loads(out)["plots"] == [str(tmp_path / "q.bytes.png"), str(tmp_path / "eval-sweep.sweep.png")]
+    assert f"warning: {runs['train']}: not plotted, its outputs no longer match its manifest" in err
+    assert not (tmp_path / "train.curves.png").exists()
 
 
 def test_a_changed_input_is_flagged_on_the_stage_that_read_it(runs, capsys, flipped):
@@ -169,6 +179,7 @@ def test_a_changed_input_is_flagged_on_the_stage_that_read_it(runs, capsys, flip
         rows = {row["stage"]: row for row in shown["lineage"]}
         assert rows["train"]["problems"] == ["MISMATCH model.safetensors"]
         assert rows["quantize"]["problems"] == ["MISMATCH input model.safetensors"]
+        assert rows["quantize"]["outputs_verified"] and not rows["quantize"]["verified"]  # its own files still hold
         assert rows["eval"]["verified"] and rows["tokenize"]["verified"]
     assert "train: MISMATCH model.safetensors; quantize: MISMATCH input model.safetensors" in err
 
