@@ -16,13 +16,13 @@ from pgolf.log import console
 
 # Stage modules, in pipeline order; each defines `register(app)`.
 STAGES = ["data", "verify", "tokenize", "train", "import_cmd", "quantize", "compress", "verify_size", "evaluate",
-          "bundle", "report"]
+          "bundle", "report", "show"]
 
 app = typer.Typer(
     name="pgolf",
     help=(
         "Parameter Golf pipeline: tokenize -> train (or import a record) -> quantize -> compress -> verify-size -> eval"
-        " (+ bundle, report)."
+        " (+ bundle, report, show)."
         "\n\nExit codes: 0 ok, 1 unexpected error, 2 usage, 3 invalid input or artifact, 4 over the size budget,"
         " 5 a legality/compliance check failed."
     ),
