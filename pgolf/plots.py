@@ -68,23 +68,36 @@ def train_curves(runs: list[tuple[str, list[dict]]]):
     return figure
 
 
+def sweep_point_name(point: dict) -> str:
+    """A sweep row's scorer name (`ngram3_a0.2_entropy`, `tilt8_b0.5_t0.8_m2`); rows written before tilt points
+    existed hold only order, alpha and alpha_mode."""
+    if "name" in point:
+        return point["name"]
+    return f"ngram{point['order']}_a{point['alpha']:g}" + ("_entropy" if point["alpha_mode"] == "entropy" else "")
+
+
 def sweep_heatmap(sweep: list[dict], title: str):
-    """val_bpb of an n-gram sweep's grid: orders down, alphas across, each cell labelled (and a colour bar)."""
-    orders = sorted({point["order"] for point in sweep})
-    alphas = sorted({point["alpha"] for point in sweep})
-    grid = [[float("nan")] * len(alphas) for _ in orders]
+    """val_bpb of a sweep's grid: one row per method and order (n-gram 3, tilt 8, ...), one column per remaining
+    setting (alpha; boost, threshold and min count), each cell labelled (and a colour bar)."""
+    cells = {}
     for point in sweep:
-        grid[orders.index(point["order"])][alphas.index(point["alpha"])] = point["val_bpb"]
+        kind, _, setting = sweep_point_name(point).partition("_")
+        method = kind.rstrip("0123456789")
+        cells[(f"{method} {kind[len(method):]}", setting)] = point["val_bpb"]
+    rows = sorted({row for row, _ in cells}, key=lambda row: (row.split()[0], int(row.split()[1])))
+    columns = sorted({column for _, column in cells})
+    grid = [[cells.get((row, column), float("nan")) for column in columns] for row in rows]
     figure, (axes,) = new_figure()
     image = axes.imshow(grid, cmap="viridis_r", aspect="auto")
-    axes.set_xticks(range(len(alphas)), [f"{alpha:g}" for alpha in alphas])
-    axes.set_yticks(range(len(orders)), [str(order) for order in orders])
+    axes.set_xticks(range(len(columns)), columns, rotation=30 if len(columns) > 4 else 0, fontsize="small")
+    axes.set_yticks(range(len(rows)), rows)
     for i, row in enumerate(grid):
         for j, value in enumerate(row):
-            dark = image.norm(value) > 0.5  # viridis_r: high val_bpb is dark
-            axes.text(j, i, f"{value:.4f}", ha="center", va="center", color="white" if dark else "black",
-                      fontsize="small")
-    axes.set(title=title, xlabel="alpha", ylabel="n-gram order")
+            if value == value:  # a method without this setting leaves the cell empty (NaN)
+                dark = image.norm(value) > 0.5  # viridis_r: high val_bpb is dark
+                axes.text(j, i, f"{value:.4f}", ha="center", va="center", color="white" if dark else "black",
+                          fontsize="small")
+    axes.set(title=title, xlabel="setting", ylabel="method, order")
     figure.colorbar(image, ax=axes, label="val_bpb")
     return figure
 

@@ -23,7 +23,15 @@ from pgolf.artifacts import (
     sha256_file,
 )
 from pgolf.errors import InvalidInput, UsageError
-from pgolf.plots import check_target, quantized_bytes, read_train_log, save, sweep_heatmap, train_curves
+from pgolf.plots import (
+    check_target,
+    quantized_bytes,
+    read_train_log,
+    save,
+    sweep_heatmap,
+    sweep_point_name,
+    train_curves,
+)
 
 PIPELINE = ("tokenize", "import", "train", "quantize", "compress", "eval", "bundle", "report")
 SORT_KEYS = ("bpb", "created")
@@ -241,8 +249,7 @@ def figures_text(stage: str, figures: dict) -> str:
         text = f"{f['mode']}, val_bpb {number(f['val_bpb'])}"
         best = f["sweep_best"]
         if best:
-            text += f" (model alone); sweep best {number(best['val_bpb'])} at order {best['order']} " \
-                    f"alpha {best['alpha']}"
+            text += f" (model alone); sweep best {number(best['val_bpb'])} at {sweep_point_name(best)}"
         return text
     if stage == "bundle":
         return f"{count(f['bytes_total'])} B total, margin {count(f['margin'])} B, val_bpb {number(f['val_bpb'])}"

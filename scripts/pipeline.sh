@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A worked pipeline (README, "A worked pipeline"): train once on the tiny preset, export three quantize plans,
-# compress each, and score each blob two ways (flat windows and a sliding window). Run it again and every stage
+# compress each, score each blob two ways (flat windows and a sliding window), then show every eval side by
+# side. Run it again and every stage
 # whose output is up to date says so and skips; change a setting and only that stage and the ones after it refuse,
 # naming what changed (rerun those with --force).
 # OUT: the run folder; STEPS: training steps; PLANS: the quantize plans; DATA: a `pgolf tokenize` output with a
@@ -28,3 +29,5 @@ for plan in $PLANS; do
   pgolf eval "$OUT/$plan/blob" --data "$DATA" --out "$OUT/$plan/eval-flat"
   pgolf eval "$OUT/$plan/blob" --data "$DATA" --sliding-stride 32 --out "$OUT/$plan/eval-sliding"
 done
+# Every eval side by side, best first, each with its chain's config digests and every digest re-verified.
+pgolf show "$OUT"/*/eval-* --sort bpb

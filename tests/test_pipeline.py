@@ -1,7 +1,8 @@
 """scripts/pipeline.sh (README, "A worked pipeline") on the tiny model, run twice: the second run skips every
-stage as up to date and rewrites nothing."""
+stage as up to date, rewrites nothing, and its closing `pgolf show` prints the same table of every eval."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -33,8 +34,23 @@ def test_the_worked_pipeline_runs_and_a_rerun_skips_every_stage(tiny_data_dir, t
     stages = ["train"] + [f"{plan}/{stage}" for plan in PLANS for stage in ("q", "blob", "eval-flat", "eval-sliding")]
     assert sorted(written) == sorted(f"{stage}/manifest.json" for stage in stages)
     assert "up to date" not in first.stderr
+    table = shown_rows(first.stderr, out)
+    assert sorted(table) == sorted(f"{plan}/{kind}" for plan in PLANS for kind in ("eval-flat", "eval-sliding"))
+    bpbs = [float(re.search(r"val_bpb (\d+\.\d+)", row)[1]) for row in table.values()]
+    assert bpbs == sorted(bpbs)  # --sort bpb
     second = run_pipeline(out, data)
     assert second.returncode == 0, second.stderr[-3000:]
     skipped = [line for line in second.stderr.splitlines() if ": up to date (" in line]
     assert sorted(line.split(": up to date")[0] for line in skipped) == sorted(str(out / s) for s in stages)
     assert manifests(out) == written
+    assert shown_rows(second.stderr, out) == table
+
+
+def shown_rows(stderr: str, out: Path) -> dict[str, str]:
+    """`pgolf show`'s table rows by eval (plan/eval-kind), in the order printed."""
+    rows = {}
+    for line in stderr.splitlines():
+        found = re.search(r"(\w[\w-]*/eval-(?:flat|sliding))\b", line)
+        if found and "val_bpb" in line:
+            rows[found[1]] = line
+    return rows

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from unittest import mock
 
+import numpy as np
 import pytest
 
 from pgolf.artifacts import ARTIFACT_BYTE_LIMIT
@@ -295,3 +296,15 @@ def test_a_moved_run_folder_keeps_its_lineage(runs, tmp_path, capsys):
     rows = json.loads(out)["outputs"][0]["lineage"]
     assert code == 0 and [row["stage"] for row in rows] == LINEAGE
     assert rows[2]["dir"] == str(moved / "q")
+
+
+def test_the_heat_map_puts_tilt_points_beside_the_cache():
+    sweep = [{"kind": "ngram", "name": "ngram3_a0.2_entropy", "val_bpb": 1.30},
+             {"kind": "tilt", "name": "tilt8_b0.5_t0.8_m2", "val_bpb": 1.31},
+             {"kind": "tilt", "name": "tilt12_b0.5_t0.8_m2", "val_bpb": 1.32}]
+    axes = sweep_heatmap(sweep, "sweep").axes[0]
+    assert [label.get_text() for label in axes.get_yticklabels()] == ["ngram 3", "tilt 8", "tilt 12"]
+    assert [label.get_text() for label in axes.get_xticklabels()] == ["a0.2_entropy", "b0.5_t0.8_m2"]
+    grid = np.ma.filled(axes.get_images()[0].get_array(), np.nan)  # empty cells are masked NaN
+    assert grid[2][1] == pytest.approx(1.32) and grid[0][0] == pytest.approx(1.30)
+    assert np.isnan(grid[0][1]) and np.isnan(grid[1][0])
