@@ -109,12 +109,15 @@ def measure_parallel(size, points: list, workers: int) -> list:
         return list(pool.map(size, points))
 
 
-def fit_clip_k(size_at, target: int, k_max: float, tolerance: float = 0.01, progress=None, workers: int = 1):
-    """The smallest sdclip k factor in [1, k_max] (to `tolerance`) whose artifact fits: size_at(factor) falls as
-    the factor grows (c = k * std: a wider clip means a coarser step, levels nearer zero, fewer compressed bytes).
-    Each round sizes up to `workers` factors evenly inside the open interval at once (size_at(1.0) runs first and
-    alone, later calls must be thread-safe). Returns (factor, steps [{"k_scale", "bytes"}] in measuring order, fits);
-    when even k_max does not fit, (k_max, steps, False)."""
+def fit_clip_k(size_at, target: int, k_max: float, tolerance: float = 0.01, progress=None, workers: int = 1,
+               k_min: float = 1.0):
+    """The smallest sdclip k factor in [k_min, k_max] (to `tolerance`) whose artifact fits: size_at(factor) falls
+    as the factor grows (c = k * std: a wider clip means a coarser step, levels nearer zero, fewer compressed
+    bytes), so the smallest that fits spends the byte budget on the finest step. k_min = 1 (the records' k) only
+    ever widens the clip to fit; k_min < 1 also narrows it to fill a budget the records' k leaves unused. Each
+    round sizes up to `workers` factors evenly inside the open interval at once (size_at(k_min) runs first and
+    alone, later calls must be thread-safe). Returns (factor, steps [{"k_scale", "bytes"}] in measuring order,
+    fits); when even k_max does not fit, (k_max, steps, False)."""
     steps = []
 
     def measure(factors: list) -> None:
@@ -123,13 +126,13 @@ def fit_clip_k(size_at, target: int, k_max: float, tolerance: float = 0.01, prog
             if progress:
                 progress(f"fit: sdclip k x {factor:.4f}: {measured:,} bytes (target {target:,})")
 
-    measure([1.0])
+    measure([k_min])
     if steps[0]["bytes"] <= target:
-        return 1.0, steps, True
+        return k_min, steps, True
     measure([k_max])
     if steps[-1]["bytes"] > target:
         return k_max, steps, False
-    low, high = 1.0, k_max  # size(low) > target >= size(high)
+    low, high = k_min, k_max  # size(low) > target >= size(high)
     while high - low > tolerance:
         inner = max(1, workers)
         measure([round(low + (high - low) * (i + 1) / (inner + 1), 6) for i in range(inner)])

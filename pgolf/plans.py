@@ -10,8 +10,10 @@ A plan is a named preset (pgolf/presets/plans/<name>.toml) or a TOML/JSON plan f
     demote_to = "int5"          the scheme demoted blocks get
     fit = "clip-k+prune"        optional: demote (needs `demote`) | clip-k | prune | clip-k+prune: how an artifact
                                 over --target-bytes is made to fit (clip-k: every sdclip k times one factor in
-                                [1, clip_k_max], the smallest that fits; prune: zero the fewest smallest-|scale|
-                                +-1 levels that make it fit; clip-k+prune: clip-k, then prune what is left)
+                                [clip_k_min, clip_k_max], the smallest that fits; prune: zero the fewest
+                                smallest-|scale| +-1 levels that make it fit; clip-k+prune: clip-k, then prune
+                                what is left)
+    clip_k_min = 1.0            the smallest k factor clip-k tries (< 1: narrow the clip to fill the budget)
     clip_k_max = 1.5            the largest k factor clip-k tries
     embedding_k = 15.0          sdclip's k for tok_emb (unset: pgolf.clips.SDCLIP_SIGMAS)
     gates = "int8"              float (the export's rule) | int8: gate tensors (GATE_PATTERNS) get int8-gate
@@ -91,6 +93,7 @@ class PlanSpec:
     demote: str | None = None  # center-out | sensitivity: demote blocks until the target size fits
     demote_to: str = "int5"  # scheme a demoted block's integer tensors get
     fit: str | None = None  # demote | clip-k | prune | clip-k+prune (None: demote when `demote` is set)
+    clip_k_min: float = 1.0  # the smallest factor the clip-k fit tries (< 1 narrows the clip to fill the budget)
     clip_k_max: float = 1.5  # the largest factor the clip-k fit multiplies every sdclip k by
     embedding_k: float | None = None  # sdclip k of tok_emb (None: pgolf.clips.SDCLIP_SIGMAS)
     gates: str = "float"  # float | int8: gate tensors (GATE_PATTERNS) kept float or per-row int8 (int8-gate)
@@ -126,6 +129,8 @@ class PlanSpec:
             raise ValueError(f"fit = {self.fit!r} and demote = {self.demote!r}: pick one way to fit")
         if not 1.0 <= self.clip_k_max <= 100.0:
             raise ValueError(f"clip_k_max = {self.clip_k_max!r}: must be in [1, 100]")
+        if not 0.05 <= self.clip_k_min <= 1.0:
+            raise ValueError(f"clip_k_min = {self.clip_k_min!r}: must be in [0.05, 1]")
         if self.embedding_k is not None and not 0.0 < self.embedding_k <= 1000.0:
             raise ValueError(f"embedding_k = {self.embedding_k!r}: must be in (0, 1000]")
         if self.gates not in GATE_MODES:

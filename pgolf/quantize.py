@@ -235,7 +235,7 @@ def quantize_model(state: dict, model_config: ModelConfig, spec: PlanSpec, confi
             return sizer(*build(schemes, factor))
 
         factor, steps, fits = fit_clip_k(size_at, target, spec.clip_k_max, progress=log.info,
-                                         workers=parallel_workers(8))
+                                         workers=parallel_workers(8), k_min=spec.clip_k_min)
         quantizer.k_scale = factor
         fit = {"mode": mode, "k_scale": factor, "clip_k_steps": steps}
         artifact = next(step["bytes"] for step in reversed(steps) if step["k_scale"] == factor)

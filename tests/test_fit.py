@@ -105,3 +105,7 @@ def test_clip_k_search_finds_the_smallest_factor_that_fits(workers):
     assert any(factor - 0.01 <= s["k_scale"] < factor and s["bytes"] > 8_000 for s in steps)
     assert fit_clip_k(size_at, 10**6, 2.0, workers=workers)[0::2] == (1.0, True)
     assert fit_clip_k(size_at, 4_000, 2.0, workers=workers)[0::2] == (2.0, False)
+    # k_min < 1 narrows the clip to fill a budget k x 1 leaves unused: the smallest factor that still fits.
+    factor, steps, fits = fit_clip_k(size_at, 25_000, 2.0, workers=workers, k_min=0.25)
+    assert fits and 0.40 <= factor <= 0.41 and size_at(factor) <= 25_000 and steps[0]["k_scale"] == 0.25
+    assert fit_clip_k(size_at, 10**6, 2.0, workers=workers, k_min=0.25)[0::2] == (0.25, True)

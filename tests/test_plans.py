@@ -66,7 +66,7 @@ def test_plan_file_patterns_first_match_wins(tmp_path):
 
 def test_bad_plans_are_usage_errors_naming_the_problem(tmp_path):
     state = baseline_state(num_layers=2)
-    valid = "center-out-int5, int6, int6-fp16emb, int8, record-int6, sensitivity-int5"
+    valid = "center-out-int5, int6, int6-fp16emb, int6-sdclip-fit, int8, record-int6, sensitivity-int5"
     with pytest.raises(UsageError, match=rf"unknown plan 'int4' \(valid: {valid}; or a .toml"):
         load_plan("int4")
     unmatched = tmp_path / "typo.toml"

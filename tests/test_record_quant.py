@@ -87,6 +87,20 @@ def test_a_larger_sdclip_k_makes_a_smaller_artifact_and_clip_k_finds_the_smalles
         run(state, target=base // 4, fit="clip-k", clip_k_max=1.2)
 
 
+def test_clip_k_min_below_one_spends_spare_bytes_on_a_finer_step(state, tmp_path):
+    at_one = run(state)
+    target = at_one.artifact_bytes + at_one.artifact_bytes // 10
+    made = run(state, target=target, fit="clip-k", clip_k_min=0.3, clip_k_max=1.5)
+    factor, steps = made.fit["k_scale"], made.fit["clip_k_steps"]
+    assert steps[0]["k_scale"] == 0.3 and steps[0]["bytes"] > target  # the floor itself does not fit
+    assert 0.3 < factor < 1.0 and at_one.artifact_bytes < made.artifact_bytes <= target
+    assert any(factor - 0.0101 <= s["k_scale"] < factor and s["bytes"] > target for s in steps)
+    integer = [n for n, s in made.schemes.items() if SCHEMES[s].integer]
+    error = lambda m: sum(m.plan["tensors"][n]["rel_error"] for n in integer)  # noqa: E731
+    assert error(made) < error(at_one)  # the bytes bought a finer step
+    assert_round_trips(made, tmp_path)
+
+
 def test_prune_zeroes_the_fewest_smallest_scale_plus_minus_one_levels_that_fit(state, tmp_path):
     plain = run(state)
     base = plain.artifact_bytes
