@@ -364,7 +364,8 @@ def evaluate(config: EvalConfig, ttt_settings: TTTConfig | None, artifact: Path,
                   "data": str(Path(data).resolve()), **scored, "checks": checks}
         result["timers"] = {"load_seconds": load_seconds, **scored["timers"],
                             "compliance_seconds": compliance_seconds}
-        result["timing"] = eval_timing(config, result["timers"], dist_info.world_size, ttt_settings is not None)
+        serial = ttt_settings is not None and ttt_settings.mode != "batched"  # batched TTT splits over ranks
+        result["timing"] = eval_timing(config, result["timers"], dist_info.world_size, serial)
         if stage is not None:
             write_eval_outputs(stage, result, data_in.dataset, config_files)
     enforce_time_budget(config, result, out, log)

@@ -415,7 +415,7 @@ def scored_pass(
 
 def ttt_pass(
     model: EvalModel, tokens: torch.Tensor, tokens_np: np.ndarray, plan: EvalPlan, scorer: Scorer,
-    ttt_config: TTTConfig, progress=None,
+    ttt_config: TTTConfig, progress=None, rank: int = 0, world_size: int = 1,
 ):
     """Score-first TTT over the whole stream, in one process (its order is the stream's). The TTT code owns
     the chunk schedule and its model copy; each chunk is scored here with this plan and the n-gram grid."""
@@ -455,7 +455,7 @@ def ttt_pass(
                 trace.events.append(("update", np.arange(start, end)))
 
         return run_ttt(model.model, tokens, ttt_config, score_chunk, plan.seq_len, tokens.device,
-                       score_logits=score_logits, on_update=on_update)
+                       score_logits=score_logits, on_update=on_update, rank=rank, world_size=world_size)
     result = run_ttt(model.model, tokens, ttt_config, score_chunk, plan.seq_len, tokens.device)
     if trace is not None:
         calls = iter(call_events)
@@ -483,13 +483,16 @@ def score_stream(
     """Score the stream once: model totals and one per n-gram grid point (with TTT: the adapting model's).
 
     Without TTT each rank scores a contiguous share of the windows (n-gram counts fast-forwarded over the
-    earlier shares); TTT runs on rank 0 alone, since its weights depend on every earlier chunk."""
+    earlier shares); batched TTT splits its document batches over the ranks; the other TTT modes run on rank 0
+    alone, since their weights depend on every earlier chunk."""
     tokens = torch.from_numpy(np.asarray(tokens_np, dtype=np.int32)).to(device)
     scorer = Scorer(tokens, ByteCounter(tables, device), list(ngram), model.model.config.vocab_size, trace)
     started = time.perf_counter()
     ttt_result = None
     if ttt_config is None:
         scored_pass(model, tokens, tokens_np, plan, scorer, rank, world_size, progress)
+    elif ttt_config.mode == "batched":
+        ttt_result = ttt_pass(model, tokens, tokens_np, plan, scorer, ttt_config, progress, rank, world_size)
     elif rank == 0:
         ttt_result = ttt_pass(model, tokens, tokens_np, plan, scorer, ttt_config, progress)
     totals = all_reduce_totals(scorer.results(), device)

@@ -208,7 +208,8 @@ def ttt_cosine_lr(peak: float, index: int, count: int) -> float:
 class TTTSession:
     """The model copy, the scoring and training steps, and the record of what ran in which order."""
 
-    def __init__(self, model, tokens, config, score_chunk, train_seq_len, device, progress):
+    def __init__(self, model, tokens, config, score_chunk, train_seq_len, device, progress, rank=0, world_size=1):
+        self.rank, self.world_size = rank, world_size  # batched mode splits its document batches over ranks
         self.model = copy.deepcopy(model).to(device)
         self.model.requires_grad_(False)
         self.tokens = tokens
@@ -470,7 +471,6 @@ class BatchedAdapters(nn.Module):
         shapes = {"q": (dim, dim), "k": (dim, kv_dim), "v": (dim, kv_dim), "o": (dim, dim), "mlp": (dim, dim)}
         weight = model.tok_emb.weight
         self.scale = alpha / rank
-        self.generator = torch.Generator().manual_seed(TTT_LORA_SEED)
         self.a, self.b = nn.ParameterDict(), nn.ParameterDict()
         keys = [(f"{kind}{slot}", shapes[kind]) for kind in targets if kind != "head" for slot in range(slots)]
         if "head" in targets:
@@ -478,13 +478,15 @@ class BatchedAdapters(nn.Module):
         for key, (fan_in, fan_out) in keys:
             self.a[key] = nn.Parameter(torch.empty(docs, rank, fan_in, device=weight.device, dtype=weight.dtype))
             self.b[key] = nn.Parameter(torch.zeros(docs, fan_out, rank, device=weight.device, dtype=weight.dtype))
-        self.reset_a()
+        self.reset_a(0)
 
     @torch.no_grad()
-    def reset_a(self) -> None:
+    def reset_a(self, batch_index: int) -> None:
+        """A ~ U(+-1/sqrt(fan_in)), drawn from a seed of the batch's index: the same whichever rank runs it."""
+        generator = torch.Generator().manual_seed(TTT_LORA_SEED + batch_index)
         for a in self.a.values():
             bound = 1.0 / math.sqrt(a.size(-1))
-            a.copy_(torch.empty(a.shape, dtype=torch.float64).uniform_(-bound, bound, generator=self.generator))
+            a.copy_(torch.empty(a.shape, dtype=torch.float64).uniform_(-bound, bound, generator=generator))
 
     @torch.no_grad()
     def reset_b(self) -> None:
@@ -556,11 +558,11 @@ def ttt_batched(session: TTTSession, score_logits: Callable | None, on_update: C
     adapters = BatchedAdapters(model, config.batched_targets, config.lora_rank, config.lora_alpha, docs, slots)
     adapted = AdaptedModel(model, adapters, config.batched_targets, config.lora_o_input)
     lora_params = list(adapters.parameters())
-    scored = torch.zeros(len(tokens), dtype=torch.bool)
+    scored = torch.zeros(len(tokens), dtype=torch.bool)  # by this rank
+    elsewhere = torch.zeros(len(tokens), dtype=torch.bool)  # by other ranks, as of the last phase pause
     session.position_nll = torch.full((len(tokens),), math.nan, dtype=torch.float64)
     thresholds = sorted({config.prefix_docs * (i + 1) // config.phases for i in range(config.phases)} - {0}) \
         if config.prefix_docs else []
-    done: list[int] = []
     base_params = list(model.parameters())
 
     def score(positions: torch.Tensor, logits: torch.Tensor, ranges: list[tuple[int, int]]) -> None:
@@ -580,29 +582,56 @@ def ttt_batched(session: TTTSession, score_logits: Callable | None, on_update: C
         session.position_nll[cpu] = nll.detach().to("cpu", torch.float64)
 
     def update(start: int, end: int) -> None:
-        if not bool(scored[start:end].all()):
+        if not bool((scored[start:end] | elsewhere[start:end]).all()):
             raise ComplianceError(f"TTT would train on targets [{start}, {end}) before scoring them (C3)")
         session.result.events.append(("update", start, end))
         if on_update is not None:
             on_update(start, end)
 
-    for batch_index, batch in enumerate(batches):
-        adapters.reset_b()
-        if not config.lora_warm_start and batch_index:
-            adapters.reset_a()
-        optimizer = torch.optim.AdamW(lora_params, lr=config.lr, betas=(config.momentum, TTT_ADAM_BETA2),
-                                      eps=TTT_ADAM_EPS, weight_decay=config.lora_weight_decay)
-        ttt_batch(session, adapted, lora_params, optimizer, [spans[d] for d in batch], window, score, update)
-        done += batch
-        if thresholds and len(done) >= thresholds[0] and batch_index < len(batches) - 1:
+    # Several ranks take the batches round-robin (rank r: batches r, r + W, ...), each with its own adapters, in
+    # rounds of W batches; the phase pauses fall between rounds, on every rank at once (the count of scored
+    # documents after a round is known to all without communication).
+    rank, world = session.rank, session.world_size
+    rounds = (len(batches) + world - 1) // world
+    for round_index in range(rounds):
+        batch_index = round_index * world + rank
+        if batch_index < len(batches):
+            adapters.reset_b()
+            if not config.lora_warm_start:
+                adapters.reset_a(batch_index)
+            optimizer = torch.optim.AdamW(lora_params, lr=config.lr, betas=(config.momentum, TTT_ADAM_BETA2),
+                                          eps=TTT_ADAM_EPS, weight_decay=config.lora_weight_decay)
+            spans_here = [spans[d] for d in batches[batch_index]]
+            ttt_batch(session, adapted, lora_params, optimizer, spans_here, window, score, update)
+        done = [d for batch in batches[: (round_index + 1) * world] for d in batch]
+        if thresholds and len(done) >= thresholds[0] and round_index < rounds - 1:
             while thresholds and len(done) >= thresholds[0]:
                 thresholds.pop(0)
+            elsewhere = ranks_union(scored, session) & ~scored  # other ranks' documents, for the C3 check
             ttt_phase_sgd(session, base_params, sorted(spans[d] for d in done), update)
             adapters.reset_b()
         session.report_batched(int(scored.sum()))
     adapted.remove()
-    if not bool(scored[1:].all()):
-        raise ComplianceError(f"batched TTT left {int((~scored[1:]).sum())} targets unscored (C4)")
+    times = ranks_sum(scored, session)
+    if bool((times[1:] > 1).any()):
+        raise ComplianceError(f"batched TTT scored {int((times[1:] > 1).sum())} targets on several ranks (C4)")
+    if not bool((times[1:] == 1).all()):
+        raise ComplianceError(f"batched TTT left {int((times[1:] == 0).sum())} targets unscored (C4)")
+
+
+def ranks_sum(scored: torch.Tensor, session: TTTSession) -> torch.Tensor:
+    """How many ranks scored each target (this rank's mask alone in one process)."""
+    count = scored.to(torch.int32)
+    if session.world_size == 1:
+        return count
+    count = count.to(session.device)
+    torch.distributed.all_reduce(count)
+    return count.cpu()
+
+
+def ranks_union(scored: torch.Tensor, session: TTTSession) -> torch.Tensor:
+    """The targets any rank has scored."""
+    return ranks_sum(scored, session) > 0
 
 
 def ttt_batch(session: TTTSession, adapted: AdaptedModel, params, optimizer, spans, window: int, score, update):
@@ -696,13 +725,20 @@ def ttt_phase_sgd(session: TTTSession, base_params, spans, update) -> None:
     optimizer = torch.optim.SGD(base_params, lr=config.phase_lr, momentum=config.phase_momentum)
     model.train()
     began = time.perf_counter()
+    world = session.world_size
     for index, group in enumerate(groups):
         for param_group in optimizer.param_groups:
             param_group["lr"] = ttt_cosine_lr(config.phase_lr, index, len(groups))
         for _ in range(config.phase_epochs):
-            for batch in group:
+            # One step per W batches under W ranks (rank r takes the r-th), gradients averaged: the base weights
+            # stay identical on every rank.
+            for first in range(0, len(group), world):
                 optimizer.zero_grad(set_to_none=True)
-                session.batch_loss(batch).backward()
+                mine = first + session.rank
+                if mine < len(group):
+                    session.batch_loss(group[mine]).backward()
+                if world > 1:
+                    average_gradients(base_params, min(world, len(group) - first))
                 if config.grad_clip:
                     torch.nn.utils.clip_grad_norm_(base_params, config.grad_clip)
                 optimizer.step()
@@ -710,6 +746,15 @@ def ttt_phase_sgd(session: TTTSession, base_params, spans, update) -> None:
     for p in base_params:
         p.requires_grad_(False)
     session.result.train_seconds += time.perf_counter() - began
+
+
+def average_gradients(params, contributors: int) -> None:
+    """Sum each gradient over ranks and divide by the ranks that had a batch (a rank without one adds zeros)."""
+    for param in params:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        torch.distributed.all_reduce(param.grad)
+        param.grad /= contributors
 
 
 def check_batched_usage(ngram) -> None:
@@ -721,7 +766,7 @@ def check_batched_usage(ngram) -> None:
 def run_ttt(model: nn.Module, tokens: torch.Tensor, config: TTTConfig, score_chunk: TTTScoreChunk,
             train_seq_len: int, device, progress: Callable[[str], None] | None = None,
             score_logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-            on_update: Callable[[int, int], None] | None = None) -> TTTResult:
+            on_update: Callable[[int, int], None] | None = None, rank: int = 0, world_size: int = 1) -> TTTResult:
     """Score every target of `tokens` (positions 1..N-1) score-first with TTT per `config`.
 
     score_chunk(model, tokens, start, end) returns the float64 NLL [end - start] of the targets start..end-1
@@ -730,7 +775,10 @@ def run_ttt(model: nn.Module, tokens: torch.Tensor, config: TTTConfig, score_chu
 
     The batched mode scores its own document windows, out of stream order: score_logits(positions, logits)
     scores the targets at `positions` from their logits [n, V] and returns their float64 NLL (None: plain
-    cross-entropy), and on_update(start, end) hears of each update of the targets [start, end) as it happens."""
+    cross-entropy), and on_update(start, end) hears of each update of the targets [start, end) as it happens.
+    It alone runs on several ranks (`rank` of `world_size`, torch.distributed initialized): each scores its
+    share of the document batches, so result.nll holds NaN where other ranks scored; the other modes adapt one
+    model through the whole stream and run in one process."""
     if len(tokens) < 2:
         raise UsageError(f"TTT needs at least 2 tokens, got {len(tokens)}")
     max_seq_len = model.config.max_seq_len
@@ -738,7 +786,10 @@ def run_ttt(model: nn.Module, tokens: torch.Tensor, config: TTTConfig, score_chu
         raise UsageError(f"train_seq_len {train_seq_len}: must be in [1, max_seq_len {max_seq_len}]")
     if config.freeze_blocks > model.layout.num_blocks:
         raise UsageError(f"freeze_blocks {config.freeze_blocks} > the model's {model.layout.num_blocks} blocks")
-    session = TTTSession(model, tokens, config, score_chunk, train_seq_len, device, progress)
+    if world_size > 1 and config.mode != "batched":
+        raise UsageError(f"TTT mode {config.mode} runs in one process (its weights follow the whole stream); "
+                         f"only batched splits over {world_size} ranks")
+    session = TTTSession(model, tokens, config, score_chunk, train_seq_len, device, progress, rank, world_size)
     if config.mode == "batched":
         ttt_batched(session, score_logits, on_update)
     elif config.mode in ("sgd", "adamw"):

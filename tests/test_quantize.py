@@ -285,7 +285,8 @@ def test_bad_inputs_exit_with_documented_codes(trained_dir, capsys, tmp_path):
     unknown = run_cli(capsys, "quantize", trained_dir, "--plan", "int4", "--out", tmp_path / "a")
     assert unknown.returncode == 2
     assert (
-        "unknown plan 'int4' (valid: center-out-int5, int6, int6-fp16emb, int6-sdclip-fit, int8, record-int6, sensitivity-int5"
+        "unknown plan 'int4' (valid: center-out-int5, int6, int6-fp16emb, int6-sdclip-fit, int8, record-int6, "
+        "sensitivity-int5"
         in unknown.stderr
     )
     typo = tmp_path / "typo.toml"

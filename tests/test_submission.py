@@ -41,7 +41,7 @@ NON_DEFAULT = {
         scalar_weight_decay=0.02, min_lr=0.1, enable_looping_at=0.35,
         adam_beta1=0.8, adam_beta2=0.99, adam_eps=1e-9, grad_clip_norm=0.3, ema_decay=0.997, ema_start_frac=0.2,
         qat_bits=6, qat_mlp_bits=5, qat_start_frac=0.6, seed=42, val_every=13, log_every=17, checkpoint_every=19,
-        compile="off"),
+        compile="off", gptq_calibration_batches=2, gptq_reserve_seconds=1.5),
     "quantize": QuantizeConfig(
         plan="center-out-int5", clip="gptq", target_bytes=15_900_000, code_bytes=50_000, codec="zstd",
         keep_float_numel=1024, calib_tokens=4096, calib_seq_len=128, gptq_damp=0.05, gptq_block=64, device="cpu",
@@ -57,14 +57,18 @@ NON_DEFAULT = {
         phase_momentum=0.8, phase_epochs=2, phase_chunk_tokens=1024, eval_seq_len=1024, lora_o_input="attn",
         batched_targets=("q", "head")),
 }
+# The n-gram cache and the token tilt are alternatives (both at once would be a two-point sweep, which bundle
+# refuses), so the tilt's fields round-trip in a second eval config.
+TILT_EVAL = dataclasses.replace(NON_DEFAULT["eval"], ngram_order=(), alpha=(0.4,), tilt_order=(4,), tilt_boost=(0.5,),
+                                tilt_threshold=(0.8,), tilt_min_count=3, tilt_gamma=1.0)
 PLAN = PlanSpec(name="my-plan.toml", default="int6", embedding="int7", tensors=(("blocks.*.mlp.*", "int5"),),
                 clip="gptq-lite", scale_floor="challenge", demote="sensitivity", demote_to="int5",
                 description="a plan file")
 
 
-def manifests():
+def manifests(non_default=NON_DEFAULT):
     """The manifests' config sections as pgolf's stages write them."""
-    configs = {key: to_dict(config) for key, config in NON_DEFAULT.items()}
+    configs = {key: to_dict(config) for key, config in non_default.items()}
     train = {"config": {"preset": None, "model": configs["model"], "train": configs["train"]},
              "metrics": {"tokenizer_sha256": "ab" * 32}}
     evaluation = {"config": {"eval": configs["eval"], "ttt": configs["ttt"], "weights": "export"}}
@@ -83,16 +87,20 @@ def test_every_field_is_away_from_its_default():
     assert set(NON_DEFAULT) == set(SUBMISSION_CONFIGS)
     for key, config in NON_DEFAULT.items():
         default = type(config)()
-        same = [f.name for f in dataclasses.fields(config) if getattr(config, f.name) == getattr(default, f.name)]
+        others = [TILT_EVAL] if key == "eval" else []
+        same = [f.name for f in dataclasses.fields(config)
+                if all(getattr(c, f.name) == getattr(default, f.name) for c in [config, *others])]
         assert not same, f"{key}: give {same} a non-default value here so the round trip covers them"
 
 
-def test_every_config_field_round_trips_into_the_bundled_script():
-    baked = baked_settings(*manifests())
+@pytest.mark.parametrize("evaluation", ["ngram", "tilt"])
+def test_every_config_field_round_trips_into_the_bundled_script(evaluation):
+    non_default = NON_DEFAULT if evaluation == "ngram" else {**NON_DEFAULT, "eval": TILT_EVAL}
+    baked = baked_settings(*manifests(non_default))
     script = bundle_source(baked, "round trip")
     in_script = baked_in_script(script)
     assert in_script == baked
-    assert submission_configs(in_script) == NON_DEFAULT
+    assert submission_configs(in_script) == non_default
     spec = plan_from_mapping(in_script["plan"], "BAKED['plan']")
     assert spec == dataclasses.replace(PLAN, clip="gptq")
     assert in_script["tokenizer_sha256"] == "ab" * 32
