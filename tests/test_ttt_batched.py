@@ -71,6 +71,65 @@ def test_with_b_zero_the_adapted_forward_is_the_models_forward_exactly(tied):
         adapters.reset_b()
 
 
+def test_a_slice_of_documents_and_selected_positions_are_the_full_forwards_rows():
+    model = record_model()
+    inputs = torch.randint(0, 64, (3, 20))
+    forward, adapters = adapted(model, 4)
+    with torch.no_grad():
+        for b in adapters.b.values():
+            b.normal_()
+    full = forward.logits(inputs, torch.tensor([1, 2, 3]))
+    assert torch.equal(forward.logits(inputs, slice(1, 4)), full)
+    select = torch.tensor([[0, 5, 19], [7, 7, 7], [18, 2, 3]])
+    picked = forward.logits(inputs, slice(1, 4), select)
+    expected = torch.stack([full[i, select[i]] for i in range(3)])
+    torch.testing.assert_close(picked, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_a_documents_ttt_is_the_same_alone_or_in_a_ragged_batch(monkeypatch):
+    """Adapters, AdamW and the per-document loss are all per document, so batching (ragged lengths: rows padded,
+    finished documents dropped, logits taken at each row's chunk only) changes nothing when every document's A
+    starts the same. Two epochs: the second forward reuses the chunk's rows."""
+    model = record_model()
+    tokens = stream([37, 9, 21, 30, 16])
+
+    def same_a_for_every_document(self, batch_index):
+        generator = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            for a in self.a.values():
+                a.copy_(torch.rand(a.shape[1:], generator=generator, dtype=a.dtype)[None] - 0.5)
+
+    monkeypatch.setattr(BatchedAdapters, "reset_a", same_a_for_every_document)
+    runs = {docs: run_ttt(model, tokens, config(lora_batch_docs=docs, lora_warm_start=False, epochs=2, lr=0.01),
+                          None, 16, "cpu") for docs in (1, 5)}
+    assert runs[5].steps < runs[1].steps
+    torch.testing.assert_close(runs[5].nll, runs[1].nll, rtol=1e-9, atol=1e-9)
+    untrained = run_ttt(model, tokens, config(lora_batch_docs=5, epochs=0), None, 16, "cpu")
+    assert (untrained.nll - runs[5].nll).abs().max() > 1e-3  # the adapters did train
+    # The longest document by the algorithm's definition: score chunk ci from its window's full logits, then
+    # train `epochs` AdamW steps on that chunk's mean loss (not after the last chunk).
+    settings = config(lora_batch_docs=1, lora_warm_start=False, epochs=2, lr=0.01)
+    start, end = ttt_document_spans(tokens)[0]
+    forward, adapters = adapted(model, 1)
+    forward.adapters = adapters = BatchedAdapters(model, TARGETS, settings.lora_rank, settings.lora_alpha, 1,
+                                                  len(model.layout.execution))
+    optimizer = torch.optim.AdamW(adapters.parameters(), lr=settings.lr, betas=(0.0, batched.TTT_ADAM_BETA2),
+                                  eps=batched.TTT_ADAM_EPS, weight_decay=settings.lora_weight_decay)
+    length, chunks, expected = end - start, -(-(end - start) // 8), []
+    for ci in range(chunks):
+        win_start, win_len, offset, count = chunk_window(ci, length, chunks, 8, 16)
+        window = tokens[start - 1 + win_start : start + win_start + win_len].long()
+        for epoch in range(settings.epochs if ci < chunks - 1 else 1):
+            nll = F.cross_entropy(forward.logits(window[None, :-1], slice(0, 1))[0], window[1:], reduction="none")
+            if epoch == 0:
+                expected.append(nll[offset : offset + count].detach())
+            if ci < chunks - 1:
+                optimizer.zero_grad()
+                nll[offset : offset + count].mean().backward()
+                optimizer.step()
+    torch.testing.assert_close(runs[5].nll[start - 1 : end - 1], torch.cat(expected), rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.parametrize("o_input", ["input", "attn"])
 def test_adapters_read_what_the_records_feed_them(monkeypatch, o_input):
     model = record_model()
