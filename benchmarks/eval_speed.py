@@ -24,12 +24,14 @@ import dataclasses
 import json
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
+import pgolf
 from pgolf.bpb import build_byte_tables, load_tokenizer
-from pgolf.config import load_preset
+from pgolf.config import load_preset, preset_names, resolve
 from pgolf.model import GPT, ModelConfig, build_model
 from pgolf.ngram import NgramConfig
 from pgolf.scoring import EvalModel, EvalPlan, ngram_name, score_stream, warm_up
@@ -77,11 +79,12 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=0, help="window length (0 = the model's max_seq_len)")
     parser.add_argument("--stride", type=int, default=64)
     parser.add_argument("--batch-seqs", type=int, default=32)
-    parser.add_argument("--orders", default="3,5,7")
+    parser.add_argument("--orders", default="3,5,7", help="n-gram orders of the grid ('' = no grid)")
     parser.add_argument("--alphas", default="0.2,0.4")
     parser.add_argument("--alpha-modes", default="fixed", help="fixed, entropy or both (the grid's third axis)")
     parser.add_argument("--buckets", type=int, default=65536)
-    parser.add_argument("--ttt-mode", default="sgd", help="sgd, adamw, lora, phased, or none")
+    parser.add_argument("--ttt-mode", default="sgd",
+                        help="sgd, adamw, lora, phased, batched, a named setting (record-0416, record-1790), or none")
     parser.add_argument("--ttt-chunk-tokens", type=int, default=0, help="0 = the mode's default")
     parser.add_argument("--no-compile", action="store_true")
     args = parser.parse_args()
@@ -96,6 +99,7 @@ def main() -> None:
     seq_len = args.seq_len or config.max_seq_len
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     context = {"model": description, "device": str(device), "gpu": gpu, "torch": torch.__version__,
+               "pgolf": str(Path(pgolf.__file__).parent.resolve()),
                "val_tokens": len(tokens), "seq_len": seq_len, "batch_seqs": args.batch_seqs}
 
     eval_model = EvalModel(model, compile=device.type == "cuda" and not args.no_compile)
@@ -113,7 +117,7 @@ def main() -> None:
     plain_bpb = sliding["model"].val_bpb
 
     grid = [NgramConfig(int(order), float(alpha), mode, buckets=args.buckets) for mode in args.alpha_modes.split(",")
-            for order in args.orders.split(",") for alpha in args.alphas.split(",")]
+            for order in args.orders.split(",") if order for alpha in args.alphas.split(",")]
     if grid:
         swept, sweep_seconds = timed_pass(eval_model, tokens, sliding_plan, tables, device, ngram=grid)
         points = {ngram_name(c): swept[ngram_name(c)].val_bpb for c in grid}
@@ -139,10 +143,12 @@ def main() -> None:
               cache_bytes_per_target / 2**30}, context)
 
     if args.ttt_mode != "none":
-        settings = {"mode": args.ttt_mode}
+        named = args.ttt_mode in preset_names("ttt")
+        settings = {} if named else {"mode": args.ttt_mode}
         if args.ttt_chunk_tokens:
             settings["chunk_tokens"] = args.ttt_chunk_tokens
-        ttt_config = TTTConfig(**settings)
+        ttt_config, _ = resolve(TTTConfig, kind="ttt", preset=args.ttt_mode if named else None, env={},
+                                overrides=settings)
         started = time.perf_counter()
         result = score_stream(eval_model, tokens, sliding_plan, tables, device, ttt_config=ttt_config)
         totals = result.totals["model"]

@@ -7,6 +7,10 @@
 #            ALPHA_MODES=fixed,entropy adds the entropy-adaptive weights to the grid (12 points)
 #   codecs   the blob's size under every codec layout (one CPU process per codec, beside the GPU steps)
 #   sliding  `pgolf eval` of the blob, stride 64 on the whole val split (the artifact's headline score)
+#   ttt      eval_speed.py's flat + stride-64 sliding passes, then TTT_MODE (default record-1790: doc-batched LoRA +
+#            phased SGD) on the first VAL_TOKENS val tokens: its gain over sliding from the same call, seconds;
+#            with PGOLF_PREV=DIR (an older pgolf's source tree carried in .devdata) the same first under that
+#            pgolf, for the speed of a TTT change against its baseline in one call
 #   bash benchmarks/protocol_eval.sh        (on the GPU machine, with .whl and .devdata carried)
 #   STEPS=speed VAL_TOKENS=1048576 RUN=a bash benchmarks/protocol_eval.sh
 source benchmarks/gpu_setup.sh || exit 1
@@ -25,6 +29,12 @@ for step in $STEPS; do case $step in
   codecs) ;;  # started above
   sliding) python3 -m pgolf eval $B --data $DATA --sliding-stride 64 --out artifacts/$RUN/eval-s64 --force --json \
       > $RES/$RUN-eval_s64.json 2> $RES/$RUN-eval_s64.log; tail -3 $RES/$RUN-eval_s64.log ;;
-  *) echo "protocol_eval.sh: unknown step $step (speed, codecs, sliding)"; exit 2 ;;
+  ttt) for tree in ${PGOLF_PREV:+prev} now; do
+      [ $tree = prev ] && path=$PGOLF_PREV || path=.
+      PYTHONPATH=$path python3 benchmarks/eval_speed.py --data $DATA --artifact $B --stride 64 --orders '' \
+        --ttt-mode "${TTT_MODE:-record-1790}" --val-tokens "${VAL_TOKENS:-0}" > $RES/$RUN-ttt-$tree.jsonl \
+        2> $RES/$RUN-ttt-$tree.log
+      tail -2 $RES/$RUN-ttt-$tree.log; cut -c1-400 $RES/$RUN-ttt-$tree.jsonl; done ;;
+  *) echo "protocol_eval.sh: unknown step $step (speed, codecs, sliding, ttt)"; exit 2 ;;
 esac; done
 [ -z "$CODECS" ] || wait $CODECS
