@@ -44,11 +44,23 @@ def read_toml(path: Path) -> dict:
         raise UsageError(f"{path}: invalid TOML ({e})") from None
 
 
-def load_preset(kind: str, name: str) -> dict:
+def load_preset(kind: str, name: str, _children: tuple[str, ...] = ()) -> dict:
+    """A preset's settings. `base = "other"` at its top builds on another preset of the same kind: the base's
+    tables, with this preset's keys replacing the base's key by key."""
     path = PRESETS / kind / f"{name}.toml"
     if not path.is_file():
         raise UsageError(f"unknown {kind} preset '{name}' (valid: {', '.join(preset_names(kind))})")
-    return read_toml(path)
+    layer = read_toml(path)
+    base = layer.pop("base", None)
+    if base is None:
+        return layer
+    if not isinstance(base, str) or base in (*_children, name):
+        raise UsageError(f"{path}: base = {base!r} is not another {kind} preset's name (or it builds on this one)")
+    merged = load_preset(kind, base, (*_children, name))
+    for key, value in layer.items():
+        merged[key] = {**merged[key], **value} if isinstance(value, dict) and isinstance(merged.get(key), dict) \
+            else value
+    return merged
 
 
 def field_types(cls) -> dict[str, type]:

@@ -183,8 +183,8 @@ class TrainConfig:
         need(self.gptq_reserve_seconds >= 0, "gptq_reserve_seconds", ">= 0")
         need(self.gptq_reserve_seconds == 0 or self.gptq_calibration_batches > 0, "gptq_reserve_seconds",
              "0 unless gptq_calibration_batches > 0")
-        need(self.gptq_reserve_seconds == 0 or self.gptq_reserve_seconds < self.wallclock_seconds,
-             "gptq_reserve_seconds", "below wallclock_seconds")
+        need(self.gptq_reserve_seconds < self.wallclock_seconds or not self.wallclock_seconds,
+             "gptq_reserve_seconds", "below wallclock_seconds (unused without a wallclock budget)")
         for name in ("val_every", "log_every", "checkpoint_every"):
             need(getattr(self, name) >= 0, name, ">= 0")
         need(self.compile in COMPILE_MODES, "compile", f"one of {', '.join(COMPILE_MODES)}")

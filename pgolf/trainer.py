@@ -65,7 +65,8 @@ class Schedule:
     def __init__(self, config: TrainConfig):
         self.config = config
         # The GPTQ reserve comes off the top: calibration after the last step stays inside wallclock_seconds.
-        self.wallclock_ms = 1000.0 * (config.wallclock_seconds - config.gptq_reserve_seconds)
+        self.wallclock_ms = 1000.0 * (config.wallclock_seconds - config.gptq_reserve_seconds) \
+            if config.wallclock_seconds else 0.0
 
     def progress(self, step: int, elapsed_ms: float) -> float:
         progress = step / self.config.iterations

@@ -122,3 +122,6 @@ def test_the_reserve_comes_off_the_training_clock():
         TrainConfig(gptq_reserve_seconds=5)  # a reserve without calibration
     with pytest.raises(ValueError, match="gptq_reserve_seconds"):
         TrainConfig(wallclock_seconds=10, gptq_calibration_batches=1, gptq_reserve_seconds=10)
+    # Without a wallclock budget (an iteration count ends the run) a preset's reserve is simply unused.
+    unbounded = TrainConfig(wallclock_seconds=0, gptq_calibration_batches=1, gptq_reserve_seconds=10)
+    assert Schedule(unbounded).wallclock_ms == 0

@@ -540,16 +540,20 @@ def test_a_zero_token_train_shard_is_refused_instead_of_hanging(broken_data, tmp
                  "--out", tmp_path / "o")
 
 
+# The record stack shrunk to CPU size (a --config layer over record-0416 / sp8192-300s).
+RECORD_SHRINK = ("[model]\nvocab_size = 1024\nnum_layers = 7\nmodel_dim = 32\nnum_heads = 2\nnum_kv_heads = 1\n"
+                 "parallel_start_layer = 6\nmax_seq_len = 64\n"
+                 "[train]\nbatch_tokens = 512\nmicro_batch_tokens = 512\nseq_len = 64\niterations = 6\n"
+                 "wallclock_seconds = 0\nwarmup_steps = 0\nenable_looping_at = 0.5\nval_every = 0\n"
+                 "muon_momentum_warmup_steps = 3\ncompile = \"off\"\n")
+
+
 def test_record_preset_trains_end_to_end_at_tiny_size(tiny_data_dir, tmp_path):
     """record-0416's whole training configuration (document isolation, the loop switch, MuonEq-R, AdamW decay,
     EMA, skip gates, lanes, both gates), shrunk by overrides to CPU size, through the CLI: it trains, the loops
     come on at half the run, and the exported weights score."""
     shrink = tmp_path / "shrink.toml"
-    shrink.write_text("[model]\nvocab_size = 1024\nnum_layers = 7\nmodel_dim = 32\nnum_heads = 2\nnum_kv_heads = 1\n"
-                      "parallel_start_layer = 6\nmax_seq_len = 64\n"
-                      "[train]\nbatch_tokens = 512\nmicro_batch_tokens = 512\nseq_len = 64\niterations = 6\n"
-                      "wallclock_seconds = 0\nwarmup_steps = 0\nenable_looping_at = 0.5\nval_every = 0\n"
-                      "muon_momentum_warmup_steps = 3\ncompile = \"off\"\n")
+    shrink.write_text(RECORD_SHRINK)
     out = tmp_path / "train"
     assert run_main("train", tiny_data_dir, "--preset", "record-0416", "--config", shrink, "--out", out) == 0
     metrics = json.loads((out / "manifest.json").read_text())["metrics"]
@@ -558,3 +562,18 @@ def test_record_preset_trains_end_to_end_at_tiny_size(tiny_data_dir, tmp_path):
     config = json.loads((out / "manifest.json").read_text())["config"]
     assert config["train"]["isolate_documents"] and config["train"]["muon_row_normalize"]
     assert config["model"]["num_loops"] == 2 and config["model"]["smear_gate_width"] == 12
+
+
+def test_sp8192_300s_trains_and_saves_its_gptq_hessians_at_tiny_size(tiny_data_dir, tmp_path):
+    """The one-GPU record preset through the CLI at CPU size: causal training attention, no EMA, and the GPTQ
+    Hessians of its 16 calibration micro-batches beside the checkpoint."""
+    shrink = tmp_path / "shrink.toml"
+    shrink.write_text(RECORD_SHRINK.replace("muon_momentum_warmup_steps = 3\n", ""))
+    out = tmp_path / "train"
+    assert run_main("train", tiny_data_dir, "--preset", "sp8192-300s", "--config", shrink, "--out", out) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["metrics"]["steps"] == 6 and manifest["metrics"]["looping_enabled_step"] == 3
+    assert manifest["metrics"]["gptq_calibration"]["batches"] == 16
+    assert not manifest["config"]["train"]["isolate_documents"] and manifest["config"]["train"]["ema_decay"] == 0
+    assert "gptq_hessians" in {entry["role"] for entry in manifest["outputs"]}
+

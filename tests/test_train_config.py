@@ -69,6 +69,36 @@ def test_record_presets_are_the_04_16_stack():
     assert dataclasses.replace(model_1790, attn_out_gate_width=12) == model and model_1790.attn_out_gate_width == 24
 
 
+def test_sp8192_300s_is_record_0416_with_the_one_gpu_changes():
+    record_model, record_train, _ = resolve_configs("record-0416", env={})
+    model, train, _ = resolve_configs("sp8192-300s", env={})
+    assert model == record_model
+    changed = {f.name for f in dataclasses.fields(train) if getattr(train, f.name) != getattr(record_train, f.name)}
+    assert changed == {"wallclock_seconds", "batch_tokens", "isolate_documents",
+                       "muon_momentum_warmup_frac", "muon_weight_decay", "ema_decay", "gptq_calibration_batches",
+                       "gptq_reserve_seconds", "val_every", "log_every"}
+    assert (train.batch_tokens, train.accumulation_steps(1), train.wallclock_seconds, train.ema_decay) == \
+        (98_304, 1, 300.0, 0.0)
+
+
+def test_a_preset_builds_on_its_base_key_by_key(tmp_path, monkeypatch):
+    import pgolf.config
+
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "parent.toml").write_text('[model]\nnum_layers = 3\nmodel_dim = 64\n[train]\nseed = 4\n')
+    (tmp_path / "train" / "child.toml").write_text('base = "parent"\n[model]\nmodel_dim = 32\n')
+    (tmp_path / "train" / "loop.toml").write_text('base = "loop2"\n')
+    (tmp_path / "train" / "loop2.toml").write_text('base = "loop"\n')
+    (tmp_path / "train" / "orphan.toml").write_text('base = "nowhere"\n')
+    monkeypatch.setattr(pgolf.config, "PRESETS", tmp_path)
+    assert pgolf.config.load_preset("train", "child") == {"model": {"num_layers": 3, "model_dim": 32},
+                                                          "train": {"seed": 4}}
+    with pytest.raises(UsageError, match="loop2.toml: base = 'loop' is not another train preset's name"):
+        pgolf.config.load_preset("train", "loop")
+    with pytest.raises(UsageError, match="unknown train preset 'nowhere'"):
+        pgolf.config.load_preset("train", "orphan")
+
+
 def test_challenge_env_names_and_precedence():
     env = {"ITERATIONS": "77", "NUM_LAYERS": "3", "MAX_WALLCLOCK_SECONDS": "300", "PGOLF_SEED": "5",
            "TRAIN_SEQ_LEN": "2048", "MATRIX_LR": "0.02"}
