@@ -4,6 +4,7 @@ EMA, determinism, a 2-process gloo run, SIGTERM + --resume, QAT under torch.comp
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -576,4 +577,17 @@ def test_sp8192_300s_trains_and_saves_its_gptq_hessians_at_tiny_size(tiny_data_d
     assert manifest["metrics"]["gptq_calibration"]["batches"] == 16
     assert not manifest["config"]["train"]["isolate_documents"] and manifest["config"]["train"]["ema_decay"] == 0
     assert "gptq_hessians" in {entry["role"] for entry in manifest["outputs"]}
+    # Exported as the records do, from those Hessians (no train data read): every block matrix int6 (none int5),
+    # the tied embedding int7, the gates int8; the quantized model scores.
+    quantized = tmp_path / "q"
+    assert run_main("quantize", out, "--plan", "record-int6", "--keep-float-numel", "256", "--out", quantized) == 0
+    result = json.loads((quantized / "manifest.json").read_text())["metrics"]
+    assert result["calibration"]["source"] == "train"
+    schemes = {name: entry["scheme"] for name, entry in result["tensors"].items()}
+    assert schemes["tok_emb.weight"] == "int7" and "int5" not in schemes.values()
+    assert all(scheme == "int6" for name, scheme in schemes.items() if re.fullmatch(r"blocks\.\d+\..*\.weight", name)
+               and "gate" not in name)
+    assert {scheme for name, scheme in schemes.items() if "gate" in name} <= {"int8-gate", "fp32"}
+    assert run_main("eval", quantized, "--data", tiny_data_dir, "--out", tmp_path / "eval") == 0
+    assert math.isfinite(json.loads((tmp_path / "eval" / "results.json").read_text())["val_bpb"])
 
