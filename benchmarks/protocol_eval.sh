@@ -31,7 +31,7 @@ for step in $STEPS; do case $step in
       > $RES/$RUN-eval_s64.json 2> $RES/$RUN-eval_s64.log; tail -3 $RES/$RUN-eval_s64.log ;;
   ttt) for tree in ${PGOLF_PREV:+prev} now; do
       [ $tree = prev ] && path=$PGOLF_PREV || path=.
-      PYTHONPATH=$path python3 benchmarks/eval_speed.py --data $DATA --artifact $B --stride 64 --orders '' \
+      PYTHONPATH=$path${PYTHONPATH:+:$PYTHONPATH} python3 benchmarks/eval_speed.py --data $DATA --artifact $B --stride 64 --orders '' \
         --ttt-mode "${TTT_MODE:-record-1790}" --val-tokens "${VAL_TOKENS:-0}" > $RES/$RUN-ttt-$tree.jsonl \
         2> $RES/$RUN-ttt-$tree.log
       tail -2 $RES/$RUN-ttt-$tree.log; cut -c1-400 $RES/$RUN-ttt-$tree.jsonl; done ;;
