@@ -33,7 +33,7 @@ from pgolf.ngram import NgramConfig, TiltConfig
 from pgolf.scoring import EvalModel, EvalPlan, ngram_name, score_stream, warm_up
 from pgolf.shards import BOS_ID, load_split, open_dataset
 from pgolf.stage_model import check_tokenizer_match, load_stage_model
-from pgolf.ttt import TTTConfig
+from pgolf.ttt import TTTConfig, batched_seconds_on
 
 PROGRESS_SECONDS = 15.0
 
@@ -222,13 +222,18 @@ def run_compliance(model, data: ValData, plan: EvalPlan, grid, ttt_settings, dis
     return checks
 
 
-def ttt_summary(settings: TTTConfig | None, result) -> dict | None:
+def ttt_summary(settings: TTTConfig | None, result, gpus: int, world_size: int) -> dict | None:
+    """TTT's settings and figures; batched mode adds its schedule's seconds here and on `gpus` GPUs."""
     if settings is None:
         return None
     summary = {"config": to_dict(settings)}
     if result is not None:
         summary.update(train_seconds=result.train_seconds, score_seconds=result.score_seconds,
                        steps=result.steps, updates=sum(1 for event in result.events if event[0] == "update"))
+        if result.segments:
+            summary["schedule"] = {"batches": len(result.batch_seconds), "segments": len(result.segments),
+                                   "phase_seconds": result.phase_seconds, "measured_seconds": result.loop_seconds,
+                                   "gpus": gpus, "estimated_seconds": batched_seconds_on(result, gpus, world_size)}
     return summary
 
 
@@ -255,26 +260,33 @@ def score_model(model, config: EvalConfig, ttt_settings: TTTConfig | None, data:
         "model_val_bpb": totals["model"].val_bpb,
         "ngram": point_settings(grid[0]) if len(grid) == 1 else None,
         "sweep": sweep_rows(totals, grid) if len(grid) > 1 else None,
-        "ttt": ttt_summary(ttt_settings, passed.ttt),
+        "ttt": ttt_summary(ttt_settings, passed.ttt, config.budget_gpus, dist_info.world_size),
         "timers": {"warmup_seconds": warmup_seconds, "eval_seconds": passed.eval_seconds},
         "tokens_per_second": primary.targets / max(passed.eval_seconds, 1e-9),
     }
 
 
-def estimate_eval_seconds(timers: dict, world_size: int, gpus: int, serial: bool = False) -> float:
+def estimate_eval_seconds(timers: dict, world_size: int, gpus: int, serial: bool = False,
+                          schedule: dict | None = None) -> float:
     """The eval's wall time on `gpus` GPUs from this run's timers on `world_size` ranks: the fixed costs (load,
     warm-up: every GPU pays them in parallel) plus the scored pass scaled by world_size / gpus (each rank scores
     its share, so per-GPU work is proportional to 1 / ranks). `serial`: the pass runs on one rank whatever the
-    world size (pgolf's TTT), so it is not scaled."""
+    world size (pgolf's TTT), so it is not scaled. `schedule` (batched TTT's, for these `gpus`): its batches and
+    phases take its estimate (the busiest GPU's batches, not an even share), the rest of the pass is scaled."""
     scale = 1.0 if serial else world_size / gpus
-    return timers["load_seconds"] + timers["warmup_seconds"] + timers["eval_seconds"] * scale
+    fixed = timers["load_seconds"] + timers["warmup_seconds"]
+    if schedule is not None:
+        rest = max(timers["eval_seconds"] - schedule["measured_seconds"], 0.0)
+        return fixed + rest * scale + schedule["estimated_seconds"]
+    return fixed + timers["eval_seconds"] * scale
 
 
-def eval_timing(config: EvalConfig, timers: dict, world_size: int, serial: bool) -> dict:
+def eval_timing(config: EvalConfig, timers: dict, world_size: int, serial: bool, ttt: dict | None = None) -> dict:
     """results.json's `timing`: measured (load + warm-up + scored pass incl. TTT; the compliance check is
     pgolf's, not the submission's, so it is left out), the estimate on budget_gpus GPUs, and the budget."""
     measured = timers["load_seconds"] + timers["warmup_seconds"] + timers["eval_seconds"]
-    estimated = estimate_eval_seconds(timers, world_size, config.budget_gpus, serial)
+    schedule = (ttt or {}).get("schedule")
+    estimated = estimate_eval_seconds(timers, world_size, config.budget_gpus, serial, schedule)
     budget = config.time_budget_seconds or None
     return {"measured_seconds": measured, "world_size": world_size, "estimated_seconds": estimated,
             "gpus": config.budget_gpus, "budget_seconds": budget,
@@ -365,7 +377,7 @@ def evaluate(config: EvalConfig, ttt_settings: TTTConfig | None, artifact: Path,
         result["timers"] = {"load_seconds": load_seconds, **scored["timers"],
                             "compliance_seconds": compliance_seconds}
         serial = ttt_settings is not None and ttt_settings.mode != "batched"  # batched TTT splits over ranks
-        result["timing"] = eval_timing(config, result["timers"], dist_info.world_size, serial)
+        result["timing"] = eval_timing(config, result["timers"], dist_info.world_size, serial, result["ttt"])
         if stage is not None:
             write_eval_outputs(stage, result, data_in.dataset, config_files)
     enforce_time_budget(config, result, out, log)

@@ -136,6 +136,14 @@ class TTTResult:
     train_seconds: float = 0.0  # wall time of the training steps
     score_seconds: float = 0.0  # wall time inside score_chunk
     steps: int = 0  # optimizer steps taken
+    # Batched mode's schedule, for the wall time on another GPU count (batched_seconds_on): the phase segments'
+    # batch indices, each batch's estimated cost (batch_cost) and measured seconds (whichever rank ran it), and
+    # the seconds of the phases' global SGD on this run's ranks; loop_seconds: this rank's batches and phases.
+    segments: list[list[int]] = field(default_factory=list)
+    batch_costs: list[int] = field(default_factory=list)
+    batch_seconds: list[float] = field(default_factory=list)
+    phase_seconds: float = 0.0
+    loop_seconds: float = 0.0
 
 
 TTTScoreChunk = Callable[[nn.Module, torch.Tensor, int, int], torch.Tensor]
@@ -596,14 +604,19 @@ def ttt_batched(session: TTTSession, score_logits: Callable | None, on_update: C
         if on_update is not None:
             on_update(start, end)
 
-    # Several ranks take the batches round-robin (rank r: batches r, r + W, ...), each with its own adapters, in
-    # rounds of W batches; the phase pauses fall between rounds, on every rank at once (the count of scored
-    # documents after a round is known to all without communication).
+    # The phase pauses cut the batches into segments. Several ranks share each segment's batches, each rank with
+    # its own adapters, by estimated cost (the same assignment on every rank, no communication), and meet at
+    # the segment's end for the phase's global SGD.
     rank, world = session.rank, session.world_size
-    rounds = (len(batches) + world - 1) // world
-    for round_index in range(rounds):
-        batch_index = round_index * world + rank
-        if batch_index < len(batches):
+    result = session.result
+    result.segments = phase_segments(batches, thresholds)
+    result.batch_costs = [batch_cost([spans[d] for d in batch], config.chunk_tokens, window) for batch in batches]
+    seconds = torch.zeros(len(batches), dtype=torch.float64)
+    loop_began = time.perf_counter()
+    for segment_index, segment in enumerate(result.segments):
+        mine = assign_batches([result.batch_costs[i] for i in segment], world)[rank]
+        for batch_index in (segment[i] for i in mine):
+            began = time.perf_counter()
             adapters.reset_b()
             if not config.lora_warm_start:
                 adapters.reset_a(batch_index)
@@ -613,15 +626,18 @@ def ttt_batched(session: TTTSession, score_logits: Callable | None, on_update: C
                                           fused=True if session.device.type == "cuda" else None)
             spans_here = [spans[d] for d in batches[batch_index]]
             ttt_batch(session, adapted, lora_params, optimizer, spans_here, window, score, update)
-        done = [d for batch in batches[: (round_index + 1) * world] for d in batch]
-        if thresholds and len(done) >= thresholds[0] and round_index < rounds - 1:
-            while thresholds and len(done) >= thresholds[0]:
-                thresholds.pop(0)
+            seconds[batch_index] = time.perf_counter() - began  # ttt_batch synchronizes the GPU per chunk
+            session.report_batched(int(scored.sum()))
+        if segment_index < len(result.segments) - 1:  # a phase pause
+            began = time.perf_counter()
             elsewhere = ranks_union(scored, session) & ~scored  # other ranks' documents, for the C3 check
+            done = [d for batch in batches[: segment[-1] + 1] for d in batch]
             ttt_phase_sgd(session, base_params, sorted(spans[d] for d in done), update)
             adapters.reset_b()
-        session.report_batched(int(scored.sum()))
+            result.phase_seconds += time.perf_counter() - began
+    result.loop_seconds = time.perf_counter() - loop_began
     adapted.remove()
+    result.batch_seconds = ranks_total(seconds, session).tolist()
     times = ranks_sum(scored, session)
     if bool((times[1:] > 1).any()):
         raise ComplianceError(f"batched TTT scored {int((times[1:] > 1).sum())} targets on several ranks (C4)")
@@ -629,19 +645,74 @@ def ttt_batched(session: TTTSession, score_logits: Callable | None, on_update: C
         raise ComplianceError(f"batched TTT left {int((times[1:] == 0).sum())} targets unscored (C4)")
 
 
-def ranks_sum(scored: torch.Tensor, session: TTTSession) -> torch.Tensor:
-    """How many ranks scored each target (this rank's mask alone in one process)."""
-    count = scored.to(torch.int32)
+def ranks_total(values: torch.Tensor, session: TTTSession) -> torch.Tensor:
+    """`values` summed over the ranks (this rank's alone in one process)."""
     if session.world_size == 1:
-        return count
-    count = count.to(session.device)
-    torch.distributed.all_reduce(count)
-    return count.cpu()
+        return values
+    total = values.to(session.device)
+    torch.distributed.all_reduce(total)
+    return total.cpu()
+
+
+def ranks_sum(scored: torch.Tensor, session: TTTSession) -> torch.Tensor:
+    """How many ranks scored each target."""
+    return ranks_total(scored.to(torch.int32), session)
 
 
 def ranks_union(scored: torch.Tensor, session: TTTSession) -> torch.Tensor:
     """The targets any rank has scored."""
     return ranks_sum(scored, session) > 0
+
+
+# A chunk step's fixed cost in processed-token equivalents, for balancing batches over ranks: a step of the
+# records' TTT is launch-bound when few documents are left (session 7 on an H100: ~1,500 steps, mostly of a
+# batch's long tail, and 23 M processed tokens in ~180 s, far beyond those tokens' FLOPs).
+TTT_STEP_COST_TOKENS = 65_536
+
+
+def batch_cost(spans: list[tuple[int, int]], chunk: int, window: int) -> int:
+    """A document batch's estimated cost: per chunk step, the fixed cost plus the tokens its forward processes
+    (the active documents' rows, each as long as the step's context)."""
+    chunks = [(end - start + chunk - 1) // chunk for start, end in spans]
+    return sum(TTT_STEP_COST_TOKENS + sum(count > ci for count in chunks) * min((ci + 1) * chunk, window)
+               for ci in range(max(chunks)))
+
+
+def phase_segments(batches: list[list[int]], thresholds: list[int]) -> list[list[int]]:
+    """Batch indices between the phase pauses: a pause follows the batch that brings the documents scored (in
+    batch order) to a threshold, never the last batch."""
+    segments, current, done, pending = [], [], 0, list(thresholds)
+    for index, batch in enumerate(batches):
+        current.append(index)
+        done += len(batch)
+        if pending and done >= pending[0] and index < len(batches) - 1:
+            while pending and done >= pending[0]:
+                pending.pop(0)
+            segments.append(current)
+            current = []
+    return [*segments, current] if current else segments
+
+
+def assign_batches(costs: list[float], ranks: int) -> list[list[int]]:
+    """Indices into `costs` per rank, longest processing time first: each batch, costliest first, to the least
+    loaded rank (ties to the lower rank); each rank's list in index order."""
+    loads, owned = [0.0] * ranks, [[] for _ in range(ranks)]
+    for index in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        least = min(range(ranks), key=lambda r: (loads[r], r))
+        loads[least] += costs[index]
+        owned[least].append(index)
+    return [sorted(indices) for indices in owned]
+
+
+def batched_seconds_on(result: TTTResult, gpus: int, world_size: int) -> float:
+    """Batched TTT's wall time on `gpus` GPUs from a run on `world_size` ranks: each segment's batches assigned
+    as a run on that many ranks assigns them, the segment lasting as long as its busiest rank's measured batch
+    seconds, plus the phases' SGD (split over the ranks) scaled to the GPU count."""
+    total = 0.0
+    for segment in result.segments:
+        owned = assign_batches([result.batch_costs[i] for i in segment], gpus)
+        total += max(sum(result.batch_seconds[segment[j]] for j in indices) for indices in owned)
+    return total + result.phase_seconds * world_size / gpus
 
 
 def ttt_batch(session: TTTSession, adapted: AdaptedModel, params, optimizer, spans, window: int, score, update):

@@ -344,6 +344,32 @@ def test_the_estimate_scales_the_scored_pass_and_not_the_fixed_costs():
     assert eval_timing(EvalConfig(), timers, 1, False)["within_budget"] is None
     with pytest.raises(ValueError, match="enforce_time_budget: needs time_budget_seconds > 0"):
         EvalConfig(enforce_time_budget=True)
+    # Batched TTT: its schedule's own estimate (the busiest GPU's batches) replaces an even share of its 70 s.
+    schedule = {"measured_seconds": 70.0, "estimated_seconds": 30.0}
+    assert estimate_eval_seconds(timers, 1, 8, schedule=schedule) == 5.0 + 10.0 / 8 + 30.0
+    ttt = {"schedule": schedule}
+    assert eval_timing(EvalConfig(), timers, 1, False, ttt)["estimated_seconds"] == 5.0 + 10.0 / 8 + 30.0
+
+
+def test_batched_ttt_reports_its_schedule_and_the_estimate_uses_it(tiny_checkpoint_dir, tiny_data_dir, tmp_path,
+                                                                   monkeypatch, capsys):
+    from pgolf.evaluate import estimate_eval_seconds
+
+    settings = tmp_path / "ttt.toml"
+    settings.write_text(BATCHED_TTT.replace("prefix_docs = 0", "prefix_docs = 12\nphases = 2"))
+    code, out, err = pgolf_eval(tiny_checkpoint_dir, "--data", tiny_data_dir, "--ttt", "--ttt-config", settings,
+                                "--device", "cpu", "--budget-gpus", "2", "--json", "--out", tmp_path / "ttt",
+                                monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0, err
+    summary = json.loads(out)
+    schedule = summary["ttt"]["schedule"]
+    assert schedule["segments"] >= 2 and schedule["gpus"] == 2 and schedule["phase_seconds"] > 0  # a pause ran
+    assert 0 < schedule["measured_seconds"] <= summary["timers"]["eval_seconds"]
+    # Two GPUs share the batches: at most the one GPU's time, at least about half of it (the busiest GPU's share;
+    # the loop's bookkeeping between batches is not in the estimate).
+    assert 0.45 * schedule["measured_seconds"] <= schedule["estimated_seconds"] <= schedule["measured_seconds"]
+    assert summary["timing"]["estimated_seconds"] == pytest.approx(
+        estimate_eval_seconds(summary["timers"], 1, 2, schedule=schedule))
 
 
 @pytest.mark.parametrize("budget, enforce, code", [(None, False, 0), ("1e-6", False, 0), ("1e-6", True, 5)])

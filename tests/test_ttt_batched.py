@@ -16,9 +16,13 @@ from pgolf.ttt import (
     AdaptedModel,
     BatchedAdapters,
     TTTConfig,
+    assign_batches,
+    batch_cost,
     batched_order,
+    batched_seconds_on,
     chunk_window,
     document_rows,
+    phase_segments,
     run_ttt,
     ttt_document_spans,
 )
@@ -254,6 +258,32 @@ def test_phases_come_after_their_documents_are_scored_and_rows_stay_inside_docum
     run_ttt(model, tokens, config(prefix_docs=4, phases=2, batch_seqs=2), None, 8, "cpu")
     assert pauses == [2, 4]  # after the batches holding the first 2 and 4 scored documents
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the caller's model is kept
+
+
+def test_phase_pauses_cut_the_batches_into_segments():
+    batches = [[0, 1], [2, 3], [4], [5, 6], [7]]
+    assert phase_segments(batches, []) == [[0, 1, 2, 3, 4]]
+    assert phase_segments(batches, [2, 5]) == [[0], [1, 2], [3, 4]]  # after 2 and 5 documents
+    assert phase_segments(batches, [3, 4]) == [[0, 1], [2, 3, 4]]  # one batch can pass two thresholds
+    assert phase_segments(batches, [8]) == [[0, 1, 2, 3, 4]]  # never a pause after the last batch
+
+
+def test_batches_go_to_ranks_costliest_first_to_the_least_loaded():
+    assert assign_batches([10, 6, 5, 4, 3], 2) == [[0, 3], [1, 2, 4]]  # loads 14 and 14
+    assert assign_batches([10, 6, 5, 4, 3], 1) == [[0, 1, 2, 3, 4]]
+    assert assign_batches([1, 1], 3) == [[0], [1], []]
+    # A batch's cost: per chunk step a fixed cost plus each active document's context.
+    assert batch_cost([(1, 9)], 4, 16) == 2 * batched.TTT_STEP_COST_TOKENS + 4 + 8
+    assert batch_cost([(1, 9), (9, 12)], 4, 6) == 2 * batched.TTT_STEP_COST_TOKENS + 2 * 4 + 6
+
+
+def test_the_time_on_more_gpus_is_each_segments_busiest_gpu_plus_the_phases():
+    result = batched.TTTResult(nll=torch.zeros(0), segments=[[0, 1, 2], [3, 4]], batch_costs=[9, 5, 4, 3, 3],
+                               batch_seconds=[8.0, 5.0, 4.0, 2.0, 1.0], phase_seconds=6.0)
+    assert batched_seconds_on(result, 1, 1) == 20.0 + 6.0
+    # 2 GPUs: segment 1 -> {0} and {1, 2}: max(8, 9); segment 2 -> {3}, {4}: 2; phases halve.
+    assert batched_seconds_on(result, 2, 1) == 9.0 + 2.0 + 3.0
+    assert batched_seconds_on(result, 8, 2) == 8.0 + 2.0 + 1.5
 
 
 def test_named_settings_reproduce_the_records():
