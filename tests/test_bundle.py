@@ -19,6 +19,7 @@ from pgolf.bundle import (
     SUBMISSION_BLOB,
     bundle_source,
     extracted_source,
+    left_out,
     minified_source,
     modules_in_order,
     self_extracting,
@@ -157,6 +158,55 @@ def test_bundled_eval_matches_pgolf_eval(pipeline, tiny_data_dir):
     metrics = read_manifest(pipeline / "eval")["metrics"]
     val_loss, val_bpb = script_result(pipeline / "plain", tiny_data_dir)
     assert (val_loss, val_bpb) == (f"{metrics['val_loss']:.8f}", f"{metrics['val_bpb']:.8f}")
+
+
+# A tiny batched TTT (the records' doc-batched LoRA) for the eval a bundle bakes in.
+BUNDLED_TTT = """
+mode = "batched"
+chunk_tokens = 32
+lora_rank = 4
+lora_alpha = 6.0
+lora_batch_docs = 4
+eval_seq_len = 128
+prefix_docs = 0
+"""
+
+
+@pytest.mark.parametrize("setting", ["ttt", "ngram", "tilt"])
+def test_a_bundle_keeps_what_its_settings_use_and_scores_as_pgolf_eval(pipeline, tiny_data_dir, tmp_path, setting):
+    flags = {"ttt": ["--ttt", "--ttt-config", tmp_path / "ttt.toml"],
+             "ngram": ["--ngram-order", "3", "--alpha", "0.3", "--ngram-buckets", "1024"],
+             "tilt": ["--tilt-order", "3", "--tilt-boost", "0.5", "--ngram-buckets", "1024"]}[setting]
+    (tmp_path / "ttt.toml").write_text(BUNDLED_TTT)
+    assert run_main("eval", pipeline / "blob", "--data", tiny_data_dir, *flags, "--out", tmp_path / "eval") == 0
+    assert run_main("bundle", "--train", pipeline / "train", "--blob", pipeline / "blob", "--eval", tmp_path / "eval",
+                    "--name", "Tiny pipeline", "--github-id", "tester", "--out", tmp_path / "sub") == 0
+    source = (tmp_path / "sub" / "train_gpt.py").read_text()
+    plain = (pipeline / "plain" / "train_gpt.py").read_text()  # the same run, evaluated without either
+    sweep = setting in ("ngram", "tilt")  # one sweep class scores the cache and the tilt
+    for name, used in (("run_ttt", setting == "ttt"), ("tilt_logprobs", sweep), ("ngram_witten_bell", sweep)):
+        assert (f"def {name}(" in source) == used, name
+        assert f"def {name}(" not in plain, name
+    assert "def ttt_pass(*args, **kwargs):  # left out of this bundle: its eval runs no TTT" in plain
+    metrics = read_manifest(tmp_path / "eval")["metrics"]
+    val_loss, val_bpb = script_result(tmp_path / "sub", tiny_data_dir)
+    assert (val_loss, val_bpb) == (f"{metrics['val_loss']:.8f}", f"{metrics['val_bpb']:.8f}")
+
+
+def test_what_a_submission_leaves_out_follows_its_plan_and_eval():
+    plan = {"name": "p", "default": "int6"}
+    baked = {"plan": plan, "ttt": None, "eval": {"ngram_order": [], "tilt_order": []}}
+    assert set(left_out(baked)) == {"ttt_pass", "NgramSweep", "demotion_order", "fit_plan_to_target", "fit_clip_k",
+                                    "prune_candidates", "fit_prune", "pruned_state"}
+    record = {"plan": {**plan, "clip": "gptq-sdclip", "fit": "clip-k+prune"}, "ttt": {"mode": "batched"},
+              "eval": {"ngram_order": [3], "tilt_order": []}}
+    assert set(left_out(record)) == {"demotion_order", "fit_plan_to_target"}
+    demote = {**baked, "plan": {**plan, "demote": "center-out", "demote_to": "int5"}}
+    assert "fit_plan_to_target" not in left_out(demote) and "fit_clip_k" in left_out(demote)
+    for settings in (baked, record, demote):  # every combination bundles into a program that compiles
+        compile(bundle_source({}, "t", stubs=left_out(settings)), "train_gpt.py", "exec")
+    with pytest.raises(ValueError, match="bundle stubs no_such_function: no such top-level function"):
+        bundle_source({}, "t", stubs={"no_such_function": "why"})
 
 
 MINIFY_SAMPLE = '''"""Module docstring."""
