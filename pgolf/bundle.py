@@ -294,9 +294,14 @@ def left_out(baked: dict) -> dict[str, str]:
     setting but paths and the train budget): name -> why. bundle_source writes each as a stub that raises, so
     the code only they reach (the TTT module, the n-gram sweep, the size fits the plan doesn't use) is left
     out of the counted bytes too."""
-    fit = plan_from_mapping(baked["plan"], "BAKED['plan']").fit_mode
-    evaluation = baked["eval"]
+    spec = plan_from_mapping(baked["plan"], "BAKED['plan']")
+    fit, evaluation = spec.fit_mode, baked["eval"]
+    clip = (baked.get("quantize") or {}).get("clip") or spec.clip
     out = {}
+    if clip not in ("gptq", "gptq-sdclip") and not (baked.get("train") or {}).get("gptq_calibration_batches"):
+        out |= dict.fromkeys(("gptq_levels", "gptq_hessians", "collect_hessians"), "it runs no GPTQ")
+    if not spec.lqer_top_k:
+        out |= dict.fromkeys(("lqer_factors", "lqer_quantize_factor", "lqer_restore_factor"), "its plan has no LQER")
     if baked["ttt"] is None:
         out["ttt_pass"] = "its eval runs no TTT"
     if not evaluation.get("ngram_order") and not evaluation.get("tilt_order"):

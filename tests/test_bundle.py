@@ -196,13 +196,18 @@ def test_a_bundle_keeps_what_its_settings_use_and_scores_as_pgolf_eval(pipeline,
 def test_what_a_submission_leaves_out_follows_its_plan_and_eval():
     plan = {"name": "p", "default": "int6"}
     baked = {"plan": plan, "ttt": None, "eval": {"ngram_order": [], "tilt_order": []}}
+    gptq, lqer = {"gptq_levels", "gptq_hessians", "collect_hessians"}, \
+        {"lqer_factors", "lqer_quantize_factor", "lqer_restore_factor"}
     assert set(left_out(baked)) == {"ttt_pass", "NgramSweep", "demotion_order", "fit_plan_to_target", "fit_clip_k",
-                                    "prune_candidates", "fit_prune", "pruned_state"}
-    record = {"plan": {**plan, "clip": "gptq-sdclip", "fit": "clip-k+prune"}, "ttt": {"mode": "batched"},
-              "eval": {"ngram_order": [3], "tilt_order": []}}
+                                    "prune_candidates", "fit_prune", "pruned_state", *gptq, *lqer}
+    record = {"plan": {**plan, "clip": "gptq-sdclip", "fit": "clip-k+prune", "lqer_top_k": 2},
+              "ttt": {"mode": "batched"}, "eval": {"ngram_order": [3], "tilt_order": []}}
     assert set(left_out(record)) == {"demotion_order", "fit_plan_to_target"}
     demote = {**baked, "plan": {**plan, "demote": "center-out", "demote_to": "int5"}}
     assert "fit_plan_to_target" not in left_out(demote) and "fit_clip_k" in left_out(demote)
+    # GPTQ stays when the quantize config overrides the plan's clip, or when training collects Hessians.
+    assert not gptq & set(left_out({**baked, "quantize": {"clip": "gptq"}}))
+    assert not gptq & set(left_out({**baked, "train": {"gptq_calibration_batches": 16}}))
     for settings in (baked, record, demote):  # every combination bundles into a program that compiles
         compile(bundle_source({}, "t", stubs=left_out(settings)), "train_gpt.py", "exec")
     with pytest.raises(ValueError, match="bundle stubs no_such_function: no such top-level function"):
