@@ -292,8 +292,8 @@ def reachable_statements(modules: list[CoreModule], entry: str, stubs: Mapping[s
 def left_out(baked: dict) -> dict[str, str]:
     """The core's functions and classes a submission with these settings never calls (its script takes no
     setting but paths and the train budget): name -> why. bundle_source writes each as a stub that raises, so
-    the code only they reach (the TTT module, the n-gram sweep, the size fits the plan doesn't use) is left
-    out of the counted bytes too."""
+    the code only they reach (GPTQ, LQER, the TTT module, the n-gram sweep, the size fits the plan doesn't use)
+    is left out of the counted bytes too."""
     spec = plan_from_mapping(baked["plan"], "BAKED['plan']")
     fit, evaluation = spec.fit_mode, baked["eval"]
     clip = (baked.get("quantize") or {}).get("clip") or spec.clip
@@ -336,9 +336,9 @@ def bundle_source(baked: dict, title: str, entry: str = SUBMISSION_ENTRY, entry_
     `stubs` (name -> why; left_out) are top-level functions or classes written as stubs that raise."""
     modules = modules_in_order(entry_module, directory)
     check_unique_names(modules)
-    definitions = {node.name: node for module in modules for node in module.tree.body
+    definitions = {node.name for module in modules for node in module.tree.body
                    if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
-    unknown = sorted(set(stubs) - set(definitions))
+    unknown = sorted(set(stubs) - definitions)
     if unknown:
         raise ValueError(f"bundle stubs {', '.join(unknown)}: no such top-level function or class in the core")
     kept = reachable_statements(modules, entry, stubs)
