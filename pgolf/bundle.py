@@ -292,8 +292,8 @@ def reachable_statements(modules: list[CoreModule], entry: str, stubs: Mapping[s
 def left_out(baked: dict) -> dict[str, str]:
     """The core's functions and classes a submission with these settings never calls (its script takes no
     setting but paths and the train budget): name -> why. bundle_source writes each as a stub that raises, so
-    the code only they reach (GPTQ, LQER, the TTT module, the n-gram sweep, the size fits the plan doesn't use)
-    is left out of the counted bytes too."""
+    the code only they reach (model features the config turns off, GPTQ, LQER, the TTT module, the n-gram
+    sweep, the size fits the plan doesn't use) is left out of the counted bytes too."""
     spec = plan_from_mapping(baked["plan"], "BAKED['plan']")
     fit, evaluation = spec.fit_mode, baked["eval"]
     clip = (baked.get("quantize") or {}).get("clip") or spec.clip
@@ -302,6 +302,15 @@ def left_out(baked: dict) -> dict[str, str]:
         out |= dict.fromkeys(("gptq_levels", "gptq_hessians", "collect_hessians"), "it runs no GPTQ")
     if not spec.lqer_top_k:
         out |= dict.fromkeys(("lqer_factors", "lqer_quantize_factor", "lqer_restore_factor"), "its plan has no LQER")
+    model, train = baked.get("model") or {}, baked.get("train") or {}
+    for name, used, why in (("BigramHash", model.get("bigram_buckets"), "its model has no BigramHash"),
+                            ("SmearGate", model.get("smear_gate"), "its model has no SmearGate"),
+                            ("TokenSmearGate", model.get("smear_gate_width"), "its model has no token SmearGate"),
+                            ("ValueEmbedding", model.get("value_embed_layers"), "its model has no value embeddings"),
+                            ("remove_self_value", model.get("xsa_last_n"), "its model has no XSA"),
+                            ("document_mask", train.get("isolate_documents"), "it trains without document masks")):
+        if not used:
+            out[name] = why
     if baked["ttt"] is None:
         out["ttt_pass"] = "its eval runs no TTT"
     if not evaluation.get("ngram_order") and not evaluation.get("tilt_order"):

@@ -193,15 +193,44 @@ def test_a_bundle_keeps_what_its_settings_use_and_scores_as_pgolf_eval(pipeline,
     assert (val_loss, val_bpb) == (f"{metrics['val_loss']:.8f}", f"{metrics['val_bpb']:.8f}")
 
 
+def test_a_bundle_keeps_the_model_features_its_config_turns_on(tiny_data_dir, tmp_path):
+    """BigramHash, both SmearGates, value embeddings, XSA and document-isolated training on: the bundle keeps
+    their code (a tiny run's does not), retrains through them and scores its blob as `pgolf eval`."""
+    config = tmp_path / "features.toml"
+    config.write_text(RUN_TOML + "isolate_documents = true\n[model]\nbigram_buckets = 64\nbigram_dim = 16\n"
+                      "smear_gate = true\nsmear_gate_width = 4\nvalue_embed_layers = [1]\nvalue_embed_dim = 16\n"
+                      "xsa_last_n = -1\n")
+    steps = [("train", tiny_data_dir, "--preset", "tiny", "--config", config, "--out", tmp_path / "train"),
+             ("quantize", tmp_path / "train", "--plan", "int6", "--out", tmp_path / "q"),
+             ("compress", tmp_path / "q", "--out", tmp_path / "blob"),
+             ("eval", tmp_path / "blob", "--data", tiny_data_dir, "--out", tmp_path / "eval"),
+             ("bundle", "--train", tmp_path / "train", "--blob", tmp_path / "blob", "--eval", tmp_path / "eval",
+              "--name", "features", "--github-id", "tester", "--out", tmp_path / "sub")]
+    for step in steps:
+        assert run_main(*step) == 0, step
+    source = (tmp_path / "sub" / "train_gpt.py").read_text()
+    for feature in ("class BigramHash(", "class SmearGate(", "class TokenSmearGate(", "class ValueEmbedding(",
+                    "def remove_self_value(", "def document_mask("):
+        assert feature in source, feature
+    metrics = read_manifest(tmp_path / "eval")["metrics"]
+    assert script_result(tmp_path / "sub", tiny_data_dir) == (f"{metrics['val_loss']:.8f}", f"{metrics['val_bpb']:.8f}")
+    retrained = isolated_python(tmp_path / "sub", "train_gpt.py", "train", "--data", tiny_data_dir, "--out",
+                                tmp_path / "again", "--iterations", "2")
+    assert retrained.returncode == 0, retrained.stderr[-2000:]
+
+
 def test_what_a_submission_leaves_out_follows_its_plan_and_eval():
     plan = {"name": "p", "default": "int6"}
     baked = {"plan": plan, "ttt": None, "eval": {"ngram_order": [], "tilt_order": []}}
     gptq, lqer = {"gptq_levels", "gptq_hessians", "collect_hessians"}, \
         {"lqer_factors", "lqer_quantize_factor", "lqer_restore_factor"}
+    features = {"BigramHash", "SmearGate", "TokenSmearGate", "ValueEmbedding", "remove_self_value", "document_mask"}
     assert set(left_out(baked)) == {"ttt_pass", "NgramSweep", "demotion_order", "fit_plan_to_target", "fit_clip_k",
-                                    "prune_candidates", "fit_prune", "pruned_state", *gptq, *lqer}
+                                    "prune_candidates", "fit_prune", "pruned_state", *gptq, *lqer, *features}
     record = {"plan": {**plan, "clip": "gptq-sdclip", "fit": "clip-k+prune", "lqer_top_k": 2},
-              "ttt": {"mode": "batched"}, "eval": {"ngram_order": [3], "tilt_order": []}}
+              "ttt": {"mode": "batched"}, "eval": {"ngram_order": [3], "tilt_order": []},
+              "model": {"bigram_buckets": 4096, "smear_gate": True, "smear_gate_width": 12, "value_embed_layers": [9],
+                        "xsa_last_n": -1}, "train": {"isolate_documents": True}}
     assert set(left_out(record)) == {"demotion_order", "fit_plan_to_target"}
     demote = {**baked, "plan": {**plan, "demote": "center-out", "demote_to": "int5"}}
     assert "fit_plan_to_target" not in left_out(demote) and "fit_clip_k" in left_out(demote)
