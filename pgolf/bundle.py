@@ -300,6 +300,8 @@ def left_out(baked: dict) -> dict[str, str]:
     out = {}
     if clip not in ("gptq", "gptq-sdclip") and not (baked.get("train") or {}).get("gptq_calibration_batches"):
         out |= dict.fromkeys(("gptq_levels", "gptq_hessians", "collect_hessians"), "it runs no GPTQ")
+    if (baked.get("quantize") or {}).get("calibration") != "generated":
+        out["generated_windows"] = "it calibrates on no generated tokens"
     if not spec.lqer_top_k:
         out |= dict.fromkeys(("lqer_factors", "lqer_quantize_factor", "lqer_restore_factor"), "its plan has no LQER")
     model, train = baked.get("model") or {}, baked.get("train") or {}

@@ -10,6 +10,9 @@ before it is scored). Two ways, as in the records and after them:
   model (GPTQ_HESSIANS_FILE), so `pgolf quantize` reads no train data;
 - at quantize time from --data (`gptq_hessians`): sequential, each group's H with the groups before it already
   quantized.
+Or from no data at all: `pgolf quantize --calibration generated` samples the calibration windows from the
+model itself (generated_windows, the records' autoregressive self-generated calibration), so neither the train
+nor the validation split is read after training.
 """
 
 import json
@@ -23,7 +26,7 @@ from torch import nn
 
 from pgolf.artifacts import atomic_write_bytes
 from pgolf.errors import InvalidInput
-from pgolf.shards import load_shard
+from pgolf.shards import BOS_ID, load_shard
 
 GPTQ_DAMP = 0.01  # dampening added to H's diagonal, as a fraction of its mean
 GPTQ_BLOCK = 128  # columns per lazy-update block
@@ -48,6 +51,31 @@ def calibration_windows(train_paths: list, tokens: int, seq_len: int) -> torch.T
         start = int(position - (bounds[shard] - usable[shard]))
         windows.append(np.asarray(shards[shard][start : start + seq_len + 1], dtype=np.int64))
     return torch.from_numpy(np.stack(windows))
+
+
+GENERATED_SEED = 0  # generated calibration samples the same windows on every run of one device type
+
+
+@torch.no_grad()
+def generated_windows(model: nn.Module, count: int, seq_len: int, temperature: float, device,
+                      batch: int = 64) -> torch.Tensor:
+    """[count, seq_len + 1] int64 windows the model samples itself: each starts at BOS and draws every next
+    token from softmax(logits / temperature) of the window so far (no cache: each step reruns the prefix, which
+    the calibration sizes, ~100 windows of 1-2 k tokens, keep to about a minute on a GPU). Deterministic for a
+    device type."""
+    generator = torch.Generator(device).manual_seed(GENERATED_SEED)
+    model.eval()
+    windows = []
+    for first in range(0, count, batch):
+        tokens = torch.full((min(batch, count - first), 1), BOS_ID, dtype=torch.int64, device=device)
+        for _ in range(seq_len):
+            with torch.autocast("cuda", torch.bfloat16, enabled=torch.device(device).type == "cuda"):
+                hidden = model.hidden(tokens)
+            logits = model.logits_from_hidden(hidden[:, -1]).float()
+            probabilities = torch.softmax(logits / temperature, dim=-1)
+            tokens = torch.cat([tokens, torch.multinomial(probabilities, 1, generator=generator)], dim=1)
+        windows.append(tokens.cpu())
+    return torch.cat(windows)
 
 
 def calibration_batches(windows: torch.Tensor, device, batch_tokens: int = GPTQ_BATCH_TOKENS) -> list:

@@ -25,6 +25,7 @@ from pgolf.gptq import (
     GPTQ_DAMP,
     calibration_batches,
     calibration_windows,
+    generated_windows,
     gptq_hessians,
     load_gptq_hessians,
     saved_hessians,
@@ -47,6 +48,8 @@ from pgolf.schemes import SCHEMES
 from pgolf.shards import open_dataset
 from pgolf.stage_model import CHECKPOINT_STAGES, TRAIN_WEIGHTS, train_checkpoint
 
+CALIBRATIONS = ("data", "generated")  # QuantizeConfig.calibration
+
 
 @dataclasses.dataclass(frozen=True)
 class QuantizeConfig:
@@ -56,7 +59,11 @@ class QuantizeConfig:
     code_bytes: int = 100_000  # allowance for the counted code file, added to the blob when sizing
     codec: str = "brotli"  # sizing codec: brotli-11 packed smallest on H100 checkpoints, so fewest blocks demoted
     keep_float_numel: int = KEEP_FLOAT_MAX_NUMEL  # tensors of at most this many elements stay float
-    calib_tokens: int = 131_072  # train-shard tokens for GPTQ Hessians and block sensitivity
+    calib_tokens: int = 131_072  # calibration tokens for GPTQ Hessians and block sensitivity
+    # data: train shards (--data) or the train stage's saved Hessians | generated: windows the model samples
+    # itself from BOS (pgolf.gptq.generated_windows; no data read)
+    calibration: str = "data"
+    calib_temperature: float = 0.8  # generated calibration's sampling temperature
     calib_seq_len: int = 0  # calibration window length; 0 = the model's max_seq_len
     gptq_damp: float = GPTQ_DAMP  # GPTQ dampening, a fraction of the Hessian's mean diagonal
     gptq_block: int = GPTQ_BLOCK  # GPTQ lazy-update block width (columns)
@@ -76,6 +83,8 @@ class QuantizeConfig:
         need(self.keep_float_numel >= 0, "keep_float_numel", ">= 0")
         need(self.calib_tokens >= 1, "calib_tokens", ">= 1")
         need(self.calib_seq_len >= 0, "calib_seq_len", ">= 0 (0 = the model's max_seq_len)")
+        need(self.calibration in CALIBRATIONS, "calibration", f"one of {', '.join(CALIBRATIONS)}")
+        need(self.calib_temperature > 0, "calib_temperature", "> 0")
         need(0.0 < self.gptq_damp <= 1.0, "gptq_damp", "in (0, 1]")
         need(self.gptq_block >= 1, "gptq_block", ">= 1")
         need(self.device in DEVICE_CHOICES, "device", f"one of {', '.join(DEVICE_CHOICES)}")
@@ -116,12 +125,22 @@ def require_calibration_data(spec: PlanSpec, clip: str, have_data: bool, have_he
     return calibrate
 
 
-def calibration_data(train_shards: list[Path], where: str, config: QuantizeConfig, model_config: ModelConfig,
-                     device, log) -> list:
-    """Calibration batches from train shards (validation is never read); `where` names them in errors."""
+def calibration_data(train_shards: list[Path] | None, where: str, config: QuantizeConfig,
+                     model_config: ModelConfig, device, log, state: dict | None = None) -> list:
+    """Calibration batches from train shards (validation is never read), or with config.calibration generated
+    sampled by the model of `state`; `where` names the shards in errors."""
+    seq_len = config.calib_seq_len or model_config.max_seq_len
+    if config.calibration == "generated":
+        if seq_len > model_config.max_seq_len:
+            raise UsageError(f"--calib-seq-len {seq_len} exceeds the model's max_seq_len {model_config.max_seq_len}")
+        count = max(1, config.calib_tokens // seq_len)
+        windows = generated_windows(build_model(state, model_config, device), count, seq_len,
+                                    config.calib_temperature, device)
+        log.info(f"calibration: {windows.numel() - len(windows):,} tokens the model generated (temperature "
+                 f"{config.calib_temperature:g}) in {len(windows)} windows of {seq_len}")
+        return calibration_batches(windows, device)
     if not train_shards:
         raise InvalidInput(f"{where}: no fineweb_train_*.bin shards (calibration never uses validation)")
-    seq_len = config.calib_seq_len or model_config.max_seq_len
     if seq_len > model_config.max_seq_len:
         raise UsageError(f"--calib-seq-len {seq_len} exceeds the model's max_seq_len {model_config.max_seq_len}")
     try:
@@ -180,7 +199,8 @@ def quantize_model(state: dict, model_config: ModelConfig, spec: PlanSpec, confi
     OverBudget (exit 4) when a demote plan cannot reach its target, or another plan's artifact is over it."""
     clip = config.clip or spec.clip
     target = config.target(spec)
-    calibrate = require_calibration_data(spec, clip, train_shards is not None, hessians is not None)
+    generated = config.calibration == "generated"
+    calibrate = require_calibration_data(spec, clip, train_shards is not None or generated, hessians is not None)
     if spec.fit_mode in ("clip-k", "clip-k+prune") and clip not in SDCLIP_METHODS:
         raise UsageError(f"plan '{spec.name}': fit = {spec.fit_mode} scales sdclip's k, so it needs clip = "
                          f"{' | '.join(SDCLIP_METHODS)}, not {clip}")
@@ -190,7 +210,8 @@ def quantize_model(state: dict, model_config: ModelConfig, spec: PlanSpec, confi
     quantizer = PlanQuantizer(state, clip=clip, scale_floor=spec.scale_floor, gptq_damp=config.gptq_damp,
                               gptq_block=config.gptq_block, device=device, lqer_rank=spec.lqer_rank,
                               embedding_k=spec.embedding_k)
-    batches = calibration_data(train_shards, data_name, config, model_config, device, log) if calibrate else None
+    batches = calibration_data(train_shards, data_name, config, model_config, device, log, state) if calibrate \
+        else None
     if CLIPS[clip].needs_calibration:
         integer = [name for name, scheme in schemes.items() if SCHEMES[scheme].integer]
         if hessians is not None:
@@ -301,10 +322,12 @@ class QuantizeResult:
     metrics: dict  # plan, clip, artifact/blob bytes, fit, per-scheme totals, per-tensor records (the manifest's)
 
 
-def calibration_source(clip: str, data: Path | None, saved: dict | None) -> dict | None:
+def calibration_source(clip: str, data: Path | None, saved: dict | None, config: QuantizeConfig) -> dict | None:
     """Where GPTQ's Hessians came from (the manifest's `calibration`); None for a clip without them."""
     if not CLIPS[clip].needs_calibration:
         return None
+    if config.calibration == "generated":
+        return {"source": "generated", "tokens": config.calib_tokens, "temperature": config.calib_temperature}
     if saved is not None:
         return {"source": "train", "tokens": saved["tokens"], "weights": saved["weights"]}
     return {"source": "data", "data": str(Path(data).resolve())}
@@ -320,10 +343,14 @@ def quantize(config: QuantizeConfig, train_dir: Path, out: Path, *, data: Path |
     clip = config.clip or spec.clip
     # The train stage's Hessians (of its exported weights) serve GPTQ unless --data asks for sequential
     # calibration on its shards.
-    saved = data is None and CLIPS[clip].needs_calibration and config.weights == "export" \
-        and output_sha256(manifest, "gptq_hessians") is not None
+    if config.calibration == "generated" and data is not None:
+        raise UsageError("--calibration generated reads no data: drop --data (or calibrate on it with "
+                         "--calibration data)")
+    saved = data is None and config.calibration == "data" and CLIPS[clip].needs_calibration \
+        and config.weights == "export" and output_sha256(manifest, "gptq_hessians") is not None
     hessians_path = output_path(manifest, train_dir, "gptq_hessians") if saved else None
-    require_calibration_data(spec, clip, data is not None, hessians_path is not None)
+    require_calibration_data(spec, clip, data is not None or config.calibration == "generated",
+                             hessians_path is not None)
     inputs = [train_dir] + [path for path in (data, config_file) if path is not None]
     done = up_to_date(out, "quantize", to_dict(config), inputs, force=force, log=log)
     if done:
@@ -359,7 +386,7 @@ def quantize(config: QuantizeConfig, train_dir: Path, out: Path, *, data: Path |
                     f"{made.target}")
         stage.metrics = {
             "plan": spec.name, "clip": made.clip, "scale_floor": spec.scale_floor, "codec": config.codec,
-            "calibration": calibration_source(made.clip, data, calibration),
+            "calibration": calibration_source(made.clip, data, calibration, config),
             "code_bytes": config.code_bytes, "artifact_bytes": made.artifact_bytes,
             "blob_bytes": made.artifact_bytes - config.code_bytes, "target_bytes": made.target,
             "fit": made.fit, "sensitivity": made.sensitivity, "totals": scheme_totals(made.plan["tensors"]),

@@ -47,6 +47,13 @@ def quantize(
         "and sensitivity-int5 (validation is never read).",
     ),
     calib_tokens: int = typer.Option(None, "--calib-tokens", help="Calibration tokens (default 131072)."),
+    calibration: str = typer.Option(
+        None, "--calibration", help="data (--data's train shards, or the train stage's saved Hessians) or "
+        "generated (windows the model samples itself; no data read). Default data."
+    ),
+    calib_temperature: float = typer.Option(
+        None, "--calib-temperature", help="Sampling temperature of --calibration generated (default 0.8)."
+    ),
     calib_seq_len: int = typer.Option(
         None, "--calib-seq-len", help="Calibration window (default: model max)."
     ),
@@ -72,7 +79,8 @@ def quantize(
     """
     overrides = {
         "plan": plan, "clip": clip, "target_bytes": target_bytes, "code_bytes": code_bytes, "codec": codec,
-        "calib_tokens": calib_tokens, "calib_seq_len": calib_seq_len, "keep_float_numel": keep_float_numel,
+        "calib_tokens": calib_tokens, "calib_seq_len": calib_seq_len, "calibration": calibration,
+        "calib_temperature": calib_temperature, "keep_float_numel": keep_float_numel,
         "gptq_damp": gptq_damp, "gptq_block": gptq_block, "device": device, "weights": weights,
     }
     config, _ = resolve(QuantizeConfig, kind="quantize", config_file=config_file, overrides=overrides)

@@ -226,8 +226,10 @@ def test_what_a_submission_leaves_out_follows_its_plan_and_eval():
         {"lqer_factors", "lqer_quantize_factor", "lqer_restore_factor"}
     features = {"BigramHash", "SmearGate", "TokenSmearGate", "ValueEmbedding", "remove_self_value", "document_mask"}
     assert set(left_out(baked)) == {"ttt_pass", "NgramSweep", "demotion_order", "fit_plan_to_target", "fit_clip_k",
-                                    "prune_candidates", "fit_prune", "pruned_state", *gptq, *lqer, *features}
+                                    "prune_candidates", "fit_prune", "pruned_state", "generated_windows", *gptq,
+                                    *lqer, *features}
     record = {"plan": {**plan, "clip": "gptq-sdclip", "fit": "clip-k+prune", "lqer_top_k": 2},
+              "quantize": {"calibration": "generated"},
               "ttt": {"mode": "batched"}, "eval": {"ngram_order": [3], "tilt_order": []},
               "model": {"bigram_buckets": 4096, "smear_gate": True, "smear_gate_width": 12, "value_embed_layers": [9],
                         "xsa_last_n": -1}, "train": {"isolate_documents": True}}

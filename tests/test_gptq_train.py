@@ -104,6 +104,44 @@ def test_a_run_without_hessians_still_needs_data_for_gptq(tiny_checkpoint_dir, t
     assert not (tmp_path / "q").exists()
 
 
+def test_generated_windows_are_the_models_own_samples_from_bos():
+    from pgolf.gptq import generated_windows
+    from pgolf.model import BOS_ID, GPT, ModelConfig
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=64, num_layers=2, model_dim=32, num_heads=4, num_kv_heads=2, max_seq_len=32))
+    windows = generated_windows(model, 5, 12, 0.8, "cpu", batch=2)
+    assert windows.shape == (5, 13) and windows.dtype == torch.int64
+    assert bool((windows[:, 0] == BOS_ID).all()) and int(windows.max()) < 64 and int(windows.min()) >= 0
+    assert torch.equal(windows, generated_windows(model, 5, 12, 0.8, "cpu", batch=2))  # deterministic
+    # The samples follow the model's logits: a head that always prefers token 7 by 4 nats writes only 7s at a low
+    # temperature (exp(-4 / 0.05) per other token) and mostly others at a high one (63 others vs e^(4 / 8) = 1.6).
+    preferred = torch.zeros(64)
+    preferred[7] = 4.0
+    model.logits_from_hidden = lambda hidden: preferred.expand(hidden.size(0), 64)
+    assert bool((generated_windows(model, 2, 12, 0.05, "cpu")[:, 1:] == 7).all())
+    assert float((generated_windows(model, 8, 12, 8.0, "cpu")[:, 1:] == 7).float().mean()) < 0.5
+
+
+def test_generated_calibration_quantizes_gptq_without_any_data(tiny_checkpoint_dir, tiny_data_dir, tmp_path,
+                                                               capsys):
+    generated = ("--calibration", "generated", "--calib-tokens", "512", "--calib-temperature", "0.9")
+    code, _, err = run_cli(capsys, "quantize", tiny_checkpoint_dir, *QUANTIZE, *generated, "--out", tmp_path / "q")
+    assert code == 0, err
+    manifest = open_stage(tmp_path / "q", "quantize")
+    assert manifest["metrics"]["calibration"] == {"source": "generated", "tokens": 512, "temperature": 0.9}
+    assert {record["role"] for record in manifest["inputs"]} == {"checkpoint"}  # no shard was read
+    code, _, err = run_cli(capsys, "quantize", tiny_checkpoint_dir, *QUANTIZE, "--data", tiny_data_dir,
+                           "--calib-tokens", "512", "--out", tmp_path / "q-data")
+    assert code == 0, err
+    own = json.loads((tmp_path / "q" / "plan.json").read_text())["tensors"]
+    shards = json.loads((tmp_path / "q-data" / "plan.json").read_text())["tensors"]
+    assert own.keys() == shards.keys() and own != shards  # other Hessians, another valid export
+    code, _, err = run_cli(capsys, "quantize", tiny_checkpoint_dir, *QUANTIZE, *generated, "--data", tiny_data_dir,
+                           "--out", tmp_path / "both")
+    assert code == 2 and "--calibration generated reads no data" in err and not (tmp_path / "both").exists()
+
+
 def test_a_corrupt_hessians_file_is_refused_naming_it(calibrated_run, tmp_path, capsys):
     import shutil
 

@@ -44,7 +44,8 @@ NON_DEFAULT = {
         compile="off", gptq_calibration_batches=2, gptq_reserve_seconds=1.5),
     "quantize": QuantizeConfig(
         plan="center-out-int5", clip="gptq", target_bytes=15_900_000, code_bytes=50_000, codec="zstd",
-        keep_float_numel=1024, calib_tokens=4096, calib_seq_len=128, gptq_damp=0.05, gptq_block=64, device="cpu",
+        keep_float_numel=1024, calib_tokens=4096, calib_seq_len=128, calibration="generated",
+        calib_temperature=0.9, gptq_damp=0.05, gptq_block=64, device="cpu",
         weights="master"),
     "compress": CompressConfig(codec="lzma", level=6, shuffle="on", bitpack="off"),
     "eval": EvalConfig(seq_len=128, sliding_stride=32, doc_isolated=True, batch_seqs=8, compile=False,
