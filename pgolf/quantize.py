@@ -120,8 +120,9 @@ def require_calibration_data(spec: PlanSpec, clip: str, have_data: bool, have_he
     calibrate = gptq or spec.demote == "sensitivity"
     if calibrate and not have_data:
         why = f"--clip {clip}" if gptq else f"plan '{spec.name}'"
-        raise UsageError(f"{why} needs --data DIR (its train shards calibrate; e.g. --data artifacts/sp1024), or "
-                         f"Hessians saved by the train stage (--gptq-calibration-batches)")
+        raise UsageError(f"{why} needs --data DIR (its train shards calibrate; e.g. --data artifacts/sp1024), "
+                         f"Hessians saved by the train stage (--gptq-calibration-batches), or --calibration "
+                         f"generated")
     return calibrate
 
 

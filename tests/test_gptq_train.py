@@ -100,7 +100,7 @@ def test_quantize_uses_the_saved_hessians_without_data(calibrated_run, tmp_path,
 
 def test_a_run_without_hessians_still_needs_data_for_gptq(tiny_checkpoint_dir, tmp_path, capsys):
     code, _, err = run_cli(capsys, "quantize", tiny_checkpoint_dir, *QUANTIZE, "--out", tmp_path / "q")
-    assert code == 2 and "needs --data DIR" in err and "--gptq-calibration-batches" in err
+    assert code == 2 and "needs --data DIR" in err and "--gptq-calibration-batches" in err and "generated" in err
     assert not (tmp_path / "q").exists()
 
 
