@@ -28,6 +28,7 @@ from pgolf.codecs import read_blob, read_blob_header
 from pgolf.errors import InvalidInput
 from tests.demo_data import demo_tokenizer_bytes
 from tests.test_codecs import run_cli, run_main
+from tests.test_evaluate import BATCHED_TTT
 
 RESULT_LINE = re.compile(r"final_roundtrip_exact val_loss:(\S+) val_bpb:(\S+)")
 RUN_TOML = """
@@ -160,24 +161,12 @@ def test_bundled_eval_matches_pgolf_eval(pipeline, tiny_data_dir):
     assert (val_loss, val_bpb) == (f"{metrics['val_loss']:.8f}", f"{metrics['val_bpb']:.8f}")
 
 
-# A tiny batched TTT (the records' doc-batched LoRA) for the eval a bundle bakes in.
-BUNDLED_TTT = """
-mode = "batched"
-chunk_tokens = 32
-lora_rank = 4
-lora_alpha = 6.0
-lora_batch_docs = 4
-eval_seq_len = 128
-prefix_docs = 0
-"""
-
-
 @pytest.mark.parametrize("setting", ["ttt", "ngram", "tilt"])
 def test_a_bundle_keeps_what_its_settings_use_and_scores_as_pgolf_eval(pipeline, tiny_data_dir, tmp_path, setting):
     flags = {"ttt": ["--ttt", "--ttt-config", tmp_path / "ttt.toml"],
              "ngram": ["--ngram-order", "3", "--alpha", "0.3", "--ngram-buckets", "1024"],
              "tilt": ["--tilt-order", "3", "--tilt-boost", "0.5", "--ngram-buckets", "1024"]}[setting]
-    (tmp_path / "ttt.toml").write_text(BUNDLED_TTT)
+    (tmp_path / "ttt.toml").write_text(BATCHED_TTT)
     assert run_main("eval", pipeline / "blob", "--data", tiny_data_dir, *flags, "--out", tmp_path / "eval") == 0
     assert run_main("bundle", "--train", pipeline / "train", "--blob", pipeline / "blob", "--eval", tmp_path / "eval",
                     "--name", "Tiny pipeline", "--github-id", "tester", "--out", tmp_path / "sub") == 0
