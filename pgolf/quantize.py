@@ -131,9 +131,9 @@ def calibration_data(train_shards: list[Path] | None, where: str, config: Quanti
     """Calibration batches from train shards (validation is never read), or with config.calibration generated
     sampled by the model of `state`; `where` names the shards in errors."""
     seq_len = config.calib_seq_len or model_config.max_seq_len
+    if seq_len > model_config.max_seq_len:
+        raise UsageError(f"--calib-seq-len {seq_len} exceeds the model's max_seq_len {model_config.max_seq_len}")
     if config.calibration == "generated":
-        if seq_len > model_config.max_seq_len:
-            raise UsageError(f"--calib-seq-len {seq_len} exceeds the model's max_seq_len {model_config.max_seq_len}")
         count = max(1, config.calib_tokens // seq_len)
         windows = generated_windows(build_model(state, model_config, device), count, seq_len,
                                     config.calib_temperature, device)
@@ -142,8 +142,6 @@ def calibration_data(train_shards: list[Path] | None, where: str, config: Quanti
         return calibration_batches(windows, device)
     if not train_shards:
         raise InvalidInput(f"{where}: no fineweb_train_*.bin shards (calibration never uses validation)")
-    if seq_len > model_config.max_seq_len:
-        raise UsageError(f"--calib-seq-len {seq_len} exceeds the model's max_seq_len {model_config.max_seq_len}")
     try:
         windows = calibration_windows(train_shards, config.calib_tokens, seq_len)
     except ValueError as e:

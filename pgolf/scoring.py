@@ -417,8 +417,9 @@ def ttt_pass(
     model: EvalModel, tokens: torch.Tensor, tokens_np: np.ndarray, plan: EvalPlan, scorer: Scorer,
     ttt_config: TTTConfig, progress=None, rank: int = 0, world_size: int = 1,
 ):
-    """Score-first TTT over the whole stream, in one process (its order is the stream's). The TTT code owns
-    the chunk schedule and its model copy; each chunk is scored here with this plan and the n-gram grid."""
+    """Score-first TTT over the whole stream: in one process in the stream's order, or (batched mode) in
+    document batches shared over `world_size` ranks. The TTT code owns the schedule and its model copy; each
+    chunk is scored here with this plan and the n-gram grid."""
     eval_models: dict[int, EvalModel] = {}
     trace = scorer.trace
     call_events = []  # the score/n-gram events of each score_chunk call, spliced into TTT's order below
