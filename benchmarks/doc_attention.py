@@ -17,10 +17,12 @@ tokens in 50,000 documents) with random token ids.
 Model candidates: `causal` (isolate_documents off: SDPA's flash kernel, the baseline), then isolate_documents on
 with GPT.document_attention forced to `sdpa_mask` (SDPA with a dense [B, 1, T, T] mask; the trainer's fast-math
 settings leave SDPA only its flash and math kernels, so this candidate also enables the memory-efficient kernel,
-the only one that takes a mask at this size) and `flex` (flex_attention with a document BlockMask built inside
-the compiled graph). What `auto` resolves to under torch.compile on this device is printed too. Each candidate
-builds a fresh model (same seed), compiles it, runs --warmup untimed steps, then --steps timed steps over a few
-distinct batches; a candidate that fails (no kernel, out of memory, a compile error) is reported and skipped.
+the only one that takes a mask at this size), `flex` (flex_attention with a document BlockMask built inside the
+compiled graph) and `flex-prebuilt` (the same BlockMask built eagerly before each step and passed in as an input of
+the compiled model: create_block_mask is then not traced into the model's graph). What `auto` resolves to under
+torch.compile on this device is printed too. Each candidate builds a fresh model (same seed), compiles it, runs
+--warmup untimed steps, then --steps timed steps over a few distinct batches; a candidate that fails (no kernel,
+out of memory, a compile error) is reported and skipped.
 
 MFU = (6 x matmul weights a token passes through, a looped block counted once per run and the tied head included,
 + causal attention 6 x block runs x model_dim x seq_len) x tokens / time / peak (989.4e12: H100 and H200 SXM dense
@@ -65,7 +67,7 @@ RECORD_0416 = ModelConfig(
 # --tiny: the same techniques in small shapes (loop 1..2 twice more, lanes from block 3), for a CPU smoke run.
 TINY_CHANGES = dict(num_layers=4, model_dim=64, num_heads=4, num_kv_heads=2, rope_dims=8, loop_start=1, loop_end=2,
                     parallel_start_layer=3)
-MODEL_CANDIDATES = ("causal", "sdpa_mask", "flex")
+MODEL_CANDIDATES = ("causal", "sdpa_mask", "flex", "flex-prebuilt")
 KERNEL_CANDIDATES = ("causal", "sdpa_mask", "flex", "varlen")
 SYNTHETIC_MEAN_DOC_TOKENS = 40_540_160 / 50_000  # FineWeb val at sp8192: tokens / documents (BOS included)
 SYNTHETIC_SIGMA = 1.0  # lognormal spread of document lengths
@@ -169,8 +171,9 @@ def measure_model(candidate: str, config: ModelConfig, batches, args, device: to
     torch.manual_seed(0)
     model = place_model(GPT(config), device).train()
     isolate = candidate != "causal"
+    prebuilt = candidate == "flex-prebuilt"
     if isolate:
-        model.document_attention = candidate
+        model.document_attention = "flex" if prebuilt else candidate
     use_sdpa_mask_kernels(device, candidate == "sdpa_mask")
     compiled = model if args.compile == "off" else torch.compile(model, backend=args.compile, fullgraph=True,
                                                                  dynamic=False)
@@ -178,8 +181,9 @@ def measure_model(candidate: str, config: ModelConfig, batches, args, device: to
 
     def step(index: int) -> None:
         x, y = batches[index % len(batches)]
+        mask = document_mask(x, "flex") if prebuilt else None  # eager, outside the compiled graph; timed
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = compiled(x, y, isolate_documents=isolate)
+            loss = compiled(x, y, isolate_documents=isolate, mask=mask)
         loss.backward()
         model.zero_grad(set_to_none=True)
         if index == 0:

@@ -638,13 +638,16 @@ class GPT(nn.Module):
             return cos.to(self.rope_cos.device)[None, None], sin.to(self.rope_sin.device)[None, None]
         return self.rope_cos[None, None, :seq_len], self.rope_sin[None, None, :seq_len]
 
-    def hidden(self, input_ids: torch.Tensor, isolate_documents: bool = False) -> torch.Tensor:
+    def hidden(self, input_ids: torch.Tensor, isolate_documents: bool = False, mask=None) -> torch.Tensor:
         """Final-normed hidden states [B, T, model_dim]. `isolate_documents`: attention never crosses a BOS
         (document-packed training, as the 04-10 / 04-16 records train; scoring always attends across the whole
-        window). RoPE is relative, so a document's output does not depend on where in the row it starts."""
+        window). RoPE is relative, so a document's output does not depend on where in the row it starts.
+        `mask`: document_mask(input_ids) built by the caller (isolates documents; e.g. a flex BlockMask built
+        outside torch.compile, so its construction is not traced into the model's graph)."""
         config = self.config
         cos, sin = self.rotary(input_ids.size(1))
-        mask = document_mask(input_ids, self.document_attention) if isolate_documents else None
+        if mask is None and isolate_documents:
+            mask = document_mask(input_ids, self.document_attention)
         layout = self.layout if self.looping else block_layout(config, looping=False)
         encoder = encoder_length(config, layout)
         x0 = self.embed(input_ids)
@@ -702,9 +705,10 @@ class GPT(nn.Module):
         return self.logits_from_hidden(self.hidden(input_ids))
 
     def forward(self, input_ids: torch.Tensor, target_ids: torch.Tensor,
-                isolate_documents: bool = False) -> torch.Tensor:
-        """Mean cross-entropy (nats, float32) of target_ids given input_ids; both int64 [B, T]."""
-        logits = self.logits_from_hidden(self.hidden(input_ids, isolate_documents))
+                isolate_documents: bool = False, mask=None) -> torch.Tensor:
+        """Mean cross-entropy (nats, float32) of target_ids given input_ids; both int64 [B, T]. `isolate_documents`
+        and `mask` as for hidden()."""
+        logits = self.logits_from_hidden(self.hidden(input_ids, isolate_documents, mask))
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), target_ids.reshape(-1), reduction="mean")
 
 

@@ -24,6 +24,7 @@ from pgolf.model import (
     block_layout,
     casted_linear_names,
     document_attention_kind,
+    document_mask,
     flex_attention_api,
     param_groups,
     rotary_tables,
@@ -329,22 +330,24 @@ def packed_rows(config: ModelConfig, seed: int) -> torch.Tensor:
     return tokens
 
 
-def isolated_logits(model: GPT, tokens: torch.Tensor, isolate: bool = True) -> torch.Tensor:
-    return model.logits_from_hidden(model.hidden(tokens, isolate_documents=isolate))
+def isolated_logits(model: GPT, tokens: torch.Tensor, isolate: bool = True, mask=None) -> torch.Tensor:
+    return model.logits_from_hidden(model.hidden(tokens, isolate_documents=isolate, mask=mask))
 
 
-@pytest.mark.parametrize("kind", ["sdpa_mask", "flex"])
+@pytest.mark.parametrize("kind", ["sdpa_mask", "flex", "flex-prebuilt"])
 @pytest.mark.parametrize("changes", [RECORD_LIKE, RECORD_LIKE_TOKEN_SMEAR], ids=["smear+bigram", "token-smear+ve"])
 def test_isolated_documents_match_each_document_run_alone(changes, kind):
-    if kind == "flex" and flex_attention_api() is None:
+    if kind.startswith("flex") and flex_attention_api() is None:
         pytest.skip("this torch has no flex_attention")
     config = tiny(**changes)
     model = randomized(config, seed=11)
-    model.document_attention = kind
     tokens = packed_rows(config, seed=11)
+    # flex-prebuilt: the caller builds the BlockMask (as outside torch.compile) and the model only uses it.
+    prebuilt = document_mask(tokens, "flex") if kind == "flex-prebuilt" else None
+    model.document_attention = "sdpa_mask" if prebuilt is not None else kind  # the passed mask must win
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile")  # CPU reference
-        packed = isolated_logits(model, tokens)
+        packed = isolated_logits(model, tokens, isolate=prebuilt is None, mask=prebuilt)
         for row, segments in enumerate(PACKED_SEGMENTS):
             for start, end in segments:
                 alone = model.logits(tokens[row : row + 1, start:end])[0]
@@ -441,7 +444,7 @@ def test_doc_attention_benchmark_runs_every_candidate_in_tiny_mode(tiny_data_dir
     (line,) = out.read_text().splitlines()
     row = json.loads(line)
     assert row["data"] == str(tiny_data_dir) and row["auto_choice"] == "sdpa_mask" and row["device"] == "cpu"
-    assert set(row["model"]) == {"causal", "sdpa_mask", "flex"}
+    assert set(row["model"]) == {"causal", "sdpa_mask", "flex", "flex-prebuilt"}
     assert set(row["kernels"]) == {"causal", "sdpa_mask", "flex", "varlen"}
     for section in ("model", "kernels"):
         assert row[section]["causal"]["ratio_to_causal"] == 1.0
