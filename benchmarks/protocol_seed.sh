@@ -11,7 +11,7 @@
 #   QUANT_ARGS (extra `pgolf quantize` flags), EXPORT=0 (train and eval only), CUDA_VISIBLE_DEVICES (run
 #   variants side by side on a multi-GPU host), RESUME=1 (keep the steps whose output a cut-short call on this
 #   still-warm machine already wrote; rerun only the rest), VOCAB=8192 (sp8192 shards, for PRESET=sp8192-300s).
-# The blob and bundle come back in $OUT/RUN-export.tgz for benchmarks/protocol_eval.sh; every step's JSON and log
+# The blob comes back in $OUT/RUN-export.tgz for benchmarks/protocol_eval.sh; every step's JSON and log
 # in $OUT/RUN-results.tgz (refreshed after each step, so a call cut short still returns them).
 #   bash benchmarks/protocol_seed.sh        (on the GPU machine, with .whl and .devdata carried)
 #   RUN=b64k TRAIN_ARGS="--batch-tokens 65536" PLAN=int6 bash benchmarks/protocol_seed.sh
@@ -53,5 +53,8 @@ pg bundle --train $R/train --blob $R/blob --eval $R/eval-blob --name "pgolf $PRE
   --github-id pgolf --compress-code --out $R/sub --force --json > $RES/s_bundle.json 2> $RES/s_bundle.log \
   || tail -3 $RES/s_bundle.log
 pg verify-size $R/sub --json > $RES/s_size.json 2> $RES/s_size.log; tail -2 $RES/s_size.log
-[ -n "${OUT:-}" ] && tar czf "$OUT/$RUN-export.tgz" -C artifacts $RUN/blob $RUN/sub
+# The device returns files of at most 16 MiB: the blob alone (a ~16 MB blob twice, with the bundle's copy, was
+# silently left out); the bundle's other files go with the results.
+[ -d $R/sub ] && mkdir -p $RES/sub && find $R/sub -maxdepth 1 -type f ! -name '*.blob' -exec cp {} $RES/sub/ \;
+[ -n "${OUT:-}" ] && tar czf "$OUT/$RUN-export.tgz" -C artifacts $RUN/blob
 save all; tail -1 $RES/times.txt
