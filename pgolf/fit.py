@@ -7,6 +7,7 @@ an estimate; the search sizes several demotion counts at once on threads because
 challenge-scale model takes seconds.
 """
 
+import math
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -109,36 +110,70 @@ def measure_parallel(size, points: list, workers: int) -> list:
         return list(pool.map(size, points))
 
 
+CLIP_K_CLUSTER = 0.06  # half-width of a round's factors around the interpolated one, a fraction of ln(high / low)
+CLIP_K_FIRST_SPREAD = 0.1  # the same around the first guess, in ln k (the bytes-per-doubling prior is ~10 % off)
+
+
 def fit_clip_k(size_at, target: int, k_max: float, tolerance: float = 0.01, progress=None, workers: int = 1,
-               k_min: float = 1.0):
-    """The smallest sdclip k factor in [k_min, k_max] (to `tolerance`) whose artifact fits: size_at(factor) falls
-    as the factor grows (c = k * std: a wider clip means a coarser step, levels nearer zero, fewer compressed
+               k_min: float = 1.0, bytes_per_doubling: float | None = None):
+    """The smallest sdclip k factor in [k_min, k_max] (to a relative `tolerance`) whose artifact fits: size_at(factor)
+    falls as the factor grows (c = k * std: a wider clip means a coarser step, levels nearer zero, fewer compressed
     bytes), so the smallest that fits spends the byte budget on the finest step. k_min = 1 (the records' k) only
-    ever widens the clip to fit; k_min < 1 also narrows it to fill a budget the records' k leaves unused. Each
-    round sizes up to `workers` factors evenly inside the open interval at once (size_at(k_min) runs first and
-    alone, later calls must be thread-safe). Returns (factor, steps [{"k_scale", "bytes"}] in measuring order,
-    fits); when even k_max does not fit, (k_max, steps, False)."""
-    steps = []
+    ever widens the clip to fit; k_min < 1 also narrows it to fill a budget the records' k leaves unused.
+
+    One sizing compresses the whole model (a minute with brotli-11 at challenge scale), so the search spends few:
+    the size falls about linearly in ln k (doubling the step takes about a bit from every value), so each round
+    interpolates ln k between the two measured factors that bracket the target and sizes max(workers, 2) factors
+    clustered around that guess at once on threads, until high / low <= 1 + tolerance. size_at(k_min) runs
+    first and alone (ArtifactSizer picks its layout there), later calls must be thread-safe. Before any factor
+    fits, the next guess extrapolates from k_min with `bytes_per_doubling` (the integer values / 8: a prior for
+    the first round, so k_max need not be sized when a guess fits) or, without it, sizes k_max. Returns (factor,
+    steps [{"k_scale", "bytes"}] in measuring order, fits); when even k_max does not fit, (k_max, steps, False)."""
+    steps, sizes = [], {}
 
     def measure(factors: list) -> None:
+        factors = sorted(set(factors) - set(sizes))
         for factor, measured in zip(factors, measure_parallel(size_at, factors, workers), strict=True):
             steps.append({"k_scale": factor, "bytes": measured})
+            sizes[factor] = measured
             if progress:
                 progress(f"fit: sdclip k x {factor:.4f}: {measured:,} bytes (target {target:,})")
 
+    def cluster(center: float, half_width: float, low: float, high: float) -> list[float]:
+        """Up to max(workers, 2) unmeasured factors evenly over center +- half_width in ln k, in (low, high]."""
+        count = max(workers, 2)
+        points = [center + half_width * (2 * i / (count - 1) - 1) for i in range(count)]
+        inside = {round(math.exp(min(max(p, math.log(low)), math.log(high))), 6) for p in points}
+        return [f for f in inside if low < f <= high and f not in sizes]
+
     measure([k_min])
-    if steps[0]["bytes"] <= target:
+    if sizes[k_min] <= target:
         return k_min, steps, True
-    measure([k_max])
-    if steps[-1]["bytes"] > target:
-        return k_max, steps, False
-    low, high = k_min, k_max  # size(low) > target >= size(high)
-    while high - low > tolerance:
-        inner = max(1, workers)
-        measure([round(low + (high - low) * (i + 1) / (inner + 1), 6) for i in range(inner)])
-        high = min(step["k_scale"] for step in steps if low < step["k_scale"] <= high and step["bytes"] <= target)
-        low = max(step["k_scale"] for step in steps if low <= step["k_scale"] < high and step["bytes"] > target)
-    return high, steps, True
+    while True:
+        low = max(f for f, b in sizes.items() if b > target)  # size(low) > target
+        fitting = [f for f, b in sizes.items() if b <= target and f > low]
+        if not fitting:
+            if k_max in sizes:
+                return k_max, steps, False
+            below = sorted(sizes)[-2:]
+            if len(below) == 2 and sizes[below[0]] > sizes[below[1]]:  # secant through the two largest factors
+                per_ln = (sizes[below[0]] - sizes[below[1]]) / math.log(below[1] / below[0])
+            elif bytes_per_doubling:
+                per_ln = bytes_per_doubling / math.log(2)
+            else:
+                measure([k_max])
+                continue
+            guess = math.log(low) + (sizes[low] - target) / per_ln
+            measure(cluster(guess, CLIP_K_FIRST_SPREAD, low, k_max) or [k_max])
+            continue
+        high = min(fitting)
+        width = math.log(high / low)
+        guess = math.log(low) + width * (sizes[low] - target) / max(sizes[low] - sizes[high], 1)
+        factors = [] if high / low <= 1 + tolerance else cluster(
+            guess, max(CLIP_K_CLUSTER * width, math.log1p(tolerance) / 3), low, high)
+        if not factors:  # within tolerance (or nothing left to size between two rounded factors)
+            return high, steps, True
+        measure(factors)
 
 
 def prune_candidates(tensors: dict, schemes: dict) -> tuple[list[str], torch.Tensor, torch.Tensor]:

@@ -8,6 +8,7 @@ stage: it reads a train output and writes quantized.safetensors + plan.json with
 
 import dataclasses
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -251,11 +252,19 @@ def quantize_model(state: dict, model_config: ModelConfig, spec: PlanSpec, confi
         artifact = steps[-1]["bytes"]
     fits = True
     if mode in ("clip-k", "clip-k+prune"):
-        def size_at(factor: float) -> int:
-            return sizer(*build(schemes, factor))
+        def size_at(factor: float) -> int:  # GPTQ (or the plain clip) at this k, then a whole-blob compression
+            started = time.perf_counter()
+            built = build(schemes, factor)
+            quantized = time.perf_counter()
+            size = sizer(*built)
+            log.info(f"fit: sdclip k x {factor:.4f}: quantized in {quantized - started:.1f} s, compressed in "
+                     f"{time.perf_counter() - quantized:.1f} s")
+            return size
 
+        integer_values = sum(state[name].numel() for name, scheme in schemes.items() if SCHEMES[scheme].integer)
         factor, steps, fits = fit_clip_k(size_at, target, spec.clip_k_max, progress=log.info,
-                                         workers=parallel_workers(8), k_min=spec.clip_k_min)
+                                         workers=parallel_workers(8), k_min=spec.clip_k_min,
+                                         bytes_per_doubling=integer_values / 8)
         quantizer.k_scale = factor
         fit = {"mode": mode, "k_scale": factor, "clip_k_steps": steps}
         artifact = next(step["bytes"] for step in reversed(steps) if step["k_scale"] == factor)
