@@ -13,6 +13,8 @@
 #            pgolf, for the speed of a TTT change against its baseline in one call
 #   bash benchmarks/protocol_eval.sh        (on the GPU machine, with .whl and .devdata carried)
 #   STEPS=speed VAL_TOKENS=1048576 RUN=a bash benchmarks/protocol_eval.sh
+#   bash benchmarks/background.sh start ttt env STEPS=ttt bash benchmarks/protocol_eval.sh   (whole val: longer
+#   than one device command; then `bash benchmarks/background.sh wait ttt 560` in this and the next calls)
 source benchmarks/gpu_setup.sh || exit 1
 RES=${OUT:-artifacts/results}; RUN=${RUN:-seed}; STEPS=${STEPS:-speed codecs sliding}; B=artifacts/$RUN/blob
 [ -f $B/manifest.json ] || tar xzf .devdata/$RUN-export.tgz -C artifacts || exit 1

@@ -1,0 +1,32 @@
+"""benchmarks/background.sh: a device job that outlives one command (started in its own session, followed by later
+`wait` commands that return its files)."""
+
+import subprocess
+import tarfile
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "background.sh"
+
+
+def background(cwd: Path, *args: str, out: Path | None = None) -> subprocess.CompletedProcess:
+    env = {"PATH": "/usr/bin:/bin", **({"OUT": str(out)} if out else {})}
+    return subprocess.run(["bash", str(SCRIPT), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_background_job_runs_on_and_wait_returns_its_status_and_files(tmp_path):
+    out = tmp_path / "returned"
+    out.mkdir()
+    gate = tmp_path / "gate"  # the job ends only once the test creates this file
+    job = f'echo started; while [ ! -f {gate} ]; do sleep 0.1; done; echo done > "$OUT/result.txt"; exit 3'
+    assert background(tmp_path, "start", "j", "bash", "-c", job).returncode == 0
+    assert background(tmp_path, "start", "j", "true").returncode == 2  # one job of a name at a time
+    still = background(tmp_path, "wait", "j", "1", out=out)
+    assert still.returncode == 124 and "still running" in still.stdout
+    gate.touch()
+    ended = background(tmp_path, "wait", "j", "30", out=out)
+    assert ended.returncode == 3 and "j exited 3" in ended.stdout
+    with tarfile.open(out / "j-bg.tgz") as archive:
+        assert archive.extractfile("j/out/result.txt").read() == b"done\n"
+        assert archive.extractfile("j/log").read() == b"started\n"
+    assert background(tmp_path, "wait", "nope").returncode == 2
+    assert background(tmp_path, "start", "j").returncode == 2  # no command
