@@ -7,7 +7,7 @@
 #   bash benchmarks/background.sh wait NAME [SECONDS]    up to SECONDS (default 540): the log's last lines every
 #                                                        minute; exits with the job's status, or 124 (running)
 # Each `wait` copies the job's OUT folder, log and exit status into $OUT/NAME-bg.tgz (refreshed every minute, so a
-# command cut short still returns them). Chain the waits (each call within the machine's 30 s idle window); the
+# command cut short still returns them); files over 4 MB in the job's OUT come back beside it, as themselves. Chain the waits (each call within the machine's 30 s idle window); the
 # job itself is lost when the machine goes back (30 min held at most).
 #   run: bash benchmarks/background.sh start ttt env STEPS=ttt bash benchmarks/protocol_eval.sh;
 #        bash benchmarks/background.sh wait ttt 560
@@ -32,7 +32,12 @@ case $action in
   wait)
     limit=${3:-540}
     [ -d $DIR ] || { echo "background.sh: no job $name (start it first)" >&2; exit 2; }
-    collect() { [ -z "${OUT:-}" ] || tar czf "$OUT/$name-bg.tgz" -C artifacts/bg $name; }
+    # Big files (a blob's export) come back as themselves: the device returns files of at most 16 MiB each.
+    collect() {
+      [ -n "${OUT:-}" ] || return 0
+      find $DIR/out -type f -size +4M -exec cp {} "$OUT/" \;
+      tar czf "$OUT/$name-bg.tgz" --exclude-from=<(cd artifacts/bg && find $name/out -type f -size +4M) \
+        -C artifacts/bg $name; }
     started=$SECONDS; last=-60
     while [ ! -f $DIR/rc ] && [ $((SECONDS - started)) -lt "$limit" ]; do
       if [ $((SECONDS - last)) -ge 60 ]; then

@@ -17,7 +17,8 @@ def test_background_job_runs_on_and_wait_returns_its_status_and_files(tmp_path):
     out = tmp_path / "returned"
     out.mkdir()
     gate = tmp_path / "gate"  # the job ends only once the test creates this file
-    job = f'echo started; while [ ! -f {gate} ]; do sleep 0.1; done; echo done > "$OUT/result.txt"; exit 3'
+    job = (f'echo started; while [ ! -f {gate} ]; do sleep 0.1; done; echo done > "$OUT/result.txt"; '
+           'head -c 5000000 /dev/zero > "$OUT/big.tgz"; exit 3')
     assert background(tmp_path, "start", "j", "bash", "-c", job).returncode == 0
     assert background(tmp_path, "start", "j", "true").returncode == 2  # one job of a name at a time
     still = background(tmp_path, "wait", "j", "1", out=out)
@@ -28,5 +29,7 @@ def test_background_job_runs_on_and_wait_returns_its_status_and_files(tmp_path):
     with tarfile.open(out / "j-bg.tgz") as archive:
         assert archive.extractfile("j/out/result.txt").read() == b"done\n"
         assert archive.extractfile("j/log").read() == b"started\n"
+        assert "j/out/big.tgz" not in archive.getnames()  # a big file comes back as itself
+    assert (out / "big.tgz").stat().st_size == 5_000_000
     assert background(tmp_path, "wait", "nope").returncode == 2
     assert background(tmp_path, "start", "j").returncode == 2  # no command
