@@ -27,6 +27,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
 
+import brotli
+
 from pgolf.artifacts import (
     ARTIFACT_BYTE_LIMIT,
     MANIFEST,
@@ -40,7 +42,7 @@ from pgolf.artifacts import (
     output_sha256,
     up_to_date,
 )
-from pgolf.codecs import read_blob
+from pgolf.codecs import read_blob, read_blob_header
 from pgolf.config import from_dict
 from pgolf.dist import PlainLog
 from pgolf.errors import InvalidInput, OverBudget, UsageError
@@ -436,12 +438,21 @@ def minified_source(source: str, mode: str = "rename") -> str:
 STUB_FILENAME = "<train_gpt.py>"
 
 
-def self_extracting(source: str) -> str:
-    """The smallest of lzma/zlib-compressed, base85-encoded copies of `source` behind a three-line exec stub
-    (pass it minified_source(...) to count fewer bytes)."""
+# How the self-extracting script can pack its program. brotli (its built-in text dictionary: 3.3 % smaller than
+# lzma on the minified core) only where the submission needs brotli anyway, to read a brotli blob.
+CODE_PACKERS = {
+    "lzma": lambda data: lzma.compress(data, preset=9 | lzma.PRESET_EXTREME),
+    "zlib": lambda data: zlib.compress(data, 9),
+    "brotli": lambda data: brotli.compress(data, quality=11, lgwin=24),
+}
+
+
+def self_extracting(source: str, codecs: tuple[str, ...] = ("lzma", "zlib")) -> str:
+    """The smallest of the `codecs`-compressed (CODE_PACKERS), base85-encoded copies of `source` behind a
+    three-line exec stub (pass it minified_source(...) to count fewer bytes)."""
     candidates = []
-    for codec, packed in (("lzma", lzma.compress(source.encode(), preset=9 | lzma.PRESET_EXTREME)),
-                          ("zlib", zlib.compress(source.encode(), 9))):
+    for codec in codecs:
+        packed = CODE_PACKERS[codec](source.encode())
         encoded = base64.b85encode(packed).decode()
         stub = (f"import base64,linecache,{codec}\n"
                 f"p=\"{encoded}\"\n"
@@ -456,7 +467,7 @@ def extracted_source(script: str) -> str:
     header, payload, _ = script.splitlines()
     codec = header.split(",")[-1]
     encoded = payload.split('"')[1]
-    return {"lzma": lzma, "zlib": zlib}[codec].decompress(base64.b85decode(encoded)).decode()
+    return {"lzma": lzma, "zlib": zlib, "brotli": brotli}[codec].decompress(base64.b85decode(encoded)).decode()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -628,7 +639,9 @@ def bundle(train_dir: Path, blob_dir: Path, out: Path, *, name: str, github_id: 
         source = bundle_source(baked, f"{name}: Parameter Golf submission by {author or github_id}",
                                stubs=left_out(baked))
         source = minified_source(source, minify)  # the shipped program: its names and docstrings are counted bytes
-        code = self_extracting(source) if compress_code else source
+        packers = ("lzma", "zlib", "brotli") if read_blob_header(blob_path.read_bytes())["codec"] == "brotli" \
+            else ("lzma", "zlib")
+        code = self_extracting(source, packers) if compress_code else source
         if compress_code and extracted_source(code) != source:
             raise RuntimeError("self-extracting script does not reproduce the bundled source (a bundler bug)")
         bytes_model, bytes_code = blob_path.stat().st_size, len(code.encode())

@@ -326,6 +326,23 @@ def test_self_extracting_script_is_smaller_and_runs_identically(pipeline, tiny_d
     assert (val_loss, val_bpb) == (f"{metrics['val_loss']:.8f}", f"{metrics['val_bpb']:.8f}")
 
 
+def test_a_brotli_blob_s_script_packs_its_program_with_brotli_too(pipeline, tiny_data_dir, tmp_path):
+    """brotli packs the minified program smaller than lzma (its text dictionary), but the script may import it
+    only where it needs brotli anyway: for a brotli blob. The lzma blob's script (fixture) never imports it."""
+    assert run_main("compress", pipeline / "q", "--codec", "brotli", "--out", tmp_path / "blob") == 0
+    assert run_main("eval", tmp_path / "blob", "--data", tiny_data_dir, "--out", tmp_path / "eval") == 0
+    assert run_main("bundle", "--train", pipeline / "train", "--blob", tmp_path / "blob", "--eval", tmp_path / "eval",
+                    "--name", "x", "--github-id", "y", "--compress-code", "--out", tmp_path / "sub") == 0
+    packed = (tmp_path / "sub" / "train_gpt.py").read_text()
+    assert packed.splitlines()[0].endswith(",brotli")
+    assert not (pipeline / "packed" / "train_gpt.py").read_text().splitlines()[0].endswith(",brotli")
+    source = extracted_source(packed)
+    assert len(packed) < len(self_extracting(source))  # smaller than the lzma / zlib candidates
+    metrics = read_manifest(tmp_path / "eval")["metrics"]
+    val_loss, val_bpb = script_result(tmp_path / "sub", tiny_data_dir)
+    assert (val_loss, val_bpb) == (f"{metrics['val_loss']:.8f}", f"{metrics['val_bpb']:.8f}")
+
+
 def test_renamed_script_is_smaller_than_the_safe_one(pipeline):
     sizes = {name: (pipeline / name / "train_gpt.py").stat().st_size for name in ("packed", "packed-safe")}
     assert sizes["packed"] < sizes["packed-safe"]
