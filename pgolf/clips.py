@@ -20,6 +20,7 @@ Adding a method = one ClipMethod subclass registered in CLIPS, plus its tests; p
 bundled script find it here by name.
 """
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +44,7 @@ class ClipOptions:
     gptq_block: int = GPTQ_BLOCK
     embedding_k: float | None = None  # sdclip / gptq-sdclip: the token embedding's k (None: SDCLIP_SIGMAS)
     k_scale: float = 1.0  # sdclip / gptq-sdclip: every group's k times this (the clip-k size fit searches it)
+    gptq_levels: torch.Tensor | None = None  # gptq-sdclip: levels a stacked solve already found (gptq_sdclip_levels)
 
 
 class ClipMethod:
@@ -163,9 +165,26 @@ class GptqSdClip(ClipMethod):
             return CLIPS["sdclip"].quantize(rows, bits, options)
         qmin, qmax = quant_range(bits)
         scales = sdclip_scales(rows, bits, options)
-        levels = gptq_levels(rows, options.hessian.to(rows.device).float(), scales.float(), qmin, qmax,
-                             options.gptq_damp, options.gptq_block)
+        levels = options.gptq_levels
+        if levels is None:
+            levels = gptq_levels(rows, options.hessian.to(rows.device).float(), scales.float(), qmin, qmax,
+                                 options.gptq_damp, options.gptq_block)
         return levels, scales, self.name
+
+
+def gptq_sdclip_levels(tensor: torch.Tensor, bits: int, k_scales: list[float], scale_floor: str = "none",
+                       **options) -> list[torch.Tensor]:
+    """gptq-sdclip's GPTQ levels [rows, cols] of one matrix at each sdclip k factor of `k_scales`, from one solve
+    of the rows stacked once per factor (GPTQ treats rows independently): one call where the clip-k fit would
+    run a call per factor of a round, each a Python loop over the columns. `options`: name, hessian, gptq_damp,
+    gptq_block, embedding_k (ClipOptions)."""
+    rows = tensor.detach().reshape(tensor.size(0), -1).float()
+    base = ClipOptions(scale_floor_value(bits, scale_floor), **options)
+    scales = [sdclip_scales(rows, bits, dataclasses.replace(base, k_scale=k)).float() for k in k_scales]
+    qmin, qmax = quant_range(bits)
+    stacked = gptq_levels(rows.repeat(len(k_scales), 1), base.hessian.to(rows.device).float(), torch.cat(scales),
+                          qmin, qmax, base.gptq_damp, base.gptq_block)
+    return list(stacked.split(rows.size(0)))
 
 
 CLIPS: dict[str, ClipMethod] = {method.name: method for method in (

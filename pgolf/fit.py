@@ -115,7 +115,7 @@ CLIP_K_FIRST_SPREAD = 0.1  # the same around the first guess, in ln k (the bytes
 
 
 def fit_clip_k(size_at, target: int, k_max: float, tolerance: float = 0.01, progress=None, workers: int = 1,
-               k_min: float = 1.0, bytes_per_doubling: float | None = None):
+               k_min: float = 1.0, bytes_per_doubling: float | None = None, prepare=None):
     """The smallest sdclip k factor in [k_min, k_max] (to a relative `tolerance`) whose artifact fits: size_at(factor)
     falls as the factor grows (c = k * std: a wider clip means a coarser step, levels nearer zero, fewer compressed
     bytes), so the smallest that fits spends the byte budget on the finest step. k_min = 1 (the records' k) only
@@ -127,12 +127,15 @@ def fit_clip_k(size_at, target: int, k_max: float, tolerance: float = 0.01, prog
     clustered around that guess at once on threads, until high / low <= 1 + tolerance. size_at(k_min) runs
     first and alone (ArtifactSizer picks its layout there), later calls must be thread-safe. Before any factor
     fits, the next guess extrapolates from k_min with `bytes_per_doubling` (the integer values / 8: a prior for
-    the first round, so k_max need not be sized when a guess fits) or, without it, sizes k_max. Returns (factor,
+    the first round, so k_max need not be sized when a guess fits) or, without it, sizes k_max. `prepare(factors)`
+    (optional) runs before each round's sizings (PlanQuantizer.prefetch: one GPTQ solve for them all). Returns (factor,
     steps [{"k_scale", "bytes"}] in measuring order, fits); when even k_max does not fit, (k_max, steps, False)."""
     steps, sizes = [], {}
 
     def measure(factors: list) -> None:
         factors = sorted(set(factors) - set(sizes))
+        if prepare is not None and factors:
+            prepare(factors)
         for factor, measured in zip(factors, measure_parallel(size_at, factors, workers), strict=True):
             steps.append({"k_scale": factor, "bytes": measured})
             sizes[factor] = measured

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from pgolf.clips import CLIP_METHODS
+from pgolf.clips import CLIP_METHODS, gptq_sdclip_levels
 from pgolf.config import PRESETS, coerce, field_types, preset_names, read_toml
 from pgolf.errors import UsageError
 from pgolf.gptq import GPTQ_BLOCK, GPTQ_DAMP
@@ -48,6 +48,7 @@ from pgolf.schemes import (
     PLAN_SCHEMES,
     RAW_SCHEME,
     SCHEMES,
+    IntScheme,
     is_quantizable,
     lqer_scheme,
 )
@@ -334,6 +335,24 @@ class PlanQuantizer:
                 name, tensor, scheme, hessian=self.hessians.get(name), k_scale=k_scale, **self.options
             )
         return self.cache[key]
+
+    def prefetch(self, schemes: dict, k_scales: list[float]) -> None:
+        """Quantize every plain int tensor under gptq-sdclip at all of `k_scales` at once (one stacked GPTQ solve
+        per tensor, gptq_sdclip_levels) into the cache: the clip-k fit sizes a round of factors on threads, and
+        each thread's own GPTQ is a Python loop per column that the threads run one at a time (the GIL)."""
+        if self.options["clip"] != "gptq-sdclip":
+            return
+        options = {key: self.options[key] for key in ("gptq_damp", "gptq_block", "embedding_k")}
+        for name, scheme in schemes.items():
+            missing = [k for k in dict.fromkeys(k_scales) if (name, scheme, k) not in self.cache]
+            if type(SCHEMES[scheme]) is not IntScheme or name not in self.hessians or len(missing) < 2:
+                continue
+            tensor, hessian = self.state_dict[name].to(self.device), self.hessians[name]
+            solved = gptq_sdclip_levels(tensor, SCHEMES[scheme].level_bits, missing, self.options["scale_floor"],
+                                        name=name, hessian=hessian, **options)
+            for k, levels in zip(missing, solved, strict=True):
+                self.cache[(name, scheme, k)] = quantize_entry(name, tensor, scheme, hessian=hessian, k_scale=k,
+                                                               gptq_levels=levels, **self.options)
 
     def quantization_error(self, name: str, scheme: str) -> float:
         """||W - deq(Q(W))||_F of one tensor under `scheme`."""

@@ -264,7 +264,8 @@ def quantize_model(state: dict, model_config: ModelConfig, spec: PlanSpec, confi
         integer_values = sum(state[name].numel() for name, scheme in schemes.items() if SCHEMES[scheme].integer)
         factor, steps, fits = fit_clip_k(size_at, target, spec.clip_k_max, progress=log.info,
                                          workers=parallel_workers(8), k_min=spec.clip_k_min,
-                                         bytes_per_doubling=integer_values / 8)
+                                         bytes_per_doubling=integer_values / 8,
+                                         prepare=lambda factors: quantizer.prefetch(schemes, factors))
         quantizer.k_scale = factor
         fit = {"mode": mode, "k_scale": factor, "clip_k_steps": steps}
         artifact = next(step["bytes"] for step in reversed(steps) if step["k_scale"] == factor)

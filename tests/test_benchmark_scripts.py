@@ -1,7 +1,10 @@
-"""benchmarks/background.sh: a device job that outlives one command (started in its own session, followed by later
-`wait` commands that return its files)."""
+"""Benchmark scripts that are tools as well: benchmarks/background.sh (a device job that outlives one command, started
+in its own session, followed by later `wait` commands that return its files) and benchmarks/gptq_round.py."""
 
+import json
+import os
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -33,3 +36,14 @@ def test_background_job_runs_on_and_wait_returns_its_status_and_files(tmp_path):
     assert (out / "big.tgz").stat().st_size == 5_000_000
     assert background(tmp_path, "wait", "nope").returncode == 2
     assert background(tmp_path, "start", "j").returncode == 2  # no command
+
+
+def test_gptq_round_benchmark_times_both_ways_and_they_agree():
+    """benchmarks/gptq_round.py on the CPU at tiny size: one JSON line, both ways timed, the same levels."""
+    script = SCRIPT.parent / "gptq_round.py"
+    result = subprocess.run([sys.executable, str(script), "--preset", "tiny", "--factors", "3", "--device", "cpu"],
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    row = json.loads(result.stdout.splitlines()[-1])
+    assert row["factors"] == 3 and row["tensors"] > 0 and row["threads_s"] > 0 and row["stacked_s"] > 0
+    assert row["levels_differ"] <= 1e-3

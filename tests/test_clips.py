@@ -4,7 +4,7 @@ every registered clip method honours (so a new one is checked by these tests too
 import pytest
 import torch
 
-from pgolf.clips import CLIPS, ClipOptions, clip_method, quantize_matrix
+from pgolf.clips import CLIPS, ClipOptions, clip_method, gptq_sdclip_levels, quantize_matrix
 from pgolf.gptq import hessian_error
 from pgolf.quant import QUANT_RANGES
 from tests.matrices import heavy_tailed
@@ -148,3 +148,22 @@ def test_gptq_sdclip_keeps_the_sd_scales_and_lowers_the_output_error():
     assert errors["gptq"] < 0.8 * errors["rtn"]
     assert quantize_matrix(weight, 6, "gptq-sdclip", name=name)[2] == "sdclip"  # no Hessian: no GPTQ
 
+
+
+def test_one_stacked_gptq_sdclip_solve_gives_each_factor_s_own_levels():
+    """gptq_sdclip_levels solves every k factor of a fit round at once (the rows stacked once per factor): each
+    factor's levels are what quantize_matrix finds for it alone. Summation order inside the stacked matmuls may
+    differ from the single solve's, so a rounding tie may fall the other way: at most a level apart, rarely."""
+    hessian = correlated_hessian()
+    weight = heavy_tailed(64, 96, seed=7)
+    name, factors = "blocks.0.mlp.fc.weight", [0.4, 0.9, 1.3]
+    stacked = gptq_sdclip_levels(weight, 6, factors, name=name, hessian=hessian)
+    for factor, levels in zip(factors, stacked, strict=True):
+        alone, _, _ = quantize_matrix(weight, 6, "gptq-sdclip", name=name, hessian=hessian, k_scale=factor)
+        differ = levels != alone
+        assert differ.float().mean() <= 1e-3 and (levels.int() - alone.int()).abs().max() <= 1, factor
+    assert not torch.equal(stacked[0], stacked[2])  # each factor its own scales
+    # quantize_matrix takes a stacked solve's levels as they are
+    reused, _, _ = quantize_matrix(weight, 6, "gptq-sdclip", name=name, hessian=hessian, k_scale=0.9,
+                                   gptq_levels=stacked[1])
+    assert torch.equal(reused, stacked[1])

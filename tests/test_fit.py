@@ -153,3 +153,19 @@ def test_clip_k_search_interpolates_in_few_rounds(workers):
     # out of reach: the extrapolation reaches k_max, which does not fit either
     assert fit_clip_k(size_at, 5_000_000, 1.5, workers=workers, k_min=0.25,
                       bytes_per_doubling=3_500_000)[0::2] == (1.5, False)
+
+
+def test_clip_k_search_prepares_each_round_before_sizing_it():
+    """`prepare` (PlanQuantizer.prefetch: one stacked GPTQ solve per tensor) sees each round's factors before any
+    of them is sized, and every factor sized was prepared."""
+    prepared, sized = [], []
+
+    def size_at(factor):
+        assert factor in prepared[-1], (factor, prepared[-1])  # sized only in the round prepared last
+        sized.append(factor)
+        return seed_like_size(factor)
+
+    factor, steps, fits = fit_clip_k(size_at, 16_000_000, 1.5, workers=4, k_min=0.25, bytes_per_doubling=3_500_000,
+                                     prepare=lambda factors: prepared.append(list(factors)))
+    assert fits and sorted(sized) == sorted(f for round_ in prepared for f in round_)
+    assert prepared[0] == [0.25] and all(len(round_) > 1 for round_ in prepared[1:])

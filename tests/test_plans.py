@@ -8,7 +8,7 @@ import torch
 
 from pgolf.errors import UsageError
 from pgolf.model import GPT, BlockLayout, ModelConfig
-from pgolf.plans import PlanSpec, assign_schemes, demote_blocks, load_plan, plan_names
+from pgolf.plans import PlanQuantizer, PlanSpec, assign_schemes, demote_blocks, load_plan, plan_names
 
 
 def baseline_state(**overrides) -> dict:
@@ -129,3 +129,33 @@ def test_demotion_keeps_an_lqer_tensor_lqer():
     demoted = demote_blocks(schemes, [0], "int5", BlockLayout(1, (0,)))
     assert demoted == {"blocks.0.mlp.fc.weight": "int5+lqer2", "blocks.0.mlp.proj.weight": "int5",
                        "tok_emb.weight": "int7"}
+
+
+def test_prefetch_fills_the_cache_with_each_factor_s_own_entry():
+    """PlanQuantizer.prefetch quantizes plain int tensors under gptq-sdclip at a round's factors in one stacked
+    solve; quantize() then serves those entries, each the factor's own (as a quantizer without prefetch makes
+    it); tensors without a Hessian and other clips are left to quantize()."""
+    generator = torch.Generator().manual_seed(3)
+    state = {"blocks.0.attn.c_q.weight": torch.randn(32, 48, generator=generator),
+             "blocks.0.mlp.proj.weight": torch.randn(48, 32, generator=generator)}
+    inputs = {cols: torch.randn(512, cols, generator=generator) for cols in (48, 32)}
+    hessians = {name: inputs[t.size(1)].T @ inputs[t.size(1)] / 512 for name, t in state.items()}
+    schemes = dict.fromkeys(state, "int6")
+
+    def quantizer(clip="gptq-sdclip", with_hessians=True):
+        made = PlanQuantizer(state, clip=clip, scale_floor="none")
+        made.hessians.update(hessians if with_hessians else {})
+        return made
+
+    prefetched = quantizer()
+    prefetched.prefetch(schemes, [0.5, 1.25])
+    assert set(prefetched.cache) == {(name, "int6", k) for name in state for k in (0.5, 1.25)}
+    for k in (0.5, 1.25):
+        tensors, records = prefetched.quantize(schemes, k)
+        expected, expected_records = quantizer().quantize(schemes, k)
+        for name in tensors:
+            assert (tensors[name] != expected[name]).float().mean() <= 1e-3, (name, k)
+        assert records.keys() == expected_records.keys()
+    for other in (quantizer(clip="sdclip"), quantizer(with_hessians=False)):
+        other.prefetch(schemes, [0.5, 1.25])
+        assert not other.cache

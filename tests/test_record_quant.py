@@ -75,10 +75,11 @@ def test_a_larger_sdclip_k_makes_a_smaller_artifact_and_clip_k_finds_the_smalles
     target = base - base // 50
     made = run(state, target=target, fit="clip-k", clip_k_max=3.0)
     steps, factor = made.fit["clip_k_steps"], made.fit["k_scale"]
-    assert steps[0] == loose.fit["clip_k_steps"][0] and steps[1]["k_scale"] == 3.0
-    assert steps[1]["bytes"] < steps[0]["bytes"] - base // 10  # a wider clip: coarser steps, fewer bytes
+    assert steps[0] == loose.fit["clip_k_steps"][0]
+    by_k = sorted(steps, key=lambda s: s["k_scale"])
+    assert by_k[-1]["bytes"] < by_k[0]["bytes"]  # a wider clip: coarser steps, fewer bytes
     assert 1.0 < factor <= 3.0 and made.artifact_bytes <= target
-    assert any(factor - 0.0101 <= s["k_scale"] < factor and s["bytes"] > target for s in steps)
+    assert any(factor / 1.01 <= s["k_scale"] < factor and s["bytes"] > target for s in steps)  # smallest to 1 %
     before = run(state).plan["tensors"]
     assert all(made.plan["tensors"][n]["rel_error"] > before[n]["rel_error"] for n, s in made.schemes.items()
                if SCHEMES[s].integer)  # the price: coarser steps round every weight further
@@ -94,7 +95,7 @@ def test_clip_k_min_below_one_spends_spare_bytes_on_a_finer_step(state, tmp_path
     factor, steps = made.fit["k_scale"], made.fit["clip_k_steps"]
     assert steps[0]["k_scale"] == 0.3 and steps[0]["bytes"] > target  # the floor itself does not fit
     assert 0.3 < factor < 1.0 and at_one.artifact_bytes < made.artifact_bytes <= target
-    assert any(factor - 0.0101 <= s["k_scale"] < factor and s["bytes"] > target for s in steps)
+    assert any(factor / 1.01 <= s["k_scale"] < factor and s["bytes"] > target for s in steps)
     integer = [n for n, s in made.schemes.items() if SCHEMES[s].integer]
     error = lambda m: sum(m.plan["tensors"][n]["rel_error"] for n in integer)  # noqa: E731
     assert error(made) < error(at_one)  # the bytes bought a finer step
