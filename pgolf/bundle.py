@@ -322,7 +322,7 @@ def left_out(baked: dict) -> dict[str, str]:
     if fit != "demote":
         out |= dict.fromkeys(("demotion_order", "fit_plan_to_target"), "its plan demotes no block")
     if fit not in ("clip-k", "clip-k+prune"):
-        out["fit_clip_k"] = "its plan fits no clip k"
+        out |= dict.fromkeys(("fit_clip_k", "gptq_sdclip_levels"), "its plan fits no clip k")
     if fit not in ("prune", "clip-k+prune"):
         out |= dict.fromkeys(("prune_candidates", "fit_prune", "pruned_state"), "its plan prunes nothing")
     return out

@@ -215,8 +215,8 @@ def test_what_a_submission_leaves_out_follows_its_plan_and_eval():
         {"lqer_factors", "lqer_quantize_factor", "lqer_restore_factor"}
     features = {"BigramHash", "SmearGate", "TokenSmearGate", "ValueEmbedding", "remove_self_value", "document_mask"}
     assert set(left_out(baked)) == {"ttt_pass", "NgramSweep", "demotion_order", "fit_plan_to_target", "fit_clip_k",
-                                    "prune_candidates", "fit_prune", "pruned_state", "generated_windows", *gptq,
-                                    *lqer, *features}
+                                    "gptq_sdclip_levels", "prune_candidates", "fit_prune", "pruned_state",
+                                    "generated_windows", *gptq, *lqer, *features}
     record = {"plan": {**plan, "clip": "gptq-sdclip", "fit": "clip-k+prune", "lqer_top_k": 2},
               "quantize": {"calibration": "generated"},
               "ttt": {"mode": "batched"}, "eval": {"ngram_order": [3], "tilt_order": []},
