@@ -496,7 +496,8 @@ class BatchedAdapters(nn.Module):
         for a in self.a.values():
             if generator is None:
                 generator = torch.Generator(a.device).manual_seed(TTT_LORA_SEED + batch_index)
-            a.uniform_(-1.0 / math.sqrt(a.size(-1)), 1.0 / math.sqrt(a.size(-1)), generator=generator)
+            bound = 1.0 / math.sqrt(a.size(-1))
+            a.uniform_(-bound, bound, generator=generator)
 
     @torch.no_grad()
     def reset_b(self) -> None:
