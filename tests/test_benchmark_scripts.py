@@ -23,10 +23,12 @@ def test_background_job_runs_on_and_wait_returns_its_status_and_files(tmp_path):
     job = (f'echo started; while [ ! -f {gate} ]; do sleep 0.1; done; echo done > "$OUT/result.txt"; '
            'head -c 5000000 /dev/zero > "$OUT/big.tgz"; exit 3')
     assert background(tmp_path, "start", "j", "bash", "-c", job).returncode == 0
-    assert background(tmp_path, "start", "j", "true").returncode == 2  # one job of a name at a time
-    still = background(tmp_path, "wait", "j", "1", out=out)
-    assert still.returncode == 124 and "still running" in still.stdout
-    gate.touch()
+    try:
+        assert background(tmp_path, "start", "j", "true").returncode == 2  # one job of a name at a time
+        still = background(tmp_path, "wait", "j", "1", out=out)
+        assert still.returncode == 124 and "still running" in still.stdout
+    finally:
+        gate.touch()  # a failed assertion must not leave the job waiting for ever
     ended = background(tmp_path, "wait", "j", "30", out=out)
     assert ended.returncode == 3 and "j exited 3" in ended.stdout
     with tarfile.open(out / "j-bg.tgz") as archive:
