@@ -133,8 +133,8 @@ class TTTConfig:
 class TTTResult:
     nll: torch.Tensor  # float64 [N - 1] on CPU: NLL of the targets at positions 1..N-1, in order
     events: list[tuple[str, int, int]] = field(default_factory=list)  # ("score" | "update", start, end)
-    train_seconds: float = 0.0  # wall time of the training steps
-    score_seconds: float = 0.0  # wall time inside score_chunk
+    train_seconds: float = 0.0  # wall time of the training steps (batched: device time of backward + step)
+    score_seconds: float = 0.0  # wall time inside score_chunk (batched: device time of the scored forward)
     steps: int = 0  # optimizer steps taken
     # Batched mode's schedule, for the wall time on another GPU count (batched_seconds_on): the phase segments'
     # batch indices, each batch's estimated cost (batch_cost) and measured seconds (whichever rank ran it), and
@@ -564,11 +564,44 @@ class AdaptedModel:
             handle.remove()
 
 
+class StepClock:
+    """Seconds of device work in named parts of a step without the host waiting on the device each step: CUDA
+    events on a GPU, read at `settle` (once a batch, after the copy that waits for its work anyway); the host
+    clock elsewhere, where every op has finished when it returns."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.open: list = []
+        self.seconds: dict[str, float] = {"score": 0.0, "train": 0.0}  # since the last settle
+
+    def mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def add(self, name: str, began) -> None:
+        if self.cuda:
+            self.open.append((name, began, self.mark()))
+        else:
+            self.seconds[name] += time.perf_counter() - began
+
+    def settle(self) -> dict[str, float]:
+        """Seconds per name since the last settle."""
+        for name, began, ended in self.open:
+            ended.synchronize()
+            self.seconds[name] += began.elapsed_time(ended) / 1000
+        self.open.clear()
+        settled, self.seconds = self.seconds, dict.fromkeys(self.seconds, 0.0)
+        return settled
+
+
 def ttt_batched(session: TTTSession, score_logits: Callable | None, on_update: Callable | None) -> None:
     config, model, tokens, device = session.config, session.model, session.tokens, session.device
     window = min(config.eval_seq_len, model.config.max_seq_len)
-    session.tokens_cpu = tokens.cpu()
-    spans = ttt_document_spans(session.tokens_cpu)
+    clock = StepClock(device)
+    spans = ttt_document_spans(tokens.cpu())
     batches = batched_order(spans, config.lora_batch_docs)
     slots = len((model.layout if model.looping else block_layout(model.config, looping=False)).execution)
     docs = min(config.lora_batch_docs, len(spans))
@@ -582,21 +615,32 @@ def ttt_batched(session: TTTSession, score_logits: Callable | None, on_update: C
         if config.prefix_docs else []
     base_params = list(model.parameters())
 
-    def score(positions: torch.Tensor, logits: torch.Tensor, ranges: list[tuple[int, int]]) -> None:
-        began = time.perf_counter()
+    pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (positions on the CPU, NLL on the device)
+
+    def score(positions: torch.Tensor, on_device: torch.Tensor, logits: torch.Tensor,
+              ranges: list[tuple[int, int]]) -> None:
+        """Score the targets at `positions` (CPU; `on_device`: the same on the logits' device): the C4 check
+        and the bookkeeping on the CPU, the NLL left on the device until the batch's end (no sync per chunk)."""
         with torch.no_grad():
             if score_logits is not None:
-                nll = score_logits(positions.to(device), logits)
+                nll = score_logits(on_device, logits)
             else:
-                nll = F.cross_entropy(logits.double(), tokens[positions.to(tokens.device)].long().to(device),
-                                      reduction="none")
-        session.result.score_seconds += time.perf_counter() - began
-        cpu = positions.cpu()
-        if bool(scored[cpu].any()) or bool((cpu < 1).any()):
+                nll = F.cross_entropy(logits.double(), tokens[on_device].long(), reduction="none")
+        if bool(scored[positions].any()) or bool((positions < 1).any()):
             raise ComplianceError("batched TTT scored a target twice (C4)")
-        scored[cpu] = True
+        scored[positions] = True
         session.result.events.extend(("score", start, end) for start, end in ranges)
-        session.position_nll[cpu] = nll.detach().to("cpu", torch.float64)
+        pending.append((positions, nll.detach()))
+
+    def settle() -> None:
+        """The batch's NLL to the CPU (waits for its device work) and its step timings."""
+        if pending:
+            positions = torch.cat([p for p, _ in pending])
+            session.position_nll[positions] = torch.cat([n.double() for _, n in pending]).to("cpu")
+            pending.clear()
+        settled = clock.settle()
+        session.result.score_seconds += settled["score"]
+        session.result.train_seconds += settled["train"]
 
     def update(start: int, end: int) -> None:
         if not bool((scored[start:end] | elsewhere[start:end]).all()):
@@ -626,8 +670,9 @@ def ttt_batched(session: TTTSession, score_logits: Callable | None, on_update: C
                                           eps=TTT_ADAM_EPS, weight_decay=config.lora_weight_decay,
                                           fused=True if session.device.type == "cuda" else None)
             spans_here = [spans[d] for d in batches[batch_index]]
-            ttt_batch(session, adapted, lora_params, optimizer, spans_here, window, score, update)
-            seconds[batch_index] = time.perf_counter() - began  # ttt_batch synchronizes the GPU per chunk
+            ttt_batch(session, adapted, optimizer, spans_here, window, clock, score, update)
+            settle()
+            seconds[batch_index] = time.perf_counter() - began
             session.report_batched(int(scored.sum()))
         if segment_index < len(result.segments) - 1:  # a phase pause
             began = time.perf_counter()
@@ -716,10 +761,12 @@ def batched_seconds_on(result: TTTResult, gpus: int, world_size: int) -> float:
     return total + result.phase_seconds * world_size / gpus
 
 
-def ttt_batch(session: TTTSession, adapted: AdaptedModel, params, optimizer, spans, window: int, score, update):
-    """One batch of documents, chunk by chunk: score every document's chunk ci, then train on it."""
+def ttt_batch(session: TTTSession, adapted: AdaptedModel, optimizer, spans, window: int, clock: StepClock, score,
+              update):
+    """One batch of documents, chunk by chunk: score every document's chunk ci, then train on it. The host
+    never waits on the device here: each chunk's indices go over in one pinned copy, and the caller collects
+    the NLL (and the step timings) once the batch is done."""
     config, device = session.config, session.device
-    tokens = session.tokens_cpu
     chunk = config.chunk_tokens
     pred_lens = [end - start for start, end in spans]
     num_chunks = [(length + chunk - 1) // chunk for length in pred_lens]
@@ -728,46 +775,54 @@ def ttt_batch(session: TTTSession, adapted: AdaptedModel, params, optimizer, spa
     for ci in range(max(num_chunks)):
         active = [b for b, count in enumerate(num_chunks) if ci < count]
         training = [i for i, b in enumerate(active) if ci < num_chunks[b] - 1]
-        context = min((ci + 1) * chunk, window)
-        windows = [chunk_window(ci, pred_lens[b], num_chunks[b], chunk, window) for b in active]
-        width = max(length for *_, length in windows)
-        steps = torch.arange(width)
-        index = torch.zeros(len(active), context + 1, dtype=torch.int64)
-        valid = torch.zeros(len(active), context + 1, dtype=torch.bool)
-        select = torch.zeros(len(active), width, dtype=torch.int64)
-        flat, positions, ranges = [], [], []
-        for i, (b, (win_start, win_len, offset, length)) in enumerate(zip(active, windows, strict=True)):
-            origin = spans[b][0] - 1  # the document's BOS (or the stream's first token)
-            index[i, : win_len + 1] = torch.arange(origin + win_start, origin + win_start + win_len + 1)
-            valid[i, : win_len + 1] = True
-            select[i] = offset + steps.clamp(max=length - 1)
-            flat.append(i * width + steps[:length])
-            first = origin + win_start + offset + 1
-            positions.append(torch.arange(first, first + length))
-            ranges.append((first, first + length))
-        rows_tokens = torch.where(valid, tokens[index].long(), 0).to(device)
-        inputs, targets = rows_tokens[:, :-1], rows_tokens[:, 1:]
-        select = select.to(device)
-        contiguous = active == list(range(active[0], active[-1] + 1))
-        rows = slice(active[0], active[-1] + 1) if contiguous else torch.tensor(active, device=device)
         train = bool(training) and config.epochs > 0
+        context = min((ci + 1) * chunk, window)
+        # per row: [window start in the token stream (the token before its first target), window length,
+        # chunk offset in the window, chunk length]
+        geometry = torch.tensor([(spans[b][0] - 1 + win_start, win_len, offset, length) for b in active for
+                                 win_start, win_len, offset, length in
+                                 [chunk_window(ci, pred_lens[b], num_chunks[b], chunk, window)]], dtype=torch.int64)
+        first, win_len, offset, length = geometry.unbind(1)
+        width = int(length.max())
+        steps = torch.arange(width)
+        chunked = steps[None, :] < length[:, None]  # [n, width]: the positions each row scores
+        positions = (first + offset + 1)[:, None].add(steps)[chunked]
+        flat = torch.arange(len(active) * width).view(len(active), width)[chunked]
+        contiguous = active == list(range(active[0], active[-1] + 1))
+        mask = torch.zeros(len(active), dtype=torch.int64)
+        mask[training] = 1
+        rows_list = torch.tensor([] if contiguous else active, dtype=torch.int64)
+        parts = [geometry.flatten(), positions, flat, mask, rows_list]
+        sizes = [len(part) for part in parts]
+        packed = torch.cat(parts)
+        if device.type == "cuda":
+            packed = packed.pin_memory()
+        geometry_d, positions_d, flat_d, mask_d, rows_d = packed.to(device, non_blocking=True).split(sizes)
+        first_d, win_len_d, offset_d, length_d = geometry_d.view(-1, 4).unbind(1)
+        columns = torch.arange(context + 1, device=device)
+        valid = columns[None, :] <= win_len_d[:, None]
+        index = torch.where(valid, first_d[:, None] + columns[None, :], 0)
+        rows_tokens = torch.where(valid, session.tokens[index].long(), 0)
+        inputs, targets = rows_tokens[:, :-1], rows_tokens[:, 1:]
+        select = offset_d[:, None] + torch.minimum(torch.arange(width, device=device)[None, :], length_d[:, None] - 1)
+        rows = slice(active[0], active[-1] + 1) if contiguous else rows_d
         model = session.model
         model.train(train)
-        began = time.perf_counter()
+        began = clock.mark()
         with torch.set_grad_enabled(train), torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
             logits = adapted.logits(inputs, rows, select)
-        flat_index = torch.cat(flat).to(device)
-        score(torch.cat(positions), logits.detach().reshape(-1, logits.size(-1))[flat_index], ranges)
+        ranges = list(zip((first + offset + 1).tolist(), (first + offset + 1 + length).tolist(), strict=True))
+        score(positions, positions_d, logits.detach().reshape(-1, logits.size(-1))[flat_d], ranges)
+        clock.add("score", began)
         if not train:
             continue
+        began = clock.mark()
         targets = targets.gather(1, select)  # a training row's chunk is whole: select is its chunk's positions
         for i in training:
             b = active[i]
             origin = spans[b][0] - 1
             win_start = max(0, (ci + 1) * chunk - window)
             update(origin + max(win_start, 1), origin + (ci + 1) * chunk + 1)
-        mask = torch.zeros(len(active), device=device)
-        mask[training] = 1.0
         for epoch in range(config.epochs):
             if epoch:
                 with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
@@ -776,12 +831,10 @@ def ttt_batch(session: TTTSession, adapted: AdaptedModel, params, optimizer, spa
                                   reduction="none").view(len(active), width)
             per_doc = nll[:, :chunk].mean(dim=-1)
             optimizer.zero_grad(set_to_none=True)
-            (per_doc * mask).sum().backward()
+            (per_doc * mask_d.float()).sum().backward()
             optimizer.step()
             session.result.steps += 1
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        session.result.train_seconds += time.perf_counter() - began
+        clock.add("train", began)
 
 
 def document_rows(spans, seq_len: int) -> list[tuple[int, int, int]]:

@@ -202,7 +202,7 @@ def test_each_document_chunk_is_scored_once_before_any_update_that_uses_it():
     assert bool((scored[1:] == 1).all()) and scored[0] == 0
     assert first_score[0] == 10  # the longest document (40 tokens) runs first, not the stream's first
     assert result.nll.shape == (len(tokens) - 1,) and bool(torch.isfinite(result.nll).all())
-    assert result.steps > 0
+    assert result.steps > 0 and result.score_seconds > 0 and result.train_seconds > 0
 
 
 def test_without_training_each_document_scores_as_the_model_on_its_own_windows():
