@@ -313,9 +313,9 @@ def test_batched_ttt_guards_refuse_double_scores_and_early_updates(monkeypatch):
     monkeypatch.setattr(batched, "document_rows", lambda spans, seq_len: [])
     early = batched.ttt_batch
 
-    def update_then_score(session, adapted, params, optimizer, spans, window, score, update):
+    def update_then_score(session, adapted, optimizer, spans, window, clock, score, update):
         update(spans[0][0], spans[0][1])
-        early(session, adapted, params, optimizer, spans, window, score, update)
+        early(session, adapted, optimizer, spans, window, clock, score, update)
 
     monkeypatch.setattr(batched, "ttt_batch", update_then_score)
     with pytest.raises(ComplianceError, match="before scoring"):
