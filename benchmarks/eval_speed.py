@@ -15,7 +15,11 @@ measurement on stdout:
                    sweep builds anyway), / plain sliding; a rough cost of one pass per point instead; and
                    the memory a cache of per-token model distributions (bf16) would need, this split and
                    the full val split (why the sweep shares one pass rather than caching)
-  ttt              score-first TTT (--ttt-mode) on the sliding plan: gain over the plain pass, seconds
+  ttt              score-first TTT (--ttt-mode) on the sliding plan: gain over the plain pass, seconds; with
+                   --profile, the TTT pass runs under torch.profiler: the 30 costliest ops go to stderr and
+                   the row gets `profile` (seconds of device kernels and their share of the pass's wall time:
+                   a low share means the pass waits on the host, not the GPU). Profile a short prefix
+                   (--val-tokens 262144): the whole split records millions of kernels
 Without --artifact the model is seed-11l-shaped with random weights: speeds hold, gains mean nothing.
 """
 
@@ -24,6 +28,7 @@ import dataclasses
 import json
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +75,21 @@ def speed(totals, seconds: float) -> dict:
             "val_bpb": model.val_bpb}
 
 
+def profile_summary(profiler, wall: float, device) -> dict:
+    """The 30 costliest ops to stderr; the seconds of device kernels (CPU: of top-level ops) and their share of
+    the profiled wall time."""
+    averages = profiler.key_averages()
+    on_gpu = device.type == "cuda"
+    log(averages.table(sort_by="self_cuda_time_total" if on_gpu else "self_cpu_time_total", row_limit=30))
+    if on_gpu:
+        busy_us = sum(e.self_device_time_total for e in averages if e.device_type == torch.autograd.DeviceType.CUDA)
+    else:
+        busy_us = sum(e.self_cpu_time_total for e in averages)
+    return {"busy_seconds": busy_us / 1e6, "busy_share_of_wall": busy_us / 1e6 / wall,
+            "kernels" if on_gpu else "ops": sum(e.count for e in averages
+                                                if not on_gpu or e.device_type == torch.autograd.DeviceType.CUDA)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", required=True, help="shard directory (its val split is scored)")
@@ -87,6 +107,7 @@ def main() -> None:
                         help="sgd, adamw, lora, phased, batched, a named setting (record-0416, record-1790), or none")
     parser.add_argument("--ttt-chunk-tokens", type=int, default=0, help="0 = the mode's default")
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="profile the TTT pass (see above)")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -150,13 +171,18 @@ def main() -> None:
         ttt_config, _ = resolve(TTTConfig, kind="ttt", preset=args.ttt_mode if named else None, env={},
                                 overrides=settings)
         started = time.perf_counter()
-        result = score_stream(eval_model, tokens, sliding_plan, tables, device, ttt_config=ttt_config)
+        activities = [torch.profiler.ProfilerActivity.CPU] + \
+            ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with torch.profiler.profile(activities=activities) if args.profile else nullcontext() as profiler:
+            result = score_stream(eval_model, tokens, sliding_plan, tables, device, ttt_config=ttt_config)
+        wall = time.perf_counter() - started
         totals = result.totals["model"]
-        emit({"measurement": "ttt", "stride": args.stride, "ttt": dataclasses.asdict(ttt_config),
+        extra = {"profile": profile_summary(profiler, wall, device)} if args.profile else {}
+        emit({**extra, "measurement": "ttt", "stride": args.stride, "ttt": dataclasses.asdict(ttt_config),
               "val_bpb": totals.val_bpb, "gain_bpb_vs_sliding": plain_bpb - totals.val_bpb,
               "eval_seconds": result.eval_seconds, "train_seconds": result.ttt.train_seconds,
               "score_seconds": result.ttt.score_seconds, "steps": result.ttt.steps,
-              "wall_seconds": time.perf_counter() - started, "seconds_vs_sliding": result.eval_seconds /
+              "wall_seconds": wall, "seconds_vs_sliding": result.eval_seconds /
               sliding_seconds}, context)
 
 
