@@ -10,7 +10,8 @@
 #   ttt      eval_speed.py's flat + stride-64 sliding passes, then TTT_MODE (default record-1790: doc-batched LoRA +
 #            phased SGD) on the first VAL_TOKENS val tokens: its gain over sliding from the same call, seconds;
 #            with PGOLF_PREV=DIR (an older pgolf's source tree carried in .devdata) the same first under that
-#            pgolf, for the speed of a TTT change against its baseline in one call
+#            pgolf, for the speed of a TTT change against its baseline in one call; TTT_ARGS adds eval_speed.py
+#            flags (TTT_ARGS=--profile: where the TTT pass spends its time)
 #   bash benchmarks/protocol_eval.sh        (on the GPU machine, with .whl and .devdata carried)
 #   STEPS=speed VAL_TOKENS=1048576 RUN=a bash benchmarks/protocol_eval.sh
 #   bash benchmarks/background.sh start ttt env STEPS=ttt bash benchmarks/protocol_eval.sh   (whole val: longer
@@ -33,8 +34,9 @@ for step in $STEPS; do case $step in
       > $RES/$RUN-eval_s64.json 2> $RES/$RUN-eval_s64.log; tail -3 $RES/$RUN-eval_s64.log ;;
   ttt) for tree in ${PGOLF_PREV:+prev} now; do
       [ $tree = prev ] && path=$PGOLF_PREV || path=.
+      # shellcheck disable=SC2086  # TTT_ARGS is a list of flags
       PYTHONPATH=$path${PYTHONPATH:+:$PYTHONPATH} python3 benchmarks/eval_speed.py --data $DATA --artifact $B --stride 64 --orders '' \
-        --ttt-mode "${TTT_MODE:-record-1790}" --val-tokens "${VAL_TOKENS:-0}" > $RES/$RUN-ttt-$tree.jsonl \
+        --ttt-mode "${TTT_MODE:-record-1790}" --val-tokens "${VAL_TOKENS:-0}" ${TTT_ARGS:-} > $RES/$RUN-ttt-$tree.jsonl \
         2> $RES/$RUN-ttt-$tree.log
       tail -2 $RES/$RUN-ttt-$tree.log; cut -c1-400 $RES/$RUN-ttt-$tree.jsonl; done ;;
   *) echo "protocol_eval.sh: unknown step $step (speed, codecs, sliding, ttt)"; exit 2 ;;
