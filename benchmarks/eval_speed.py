@@ -75,6 +75,21 @@ def speed(totals, seconds: float) -> dict:
             "val_bpb": model.val_bpb}
 
 
+def progress_log(label: str, every: float = 30.0):
+    """A score_stream progress callback that logs targets scored and the rate every `every` seconds: a pass cut
+    short (a device call ending) still leaves its speed in the log."""
+    began = last = time.perf_counter()
+
+    def report(done: int, total: int) -> None:
+        nonlocal last
+        now = time.perf_counter()
+        if now - last >= every:
+            last = now
+            log(f"{label}: {done:,}/{total:,} targets scored in {now - began:.0f} s ({done / (now - began):,.0f}/s)")
+
+    return report
+
+
 def profile_summary(profiler, wall: float, device) -> dict:
     """The 30 costliest ops to stderr; the seconds of device kernels (CPU: of top-level ops) and their share of
     the profiled wall time."""
@@ -108,6 +123,7 @@ def main() -> None:
     parser.add_argument("--ttt-chunk-tokens", type=int, default=0, help="0 = the mode's default")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--profile", action="store_true", help="profile the TTT pass (see above)")
+    parser.add_argument("--log-every", type=float, default=30.0, help="seconds between the TTT pass's progress lines")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -174,7 +190,8 @@ def main() -> None:
         activities = [torch.profiler.ProfilerActivity.CPU] + \
             ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with torch.profiler.profile(activities=activities) if args.profile else nullcontext() as profiler:
-            result = score_stream(eval_model, tokens, sliding_plan, tables, device, ttt_config=ttt_config)
+            result = score_stream(eval_model, tokens, sliding_plan, tables, device, ttt_config=ttt_config,
+                                  progress=progress_log(f"ttt {args.ttt_mode}", args.log_every))
         wall = time.perf_counter() - started
         totals = result.totals["model"]
         extra = {"profile": profile_summary(profiler, wall, device)} if args.profile else {}

@@ -250,7 +250,7 @@ def test_eval_speed_benchmark_runs_and_reports_each_measurement(tiny_checkpoint_
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "eval_speed.py"
     command = [sys.executable, script, "--data", tiny_data_dir, "--artifact", tiny_checkpoint_dir, "--device",
                "cpu", "--val-tokens", "3000", "--stride", "32", "--orders", "2,3", "--alphas", "0.2,0.4",
-               "--buckets", "512", "--ttt-chunk-tokens", "1024", "--profile"]
+               "--buckets", "512", "--ttt-chunk-tokens", "1024", "--profile", "--log-every", "0"]
     result = subprocess.run(command, capture_output=True, text=True, env=ONE_THREAD)
     assert result.returncode == 0, result.stderr
     lines = {json.loads(line)["measurement"]: json.loads(line) for line in result.stdout.splitlines()}
@@ -264,6 +264,7 @@ def test_eval_speed_benchmark_runs_and_reports_each_measurement(tiny_checkpoint_
     assert lines["ttt"]["steps"] > 0
     profile = lines["ttt"]["profile"]  # the TTT pass ran under the profiler: its ops and their time came back
     assert profile["ops"] > 0 and 0 < profile["busy_seconds"] and "Self CPU" in result.stderr
+    assert "/2,999 targets scored in" in result.stderr  # the TTT pass's progress lines (a cut-short run's speed)
 
 
 def test_default_outputs_are_one_directory_per_mode_and_settings(tiny_checkpoint_dir, tiny_data_dir, tmp_path,
