@@ -6,15 +6,21 @@
 #                                                        (where protocol scripts write what comes back)
 #   bash benchmarks/background.sh wait NAME [SECONDS]    up to SECONDS (default 540): the log's last lines every
 #                                                        minute; exits with the job's status, or 124 (running)
-# Each `wait` copies the job's OUT folder, log and exit status into $OUT/NAME-bg.tgz (refreshed every minute, so a
-# command cut short still returns them); files over 4 MB in the job's OUT come back beside it, as themselves. Chain the waits (each call within the machine's 30 s idle window); the
-# job itself is lost when the machine goes back (30 min held at most).
+#   bash benchmarks/background.sh take NAME              the job's files over 4 MB (a blob's export), in pieces
+#                                                        of at most PART_BYTES (default 8 MiB): join them with
+#                                                        `cat FILE.part* > FILE`
+# Each `wait` copies the job's OUT folder (files up to 4 MB), log, exit status and big.txt (the bigger files'
+# sizes and names) into $OUT/NAME-bg.tgz, refreshed every minute, so a command cut short still returns them. The
+# big files come back only with `take`, in a call of their own: in session 10 a 16 MB export beside the results
+# made the device return no file at all, twice. Chain the waits (each call within the machine's 30 s idle
+# window); the job itself is lost when the machine goes back (30 min held at most).
 #   run: bash benchmarks/background.sh start ttt env STEPS=ttt bash benchmarks/protocol_eval.sh;
 #        bash benchmarks/background.sh wait ttt 560
 #   run: bash benchmarks/background.sh wait ttt 560      (next call, while it still runs)
+#   run: bash benchmarks/background.sh take ttt          (once it is done, if it wrote a big file)
 set -u
 action=${1:-}; name=${2:-}
-[ -n "$name" ] || { echo "usage: background.sh start NAME COMMAND... | wait NAME [SECONDS]" >&2; exit 2; }
+[ -n "$name" ] || { echo "usage: background.sh start NAME COMMAND... | wait NAME [SECONDS] | take NAME" >&2; exit 2; }
 DIR=artifacts/bg/$name
 case $action in
   start)
@@ -32,12 +38,10 @@ case $action in
   wait)
     limit=${3:-540}
     [ -d $DIR ] || { echo "background.sh: no job $name (start it first)" >&2; exit 2; }
-    # Big files (a blob's export) come back as themselves: the device returns files of at most 16 MiB each.
     collect() {
       [ -n "${OUT:-}" ] || return 0
-      find $DIR/out -type f -size +4M -exec cp {} "$OUT/" \;
-      tar czf "$OUT/$name-bg.tgz" --exclude-from=<(cd artifacts/bg && find $name/out -type f -size +4M) \
-        -C artifacts/bg $name; }
+      (cd artifacts/bg && find $name/out -type f -size +4M -printf '%s %p\n') > $DIR/big.txt
+      tar czf "$OUT/$name-bg.tgz" --exclude-from=<(cut -d' ' -f2- $DIR/big.txt) -C artifacts/bg $name; }
     started=$SECONDS; last=-60
     while [ ! -f $DIR/rc ] && [ $((SECONDS - started)) -lt "$limit" ]; do
       if [ $((SECONDS - last)) -ge 60 ]; then
@@ -48,5 +52,15 @@ case $action in
     collect
     if [ -f $DIR/rc ]; then echo "background.sh: $name exited $(cat $DIR/rc)"; tail -n 5 $DIR/log; exit "$(cat $DIR/rc)"
     else echo "background.sh: $name still running"; exit 124; fi ;;
-  *) echo "background.sh: unknown action '$action' (start, wait)" >&2; exit 2 ;;
+  take)
+    [ -d $DIR ] || { echo "background.sh: no job $name (start it first)" >&2; exit 2; }
+    [ -n "${OUT:-}" ] || { echo "background.sh: take $name: OUT is not set" >&2; exit 2; }
+    part=${PART_BYTES:-8388608}
+    find $DIR/out -type f -size +4M | while read -r file; do
+      base=$(basename "$file")
+      if [ "$(stat -c %s "$file")" -le "$part" ]; then cp "$file" "$OUT/$base"; echo "$base"
+      else split -b "$part" -d "$file" "$OUT/$base.part"; echo "$base in $(ls "$OUT" | grep -c "^$base.part") pieces"
+      fi
+    done ;;
+  *) echo "background.sh: unknown action '$action' (start, wait, take)" >&2; exit 2 ;;
 esac

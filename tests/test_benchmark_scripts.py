@@ -11,8 +11,8 @@ from pathlib import Path
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "background.sh"
 
 
-def background(cwd: Path, *args: str, out: Path | None = None) -> subprocess.CompletedProcess:
-    env = {"PATH": "/usr/bin:/bin", **({"OUT": str(out)} if out else {})}
+def background(cwd: Path, *args: str, out: Path | None = None, **env: str) -> subprocess.CompletedProcess:
+    env = {"PATH": "/usr/bin:/bin", **({"OUT": str(out)} if out else {}), **env}
     return subprocess.run(["bash", str(SCRIPT), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
 
 
@@ -34,8 +34,19 @@ def test_background_job_runs_on_and_wait_returns_its_status_and_files(tmp_path):
     with tarfile.open(out / "j-bg.tgz") as archive:
         assert archive.extractfile("j/out/result.txt").read() == b"done\n"
         assert archive.extractfile("j/log").read() == b"started\n"
-        assert "j/out/big.tgz" not in archive.getnames()  # a big file comes back as itself
-    assert (out / "big.tgz").stat().st_size == 5_000_000
+        assert "j/out/big.tgz" not in archive.getnames()  # a big file comes back only with `take`
+        assert archive.extractfile("j/big.txt").read() == b"5000000 j/out/big.tgz\n"
+    assert sorted(path.name for path in out.iterdir()) == ["j-bg.tgz"]
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    assert background(tmp_path, "take", "j", out=taken, PART_BYTES="2000000").returncode == 0
+    parts = sorted(taken.iterdir())
+    assert [path.name for path in parts] == ["big.tgz.part00", "big.tgz.part01", "big.tgz.part02"]
+    assert b"".join(path.read_bytes() for path in parts) == bytes(5_000_000)  # cat FILE.part* rebuilds it
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    assert background(tmp_path, "take", "j", out=whole).returncode == 0  # under PART_BYTES: as itself
+    assert (whole / "big.tgz").read_bytes() == bytes(5_000_000)
     assert background(tmp_path, "wait", "nope").returncode == 2
     assert background(tmp_path, "start", "j").returncode == 2  # no command
 
