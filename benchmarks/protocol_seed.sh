@@ -6,8 +6,9 @@
 # again with RESUME=1 in the next call while the machine is still warm.
 # Settings come from the environment:
 #   RUN (artifacts/RUN, default seed), PRESET (default seed-11l-300s), TRAIN_ARGS (extra `pgolf train` flags),
-#   PGOLF_* (any config field, e.g. PGOLF_MATRIX_LR=0.04), PLAN (default center-out-int5; record-int6 and
-#   int6-sdclip-fit are fitted and GPTQ-calibrated, from the train stage's Hessians when it saved them),
+#   PGOLF_* (any config field, e.g. PGOLF_MATRIX_LR=0.04), PLAN (default center-out-int5; record-int6,
+#   int6-sdclip-fit and plan files such as benchmarks/plans/int6-sdclip-k037.toml are fitted and GPTQ-calibrated,
+#   from the train stage's Hessians when it saved them),
 #   QUANT_ARGS (extra `pgolf quantize` flags), EXPORT=0 (train and eval only), CUDA_VISIBLE_DEVICES (run
 #   variants side by side on a multi-GPU host), RESUME=1 (keep the steps whose output a cut-short call on this
 #   still-warm machine already wrote; rerun only the rest), VOCAB=8192 (sp8192 shards, for PRESET=sp8192-300s).
@@ -38,7 +39,7 @@ eval_pre_done() { wait $EVAL_PRE; echo "$RUN float: $(grep final_ $RES/s_eval_pr
 # the train stage saved (TRAIN_ARGS="--gptq-calibration-batches 16 --gptq-reserve-seconds 4"), else calibrate on
 # the train shards (QUANT_ARGS adds any further `pgolf quantize` flags).
 FIT=(); case $PLAN in center-out-int5) FIT=(--target-bytes 16000000 --code-bytes 45000) ;;
-  record-int6|int6-sdclip-fit) FIT=(--target-bytes 16000000 --code-bytes 60000)
+  record-int6|int6-sdclip-fit|*.toml) FIT=(--target-bytes 16000000 --code-bytes 60000)
     [ -f $R/train/gptq_hessians.safetensors ] || FIT+=(--data $DATA) ;; esac
 # shellcheck disable=SC2206  # QUANT_ARGS is a list of flags
 FIT+=(${QUANT_ARGS:-})

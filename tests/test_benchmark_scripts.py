@@ -60,3 +60,15 @@ def test_gptq_round_benchmark_times_both_ways_and_they_agree():
     row = json.loads(result.stdout.splitlines()[-1])
     assert row["factors"] == 3 and row["tensors"] > 0 and row["threads_s"] > 0 and row["stacked_s"] > 0
     assert row["levels_differ"] <= 1e-3
+
+
+def test_benchmark_plan_files_load_as_plans():
+    """benchmarks/plans/*.toml are passed to `pgolf quantize --plan` on the device: a field the plan loader
+    refuses would cost a device call to find out."""
+    from pgolf.plans import load_plan
+
+    files = sorted((SCRIPT.parent / "plans").glob("*.toml"))
+    assert files
+    for path in files:
+        spec = load_plan(str(path))
+        assert spec.fit_mode is not None and spec.clip_k_min <= spec.clip_k_max, path
