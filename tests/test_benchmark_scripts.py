@@ -70,5 +70,4 @@ def test_benchmark_plan_files_load_as_plans():
     files = sorted((SCRIPT.parent / "plans").glob("*.toml"))
     assert files
     for path in files:
-        spec = load_plan(str(path))
-        assert spec.fit_mode is not None and spec.clip_k_min <= spec.clip_k_max, path
+        load_plan(str(path))  # UsageError names the file and the field
