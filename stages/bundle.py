@@ -27,7 +27,11 @@ def bundle(
     author: str = typer.Option(None, "--author", help="Author name (default: the GitHub id)."),
     blurb: str = typer.Option("", "--blurb", help="One-paragraph summary for README and submission.json."),
     compress_code: bool = typer.Option(False, "--compress-code", help="Ship train_gpt.py as a self-extracting "
-                                       "lzma/zlib + base85 script (fewer counted bytes)."),
+                                       "script: the program lzma/zlib/brotli-compressed (fewer counted bytes)."),
+    code_literal: str = typer.Option("base85", "--code-literal", help="How --compress-code embeds the compressed "
+                                     "program: base85 (ASCII text) or latin1 (its bytes as a latin-1 string "
+                                     "literal: ~18 % fewer code bytes, but no longer text an editor or a diff "
+                                     "shows)."),
     minify: str = typer.Option(None, "--minify", help="python-minifier on the shipped program: rename (drop "
                                "docstrings and annotations, shorten local names), safe (the same without "
                                "renaming) or off. Default: rename with --compress-code, else off."),
@@ -42,7 +46,7 @@ def bundle(
     """
     metrics = run_bundle(train_dir, blob_dir, out, name=name, github_id=github_id, author=author, blurb=blurb,
                          eval_dir=eval_dir, report_dir=report_dir, compress_code=compress_code, minify=minify,
-                         force=force, log=log).metrics
+                         code_literal=code_literal, force=force, log=log).metrics
     bytes_model, bytes_code = metrics["bytes_model"], metrics["bytes_code"]
     lines = [f"train_gpt.py{' (self-extracting)' if compress_code else ''} {bytes_code:,} B + {SUBMISSION_BLOB} "
              f"{bytes_model:,} B = {bytes_model + bytes_code:,} B, margin "

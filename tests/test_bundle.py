@@ -16,9 +16,11 @@ import pytest
 import pgolf.bundle as bundle_core
 from pgolf.artifacts import read_manifest
 from pgolf.bundle import (
+    CODE_LITERALS,
     SUBMISSION_BLOB,
     bundle_source,
     extracted_source,
+    latin1_literal,
     left_out,
     minified_source,
     modules_in_order,
@@ -137,7 +139,8 @@ def pipeline(tiny_data_dir, tmp_path_factory):
     for step in steps:
         assert run_main(*step) == 0, step
     for name, extra in (("plain", ()), ("packed", ("--compress-code",)),
-                        ("packed-safe", ("--compress-code", "--minify", "safe"))):
+                        ("packed-safe", ("--compress-code", "--minify", "safe")),
+                        ("packed-latin1", ("--compress-code", "--code-literal", "latin1"))):
         assert run_main("bundle", "--train", root / "train", "--blob", root / "blob", "--eval", root / "eval",
                         "--name", "Tiny pipeline", "--github-id", "tester", *extra, "--out", root / name) == 0
     return root
@@ -310,11 +313,11 @@ def test_minified_f_strings_parse_on_python_3_11():
     assert scope["RESULT"] == "a-bx"
 
 
-@pytest.mark.parametrize("name, mode", [("packed", "rename"), ("packed-safe", "safe")])
+@pytest.mark.parametrize("name, mode", [("packed", "rename"), ("packed-safe", "safe"), ("packed-latin1", "rename")])
 def test_self_extracting_script_is_smaller_and_runs_identically(pipeline, tiny_data_dir, name, mode):
     plain = (pipeline / "plain" / "train_gpt.py").read_text()
-    packed = (pipeline / name / "train_gpt.py").read_text()
-    assert len(packed) < len(plain) / 4 and len(packed.splitlines()) == 3
+    packed = (pipeline / name / "train_gpt.py").read_bytes()
+    assert len(packed) < len(plain) / 4 and len(packed.splitlines()) == (4 if name == "packed-latin1" else 3)
     assert read_manifest(pipeline / name)["config"]["minify"] == mode
     shipped = extracted_source(packed)
     assert shipped == minified_source(plain, mode) and len(shipped) < 0.7 * len(plain)
@@ -333,9 +336,9 @@ def test_a_brotli_blob_s_script_packs_its_program_with_brotli_too(pipeline, tiny
     assert run_main("eval", tmp_path / "blob", "--data", tiny_data_dir, "--out", tmp_path / "eval") == 0
     assert run_main("bundle", "--train", pipeline / "train", "--blob", tmp_path / "blob", "--eval", tmp_path / "eval",
                     "--name", "x", "--github-id", "y", "--compress-code", "--out", tmp_path / "sub") == 0
-    packed = (tmp_path / "sub" / "train_gpt.py").read_text()
-    assert packed.splitlines()[0].endswith(",brotli")
-    assert not (pipeline / "packed" / "train_gpt.py").read_text().splitlines()[0].endswith(",brotli")
+    packed = (tmp_path / "sub" / "train_gpt.py").read_bytes()
+    assert packed.splitlines()[0].endswith(b",brotli")
+    assert not (pipeline / "packed" / "train_gpt.py").read_bytes().splitlines()[0].endswith(b",brotli")
     source = extracted_source(packed)
     assert len(packed) < len(self_extracting(source))  # smaller than the lzma / zlib candidates
     metrics = read_manifest(tmp_path / "eval")["metrics"]
@@ -348,6 +351,34 @@ def test_renamed_script_is_smaller_than_the_safe_one(pipeline):
     assert sizes["packed"] < sizes["packed-safe"]
 
 
+def test_a_latin1_literal_ships_the_same_program_in_fewer_bytes(pipeline):
+    """The compressed program's bytes as a latin-1 string literal (~2 % escapes) instead of base85 (+25 %)."""
+    base85, latin1 = ((pipeline / name / "train_gpt.py").read_bytes() for name in ("packed", "packed-latin1"))
+    assert extracted_source(latin1) == extracted_source(base85)
+    assert len(latin1) < 0.85 * len(base85)
+    assert read_manifest(pipeline / "packed-latin1")["metrics"]["bytes_code"] == len(latin1)
+
+
+def test_every_byte_value_survives_the_latin1_literal_through_pythons_source_reader(tmp_path):
+    """NUL, CR and LF (Python's reader would drop NUL and turn CR into LF), the quote, the backslash and an escaped
+    NUL before digits (a short octal escape would swallow them) come back as they went in."""
+    data = bytes(range(256)) + b"\x0012\r\n\r'\\\x00" + bytes(range(255, -1, -1))
+    script = tmp_path / "literal.py"
+    script.write_bytes(b"#coding:l1\nimport sys\np=" + latin1_literal(data) +
+                       b"\nsys.stdout.buffer.write(p.encode('l1'))\n")
+    result = subprocess.run([sys.executable, script], capture_output=True, timeout=60)
+    assert result.returncode == 0 and result.stdout == data, result.stderr
+
+
+def test_code_literal_latin1_needs_compress_code_and_unknown_literals_are_refused(pipeline, tmp_path, capsys):
+    common = ["bundle", "--train", pipeline / "train", "--blob", pipeline / "blob", "--name", "x", "--github-id", "y"]
+    assert run_main(*common, "--code-literal", "latin1", "--out", tmp_path / "a") == 2
+    assert "--code-literal latin1 applies to --compress-code only" in capsys.readouterr().err
+    assert run_main(*common, "--compress-code", "--code-literal", "base64", "--out", tmp_path / "b") == 2
+    assert "'base64' is not one of base85, latin1" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 def assert_short_traceback(stderr: str, inner_line: str | None = None) -> None:
     """A traceback from inside the self-extracting script: the program's frames, never the payload line."""
     assert "Traceback" in stderr and 'File "<train_gpt.py>", line' in stderr, stderr[-3000:]
@@ -357,10 +388,11 @@ def assert_short_traceback(stderr: str, inner_line: str | None = None) -> None:
         assert inner_line in stderr
 
 
-def test_a_failing_self_extracting_script_keeps_its_payload_out_of_the_traceback(tmp_path):
+@pytest.mark.parametrize("literal", CODE_LITERALS)
+def test_a_failing_self_extracting_script_keeps_its_payload_out_of_the_traceback(tmp_path, literal):
     program = "import os\n\n\ndef fail(path):\n    return os.listdir(path)\n\n\nfail('/no/such/dir')\n"
     script = tmp_path / "train_gpt.py"
-    script.write_text(self_extracting(program + "# padding\n" * 4000))  # a long payload line
+    script.write_bytes(self_extracting(program + "# padding\n" * 4000, literal=literal))  # a long payload line
     result = isolated_python(tmp_path, script)
     assert result.returncode == 1 and "FileNotFoundError" in result.stderr
     assert_short_traceback(result.stderr, "return os.listdir(path)")
@@ -530,3 +562,18 @@ def test_an_unknown_minify_mode_is_a_usage_error(pipeline, tmp_path, capsys):
                      "--github-id", "y", "--compress-code", "--minify", "tight", "--out", tmp_path / "b")
     assert result.returncode == 2 and "--minify: 'tight' is not one of rename, safe, off" in result.stderr
     assert not (tmp_path / "b").exists()
+
+
+def test_code_bytes_benchmark_reports_each_literal_and_repacks_a_shipped_script_exactly(pipeline):
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "code_bytes.py"
+
+    def row(*args) -> dict:
+        result = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return json.loads(result.stdout)
+
+    plain = row(pipeline / "plain" / "train_gpt.py")
+    assert plain["packed_rename_latin1_bytes"] < plain["packed_rename_bytes"] < plain["minified_rename_bytes"]
+    shipped = row(pipeline / "packed" / "train_gpt.py", "--packed")
+    assert shipped["packed_base85_bytes"] == shipped["shipped_bytes"] == plain["packed_rename_bytes"]
+    assert shipped["packed_latin1_bytes"] == (pipeline / "packed-latin1" / "train_gpt.py").stat().st_size
