@@ -598,7 +598,8 @@ class StepClock:
 
 
 def ttt_batched(session: TTTSession, score_logits: Callable | None, on_update: Callable | None) -> None:
-    config, model, tokens, device = session.config, session.model, session.tokens, session.device
+    config, model, device = session.config, session.model, session.device
+    tokens = session.tokens = session.tokens.to(device)  # each chunk's rows are gathered where the model runs
     window = min(config.eval_seq_len, model.config.max_seq_len)
     clock = StepClock(device)
     spans = ttt_document_spans(tokens.cpu())
