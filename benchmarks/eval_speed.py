@@ -97,12 +97,13 @@ def profile_summary(profiler, wall: float, device) -> dict:
     on_gpu = device.type == "cuda"
     log(averages.table(sort_by="self_cuda_time_total" if on_gpu else "self_cpu_time_total", row_limit=30))
     if on_gpu:
-        busy_us = sum(e.self_device_time_total for e in averages if e.device_type == torch.autograd.DeviceType.CUDA)
+        events = [e for e in averages if e.device_type == torch.autograd.DeviceType.CUDA]
+        busy_us = sum(e.self_device_time_total for e in events)
     else:
-        busy_us = sum(e.self_cpu_time_total for e in averages)
+        events = list(averages)
+        busy_us = sum(e.self_cpu_time_total for e in events)
     return {"busy_seconds": busy_us / 1e6, "busy_share_of_wall": busy_us / 1e6 / wall,
-            "kernels" if on_gpu else "ops": sum(e.count for e in averages
-                                                if not on_gpu or e.device_type == torch.autograd.DeviceType.CUDA)}
+            "kernels" if on_gpu else "ops": sum(e.count for e in events)}
 
 
 def main() -> None:
