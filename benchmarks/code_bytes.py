@@ -20,6 +20,18 @@ from pathlib import Path
 from pgolf.bundle import CODE_LITERALS, MINIFY_MODES, extracted_source, minified_source, self_extracting
 
 
+def packed_sizes(program: str, codecs: tuple[str, ...]) -> dict[str, int]:
+    """{literal: counted bytes} of `program` behind the self-extracting stub, each checked to compile and to
+    unpack to the program."""
+    sizes = {}
+    for literal in CODE_LITERALS:
+        packed = self_extracting(program, codecs, literal)
+        assert extracted_source(packed) == program
+        compile(packed, "train_gpt.py", "exec")
+        sizes[literal] = len(packed)
+    return sizes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("script", type=Path, help="a plain (not --compress-code) bundled train_gpt.py")
@@ -34,11 +46,7 @@ def main() -> None:
         shipped = args.script.read_bytes()
         program = extracted_source(shipped)
         row = {"script": str(args.script), "shipped_bytes": len(shipped), "program_bytes": size(program)}
-        for literal in CODE_LITERALS:
-            packed = self_extracting(program, codecs, literal)
-            assert extracted_source(packed) == program
-            compile(packed, "train_gpt.py", "exec")
-            row[f"packed_{literal}_bytes"] = len(packed)
+        row |= {f"packed_{literal}_bytes": count for literal, count in packed_sizes(program, codecs).items()}
         print(json.dumps(row))
         return
     plain = args.script.read_text()
@@ -49,11 +57,8 @@ def main() -> None:
         seconds = time.perf_counter() - start
         compile(minified, "train_gpt.py", "exec")
         row |= {f"minified_{mode}_bytes": size(minified), f"minify_{mode}_seconds": round(seconds, 2)}
-        for literal in CODE_LITERALS:
-            packed = self_extracting(minified, codecs, literal)
-            assert extracted_source(packed) == minified
-            compile(packed, "train_gpt.py", "exec")
-            row[f"packed_{mode}{'' if literal == 'base85' else '_' + literal}_bytes"] = len(packed)
+        row |= {f"packed_{mode}{'' if literal == 'base85' else '_' + literal}_bytes": count
+                for literal, count in packed_sizes(minified, codecs).items()}
     print(json.dumps(row))
 
 
