@@ -445,6 +445,7 @@ CODE_PACKERS = {
     "zlib": lambda data: zlib.compress(data, 9),
     "brotli": lambda data: brotli.compress(data, quality=11, lgwin=24),
 }
+CODE_UNPACKERS = {"lzma": lzma.decompress, "zlib": zlib.decompress, "brotli": brotli.decompress}
 
 
 # How the compressed program sits in the script: base85 (ASCII, +25 % over the compressed bytes) or latin1 (the
@@ -490,7 +491,7 @@ def extracted_source(script: bytes) -> str:
     else:
         codec = lines[0].decode().split(",")[-1]
         packed = base64.b85decode(lines[1].decode().split('"')[1])
-    return {"lzma": lzma, "zlib": zlib, "brotli": brotli}[codec].decompress(packed).decode()
+    return CODE_UNPACKERS[codec](packed).decode()
 
 
 # ---------------------------------------------------------------------------------------------------------
