@@ -122,6 +122,8 @@ def main() -> None:
     parser.add_argument("--ttt-mode", default="sgd",
                         help="sgd, adamw, lora, phased, batched, a named setting (record-0416, record-1790), or none")
     parser.add_argument("--ttt-chunk-tokens", type=int, default=0, help="0 = the mode's default")
+    parser.add_argument("--ttt-compile", default="", help="batched TTT's torch.compile backend (inductor, aot_eager, "
+                        "off; default: the mode's setting)")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--profile", action="store_true", help="profile the TTT pass (see above)")
     parser.add_argument("--log-every", type=float, default=30.0, help="seconds between the TTT pass's progress lines")
@@ -185,6 +187,8 @@ def main() -> None:
         settings = {} if named else {"mode": args.ttt_mode}
         if args.ttt_chunk_tokens:
             settings["chunk_tokens"] = args.ttt_chunk_tokens
+        if args.ttt_compile:
+            settings["compile"] = args.ttt_compile
         ttt_config, _ = resolve(TTTConfig, kind="ttt", preset=args.ttt_mode if named else None, env={},
                                 overrides=settings)
         started = time.perf_counter()

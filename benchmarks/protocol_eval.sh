@@ -11,7 +11,8 @@
 #            phased SGD) on the first VAL_TOKENS val tokens: its gain over sliding from the same call, seconds;
 #            with PGOLF_PREV=DIR (an older pgolf's source tree carried in .devdata) the same first under that
 #            pgolf, for the speed of a TTT change against its baseline in one call; TTT_ARGS adds eval_speed.py
-#            flags (TTT_ARGS=--profile: where the TTT pass spends its time)
+#            flags (TTT_ARGS=--profile: where the TTT pass spends its time); TTT_COMPILE=1 runs this pgolf once more
+#            with the adapted forward compiled (--ttt-compile inductor)
 #   bash benchmarks/protocol_eval.sh        (on the GPU machine, with .whl and .devdata carried)
 #   STEPS=speed VAL_TOKENS=1048576 RUN=a bash benchmarks/protocol_eval.sh
 #   bash benchmarks/background.sh start ttt env STEPS=ttt bash benchmarks/protocol_eval.sh   (whole val: longer
@@ -32,11 +33,12 @@ for step in $STEPS; do case $step in
   codecs) ;;  # started above
   sliding) python3 -m pgolf eval $B --data $DATA --sliding-stride 64 --out artifacts/$RUN/eval-s64 --force --json \
       > $RES/$RUN-eval_s64.json 2> $RES/$RUN-eval_s64.log; tail -3 $RES/$RUN-eval_s64.log ;;
-  ttt) for tree in ${PGOLF_PREV:+prev} now; do
+  ttt) for tree in ${PGOLF_PREV:+prev} now ${TTT_COMPILE:+compiled}; do
       [ $tree = prev ] && path=$PGOLF_PREV || path=.
+      [ $tree = compiled ] && extra="--ttt-compile inductor" || extra=
       # shellcheck disable=SC2086  # TTT_ARGS is a list of flags
       PYTHONPATH=$path${PYTHONPATH:+:$PYTHONPATH} python3 benchmarks/eval_speed.py --data $DATA --artifact $B --stride 64 --orders '' \
-        --ttt-mode "${TTT_MODE:-record-1790}" --val-tokens "${VAL_TOKENS:-0}" ${TTT_ARGS:-} > $RES/$RUN-ttt-$tree.jsonl \
+        --ttt-mode "${TTT_MODE:-record-1790}" --val-tokens "${VAL_TOKENS:-0}" ${TTT_ARGS:-} $extra > $RES/$RUN-ttt-$tree.jsonl \
         2> $RES/$RUN-ttt-$tree.log
       tail -2 $RES/$RUN-ttt-$tree.log; cut -c1-400 $RES/$RUN-ttt-$tree.jsonl; done ;;
   *) echo "protocol_eval.sh: unknown step $step (speed, codecs, sliding, ttt)"; exit 2 ;;

@@ -45,6 +45,7 @@ from torch import nn
 
 from pgolf.errors import ComplianceError, UsageError
 from pgolf.model import BOS_ID, CastedLinear, block_layout
+from pgolf.train_config import COMPILE_MODES
 
 TTT_MODES = ("sgd", "adamw", "lora", "phased", "batched")
 TTT_LORA_RESETS = ("document", "batch")
@@ -91,6 +92,7 @@ class TTTConfig:
     eval_seq_len: int = 2048  # batched: longest context window of a document chunk (capped at max_seq_len)
     lora_o_input: str = "input"  # batched: the O adapter reads the block's normed input, or "attn" (its output)
     batched_targets: tuple[str, ...] = TTT_BATCHED_TARGETS  # batched: which adapters (q k v o mlp head)
+    compile: str = "off"  # batched: torch.compile backend of the adapted forward (inductor | aot_eager | off)
 
     def __post_init__(self):
         if self.mode not in TTT_MODES:
@@ -127,6 +129,7 @@ class TTTConfig:
         need(len(self.batched_targets) >= 1 and set(self.batched_targets) <= set(TTT_BATCHED_TARGETS)
              and len(set(self.batched_targets)) == len(self.batched_targets), "batched_targets",
              f"distinct names from {', '.join(TTT_BATCHED_TARGETS)}")
+        need(self.compile in COMPILE_MODES, "compile", f"one of {', '.join(COMPILE_MODES)}")
 
 
 @dataclass
@@ -518,7 +521,8 @@ class AdaptedModel:
         self.model, self.adapters, self.targets, self.o_input = model, adapters, set(targets), o_input
         layout = model.layout if model.looping else block_layout(model.config, looping=False)
         self.slots = {b: [i for i, e in enumerate(layout.execution) if e == b] for b in set(layout.execution)}
-        self.rows: torch.Tensor | None = None
+        self.rows: slice | torch.Tensor | None = None
+        self.adapting = False  # a flag, not `rows is None`: under torch.compile that test would pin a slice's ends
         self.runs: dict[int, int] = {}
         self.slot, self.block_input = 0, None
         self.handles = []
@@ -532,14 +536,14 @@ class AdaptedModel:
                              block.mlp.register_forward_hook(partial(self.add, "mlp"))]
 
     def enter(self, index: int, module, args) -> None:
-        if self.rows is None:
+        if not self.adapting:
             return
         run = self.runs.get(index, 0)
         self.runs[index] = run + 1
         self.slot, self.block_input = self.slots[index][run], args[0]
 
     def add(self, kind: str, module, args, output):
-        if self.rows is None or kind not in self.targets:
+        if not self.adapting or kind not in self.targets:
             return None
         source = self.block_input if kind == "o" and self.o_input == "input" else args[0]
         return output + self.adapters.delta(f"{kind}{self.slot}", source, self.rows)
@@ -549,7 +553,7 @@ class AdaptedModel:
         """Softcapped logits [n, T, V] of inputs [n, T], row i adapted by document rows[i]'s adapters; with
         `select` [n, K] only those positions' [n, K, V] (the head and its softmax are the costly part at a
         2048-token context and a large vocabulary, and a chunk scores and trains on 48 of them)."""
-        self.rows, self.runs = rows, {}
+        self.rows, self.runs, self.adapting = rows, {}, True
         try:
             hidden = self.model.hidden(inputs)
             if select is not None:
@@ -557,11 +561,38 @@ class AdaptedModel:
             head = partial(self.adapters.delta, "head", rows=rows) if "head" in self.targets else None
             return self.model.logits_from_hidden(hidden, head)
         finally:
-            self.rows, self.block_input = None, None
+            self.rows, self.block_input, self.adapting = None, None, False
 
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
+
+
+# A compiled adapted forward meets a few shape classes: scoring (no grad) and training, one active document or
+# several, a one-position last chunk or longer: up to 8 graphs, each with symbolic sizes.
+TTT_COMPILE_GRAPHS = 16
+
+
+def adapted_forward(adapted: AdaptedModel, backend: str) -> Callable:
+    """adapted.logits, or with a torch.compile backend (not "off") its compiled form for a contiguous slice of
+    documents (the batches' case: length-sorted, the active documents are always a run): traced once with
+    dynamic shapes (the 04-16 record compiles its TTT forward so), the slice's ends passed as integers, so new
+    sizes and slices reuse the graph. Rows given as an index tensor run eager."""
+    if backend == "off":
+        return adapted.logits
+
+    def contiguous(inputs, start: int, stop: int, select):
+        return adapted.logits(inputs, slice(start, stop), select)
+
+    compiled = torch.compile(contiguous, backend=backend, dynamic=True)
+
+    def forward(inputs: torch.Tensor, rows: slice | torch.Tensor, select: torch.Tensor | None = None):
+        if not isinstance(rows, slice):
+            return adapted.logits(inputs, rows, select)
+        with torch._dynamo.config.patch(recompile_limit=TTT_COMPILE_GRAPHS):
+            return compiled(inputs, rows.start, rows.stop, select)
+
+    return forward
 
 
 class StepClock:
@@ -608,6 +639,7 @@ def ttt_batched(session: TTTSession, score_logits: Callable | None, on_update: C
     docs = min(config.lora_batch_docs, len(spans))
     adapters = BatchedAdapters(model, config.batched_targets, config.lora_rank, config.lora_alpha, docs, slots)
     adapted = AdaptedModel(model, adapters, config.batched_targets, config.lora_o_input)
+    forward = adapted_forward(adapted, config.compile)
     lora_params = list(adapters.parameters())
     scored = torch.zeros(len(tokens), dtype=torch.bool)  # by this rank
     elsewhere = torch.zeros(len(tokens), dtype=torch.bool)  # by other ranks, as of the last phase pause
@@ -671,7 +703,7 @@ def ttt_batched(session: TTTSession, score_logits: Callable | None, on_update: C
                                           eps=TTT_ADAM_EPS, weight_decay=config.lora_weight_decay,
                                           fused=True if session.device.type == "cuda" else None)
             spans_here = [spans[d] for d in batches[batch_index]]
-            ttt_batch(session, adapted, optimizer, spans_here, window, clock, score, update)
+            ttt_batch(session, forward, optimizer, spans_here, window, clock, score, update)
             settle()
             seconds[batch_index] = time.perf_counter() - began
             session.report_batched(int(scored.sum()))
@@ -762,7 +794,7 @@ def batched_seconds_on(result: TTTResult, gpus: int, world_size: int) -> float:
     return total + result.phase_seconds * world_size / gpus
 
 
-def ttt_batch(session: TTTSession, adapted: AdaptedModel, optimizer, spans, window: int, clock: StepClock, score,
+def ttt_batch(session: TTTSession, forward: Callable, optimizer, spans, window: int, clock: StepClock, score,
               update):
     """One batch of documents, chunk by chunk: score every document's chunk ci, then train on it. The host
     never waits on the device here: each chunk's indices go over in one pinned copy, and the caller collects
@@ -811,7 +843,7 @@ def ttt_batch(session: TTTSession, adapted: AdaptedModel, optimizer, spans, wind
         model.train(train)
         began = clock.mark()
         with torch.set_grad_enabled(train), torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
-            logits = adapted.logits(inputs, rows, select)
+            logits = forward(inputs, rows, select)
         ranges = list(zip((first + offset + 1).tolist(), (first + offset + 1 + length).tolist(), strict=True))
         score(positions, positions_d, logits.detach().reshape(-1, logits.size(-1))[flat_d], ranges)
         clock.add("score", began)
@@ -827,7 +859,7 @@ def ttt_batch(session: TTTSession, adapted: AdaptedModel, optimizer, spans, wind
         for epoch in range(config.epochs):
             if epoch:
                 with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
-                    logits = adapted.logits(inputs, rows, select)
+                    logits = forward(inputs, rows, select)
             nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
                                   reduction="none").view(len(active), width)
             per_doc = nll[:, :chunk].mean(dim=-1)

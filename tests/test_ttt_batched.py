@@ -314,3 +314,22 @@ def test_the_cli_expands_a_named_setting_under_the_flags():
 def test_batched_ttt_refuses_the_ngram_cache():
     with pytest.raises(UsageError, match="stream's order"):
         batched.check_batched_usage(True)
+
+
+def test_the_compiled_adapted_forward_scores_and_trains_as_the_eager_one():
+    """TTTConfig.compile traces the adapted forward (hooks included) with dynamic shapes: windows growing and
+    sliding, a short last chunk, two batches with a phase pause between them give the eager run's scores and
+    updates. aot_eager is the backend here (Inductor's CPU code generation would take minutes; the traced graph
+    is the same), on a shallower record-like model (one looped block, a parallel lane), and every step keeps two
+    documents active: each graph traced costs seconds on a CPU."""
+    model = record_model(num_layers=3, loop_end=1, parallel_start_layer=2, xsa_last_n=1)
+    tokens = stream([37, 22, 37, 22])
+    settings = dict(lora_batch_docs=2, epochs=2, lr=0.01, prefix_docs=2, phases=1)
+    eager = run_ttt(model, tokens, config(**settings), None, 16, "cpu")
+    compiled = run_ttt(model, tokens, config(**settings, compile="aot_eager"), None, 16, "cpu")
+    torch.testing.assert_close(compiled.nll, eager.nll, rtol=1e-9, atol=1e-9)
+    assert compiled.events == eager.events
+    untrained = run_ttt(model, tokens, config(lora_batch_docs=2, epochs=0), None, 16, "cpu")
+    assert (untrained.nll - compiled.nll).abs().max() > 1e-3  # the adapters did train
+    with pytest.raises(ValueError, match="compile"):
+        TTTConfig(mode="batched", compile="fast")
