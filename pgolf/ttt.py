@@ -64,6 +64,9 @@ TTT_ADAM_BETA2 = 0.999
 TTT_ADAM_EPS = 1e-10
 TTT_LORA_SEED = 0  # adapters start the same on every run
 TTT_PROGRESS_SECONDS = 30.0
+# A compiled batched forward meets a few shape classes: scoring (no grad) and training, one active document or
+# several, a one-position last chunk or longer: up to 8 graphs, each with symbolic sizes.
+TTT_COMPILE_GRAPHS = 16
 
 
 @dataclass(frozen=True)
@@ -526,6 +529,7 @@ class AdaptedModel:
         self.runs: dict[int, int] = {}
         self.slot, self.block_input = 0, None
         self.handles = []
+        self.forward = self.logits  # or its compiled form: see compile()
         for index, block in enumerate(model.blocks):
             attn = block.attn
             self.handles += [attn.register_forward_pre_hook(partial(self.enter, index)),
@@ -563,36 +567,30 @@ class AdaptedModel:
         finally:
             self.rows, self.block_input, self.adapting = None, None, False
 
+    def compile(self, backend: str) -> None:
+        """Make `forward` (logits, by default) torch.compile's form of it with `backend` (nothing for "off"),
+        for a contiguous slice of documents (the batches' case: length-sorted, the active documents are always a
+        run): traced once with dynamic shapes (the 04-16 record compiles its TTT forward so), the slice's ends
+        passed as integers, so new sizes and slices reuse the graph. Rows given as an index tensor run eager."""
+        if backend == "off":
+            return
+
+        def contiguous(inputs, start: int, stop: int, select):
+            return self.logits(inputs, slice(start, stop), select)
+
+        compiled = torch.compile(contiguous, backend=backend, dynamic=True)
+
+        def forward(inputs: torch.Tensor, rows: slice | torch.Tensor, select: torch.Tensor | None = None):
+            if not isinstance(rows, slice):
+                return self.logits(inputs, rows, select)
+            with torch._dynamo.config.patch(recompile_limit=TTT_COMPILE_GRAPHS):
+                return compiled(inputs, rows.start, rows.stop, select)
+
+        self.forward = forward
+
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
-
-
-# A compiled adapted forward meets a few shape classes: scoring (no grad) and training, one active document or
-# several, a one-position last chunk or longer: up to 8 graphs, each with symbolic sizes.
-TTT_COMPILE_GRAPHS = 16
-
-
-def adapted_forward(adapted: AdaptedModel, backend: str) -> Callable:
-    """adapted.logits, or with a torch.compile backend (not "off") its compiled form for a contiguous slice of
-    documents (the batches' case: length-sorted, the active documents are always a run): traced once with
-    dynamic shapes (the 04-16 record compiles its TTT forward so), the slice's ends passed as integers, so new
-    sizes and slices reuse the graph. Rows given as an index tensor run eager."""
-    if backend == "off":
-        return adapted.logits
-
-    def contiguous(inputs, start: int, stop: int, select):
-        return adapted.logits(inputs, slice(start, stop), select)
-
-    compiled = torch.compile(contiguous, backend=backend, dynamic=True)
-
-    def forward(inputs: torch.Tensor, rows: slice | torch.Tensor, select: torch.Tensor | None = None):
-        if not isinstance(rows, slice):
-            return adapted.logits(inputs, rows, select)
-        with torch._dynamo.config.patch(recompile_limit=TTT_COMPILE_GRAPHS):
-            return compiled(inputs, rows.start, rows.stop, select)
-
-    return forward
 
 
 class StepClock:
@@ -639,7 +637,7 @@ def ttt_batched(session: TTTSession, score_logits: Callable | None, on_update: C
     docs = min(config.lora_batch_docs, len(spans))
     adapters = BatchedAdapters(model, config.batched_targets, config.lora_rank, config.lora_alpha, docs, slots)
     adapted = AdaptedModel(model, adapters, config.batched_targets, config.lora_o_input)
-    forward = adapted_forward(adapted, config.compile)
+    adapted.compile(config.compile)
     lora_params = list(adapters.parameters())
     scored = torch.zeros(len(tokens), dtype=torch.bool)  # by this rank
     elsewhere = torch.zeros(len(tokens), dtype=torch.bool)  # by other ranks, as of the last phase pause
@@ -703,7 +701,7 @@ def ttt_batched(session: TTTSession, score_logits: Callable | None, on_update: C
                                           eps=TTT_ADAM_EPS, weight_decay=config.lora_weight_decay,
                                           fused=True if session.device.type == "cuda" else None)
             spans_here = [spans[d] for d in batches[batch_index]]
-            ttt_batch(session, forward, optimizer, spans_here, window, clock, score, update)
+            ttt_batch(session, adapted, optimizer, spans_here, window, clock, score, update)
             settle()
             seconds[batch_index] = time.perf_counter() - began
             session.report_batched(int(scored.sum()))
@@ -794,7 +792,7 @@ def batched_seconds_on(result: TTTResult, gpus: int, world_size: int) -> float:
     return total + result.phase_seconds * world_size / gpus
 
 
-def ttt_batch(session: TTTSession, forward: Callable, optimizer, spans, window: int, clock: StepClock, score,
+def ttt_batch(session: TTTSession, adapted: AdaptedModel, optimizer, spans, window: int, clock: StepClock, score,
               update):
     """One batch of documents, chunk by chunk: score every document's chunk ci, then train on it. The host
     never waits on the device here: each chunk's indices go over in one pinned copy, and the caller collects
@@ -843,7 +841,7 @@ def ttt_batch(session: TTTSession, forward: Callable, optimizer, spans, window: 
         model.train(train)
         began = clock.mark()
         with torch.set_grad_enabled(train), torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
-            logits = forward(inputs, rows, select)
+            logits = adapted.forward(inputs, rows, select)
         ranges = list(zip((first + offset + 1).tolist(), (first + offset + 1 + length).tolist(), strict=True))
         score(positions, positions_d, logits.detach().reshape(-1, logits.size(-1))[flat_d], ranges)
         clock.add("score", began)
@@ -859,7 +857,7 @@ def ttt_batch(session: TTTSession, forward: Callable, optimizer, spans, window: 
         for epoch in range(config.epochs):
             if epoch:
                 with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
-                    logits = forward(inputs, rows, select)
+                    logits = adapted.forward(inputs, rows, select)
             nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
                                   reduction="none").view(len(active), width)
             per_doc = nll[:, :chunk].mean(dim=-1)
