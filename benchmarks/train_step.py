@@ -53,7 +53,8 @@ def profile_steps(trainer: Trainer, steps: int, momentum: float) -> dict:
     """Profile `steps` optimizer steps: print the 30 most expensive kernels (stderr) and return, per step and per
     phase of Trainer's record_function labels, the milliseconds of kernels launched from the phase's own thread
     (`kernel_ms`: misses the backward, which autograd launches from its own thread) and, on CUDA, the span of
-    the phase on the GPU timeline (`gpu_span_ms`)."""
+    the phase on the GPU timeline (`gpu_span_ms`); on CUDA also `all_kernels_ms`, every kernel's own time (the GPU's
+    busy time per step: against the step time it says how launch-bound the step is)."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if trainer.device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -71,6 +72,11 @@ def profile_steps(trainer: Trainer, steps: int, momentum: float) -> dict:
             total_us = event.device_time_total if trainer.device.type == "cuda" else event.cpu_time_total
             name = "gpu_span_ms" if on_gpu else "kernel_ms"
             phases.setdefault(event.key, {})[name] = round(total_us / 1000.0 / steps, 2)
+    if trainer.device.type == "cuda":
+        on_gpu = [event for event in averages  # kernels and copies, not the labels' spans
+                  if event.device_type == torch.autograd.DeviceType.CUDA and event.key not in Trainer.PROFILE_LABELS]
+        busy_us = sum(event.self_device_time_total for event in on_gpu)
+        phases["all_kernels_ms"] = round(busy_us / 1000.0 / steps, 2)
     return phases
 
 
