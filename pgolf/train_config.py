@@ -24,6 +24,9 @@ from pgolf.optim import ORTHOGONALIZERS, POLAR_EXPRESS_COEFFS
 TRAIN_PRESET_KIND = "train"
 TRAIN_CONFIG_TABLES = ("model", "train")
 COMPILE_MODES = ("inductor", "aot_eager", "off")
+# TrainConfig.attention_kernel -> the SDPA kernels training's attention may use on CUDA (torch.nn.attention names).
+ATTENTION_KERNELS = {"auto": None, "flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION",
+                     "efficient": "EFFICIENT_ATTENTION"}
 MAX_SEED = 2**63 - 1
 
 # The challenge train_gpt.py's env names -> config fields.
@@ -137,6 +140,8 @@ class TrainConfig:
     log_every: int = 0  # a train line every N steps, and the first and last; 0 = about 20 lines per run
     checkpoint_every: int = 500  # write the resumable checkpoint every N steps; 0 = only on SIGTERM/SIGINT
     compile: str = "inductor"  # torch.compile backend: inductor | aot_eager | off
+    attention_kernel: str = "auto"  # training's SDPA kernel on CUDA: auto (torch's choice, flash for causal) |
+    # flash | cudnn | efficient; the same attention, other kernels (cuDNN's is the faster one on Hopper)
 
     def __post_init__(self):
         def need(ok: bool, field: str, allowed: str):
@@ -188,6 +193,9 @@ class TrainConfig:
         for name in ("val_every", "log_every", "checkpoint_every"):
             need(getattr(self, name) >= 0, name, ">= 0")
         need(self.compile in COMPILE_MODES, "compile", f"one of {', '.join(COMPILE_MODES)}")
+        need(self.attention_kernel in ATTENTION_KERNELS, "attention_kernel", f"one of {', '.join(ATTENTION_KERNELS)}")
+        need(self.attention_kernel != "flash" or not self.isolate_documents, "attention_kernel",
+             "other than flash with isolate_documents (the flash kernel takes no document mask)")
 
     def micro_tokens(self, world_size: int = 1) -> int:
         """Tokens per rank per forward/backward: micro_batch_tokens (0: batch_tokens / 8, as the challenge), capped

@@ -34,13 +34,13 @@ from pgolf.errors import InvalidInput, PgolfError, UsageError, named
 from pgolf.gptq import collect_hessians
 from pgolf.model import GPT, CastedLinear, ModelConfig, param_groups, set_qat_enabled, set_qat_plan
 from pgolf.optim import ORTHOGONALIZERS, Muon, build_optimizers
-from pgolf.train_config import TrainConfig
+from pgolf.train_config import ATTENTION_KERNELS, TrainConfig
 from pgolf.train_loader import TrainLoader
 
 RESUME_FILE = "resume.safetensors"
 RESUME_FORMAT = "pgolf-train-resume"
 # Settings a resumed run may change: they do not alter the weights it produces.
-RESUME_FREE_FIELDS = ("val_every", "log_every", "checkpoint_every", "compile", "warmup_steps")
+RESUME_FREE_FIELDS = ("val_every", "log_every", "checkpoint_every", "compile", "warmup_steps", "attention_kernel")
 # log_every 0: about this many train lines per run (plus the first and the last step).
 LINES_PER_RUN = 20
 
@@ -168,6 +168,16 @@ def bf16_training_dtypes(model: GPT) -> GPT:
     for param in param_groups(model)["scalar"]:
         param.data = param.data.float()
     return model
+
+
+def attention_kernels(name: str, device: torch.device):
+    """A context in which SDPA uses only the kernel TrainConfig.attention_kernel `name` picks, on CUDA (the
+    training forward and backward, and the compile that traces them in warm-up); elsewhere torch's own choice."""
+    kernel = ATTENTION_KERNELS[name]
+    if kernel is None or device.type != "cuda":
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel([getattr(SDPBackend, kernel)])
 
 
 def compile_model(model: torch.nn.Module, mode: str) -> torch.nn.Module:
@@ -349,7 +359,8 @@ class Trainer:
         """One optimizer step over batch_tokens (accumulated micro-batches); returns this rank's mean loss."""
         model = self.ddp or self.compiled
         total = torch.zeros((), device=self.device)
-        with torch.profiler.record_function(self.PROFILE_LABELS[0]):
+        with torch.profiler.record_function(self.PROFILE_LABELS[0]), \
+                attention_kernels(self.config.attention_kernel, self.device):
             for micro in range(self.accumulation):
                 x, y = self.loader.next_batch()
                 last_micro = micro == self.accumulation - 1

@@ -294,3 +294,19 @@ def test_resume_reads_a_setting_missing_from_an_older_checkpoint_as_its_default(
                       list_shards(tiny_data_dir, "train"), init_distributed())
     with pytest.raises(UsageError, match="was written with train muon_row_normalize = False, this run has True"):
         changed.load_resume(path)
+
+
+def test_attention_kernel_restricts_sdpa_on_cuda_only():
+    from pgolf.trainer import attention_kernels
+
+    flags = (torch.backends.cuda.flash_sdp_enabled, torch.backends.cuda.cudnn_sdp_enabled,
+             torch.backends.cuda.mem_efficient_sdp_enabled)
+    before = [flag() for flag in flags]
+    with attention_kernels("cudnn", torch.device("cuda")):
+        assert [flag() for flag in flags] == [False, True, False]
+    with attention_kernels("efficient", torch.device("cuda")):
+        assert [flag() for flag in flags] == [False, False, True]
+    for name, device in (("auto", "cuda"), ("cudnn", "cpu")):
+        with attention_kernels(name, torch.device(device)):
+            assert [flag() for flag in flags] == before
+    assert [flag() for flag in flags] == before
