@@ -41,7 +41,7 @@ NON_DEFAULT = {
         scalar_weight_decay=0.02, min_lr=0.1, enable_looping_at=0.35,
         adam_beta1=0.8, adam_beta2=0.99, adam_eps=1e-9, grad_clip_norm=0.3, ema_decay=0.997, ema_start_frac=0.2,
         qat_bits=6, qat_mlp_bits=5, qat_start_frac=0.6, seed=42, val_every=13, log_every=17, checkpoint_every=19,
-        compile="off", gptq_calibration_batches=2, gptq_reserve_seconds=1.5),
+        compile="off", gptq_calibration_batches=2, gptq_reserve_seconds=1.5, attention_kernel="cudnn"),
     "quantize": QuantizeConfig(
         plan="center-out-int5", clip="gptq", target_bytes=15_900_000, code_bytes=50_000, codec="zstd",
         keep_float_numel=1024, calib_tokens=4096, calib_seq_len=128, calibration="generated",
@@ -56,7 +56,7 @@ NON_DEFAULT = {
         grad_clip=0.5, lora_rank=96, lora_alpha=100.0, lora_targets=("attn.c_q", "mlp.fc"), lora_weight_decay=0.5,
         lora_reset="batch", lora_batch_docs=32, lora_warm_start=False, phases=2, prefix_docs=100, phase_lr=0.002,
         phase_momentum=0.8, phase_epochs=2, phase_chunk_tokens=1024, eval_seq_len=1024, lora_o_input="attn",
-        batched_targets=("q", "head")),
+        batched_targets=("q", "head"), compile="aot_eager"),
 }
 # The n-gram cache and the token tilt are alternatives (both at once would be a two-point sweep, which bundle
 # refuses), so the tilt's fields round-trip in a second eval config.
