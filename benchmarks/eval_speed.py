@@ -124,6 +124,8 @@ def main() -> None:
     parser.add_argument("--ttt-chunk-tokens", type=int, default=0, help="0 = the mode's default")
     parser.add_argument("--ttt-compile", default="", help="batched TTT's torch.compile backend (inductor, aot_eager, "
                         "off; default: the mode's setting)")
+    parser.add_argument("--ttt-attention-kernel", default="", help="batched TTT's SDPA kernel on CUDA (auto, flash, "
+                        "cudnn, efficient; default: the mode's setting)")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--profile", action="store_true", help="profile the TTT pass (see above)")
     parser.add_argument("--log-every", type=float, default=30.0, help="seconds between the TTT pass's progress lines")
@@ -189,6 +191,8 @@ def main() -> None:
             settings["chunk_tokens"] = args.ttt_chunk_tokens
         if args.ttt_compile:
             settings["compile"] = args.ttt_compile
+        if args.ttt_attention_kernel:
+            settings["attention_kernel"] = args.ttt_attention_kernel
         ttt_config, _ = resolve(TTTConfig, kind="ttt", preset=args.ttt_mode if named else None, env={},
                                 overrides=settings)
         started = time.perf_counter()

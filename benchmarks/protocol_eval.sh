@@ -11,8 +11,9 @@
 #            phased SGD) on the first VAL_TOKENS val tokens: its gain over sliding from the same call, seconds;
 #            with PGOLF_PREV=DIR (an older pgolf's source tree carried in .devdata) the same first under that
 #            pgolf, for the speed of a TTT change against its baseline in one call; TTT_ARGS adds eval_speed.py
-#            flags (TTT_ARGS=--profile: where the TTT pass spends its time); TTT_COMPILE=1 runs this pgolf once more
-#            with the adapted forward compiled (--ttt-compile inductor)
+#            flags (TTT_ARGS=--profile: where the TTT pass spends its time); TTT_VARIANTS runs this pgolf once more
+#            per listed variant: compiled (--ttt-compile inductor), cudnn (--ttt-attention-kernel cudnn), or both
+#            joined by + (TTT_VARIANTS="compiled cudnn compiled+cudnn")
 #   bash benchmarks/protocol_eval.sh        (on the GPU machine, with .whl and .devdata carried)
 #   STEPS=speed VAL_TOKENS=1048576 RUN=a bash benchmarks/protocol_eval.sh
 #   bash benchmarks/background.sh start ttt env STEPS=ttt bash benchmarks/protocol_eval.sh   (whole val: longer
@@ -33,9 +34,14 @@ for step in $STEPS; do case $step in
   codecs) ;;  # started above
   sliding) python3 -m pgolf eval $B --data $DATA --sliding-stride 64 --out artifacts/$RUN/eval-s64 --force --json \
       > $RES/$RUN-eval_s64.json 2> $RES/$RUN-eval_s64.log; tail -3 $RES/$RUN-eval_s64.log ;;
-  ttt) for tree in ${PGOLF_PREV:+prev} now ${TTT_COMPILE:+compiled}; do
+  ttt) for tree in ${PGOLF_PREV:+prev} now ${TTT_VARIANTS:-}; do
       [ $tree = prev ] && path=$PGOLF_PREV || path=.
-      [ $tree = compiled ] && extra="--ttt-compile inductor" || extra=
+      extra=
+      case $tree in prev|now) ;; *) for part in ${tree//+/ }; do case $part in
+        compiled) extra="$extra --ttt-compile inductor" ;;
+        cudnn) extra="$extra --ttt-attention-kernel cudnn" ;;
+        *) echo "protocol_eval.sh: unknown TTT variant $part (compiled, cudnn)"; exit 2 ;;
+      esac; done ;; esac
       # shellcheck disable=SC2086  # TTT_ARGS is a list of flags
       PYTHONPATH=$path${PYTHONPATH:+:$PYTHONPATH} python3 benchmarks/eval_speed.py --data $DATA --artifact $B --stride 64 --orders '' \
         --ttt-mode "${TTT_MODE:-record-1790}" --val-tokens "${VAL_TOKENS:-0}" ${TTT_ARGS:-} $extra > $RES/$RUN-ttt-$tree.jsonl \

@@ -29,6 +29,7 @@ the extra runs off (training turns them on part-way, as the 04-16 record does). 
 looped order, which is what the exported model runs.
 """
 
+import contextlib
 import dataclasses
 import math
 
@@ -46,6 +47,9 @@ FINAL_LANES = ("mean", "attn", "mlp")  # which parallel lane (or their mean) bec
 SDPA_HAS_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
 # How attention keeps documents apart when a forward isolates them (GPT.document_attention); see document_mask.
 DOCUMENT_ATTENTION = ("auto", "flex", "sdpa_mask")
+# TrainConfig / TTTConfig attention_kernel -> the SDPA kernel attention may use on CUDA (torch.nn.attention names).
+ATTENTION_KERNELS = {"auto": None, "flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION",
+                     "efficient": "EFFICIENT_ATTENTION"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -383,6 +387,16 @@ def document_mask(input_ids: torch.Tensor, kind: str = "auto"):
         return api[0](same_document_causal, batch, None, seq_len, seq_len, device=input_ids.device)
     causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=input_ids.device).tril()
     return (causal & (documents[:, :, None] == documents[:, None, :]))[:, None]
+
+
+def attention_kernels(name: str, device: torch.device):
+    """A context in which SDPA uses only the kernel ATTENTION_KERNELS[name] names, on CUDA (what runs and what
+    torch.compile traces inside it, backward included); elsewhere, or for "auto", torch's own choice."""
+    kernel = ATTENTION_KERNELS[name]
+    if kernel is None or device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel([getattr(SDPBackend, kernel)])
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> torch.Tensor:

@@ -18,15 +18,12 @@ from pathlib import Path
 
 from pgolf.config import PRESETS, load_preset, preset_names, read_toml, resolve
 from pgolf.errors import UsageError
-from pgolf.model import ModelConfig
+from pgolf.model import ATTENTION_KERNELS, ModelConfig
 from pgolf.optim import ORTHOGONALIZERS, POLAR_EXPRESS_COEFFS
 
 TRAIN_PRESET_KIND = "train"
 TRAIN_CONFIG_TABLES = ("model", "train")
 COMPILE_MODES = ("inductor", "aot_eager", "off")
-# TrainConfig.attention_kernel -> the SDPA kernels training's attention may use on CUDA (torch.nn.attention names).
-ATTENTION_KERNELS = {"auto": None, "flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION",
-                     "efficient": "EFFICIENT_ATTENTION"}
 MAX_SEED = 2**63 - 1
 
 # The challenge train_gpt.py's env names -> config fields.

@@ -32,9 +32,9 @@ from pgolf.artifacts import atomic_write_bytes
 from pgolf.dist import Distributed
 from pgolf.errors import InvalidInput, PgolfError, UsageError, named
 from pgolf.gptq import collect_hessians
-from pgolf.model import GPT, CastedLinear, ModelConfig, param_groups, set_qat_enabled, set_qat_plan
+from pgolf.model import GPT, CastedLinear, ModelConfig, attention_kernels, param_groups, set_qat_enabled, set_qat_plan
 from pgolf.optim import ORTHOGONALIZERS, Muon, build_optimizers
-from pgolf.train_config import ATTENTION_KERNELS, TrainConfig
+from pgolf.train_config import TrainConfig
 from pgolf.train_loader import TrainLoader
 
 RESUME_FILE = "resume.safetensors"
@@ -168,16 +168,6 @@ def bf16_training_dtypes(model: GPT) -> GPT:
     for param in param_groups(model)["scalar"]:
         param.data = param.data.float()
     return model
-
-
-def attention_kernels(name: str, device: torch.device):
-    """A context in which SDPA uses only the kernel TrainConfig.attention_kernel `name` picks, on CUDA (the
-    training forward and backward, and the compile that traces them in warm-up); elsewhere torch's own choice."""
-    kernel = ATTENTION_KERNELS[name]
-    if kernel is None or device.type != "cuda":
-        return nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    return sdpa_kernel([getattr(SDPBackend, kernel)])
 
 
 def compile_model(model: torch.nn.Module, mode: str) -> torch.nn.Module:

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pgolf.errors import ComplianceError, UsageError
-from pgolf.model import BOS_ID, CastedLinear, block_layout
+from pgolf.model import ATTENTION_KERNELS, BOS_ID, CastedLinear, attention_kernels, block_layout
 from pgolf.train_config import COMPILE_MODES
 
 TTT_MODES = ("sgd", "adamw", "lora", "phased", "batched")
@@ -96,6 +96,7 @@ class TTTConfig:
     lora_o_input: str = "input"  # batched: the O adapter reads the block's normed input, or "attn" (its output)
     batched_targets: tuple[str, ...] = TTT_BATCHED_TARGETS  # batched: which adapters (q k v o mlp head)
     compile: str = "off"  # batched: torch.compile backend of the adapted forward (inductor | aot_eager | off)
+    attention_kernel: str = "auto"  # batched: SDPA kernel on CUDA (auto | flash | cudnn | efficient), as training's
 
     def __post_init__(self):
         if self.mode not in TTT_MODES:
@@ -133,6 +134,7 @@ class TTTConfig:
              and len(set(self.batched_targets)) == len(self.batched_targets), "batched_targets",
              f"distinct names from {', '.join(TTT_BATCHED_TARGETS)}")
         need(self.compile in COMPILE_MODES, "compile", f"one of {', '.join(COMPILE_MODES)}")
+        need(self.attention_kernel in ATTENTION_KERNELS, "attention_kernel", f"one of {', '.join(ATTENTION_KERNELS)}")
 
 
 @dataclass
@@ -701,7 +703,8 @@ def ttt_batched(session: TTTSession, score_logits: Callable | None, on_update: C
                                           eps=TTT_ADAM_EPS, weight_decay=config.lora_weight_decay,
                                           fused=True if session.device.type == "cuda" else None)
             spans_here = [spans[d] for d in batches[batch_index]]
-            ttt_batch(session, adapted, optimizer, spans_here, window, clock, score, update)
+            with attention_kernels(config.attention_kernel, device):
+                ttt_batch(session, adapted, optimizer, spans_here, window, clock, score, update)
             settle()
             seconds[batch_index] = time.perf_counter() - began
             session.report_batched(int(scored.sum()))

@@ -56,7 +56,8 @@ NON_DEFAULT = {
         grad_clip=0.5, lora_rank=96, lora_alpha=100.0, lora_targets=("attn.c_q", "mlp.fc"), lora_weight_decay=0.5,
         lora_reset="batch", lora_batch_docs=32, lora_warm_start=False, phases=2, prefix_docs=100, phase_lr=0.002,
         phase_momentum=0.8, phase_epochs=2, phase_chunk_tokens=1024, eval_seq_len=1024, lora_o_input="attn",
-        batched_targets=("q", "head"), compile="aot_eager"),
+        batched_targets=("q", "head"), compile="aot_eager",
+        attention_kernel="cudnn"),
 }
 # The n-gram cache and the token tilt are alternatives (both at once would be a two-point sweep, which bundle
 # refuses), so the tilt's fields round-trip in a second eval config.

@@ -297,7 +297,7 @@ def test_resume_reads_a_setting_missing_from_an_older_checkpoint_as_its_default(
 
 
 def test_attention_kernel_restricts_sdpa_on_cuda_only():
-    from pgolf.trainer import attention_kernels
+    from pgolf.model import attention_kernels
 
     flags = (torch.backends.cuda.flash_sdp_enabled, torch.backends.cuda.cudnn_sdp_enabled,
              torch.backends.cuda.mem_efficient_sdp_enabled)
