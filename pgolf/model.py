@@ -32,11 +32,13 @@ looped order, which is what the exported model runs.
 import contextlib
 import dataclasses
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pgolf.errors import UsageError
 from pgolf.quant import fake_quantize, quant_range
 from pgolf.shards import BOS_ID
 
@@ -397,6 +399,45 @@ def attention_kernels(name: str, device: torch.device):
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
     return sdpa_kernel([getattr(SDPBackend, kernel)])
+
+
+def attention_kernel_problem(name: str, config: "ModelConfig", device: torch.device, dtype: torch.dtype,
+                             seq_len: int = 128) -> str | None:
+    """Why SDPA kernel `name` cannot run this model's causal attention (its head counts and head size, `dtype`)
+    forward and backward on `device`, or None when it can. The kernel is forced here on any device (the caller
+    asks only where attention_kernels applies it): torch's own error would come from deep inside a compiled
+    step, minutes in, as a page of warnings."""
+    kernel = ATTENTION_KERNELS[name]
+    if kernel is None:
+        return None
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def heads(count: int) -> torch.Tensor:
+        return torch.randn(1, count, seq_len, config.head_dim, device=device, dtype=dtype, requires_grad=True)
+    q, k, v = heads(config.num_heads), heads(config.num_kv_heads), heads(config.num_kv_heads)
+    # torch explains a refusal in warnings, one pair per kernel: keep the forced kernel's reasons only.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            with sdpa_kernel([getattr(SDPBackend, kernel)]):
+                attend(q, k, v).sum().backward()
+            return None
+        except RuntimeError as error:
+            reasons = [str(w.message).strip() for w in caught if "not used because" not in str(w.message)
+                       and "runtime disabled" not in str(w.message)] or str(error).strip().splitlines()[:1]
+    reason = "; ".join(" ".join(reason.split()) for reason in reasons)  # one line
+    return (f"torch {torch.__version__} has no {kernel} kernel for this model's attention ({config.num_heads} "
+            f"query / {config.num_kv_heads} key-value heads of {config.head_dim}, {dtype}) on {device}: {reason}")
+
+
+def require_attention_kernel(setting: str, name: str, config: "ModelConfig", device: torch.device) -> None:
+    """Refuse (exit 2, one line) SDPA kernel `name` where attention_kernels would force it (CUDA) and it cannot run
+    the model's attention in bf16; checked before any compile or step."""
+    if device.type != "cuda":
+        return
+    problem = attention_kernel_problem(name, config, device, torch.bfloat16)
+    if problem:
+        raise UsageError(f"{setting} = {name!r}: {problem}")
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> torch.Tensor:

@@ -32,7 +32,16 @@ from pgolf.artifacts import atomic_write_bytes
 from pgolf.dist import Distributed
 from pgolf.errors import InvalidInput, PgolfError, UsageError, named
 from pgolf.gptq import collect_hessians
-from pgolf.model import GPT, CastedLinear, ModelConfig, attention_kernels, param_groups, set_qat_enabled, set_qat_plan
+from pgolf.model import (
+    GPT,
+    CastedLinear,
+    ModelConfig,
+    attention_kernels,
+    param_groups,
+    require_attention_kernel,
+    set_qat_enabled,
+    set_qat_plan,
+)
 from pgolf.optim import ORTHOGONALIZERS, Muon, build_optimizers
 from pgolf.train_config import TrainConfig
 from pgolf.train_loader import TrainLoader
@@ -302,6 +311,7 @@ class Trainer:
         if config.qat_bits:
             set_qat_plan(model, qat_plan(model, config))
         self.model = place_model(model, self.device)
+        require_attention_kernel("attention_kernel", config.attention_kernel, model_config, self.device)
         self.compiled = compile_model(self.model, config.compile)
         self.ddp = None
         if dist_info.world_size > 1:

@@ -44,7 +44,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from pgolf.errors import ComplianceError, UsageError
-from pgolf.model import ATTENTION_KERNELS, BOS_ID, CastedLinear, attention_kernels, block_layout
+from pgolf.model import (
+    ATTENTION_KERNELS,
+    BOS_ID,
+    CastedLinear,
+    attention_kernels,
+    block_layout,
+    require_attention_kernel,
+)
 from pgolf.train_config import COMPILE_MODES
 
 TTT_MODES = ("sgd", "adamw", "lora", "phased", "batched")
@@ -631,6 +638,7 @@ class StepClock:
 def ttt_batched(session: TTTSession, score_logits: Callable | None, on_update: Callable | None) -> None:
     config, model, device = session.config, session.model, session.device
     tokens = session.tokens = session.tokens.to(device)  # each chunk's rows are gathered where the model runs
+    require_attention_kernel("TTT attention_kernel", config.attention_kernel, model.config, device)
     window = min(config.eval_seq_len, model.config.max_seq_len)
     clock = StepClock(device)
     spans = ttt_document_spans(tokens.cpu())

@@ -310,3 +310,20 @@ def test_attention_kernel_restricts_sdpa_on_cuda_only():
         with attention_kernels(name, torch.device(device)):
             assert [flag() for flag in flags] == before
     assert [flag() for flag in flags] == before
+
+
+def test_an_attention_kernel_that_cannot_run_the_model_is_named_before_training():
+    """The probe forces the kernel on any device: on CPU torch has no cuDNN or memory-efficient SDPA kernel (the
+    refusal names the kernel, the model's heads and torch's reason), and its own flash kernel runs GQA. The
+    trainer asks only on CUDA, where attention_kernels forces the kernel."""
+    from pgolf.model import attention_kernel_problem, require_attention_kernel
+
+    config = ModelConfig(num_layers=1, model_dim=64, num_heads=4, num_kv_heads=2)
+    cpu = torch.device("cpu")
+    assert attention_kernel_problem("auto", config, cpu, torch.float32) is None
+    assert attention_kernel_problem("flash", config, cpu, torch.float32) is None
+    problem = attention_kernel_problem("cudnn", config, cpu, torch.float32)
+    assert problem.startswith(f"torch {torch.__version__} has no CUDNN_ATTENTION kernel for this model's attention "
+                              "(4 query / 2 key-value heads of 16, torch.float32) on cpu: ")
+    assert "EFFICIENT_ATTENTION" in attention_kernel_problem("efficient", config, cpu, torch.float32)
+    require_attention_kernel("attention_kernel", "cudnn", config, cpu)  # not forced on CPU: nothing to refuse
