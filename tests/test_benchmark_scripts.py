@@ -71,3 +71,39 @@ def test_benchmark_plan_files_load_as_plans():
     assert files
     for path in files:
         load_plan(str(path))  # UsageError names the file and the field
+
+
+def test_protocol_sweep_runs_variants_one_per_gpu_and_summarizes(tmp_path):
+    """benchmarks/protocol_sweep.sh on a stand-in machine: two GPUs (an nvidia-smi on PATH), a gpu_setup.sh that
+    logs each vocabulary it prepares, and a protocol_seed.sh that writes the result files a real run writes, from
+    its settings. Three variants go round-robin over the GPUs, sp8192 presets get the sp8192 shards, each
+    variant's VAR=VALUE list reaches it, the float run is the default (EXPORT=0), and the summary reads them."""
+    bench = tmp_path / "benchmarks"
+    bench.mkdir()
+    (bench / "protocol_sweep.sh").write_text((SCRIPT.parent / "protocol_sweep.sh").read_text())
+    (bench / "gpu_setup.sh").write_text('echo "$VOCAB" >> setup.txt; DATA=data-$VOCAB\n')
+    (bench / "protocol_seed.sh").write_text(
+        'R=artifacts/$RUN-results; mkdir -p $R; echo "$CUDA_VISIBLE_DEVICES $VOCAB $EXPORT $PGOLF_SEED" > $R/env\n'
+        'echo "{\\"metrics\\": {\\"steps\\": 10$PGOLF_SEED, \\"ms_per_step\\": 9.5}}" > $R/s_train.json\n'
+        'echo "{\\"val_bpb\\": 1.$PGOLF_SEED}" > $R/s_eval_pre.json; echo "$RUN done"\n')
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "nvidia-smi").write_text('#!/bin/sh\ncase "$*" in *-L*) printf "GPU 0\\nGPU 1\\n";; '
+                                         '*) echo "Fake H100";; esac\n')
+    (fake_bin / "nvidia-smi").chmod(0o755)
+    out = tmp_path / "returned"
+    env = {"PATH": f"{fake_bin}:{Path(sys.executable).parent}:/usr/bin:/bin", "OUT": str(out)}  # its python3
+    specs = ["a:sp8192-300s:PGOLF_SEED=1", "b:seed-11l-300s:PGOLF_SEED=2,EXPORT=1", "c:sp8192-300s:PGOLF_SEED=3"]
+    result = subprocess.run(["bash", str(bench / "protocol_sweep.sh"), *specs], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.splitlines()[-1]) == {"a": 1.1, "b": 1.2, "c": 1.3}
+    assert sorted((tmp_path / "setup.txt").read_text().split()) == ["1024", "8192"]  # once per vocabulary
+    ran = {run: (tmp_path / "artifacts" / f"{run}-results" / "env").read_text().split() for run in "abc"}
+    assert ran == {"a": ["0", "8192", "0", "1"], "b": ["1", "1024", "1", "2"], "c": ["0", "8192", "0", "3"]}
+    summary = json.loads((out / "sweep" / "summary.json").read_text())
+    assert summary["b"] == {"spec": specs[1], "steps": 102, "ms_per_step": 9.5, "pre_quant_val_bpb": 1.2,
+                            "gpu": "1 Fake H100"}
+    bad = subprocess.run(["bash", str(bench / "protocol_sweep.sh"), "no spec"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "bad spec 'no spec'" in bad.stderr
