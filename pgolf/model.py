@@ -413,7 +413,8 @@ def attention_kernel_problem(name: str, config: "ModelConfig", device: torch.dev
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     def heads(count: int) -> torch.Tensor:
-        return torch.randn(1, count, seq_len, config.head_dim, device=device, dtype=dtype, requires_grad=True)
+        # constant inputs: the probe draws nothing from the training's random streams
+        return torch.ones(1, count, seq_len, config.head_dim, device=device, dtype=dtype, requires_grad=True)
     q, k, v = heads(config.num_heads), heads(config.num_kv_heads), heads(config.num_kv_heads)
     # torch explains a refusal in warnings, one pair per kernel: keep the forced kernel's reasons only.
     with warnings.catch_warnings(record=True) as caught:
