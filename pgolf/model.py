@@ -393,12 +393,23 @@ def document_mask(input_ids: torch.Tensor, kind: str = "auto"):
 
 def attention_kernels(name: str, device: torch.device):
     """A context in which SDPA uses only the kernel ATTENTION_KERNELS[name] names, on CUDA (what runs and what
-    torch.compile traces inside it, backward included); elsewhere, or for "auto", torch's own choice."""
+    torch.compile traces inside it, backward included); elsewhere, or for "auto", torch's own choice.
+
+    torch.compile turns SDPA into the chosen kernel's own op, but its on-disk caches (Inductor's FX graph cache,
+    AOTAutograd's) leave the kernel choice out of their key (pytorch/pytorch#185449): a graph compiled earlier
+    under another kernel would be served and run that kernel, silently. Inside this context those caches are
+    off, so what compiles here is traced afresh under the forced kernel (and is not stored for others)."""
     kernel = ATTENTION_KERNELS[name]
     if kernel is None or device.type != "cuda":
         return contextlib.nullcontext()
+    import torch._functorch.config as aot_config
+    import torch._inductor.config as inductor_config
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    return sdpa_kernel([getattr(SDPBackend, kernel)])
+    stack = contextlib.ExitStack()
+    stack.enter_context(sdpa_kernel([getattr(SDPBackend, kernel)]))
+    stack.enter_context(inductor_config.patch(fx_graph_cache=False))
+    stack.enter_context(aot_config.patch(enable_autograd_cache=False))
+    return stack
 
 
 def attention_kernel_problem(name: str, config: "ModelConfig", device: torch.device, dtype: torch.dtype,
@@ -413,8 +424,10 @@ def attention_kernel_problem(name: str, config: "ModelConfig", device: torch.dev
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     def heads(count: int) -> torch.Tensor:
-        # constant inputs: the probe draws nothing from the training's random streams
-        return torch.ones(1, count, seq_len, config.head_dim, device=device, dtype=dtype, requires_grad=True)
+        # [B, H, T, D] views of [B, T, H, D] tensors, as CausalSelfAttention hands them over (a kernel may take
+        # one layout and refuse the other); constant values, so the probe draws nothing from training's RNG.
+        leaf = torch.ones(1, seq_len, count, config.head_dim, device=device, dtype=dtype, requires_grad=True)
+        return leaf.transpose(1, 2)
     q, k, v = heads(config.num_heads), heads(config.num_kv_heads), heads(config.num_kv_heads)
     # torch explains a refusal in warnings, one pair per kernel: keep the forced kernel's reasons only.
     with warnings.catch_warnings(record=True) as caught:

@@ -302,13 +302,21 @@ def test_attention_kernel_restricts_sdpa_on_cuda_only():
     flags = (torch.backends.cuda.flash_sdp_enabled, torch.backends.cuda.cudnn_sdp_enabled,
              torch.backends.cuda.mem_efficient_sdp_enabled)
     before = [flag() for flag in flags]
+    import torch._functorch.config as aot_config
+    import torch._inductor.config as inductor_config
+
+    caches = lambda: (inductor_config.fx_graph_cache, aot_config.enable_autograd_cache)
+    caches_before = caches()
     with attention_kernels("cudnn", torch.device("cuda")):
         assert [flag() for flag in flags] == [False, True, False]
+        # a compile cache keyed without the kernel would serve another kernel's graph (pytorch#185449)
+        assert caches() == (False, False)
+    assert caches() == caches_before
     with attention_kernels("efficient", torch.device("cuda")):
         assert [flag() for flag in flags] == [False, False, True]
     for name, device in (("auto", "cuda"), ("cudnn", "cpu")):
         with attention_kernels(name, torch.device(device)):
-            assert [flag() for flag in flags] == before
+            assert [flag() for flag in flags] == before and caches() == caches_before
     assert [flag() for flag in flags] == before
 
 
