@@ -26,6 +26,7 @@ import os
 import platform
 import re
 import shutil
+import struct
 import subprocess
 import sys
 import time
@@ -84,6 +85,21 @@ def file_record(path: Path, role: str, name: str | None = None) -> dict:
     path = Path(path)
     recorded = name if name is not None else str(path.resolve())
     return {"path": recorded, "role": role, "sha256": sha256_file(path), "bytes": path.stat().st_size}
+
+
+def safetensors_bytes(tensors: dict, metadata: dict[str, str] | None = None) -> bytes:
+    """safetensors.torch.save's bytes with the JSON header's keys sorted. The library writes its metadata map
+    in a random order (a Rust HashMap: per process and per call), so the same state saved twice made different
+    files, with different digests (which manifests, plans and blobs record) and, through a blob's header,
+    brotli sizes that moved by hundreds of bytes."""
+    from safetensors.torch import save
+    data = save(tensors, metadata=metadata)
+    (length,) = struct.unpack_from("<Q", data)
+    header = json.loads(data[8 : 8 + length])
+    ordered = json.dumps(header, separators=(",", ":"), sort_keys=True, ensure_ascii=False).encode()
+    if len(ordered) > length:  # the same keys and values in another order: never longer than the original
+        raise RuntimeError("safetensors header grew when its keys were sorted")
+    return data[:8] + ordered.ljust(length, b" ") + data[8 + length :]
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

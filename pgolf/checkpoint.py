@@ -10,9 +10,8 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save as safetensors_bytes
 
-from pgolf.artifacts import atomic_write_bytes
+from pgolf.artifacts import atomic_write_bytes, safetensors_bytes
 from pgolf.errors import InvalidInput
 from pgolf.model import GPT, ModelConfig
 

@@ -21,10 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from pgolf.artifacts import atomic_write_bytes
+from pgolf.artifacts import atomic_write_bytes, safetensors_bytes
 from pgolf.errors import InvalidInput
 from pgolf.shards import BOS_ID, load_shard
 

@@ -13,9 +13,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
-from safetensors.torch import save as save_safetensors_bytes
 
-from pgolf.artifacts import atomic_write_bytes
+from pgolf.artifacts import atomic_write_bytes, safetensors_bytes
 from pgolf.errors import InvalidInput
 from pgolf.quant import relative_error
 from pgolf.schemes import SCHEMES, get_scheme
@@ -118,7 +117,7 @@ def save_quantized(directory: Path, tensors: dict[str, torch.Tensor], plan: dict
     contiguous = {name: tensor.contiguous() for name, tensor in tensors.items()}
     metadata = {"format": QUANTIZED_FORMAT, "format_version": str(QUANTIZED_FORMAT_VERSION)}
     files = {
-        directory / QUANTIZED_FILE: save_safetensors_bytes(contiguous, metadata=metadata),
+        directory / QUANTIZED_FILE: safetensors_bytes(contiguous, metadata=metadata),
         directory / PLAN_FILE: (json.dumps(plan, indent=1, sort_keys=True) + "\n").encode(),
     }
     for path, data in files.items():

@@ -25,10 +25,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save as safetensors_bytes
 from torch.nn.parallel import DistributedDataParallel
 
-from pgolf.artifacts import atomic_write_bytes
+from pgolf.artifacts import atomic_write_bytes, safetensors_bytes
 from pgolf.dist import Distributed
 from pgolf.errors import InvalidInput, PgolfError, UsageError, named
 from pgolf.gptq import collect_hessians

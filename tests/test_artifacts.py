@@ -1,17 +1,21 @@
 import json
 import os
 import re
+import struct
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load
 
 from pgolf.artifacts import (
     StageOutput,
     open_stage,
     output_path,
     read_manifest,
+    safetensors_bytes,
     sha256_file,
     upstream,
     verify_outputs,
@@ -315,3 +319,19 @@ def test_a_lock_that_cannot_be_written_names_its_file_and_is_not_left_behind(tmp
     assert result.stdout.strip() == f"{tmp_path / '.out.lock'}: cannot write (File too large); nothing written to " \
         f"{tmp_path / 'out'}", result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_safetensors_bytes_are_the_same_for_the_same_state():
+    """The library writes its header's metadata in a random order per call; pgolf's files sort it, so one state
+    saves to one byte string (a digest and a blob size that do not depend on the run), and reads back whole."""
+    tensors = {"b.weight": torch.arange(12, dtype=torch.int8).view(3, 4), "a.scale": torch.ones(3)}
+    metadata = {f"key{i}": f"value {i} × ü" for i in range(12)} | {"format": "pgolf-test"}
+    saved = {safetensors_bytes(tensors, metadata) for _ in range(20)}
+    assert len(saved) == 1
+    data = saved.pop()
+    (length,) = struct.unpack_from("<Q", data)
+    header = json.loads(data[8 : 8 + length])
+    assert list(header) == sorted(header) and list(header["__metadata__"]) == sorted(metadata)
+    assert header["__metadata__"] == metadata
+    restored = load(data)
+    assert restored.keys() == tensors.keys() and all(torch.equal(restored[k], t) for k, t in tensors.items())
