@@ -329,12 +329,15 @@ def test_bad_inputs_exit_with_documented_codes(trained_dir, capsys, tmp_path):
     assert impossible.returncode == 4
     assert "target 50,000 bytes is out of reach" in impossible.stderr
     smallest = int(impossible.stderr.split("the artifact is ")[1].split(" bytes")[0].replace(",", ""))
-    all_int5 = tmp_path / "all-int5.toml"
-    all_int5.write_text('default = "int6"\nembedding = "int8"\n[tensors]\n"blocks.*" = "int5"\n')
-    floor = quantize(capsys, trained_dir, tmp_path / "floor", "--plan", all_int5)
-    # The same tensors; only the plan JSON inside the blob differs (its name), which moves a brotli blob by a few
-    # hundred bytes.
-    assert abs(smallest - floor["artifact_bytes"]) < 0.005 * smallest
+    # The reported size is the every-block-int5 artifact's, exactly: at that target the fit demotes every block
+    # and fits, a byte less is out of reach.
+    fit = ("--plan", "center-out-int5", "--keep-float-numel", KEEP_FLOAT, "--target-bytes")
+    floor = quantize(capsys, trained_dir, tmp_path / "floor", *fit, smallest)
+    assert floor["artifact_bytes"] == smallest
+    assert {r["scheme"] for name, r in floor["tensors"].items() if name.startswith("blocks.") and r["bits"] < 8} \
+        == {"int5"}
+    below = run_cli(capsys, "quantize", trained_dir, *fit, smallest - 1, "--out", tmp_path / "e")
+    assert below.returncode == 4 and "out of reach" in below.stderr
     tampered = tmp_path / "tampered"
     shutil.copytree(trained_dir, tampered)
     data = bytearray((tampered / "model.safetensors").read_bytes())
