@@ -184,7 +184,28 @@ def decode_tensor(data: np.ndarray, dtype: torch.dtype, shape: list[int], encodi
     return torch.frombuffer(bytearray(raw.tobytes()), dtype=dtype).reshape(shape)
 
 
+# Where a plan's provenance names places on the machine that quantized: left out of a blob.
+MACHINE_PATHS = ("train_dir", "data")
+
+
+def blob_plan(plan: dict) -> dict:
+    """The plan as a blob carries it: without the quantizing machine's directories (the source's train and data
+    paths; a plan file's directory, its name kept). A blob's size is a chaotic function of its header (brotli-11
+    moved one 137 KB blob by up to ~550 bytes when 64 header characters changed), so with them the same
+    quantized state packed to other sizes in another directory, and the submission carried local paths."""
+    out = dict(plan)
+    if isinstance(out.get("source"), dict):
+        out["source"] = {key: value for key, value in out["source"].items() if key not in MACHINE_PATHS}
+    spec = out.get("plan")
+    if isinstance(spec, dict) and isinstance(spec.get("name"), str) and os.sep in spec["name"]:
+        out["plan"] = {**spec, "name": Path(spec["name"]).name}
+    return out
+
+
 def build_payload(tensors: dict[str, torch.Tensor], plan: dict, shuffle: bool, bitpack: bool) -> bytes:
+    """The uncompressed blob: header length, JSON header ({"plan": blob_plan(plan), "tensors": entries}), then
+    each tensor's bytes in name order."""
+    plan = blob_plan(plan)
     entries, chunks = [], []
     for name in sorted(tensors):
         tensor = tensors[name]

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from pgolf.artifacts import StageOutput, atomic_write_bytes, open_stage, output_path, up_to_date
-from pgolf.codecs import CODECS, SWITCHES, blob_candidates, check_codec, tensors_bit_equal, unpack_blob
+from pgolf.codecs import CODECS, SWITCHES, blob_candidates, blob_plan, check_codec, tensors_bit_equal, unpack_blob
 from pgolf.config import to_dict
 from pgolf.dist import PlainLog
 from pgolf.quantized import load_quantized
@@ -53,7 +53,7 @@ def compress_quantized(tensors: dict[str, torch.Tensor], plan: dict, config: Com
                            progress=lambda row: log.info(f"  {layout_name(row)}: {row['bytes']:,} B "
                                                          f"({row['seconds']:.2f} s)"))
     restored, restored_plan = unpack_blob(rows[0]["blob"])
-    if not tensors_bit_equal(restored, tensors) or restored_plan != plan:
+    if not tensors_bit_equal(restored, tensors) or restored_plan != blob_plan(plan):
         raise RuntimeError("blob round trip is not bit-exact (a codecs bug); nothing written")
     return rows
 

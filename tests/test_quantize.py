@@ -13,7 +13,7 @@ import torch
 from pgolf.artifacts import StageOutput, read_manifest, sha256_file
 from pgolf.checkpoint import load_checkpoint, save_checkpoint
 from pgolf.cli import main
-from pgolf.codecs import pack_blob, unpack_blob
+from pgolf.codecs import blob_plan, pack_blob, read_blob, unpack_blob
 from pgolf.gptq import calibration_batches, calibration_windows
 from pgolf.model import GPT, ModelConfig, block_layout
 from pgolf.quantized import dequantize_state, load_quantized
@@ -131,7 +131,7 @@ def test_named_plans_quantize_the_trained_checkpoint(
     assert result["codec"] == SIZING_CODEC
     assert result["artifact_bytes"] == len(pack_blob(tensors, plan_json, SIZING_CODEC)) + result["code_bytes"]
     restored, restored_plan = unpack_blob(pack_blob(tensors, plan_json, SIZING_CODEC))
-    assert restored_plan == plan_json and all(torch.equal(restored[n], t) for n, t in tensors.items())
+    assert restored_plan == blob_plan(plan_json) and all(torch.equal(restored[n], t) for n, t in tensors.items())
     # The dequantized model loads into GPT and scores like the float one.
     restored = dequantize_state(tensors, plan_json)
     assert abs(loss_of(restored, calibration) - loss_of(state, calibration)) < 0.02
@@ -409,3 +409,24 @@ def test_record_int6_fits_by_clip_k_then_prune_through_the_cli(trained_dir, tiny
     state = load_quantized(tmp_path / "tight")
     assert len(pack_blob(*state, SIZING_CODEC)) + made["code_bytes"] <= made["artifact_bytes"]
     GPT(MODEL).load_state_dict(dequantize_state(*state))
+
+
+def test_a_blob_is_the_same_wherever_its_run_lives(trained_dir, capsys, tmp_path):
+    """The same checkpoint and plan, quantized and packed in two other directories: byte-identical blobs. A blob
+    carries no path of the machine that made it (a brotli blob's size moves with any header byte), the plan file
+    by its name only."""
+    blobs = []
+    for where in (tmp_path / "a", tmp_path / "somewhere" / "much" / "deeper"):
+        train = where / "train"
+        shutil.copytree(trained_dir, train)
+        plan = where / "mine.toml"
+        plan.write_text('default = "int6"\nembedding = "int8"\n')
+        quantize(capsys, train, where / "q", "--plan", plan)
+        assert json.loads((where / "q" / "plan.json").read_text())["source"]["train_dir"] == str(train.resolve())
+        assert run_cli(capsys, "compress", where / "q", "--codec", "brotli", "--out", where / "blob").returncode == 0
+        blobs.append((where / "blob" / "model.blob").read_bytes())
+    assert blobs[0] == blobs[1]
+    _, carried = read_blob(tmp_path / "a" / "blob" / "model.blob")
+    assert "train_dir" not in carried["source"] and carried["source"]["sha256"] == sha256_file(
+        trained_dir / "model.safetensors")
+    assert carried["plan"]["name"] == "mine.toml"

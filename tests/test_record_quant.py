@@ -5,7 +5,7 @@ through quantized.safetensors + plan.json and through the blob."""
 import pytest
 import torch
 
-from pgolf.codecs import pack_blob, unpack_blob
+from pgolf.codecs import blob_plan, pack_blob, unpack_blob
 from pgolf.errors import OverBudget, UsageError
 from pgolf.model import GPT, ModelConfig
 from pgolf.plans import PlanSpec
@@ -37,9 +37,9 @@ def assert_round_trips(made, tmp_path):
     loaded, plan = load_quantized(tmp_path)
     assert plan == made.plan and plan["format_version"] == QUANTIZED_FORMAT_VERSION
     assert loaded.keys() == made.tensors.keys() and all(torch.equal(loaded[n], t) for n, t in made.tensors.items())
-    blob_tensors, blob_plan = unpack_blob(pack_blob(made.tensors, made.plan, "brotli"))
-    assert blob_plan == made.plan and all(torch.equal(blob_tensors[n], t) for n, t in made.tensors.items())
-    restored = dequantize_state(blob_tensors, blob_plan)
+    blob_tensors, carried = unpack_blob(pack_blob(made.tensors, made.plan, "brotli"))
+    assert carried == blob_plan(made.plan) and all(torch.equal(blob_tensors[n], t) for n, t in made.tensors.items())
+    restored = dequantize_state(blob_tensors, carried)
     assert all(torch.equal(restored[n], t) for n, t in dequantize_state(made.tensors, made.plan).items())
     GPT(MODEL).load_state_dict(restored)
 
