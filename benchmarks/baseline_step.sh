@@ -12,7 +12,8 @@
 #   mkdir -p .devdata/reference && cp ../shared/reference/baseline/train_gpt.py .devdata/reference/baseline_gpt.py
 #   bash benchmarks/baseline_step.sh          (on the GPU machine; results in $OUT/baseline_step/)
 #   MICROS="131072 262144 524288" PROFILE=0 bash benchmarks/baseline_step.sh
-STEPS=${STEPS:-80}; MICROS=${MICROS:-262144}; KERNELS=${KERNELS:-cudnn}; PROFILE=${PROFILE:-5}
+#   PROFILE=3 PROFILE_KERNEL=cudnn bash benchmarks/baseline_step.sh   (the profile's kernel names show which ran)
+STEPS=${STEPS:-80}; MICROS=${MICROS:-262144}; KERNELS=${KERNELS:-cudnn}; PROFILE=${PROFILE:-5}  # PROFILE_KERNEL: auto
 RES=${OUT:-artifacts}/baseline_step
 mkdir -p $RES
 source benchmarks/gpu_setup.sh || exit 1
@@ -21,7 +22,7 @@ for micro in 65536 $MICROS; do for kernel in auto $KERNELS; do
   PGOLF_ATTENTION_KERNEL=$kernel python3 benchmarks/train_step.py $DATA --preset baseline --steps 40 --warmup 20 \
     --micro-batch-tokens $micro --out $RES/pgolf.jsonl 2>> $RES/pgolf.log | cut -c1-400
 done; done
-[ "$PROFILE" -gt 0 ] && python3 benchmarks/train_step.py $DATA --preset baseline --steps 10 --warmup 20 \
+[ "$PROFILE" -gt 0 ] && PGOLF_ATTENTION_KERNEL=${PROFILE_KERNEL:-auto} python3 benchmarks/train_step.py $DATA --preset baseline --steps 10 --warmup 20 \
   --micro-batch-tokens 65536 --profile $PROFILE --out $RES/pgolf-profile.jsonl 2> $RES/pgolf-profile.log | cut -c1-600
 mkdir -p artifacts/baseline-run
 ( cd artifacts/baseline-run && DATA_PATH=$(realpath ../../$DATA) TOKENIZER_PATH=$(realpath ../../.devdata/fineweb_1024_bpe.model) \
