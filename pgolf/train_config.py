@@ -137,8 +137,8 @@ class TrainConfig:
     log_every: int = 0  # a train line every N steps, and the first and last; 0 = about 20 lines per run
     checkpoint_every: int = 500  # write the resumable checkpoint every N steps; 0 = only on SIGTERM/SIGINT
     compile: str = "inductor"  # torch.compile backend: inductor | aot_eager | off
-    attention_kernel: str = "auto"  # training's SDPA kernel on CUDA: auto (torch's choice, flash for causal) |
-    # flash | cudnn | efficient; the same attention, other kernels (cuDNN's is the faster one on Hopper)
+    attention_kernel: str = "auto"  # training's SDPA kernel on CUDA: auto (torch's choice; FA2 in session 11's
+    # profile of training) | flash | cudnn | efficient; the same attention, other kernels (speeds not measured yet)
 
     def __post_init__(self):
         def need(ok: bool, field: str, allowed: str):
