@@ -49,8 +49,9 @@ FINAL_LANES = ("mean", "attn", "mlp")  # which parallel lane (or their mean) bec
 SDPA_HAS_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
 # How attention keeps documents apart when a forward isolates them (GPT.document_attention); see document_mask.
 DOCUMENT_ATTENTION = ("auto", "flex", "sdpa_mask")
-# TrainConfig / TTTConfig attention_kernel -> the SDPA kernel attention may use on CUDA (torch.nn.attention names).
-ATTENTION_KERNELS = {"auto": None, "flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION",
+# TrainConfig / TTTConfig attention_kernel -> the SDPA kernel attention may use on CUDA (torch.nn.attention names):
+# "torch" leaves the choice to torch; "auto" is resolved per run by pick_attention_kernel.
+ATTENTION_KERNELS = {"auto": None, "torch": None, "flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION",
                      "efficient": "EFFICIENT_ATTENTION"}
 
 
@@ -452,6 +453,20 @@ def require_attention_kernel(setting: str, name: str, config: "ModelConfig", dev
     problem = attention_kernel_problem(name, config, device, torch.bfloat16)
     if problem:
         raise UsageError(f"{setting} = {name!r}: {problem}")
+
+
+def pick_attention_kernel(setting: str, name: str, config: "ModelConfig", device: torch.device,
+                          masked: bool) -> str:
+    """The kernel training runs for attention_kernel `name`: a named kernel as it is (refused, exit 2, where it
+    cannot run, see require_attention_kernel); "auto" resolves to "cudnn" on CUDA for causal attention without a
+    document mask where cuDNN runs this model's heads (the baseline preset's step on an H100: 0.79x the challenge
+    script's with cuDNN, 0.90x with torch's own pick, FA2; benchmarks/RESULTS.md), else to "torch"."""
+    if name != "auto":
+        require_attention_kernel(setting, name, config, device)
+        return name
+    if device.type != "cuda" or masked or attention_kernel_problem("cudnn", config, device, torch.bfloat16):
+        return "torch"
+    return "cudnn"
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> torch.Tensor:

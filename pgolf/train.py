@@ -133,7 +133,8 @@ def train_model(trainer: Trainer, data: TrainingData, work_dir: Path, *, resume:
         train_log.line(f"resumed at step {trainer.step} ({trainer.train_ms / 1000:.1f}s of training)")
     train_log.line(f"model: {trainer.param_count:,} parameters; world size {trainer.dist.world_size} on "
                    f"{trainer.device}, {trainer.accumulation} micro-batches/step of "
-                   f"{config.micro_tokens(trainer.dist.world_size):,} tokens")
+                   f"{config.micro_tokens(trainer.dist.world_size):,} tokens; attention kernel "
+                   f"{trainer.attention_kernel}" + (" (auto)" if config.attention_kernel == "auto" else ""))
     graphs = " per graph (depth recurrence off, then on)" if len(trainer.warmup_graphs()) > 1 else ""
     train_log.line(f"warm-up: {config.warmup_steps} steps{graphs} (compile {config.compile}), then restored")
     ready = time.perf_counter()

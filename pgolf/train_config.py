@@ -137,8 +137,9 @@ class TrainConfig:
     log_every: int = 0  # a train line every N steps, and the first and last; 0 = about 20 lines per run
     checkpoint_every: int = 500  # write the resumable checkpoint every N steps; 0 = only on SIGTERM/SIGINT
     compile: str = "inductor"  # torch.compile backend: inductor | aot_eager | off
-    attention_kernel: str = "auto"  # training's SDPA kernel on CUDA: auto (torch's choice; FA2 in session 11's
-    # profile of training) | flash | cudnn | efficient; the same attention, other kernels (speeds not measured yet)
+    attention_kernel: str = "auto"  # training's SDPA kernel on CUDA: auto (cuDNN where it runs the model's causal
+    # attention, without isolate_documents; else torch's pick) | torch (torch's pick: FA2 in training's profile) |
+    # flash | cudnn | efficient; the same attention, other kernels (model.pick_attention_kernel says what measured)
 
     def __post_init__(self):
         def need(ok: bool, field: str, allowed: str):

@@ -37,7 +37,7 @@ from pgolf.model import (
     ModelConfig,
     attention_kernels,
     param_groups,
-    require_attention_kernel,
+    pick_attention_kernel,
     set_qat_enabled,
     set_qat_plan,
 )
@@ -310,7 +310,9 @@ class Trainer:
         if config.qat_bits:
             set_qat_plan(model, qat_plan(model, config))
         self.model = place_model(model, self.device)
-        require_attention_kernel("attention_kernel", config.attention_kernel, model_config, self.device)
+        # the kernel this run forces ("torch": none); chosen before any compile, which traces it
+        self.attention_kernel = pick_attention_kernel("attention_kernel", config.attention_kernel, model_config,
+                                                      self.device, masked=config.isolate_documents)
         self.compiled = compile_model(self.model, config.compile)
         self.ddp = None
         if dist_info.world_size > 1:
@@ -359,7 +361,7 @@ class Trainer:
         model = self.ddp or self.compiled
         total = torch.zeros((), device=self.device)
         with torch.profiler.record_function(self.PROFILE_LABELS[0]), \
-                attention_kernels(self.config.attention_kernel, self.device):
+                attention_kernels(self.attention_kernel, self.device):
             for micro in range(self.accumulation):
                 x, y = self.loader.next_batch()
                 last_micro = micro == self.accumulation - 1

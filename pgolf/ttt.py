@@ -103,7 +103,8 @@ class TTTConfig:
     lora_o_input: str = "input"  # batched: the O adapter reads the block's normed input, or "attn" (its output)
     batched_targets: tuple[str, ...] = TTT_BATCHED_TARGETS  # batched: which adapters (q k v o mlp head)
     compile: str = "off"  # batched: torch.compile backend of the adapted forward (inductor | aot_eager | off)
-    attention_kernel: str = "auto"  # batched: SDPA kernel on CUDA (auto | flash | cudnn | efficient), as training's
+    attention_kernel: str = "auto"  # batched: SDPA kernel on CUDA (auto = torch: torch's pick | flash | cudnn |
+    # efficient): training's auto picks cuDNN, unmeasured yet for TTT's many window shapes
 
     def __post_init__(self):
         if self.mode not in TTT_MODES:

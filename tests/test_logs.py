@@ -45,6 +45,7 @@ def test_a_line_every_k_steps_while_the_jsonl_keeps_every_step(tiny_data_dir, tm
     # ms/step and tokens/s are measured over the steps since the previous line, so they sit on the lines' steps.
     assert [r["step"] for r in records if "ms_per_step" in r] == [1, 5, 10, 12]
     assert STEP_LINE.findall((out / "train.log").read_text()) == STEP_LINE.findall(err)
+    assert "tokens; attention kernel torch (auto)\n" in err  # the kernel the run forces (none on CPU)
 
 
 @pytest.mark.parametrize("flags, env, logged", [

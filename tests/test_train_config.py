@@ -147,7 +147,7 @@ def test_record_fields_default_to_todays_behaviour():
     ({"scalar_weight_decay": -1.0}, "scalar_weight_decay = -1.0: must be >= 0"),
     ({"min_lr": 1.5}, "min_lr = 1.5: must be in [0, 1]"),
     ({"enable_looping_at": -0.1}, "enable_looping_at = -0.1: must be in [0, 1]"),
-    ({"attention_kernel": "fa3"}, "attention_kernel = 'fa3': must be one of auto, flash, cudnn, efficient"),
+    ({"attention_kernel": "fa3"}, "attention_kernel = 'fa3': must be one of auto, torch, flash, cudnn, efficient"),
     ({"attention_kernel": "flash", "isolate_documents": True}, "attention_kernel = 'flash': must be other than flash"),
 ])
 def test_record_fields_are_validated(changes, message):

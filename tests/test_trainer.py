@@ -314,7 +314,7 @@ def test_attention_kernel_restricts_sdpa_on_cuda_only():
     assert caches() == caches_before
     with attention_kernels("efficient", torch.device("cuda")):
         assert [flag() for flag in flags] == [False, False, True]
-    for name, device in (("auto", "cuda"), ("cudnn", "cpu")):
+    for name, device in (("auto", "cuda"), ("torch", "cuda"), ("cudnn", "cpu")):
         with attention_kernels(name, torch.device(device)):
             assert [flag() for flag in flags] == before and caches() == caches_before
     assert [flag() for flag in flags] == before
@@ -335,3 +335,23 @@ def test_an_attention_kernel_that_cannot_run_the_model_is_named_before_training(
                               "(4 query / 2 key-value heads of 16, torch.float32) on cpu: ")
     assert "EFFICIENT_ATTENTION" in attention_kernel_problem("efficient", config, cpu, torch.float32)
     require_attention_kernel("attention_kernel", "cudnn", config, cpu)  # not forced on CPU: nothing to refuse
+
+
+def test_auto_picks_cudnn_only_where_it_runs_mask_free_causal_attention():
+    """"auto" is cuDNN on CUDA for training without document masks when the probe passes; on a device where it is
+    not forced (CPU) or with isolate_documents it is torch's own pick; a named kernel stays as it is (refused on
+    CUDA when it cannot run, as above)."""
+    from pgolf.model import attention_kernel_problem, pick_attention_kernel
+
+    config = ModelConfig(num_layers=1, model_dim=64, num_heads=4, num_kv_heads=2)
+    cpu = torch.device("cpu")
+    assert pick_attention_kernel("attention_kernel", "auto", config, cpu, masked=False) == "torch"
+    assert pick_attention_kernel("attention_kernel", "auto", config, cpu, masked=True) == "torch"
+    for name in ("torch", "flash", "cudnn", "efficient"):
+        assert pick_attention_kernel("attention_kernel", name, config, cpu, masked=False) == name
+    if torch.cuda.is_available():
+        cuda = torch.device("cuda")
+        runs = attention_kernel_problem("cudnn", config, cuda, torch.bfloat16) is None
+        assert pick_attention_kernel("attention_kernel", "auto", config, cuda, masked=False) == \
+            ("cudnn" if runs else "torch")
+        assert pick_attention_kernel("attention_kernel", "auto", config, cuda, masked=True) == "torch"

@@ -333,5 +333,6 @@ def test_the_compiled_adapted_forward_scores_and_trains_as_the_eager_one():
     assert (untrained.nll - compiled.nll).abs().max() > 1e-3  # the adapters did train
     with pytest.raises(ValueError, match="compile"):
         TTTConfig(mode="batched", compile="fast")
-    with pytest.raises(ValueError, match="attention_kernel = 'fa3': must be one of auto, flash, cudnn, efficient"):
+    with pytest.raises(ValueError,
+                       match="attention_kernel = 'fa3': must be one of auto, torch, flash, cudnn, efficient"):
         TTTConfig(mode="batched", attention_kernel="fa3")
