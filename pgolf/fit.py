@@ -111,7 +111,11 @@ def measure_parallel(size, points: list, workers: int) -> list:
 
 
 CLIP_K_CLUSTER = 0.06  # half-width of a round's factors around the interpolated one, a fraction of ln(high / low)
-CLIP_K_FIRST_SPREAD = 0.1  # the same around the first guess, in ln k (the bytes-per-doubling prior is ~10 % off)
+# the same around an extrapolated guess, a fraction of its distance from the last factor over the target in ln k:
+# the slope it extrapolates with (the bytes-per-doubling prior, or a secant) is ~10 % off, so the guess is off by
+# about that fraction of the distance (an absolute spread, 0.1 in ln k, sized a whole round past an answer 0.003
+# away in sp8192-300s' record-int6 fit)
+CLIP_K_FIRST_SPREAD = 0.3
 
 
 def fit_clip_k(size_at, target: int, k_max: float, tolerance: float = 0.01, progress=None, workers: int = 1,
@@ -143,10 +147,15 @@ def fit_clip_k(size_at, target: int, k_max: float, tolerance: float = 0.01, prog
                 progress(f"fit: sdclip k x {factor:.4f}: {measured:,} bytes (target {target:,})")
 
     def cluster(center: float, half_width: float, low: float, high: float) -> list[float]:
-        """Up to max(workers, 2) unmeasured factors evenly over center +- half_width in ln k, in (low, high]."""
+        """Up to max(workers, 2) unmeasured factors evenly over center +- half_width in ln k, cut to (low, high]
+        (a cut edge at low is left out, so the round's factors all land inside)."""
         count = max(workers, 2)
-        points = [center + half_width * (2 * i / (count - 1) - 1) for i in range(count)]
-        inside = {round(math.exp(min(max(p, math.log(low)), math.log(high))), 6) for p in points}
+        bottom, top = max(center - half_width, math.log(low)), min(center + half_width, math.log(high))
+        if bottom == math.log(low):
+            points = [bottom + (top - bottom) * (i + 1) / count for i in range(count)]
+        else:
+            points = [bottom + (top - bottom) * i / (count - 1) for i in range(count)]
+        inside = {round(math.exp(p), 6) for p in points}
         return [f for f in inside if low < f <= high and f not in sizes]
 
     measure([k_min])
@@ -166,8 +175,9 @@ def fit_clip_k(size_at, target: int, k_max: float, tolerance: float = 0.01, prog
             else:
                 measure([k_max])
                 continue
-            guess = math.log(low) + (sizes[low] - target) / per_ln
-            measure(cluster(guess, CLIP_K_FIRST_SPREAD, low, k_max) or [k_max])
+            distance = (sizes[low] - target) / per_ln
+            spread = max(CLIP_K_FIRST_SPREAD * distance, math.log1p(tolerance) / 3)
+            measure(cluster(math.log(low) + distance, spread, low, k_max) or [k_max])
             continue
         high = min(fitting)
         width = math.log(high / low)

@@ -155,6 +155,36 @@ def test_clip_k_search_interpolates_in_few_rounds(workers):
                       bytes_per_doubling=3_500_000)[0::2] == (1.5, False)
 
 
+# sp8192-300s' record-int6 fit on an H100 (session 13): k x 1 was 20,548 B over 16,000,000; measured sizes by factor.
+SP8192_SIZES = {1.0: 16_020_548, 1.0003: 16_018_673, 1.001249: 16_013_568, 1.002198: 16_008_162,
+                1.003148: 16_003_122, 1.004099: 15_999_086, 1.005051: 15_992_455, 1.006004: 15_988_321,
+                1.006958: 15_982_519, 1.017612: 15_921_370, 1.047106: 15_747_216, 1.077454: 15_561_630,
+                1.108683: 15_376_533}
+
+
+def sp8192_like_size(factor: float) -> int:
+    """SP8192_SIZES joined piecewise-linearly in ln k (extended past its ends by the nearest piece)."""
+    ks = sorted(SP8192_SIZES)
+    index = min(max(sum(k <= factor for k in ks) - 1, 0), len(ks) - 2)
+    a, b = ks[index], ks[index + 1]
+    t = math.log(factor / a) / math.log(b / a)
+    return int(SP8192_SIZES[a] + (SP8192_SIZES[b] - SP8192_SIZES[a]) * t)
+
+
+@pytest.mark.parametrize("workers", [4, 8, 16])
+def test_clip_k_search_spreads_its_first_guess_by_its_distance(workers):
+    """When k x 1 is only just over (0.13 % here), the extrapolated guess is 0.003 away in ln k: its round spreads
+    over a fraction of that distance, so one round brackets the answer to the tolerance. An absolute spread (0.1 in
+    ln k) put the session-13 run's round of 8 past the answer, and a third round of sizings followed."""
+    rounds = []
+    integer_values = 31_719_424 + 4_194_304 + 5_164  # its int6, int7 and int8-gate values
+    factor, steps, fits = fit_clip_k(sp8192_like_size, 16_000_000, 2.0, workers=workers,
+                                     bytes_per_doubling=integer_values / 8, prepare=rounds.append)
+    assert fits and sp8192_like_size(factor) <= 16_000_000 < sp8192_like_size(factor / 1.01)
+    assert len(rounds) == 2 and len(rounds[1]) == workers, rounds  # k x 1 alone, then one full round
+    assert factor < 1.006  # the answer, 1.0037, to the 1 % tolerance, not the far end of a wide round
+
+
 def test_clip_k_search_prepares_each_round_before_sizing_it():
     """`prepare` (PlanQuantizer.prefetch: one stacked GPTQ solve per tensor) sees each round's factors before any
     of them is sized, and every factor sized was prepared."""
