@@ -398,16 +398,29 @@ def attention_kernels(name: str, device: torch.device):
 
     torch.compile turns SDPA into the chosen kernel's own op, but its on-disk caches (Inductor's FX graph cache,
     AOTAutograd's) leave the kernel choice out of their key (pytorch/pytorch#185449): a graph compiled earlier
-    under another kernel would be served and run that kernel, silently. Inside this context those caches are
-    off, so what compiles here is traced afresh under the forced kernel (and is not stored for others)."""
+    under another kernel would be served and run that kernel, silently. Inside this context the kernel is part
+    of their key (compile_cache_scope), so a rerun of the same model and kernel still compiles from the cache."""
     kernel = ATTENTION_KERNELS[name]
     if kernel is None or device.type != "cuda":
         return contextlib.nullcontext()
-    import torch._functorch.config as aot_config
-    import torch._inductor.config as inductor_config
     from torch.nn.attention import SDPBackend, sdpa_kernel
     stack = contextlib.ExitStack()
     stack.enter_context(sdpa_kernel([getattr(SDPBackend, kernel)]))
+    stack.enter_context(compile_cache_scope(f"pgolf-sdpa-{name}"))
+    return stack
+
+
+def compile_cache_scope(tag: str):
+    """A context in which torch.compile's on-disk caches (Inductor's FX graph cache, AOTAutograd's) store and
+    serve graphs under `tag` too (torch.compiler.config.cache_key_tag, appended to any tag already set), so what
+    compiles inside is never served to a compile outside it or under another tag; a torch without the tag
+    (before 2.6) compiles with both caches off instead."""
+    config = getattr(torch.compiler, "config", None)
+    if config is not None and hasattr(config, "cache_key_tag"):
+        return config.patch(cache_key_tag=f"{config.cache_key_tag}|{tag}" if config.cache_key_tag else tag)
+    import torch._functorch.config as aot_config
+    import torch._inductor.config as inductor_config
+    stack = contextlib.ExitStack()
     stack.enter_context(inductor_config.patch(fx_graph_cache=False))
     stack.enter_context(aot_config.patch(enable_autograd_cache=False))
     return stack

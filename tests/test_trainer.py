@@ -3,6 +3,7 @@ floor, EMA and QAT switches), the resumable train log and resume checkpoints, an
 tiny CPU runs (where it happens, what the log and metrics say, the compile warm-up of both graphs, resume across
 it)."""
 
+import contextlib
 import dataclasses
 import json
 import signal
@@ -302,15 +303,12 @@ def test_attention_kernel_restricts_sdpa_on_cuda_only():
     flags = (torch.backends.cuda.flash_sdp_enabled, torch.backends.cuda.cudnn_sdp_enabled,
              torch.backends.cuda.mem_efficient_sdp_enabled)
     before = [flag() for flag in flags]
-    import torch._functorch.config as aot_config
-    import torch._inductor.config as inductor_config
-
-    caches = lambda: (inductor_config.fx_graph_cache, aot_config.enable_autograd_cache)
+    caches = lambda: torch.compiler.config.cache_key_tag  # noqa: E731
     caches_before = caches()
     with attention_kernels("cudnn", torch.device("cuda")):
         assert [flag() for flag in flags] == [False, True, False]
         # a compile cache keyed without the kernel would serve another kernel's graph (pytorch#185449)
-        assert caches() == (False, False)
+        assert caches() == "pgolf-sdpa-cudnn"
     assert caches() == caches_before
     with attention_kernels("efficient", torch.device("cuda")):
         assert [flag() for flag in flags] == [False, False, True]
@@ -318,6 +316,40 @@ def test_attention_kernel_restricts_sdpa_on_cuda_only():
         with attention_kernels(name, torch.device(device)):
             assert [flag() for flag in flags] == before and caches() == caches_before
     assert [flag() for flag in flags] == before
+
+
+def test_a_compile_cache_scope_keeps_its_graphs_to_itself(tmp_path):
+    """Graphs compiled inside compile_cache_scope(tag) are served from torch.compile's on-disk caches to the same
+    tag only: a rerun under the tag hits them, a compile under another tag (another forced SDPA kernel) or
+    none compiles afresh, and a tag already set by the user stays part of the key."""
+    import torch._inductor.config as inductor_config
+    from torch._dynamo.utils import counters
+    from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
+
+    from pgolf.model import compile_cache_scope
+
+    def step(x):
+        return (torch.relu(x) * 2 + 1).sum()
+
+    x = torch.linspace(-1, 1, 64, requires_grad=True)
+
+    def compiled_under(tag: str | None) -> tuple[int, int]:
+        """(FX graph cache hits, AOTAutograd cache hits) of one fresh compile of `step`, forward and backward."""
+        torch._dynamo.reset()
+        counters.clear()
+        with compile_cache_scope(tag) if tag else contextlib.nullcontext():
+            torch.compile(step)(x).backward()
+        return counters["inductor"]["fxgraph_cache_hit"], counters["aot_autograd"]["autograd_cache_hit"]
+
+    with temporary_cache_dir(str(tmp_path)), inductor_config.patch(fx_graph_cache=True):
+        assert compiled_under("pgolf-sdpa-cudnn") == (0, 0)
+        assert compiled_under("pgolf-sdpa-cudnn")[1] == 1  # served whole from the cache
+        assert compiled_under("pgolf-sdpa-flash") == (0, 0)
+        assert compiled_under(None) == (0, 0)
+        with torch.compiler.config.patch(cache_key_tag="user"):
+            assert compiled_under("pgolf-sdpa-cudnn") == (0, 0)
+            assert torch.compiler.config.cache_key_tag == "user"
+    torch._dynamo.reset()
 
 
 def test_an_attention_kernel_that_cannot_run_the_model_is_named_before_training():
