@@ -322,6 +322,7 @@ def test_a_compile_cache_scope_keeps_its_graphs_to_itself(tmp_path):
     """Graphs compiled inside compile_cache_scope(tag) are served from torch.compile's on-disk caches to the same
     tag only: a rerun under the tag hits them, a compile under another tag (another forced SDPA kernel) or
     none compiles afresh, and a tag already set by the user stays part of the key."""
+    import torch._functorch.config as aot_config
     import torch._inductor.config as inductor_config
     from torch._dynamo.utils import counters
     from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
@@ -341,7 +342,8 @@ def test_a_compile_cache_scope_keeps_its_graphs_to_itself(tmp_path):
             torch.compile(step)(x).backward()
         return counters["inductor"]["fxgraph_cache_hit"], counters["aot_autograd"]["autograd_cache_hit"]
 
-    with temporary_cache_dir(str(tmp_path)), inductor_config.patch(fx_graph_cache=True):
+    with temporary_cache_dir(str(tmp_path)), inductor_config.patch(fx_graph_cache=True), \
+            aot_config.patch(enable_autograd_cache=True):
         assert compiled_under("pgolf-sdpa-cudnn") == (0, 0)
         assert compiled_under("pgolf-sdpa-cudnn")[1] == 1  # served whole from the cache
         assert compiled_under("pgolf-sdpa-flash") == (0, 0)
