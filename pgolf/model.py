@@ -394,7 +394,8 @@ def document_mask(input_ids: torch.Tensor, kind: str = "auto"):
 
 def attention_kernels(name: str, device: torch.device):
     """A context in which SDPA uses only the kernel ATTENTION_KERNELS[name] names, on CUDA (what runs and what
-    torch.compile traces inside it, backward included); elsewhere, or for "auto", torch's own choice.
+    torch.compile traces inside it, backward included); elsewhere, or for "torch" and an unresolved "auto" (TTT's),
+    torch's own choice.
 
     torch.compile turns SDPA into the chosen kernel's own op, but its on-disk caches (Inductor's FX graph cache,
     AOTAutograd's) leave the kernel choice out of their key (pytorch/pytorch#185449): a graph compiled earlier
