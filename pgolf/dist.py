@@ -11,14 +11,15 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from pgolf.errors import UsageError
+
 # Imported before any process group exists, on purpose: this module binds `group.WORLD` as a default argument when
 # first imported (torch._dynamo imports it, so any torch.compile does). Imported after init_process_group, it keeps
 # the gloo group and its worker threads alive past destroy_process_group into interpreter shutdown, where a worker
 # dropping a finished all_reduce's tensors needs the GIL and aborts the rank ("terminate called without an active
 # exception": 5 in 52 two-rank CPU evals of the bundled script, 0 in 40 with this import). tests/test_dist.py.
-import torch.distributed.nn.functional  # noqa: F401
-
-from pgolf.errors import UsageError
+if dist.is_available():  # (a torch built without distributed has no group to keep alive)
+    import torch.distributed.nn.functional  # noqa: F401
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 # Ranks > 0 wait in a collective while rank 0 alone runs TTT or the compliance check: allow an hour.
