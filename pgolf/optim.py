@@ -7,7 +7,9 @@ and an all-reduce shares the results. Weight decay is decoupled (p *= 1 - lr * w
 
 The 04-16 record's variants, each off by default: MuonEq-R (`row_normalize`: each row of the Nesterov update is
 divided by its L2 norm before Newton-Schulz), the Polar Express coefficient schedule (ORTHOGONALIZERS), and AdamW
-(decoupled weight decay) for the embedding and scalar groups.
+(decoupled weight decay) for the embedding and scalar groups. Unlike the 04-16 record's Muon, which rounds each
+gradient to bf16 and keeps its momentum in bf16, this one keeps gradients and momentum in fp32 (the orthogonalization
+runs in bf16 in both).
 """
 
 import torch
