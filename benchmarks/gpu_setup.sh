@@ -2,7 +2,8 @@
 # Source on the GPU machine before a protocol run: installs the carried wheels (.whl) and pgolf (no network),
 # then tokenizes the benchmark corpus (../shared/data/README.md protocol) into artifacts/bench-data once (VOCAB=8192:
 # artifacts/bench-data-sp8192).
-# The corpus and tokenizer travel in a git-ignored .devdata/ folder: copy them from ../shared/data and carry it.
+# The wheels (.whl) and the corpus and tokenizers (.devdata) are git-ignored folders benchmarks/device_prep.sh makes
+# on the dev box; carry both.
 export PYTHONUNBUFFERED=1
 # Two protocol runs share a 2-GPU host's 32 cores: cap each process's OpenMP threads (oversubscribed OpenMP spins;
 # a checkpoint load took 41 s there with two runs side by side against 4 s on the 2-core dev box).
