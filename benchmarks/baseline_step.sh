@@ -9,8 +9,8 @@
 # profile) and with each of KERNELS (TrainConfig.attention_kernel settings, default auto: cuDNN's kernel where it
 # runs, 0.79x the challenge step against 0.90x for torch's pick on an H100, 2026-12-07).
 # Needs in .devdata/ (git-ignored, carried with .whl): blogs-125MB.jsonl.zst, fineweb_1024_bpe.model and
-# reference/baseline_gpt.py (../shared/reference/baseline/train_gpt.py), made on the dev box by:
-#   mkdir -p .devdata/reference && cp ../shared/reference/baseline/train_gpt.py .devdata/reference/baseline_gpt.py
+# reference/baseline_gpt.py (../shared/reference/baseline/train_gpt.py): `bash benchmarks/device_prep.sh` on the dev
+# box makes them.
 #   bash benchmarks/baseline_step.sh          (on the GPU machine; results in $OUT/baseline_step/)
 #   MICROS="131072 262144 524288" PROFILE=0 bash benchmarks/baseline_step.sh
 #   PROFILE=3 PROFILE_KERNEL=torch bash benchmarks/baseline_step.sh   (the profile's kernel names show which ran)

@@ -5,8 +5,8 @@
 #   .whl/      wheels the device image lacks (its Python is 3.12, manylinux x86_64): zstandard, brotli and the pinned
 #              python-minifier, at the versions this box runs (safetensors, sentencepiece, typer, rich are there)
 #   .devdata/  the benchmark corpus and both tokenizers (benchmarks/gpu_setup.sh tokenizes them there), and
-#              reference/ with the 04-16 record's train_gpt.py as record_0416.py and the FlashAttention-3
-#              stand-in (benchmarks/record_step.sh)
+#              reference/ with the challenge's baseline as baseline_gpt.py (benchmarks/baseline_step.sh), the 04-16
+#              record's train_gpt.py as record_0416.py and the FlashAttention-3 stand-in (benchmarks/record_step.sh)
 #   bash benchmarks/device_prep.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,5 +24,6 @@ done
 mkdir -p .devdata/reference
 cp -n "$SHARED"/data/bench/blogs-125MB.jsonl.zst "$SHARED"/data/tokenizers/fineweb_{1024,8192}_bpe.model .devdata/
 cp -n "$SHARED"/reference/flash_attn_interface.py .devdata/reference/
+cp -n "$SHARED"/reference/baseline/train_gpt.py .devdata/reference/baseline_gpt.py
 cp -n "$SHARED"/reference/records/2026-04-16_*/train_gpt.py .devdata/reference/record_0416.py
 ls .whl; du -sh .whl .devdata | tr '\n' ' '; echo "(carry: [\".whl\", \".devdata\"], 64 MiB at most)"

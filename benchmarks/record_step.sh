@@ -7,10 +7,8 @@
 # and no compile warm-up for the record (WARMUP_STEPS=0: its bucketed warm-up takes > 300 s with the stand-in),
 # so its compiles land in the first steps; its ms/step is taken between two logged steps well after them.
 # Needs in .devdata/ (git-ignored, carried with .whl): blogs-125MB.jsonl.zst, fineweb_8192_bpe.model, and reference/
-# with record_0416.py (the record's train_gpt.py) and flash_attn_interface.py. Made on the dev box by:
-#   mkdir -p .devdata/reference && cp ../shared/data/bench/blogs-125MB.jsonl.zst \
-#     ../shared/data/tokenizers/fineweb_{1024,8192}_bpe.model .devdata/ && cp ../shared/reference/flash_attn_interface.py \
-#     .devdata/reference/ && cp ../shared/reference/records/2026-04-16_*/train_gpt.py .devdata/reference/record_0416.py
+# with record_0416.py (the record's train_gpt.py) and flash_attn_interface.py: `bash benchmarks/device_prep.sh` on the
+# dev box makes them.
 #   SECS=200 bash benchmarks/record_step.sh      (on the GPU machine; results in $OUT/record_step/)
 SECS=${SECS:-200}; STEPS=${STEPS:-20}; RES=${OUT:-artifacts}/record_step; mkdir -p $RES
 VOCAB=8192 source benchmarks/gpu_setup.sh || exit 1
