@@ -85,8 +85,9 @@ def init_distributed(choice: str = "auto", fast_math: bool = False) -> Distribut
 
 
 def finish_distributed(completed: bool = True) -> None:
-    """Tear the process group down; after a completed run, together: a gloo rank that left while rank 0 was still
-    writing aborted the job ("terminate called without an active exception") in ~1 of 6 two-rank CPU runs."""
+    """Tear the process group down; after a completed run, together (a barrier first), so no rank leaves while
+    another still works. The group must really go here: see the torch.distributed.nn.functional import above for
+    what kept gloo's threads alive into interpreter shutdown, where they aborted ranks that had finished."""
     if not dist.is_initialized():
         return
     if completed:
